@@ -1,0 +1,386 @@
+"""The broker's routing state, with no sockets: fed ``(now, event)``, returns messages.
+
+Tasks flow through three places and are in exactly one at a time::
+
+    producer.queue  --dispatch-->  agent.assigned  --RESULT-->  (forgotten)
+          ^                              |
+          +------ agent dead or BYE -----+
+
+The broker never unpickles: a task's payload frames are kept as received and
+forwarded as they are. Task ids on the agent side are the broker's own global
+ids (``gid``), so two producers' ids never collide and a late result for a
+task that finished or moved can be recognised and dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from zpar import protocol as P
+
+log = logging.getLogger(__name__)
+
+
+class Dest(enum.Enum):
+    FRONTEND = "frontend"  # producers
+    BACKEND = "backend"  # agents
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message for the server loop to send: ``frames`` follow the header."""
+
+    dest: Dest
+    peer: bytes
+    msg: P.Message
+    frames: list[Any] = field(default_factory=list)
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+
+
+class _Task:
+    __slots__ = ("gid", "producer", "ptid", "digest", "flags", "frames", "nbytes", "state", "agent")
+
+    def __init__(self, gid: int, producer: "_Producer", entry: P.TaskEntry, frames: list[Any]) -> None:
+        self.gid = gid
+        self.producer = producer
+        self.ptid = entry.id
+        self.digest = entry.digest
+        self.flags = entry.flags
+        self.frames = frames
+        self.nbytes = sum(len(f) for f in frames)
+        self.state = TaskState.QUEUED
+        self.agent: _Agent | None = None
+
+
+class _Producer:
+    __slots__ = ("id", "name", "host", "funcs", "queue", "tasks", "last_seen")
+
+    def __init__(self, pid: bytes, now: float) -> None:
+        self.id = pid
+        self.name = ""
+        self.host = ""
+        self.funcs: dict[bytes, Any] = {}  # digest -> function blob frame
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.tasks: dict[int, _Task] = {}  # producer task id -> task, queued or assigned
+        self.last_seen = now
+
+
+class NodeState(enum.Enum):
+    READY = "ready"
+    GONE = "gone"
+
+
+class _Agent:
+    __slots__ = ("id", "name", "host", "pid", "workers", "busy", "credits", "known", "assigned", "last_seen", "state")
+
+    def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
+        self.id = aid
+        self.name = hello.name or aid.hex()
+        self.host = hello.host
+        self.pid = hello.pid
+        self.workers = hello.workers
+        self.busy = 0
+        self.credits = 0
+        self.known: set[bytes] = set()  # function digests this agent already has
+        self.assigned: dict[int, _Task] = {}
+        self.last_seen = now
+        self.state = NodeState.READY
+
+
+class BrokerCore:
+    """Queues, credits, round-robin fairness, the assignment table, liveness."""
+
+    def __init__(self, now: float, *, heartbeat: float = 1.0, liveness: int = 3, collector: str = "",
+                 max_message_size: int = 0) -> None:
+        self.epoch = uuid.uuid4().hex
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.collector = collector
+        self.max_message_size = max_message_size
+        self.started = now
+        self._next_gid = 1
+        self._tasks: dict[int, _Task] = {}  # gid -> task: the assignment table
+        self._producers: dict[bytes, _Producer] = {}
+        self._active: collections.deque[_Producer] = collections.deque()  # producers with queued tasks
+        self._agents: dict[bytes, _Agent] = {}
+        self._next_beat = now + heartbeat
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ events
+
+    def producer_message(self, now: float, peer: bytes, msg: P.Message, frames: list[Any]) -> list[Outgoing]:
+        prod = self._producers.get(peer)
+        if prod is None:
+            if isinstance(msg, P.StatusMsg):  # `zpar status` is not a producer
+                return [Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now)))]
+            if isinstance(msg, P.Bye):
+                return []
+            prod = self._producers[peer] = _Producer(peer, now)
+        prod.last_seen = now
+        out: list[Outgoing] = []
+        if isinstance(msg, P.Submit):
+            self._accept(prod, msg, frames, out)
+            self._dispatch(out)
+        elif isinstance(msg, P.Hello):
+            prod.name, prod.host = msg.name, msg.host
+            out.append(Outgoing(Dest.FRONTEND, peer, self._welcome()))
+        elif isinstance(msg, P.Cancel):
+            self._cancel(prod, msg.ids)
+        elif isinstance(msg, P.StatusMsg):
+            out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now))))
+        elif isinstance(msg, P.Bye):
+            self._forget_producer(prod)
+        elif isinstance(msg, P.Heartbeat):
+            pass
+        else:
+            self.counters["protocol_errors"] += 1
+            out.append(Outgoing(Dest.FRONTEND, peer, P.Error(f"a producer may not send {msg.kind.name}")))
+        return out
+
+    def agent_message(self, now: float, peer: bytes, msg: P.Message, frames: list[Any]) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        agent = self._agents.get(peer)
+        if isinstance(msg, P.Hello):
+            if agent is not None:  # the same agent saying hello again: start it afresh
+                self._drop_agent(agent, "re-registered")
+            agent = self._agents[peer] = _Agent(peer, msg, now)
+            log.info("agent %s joined from %s (pid %d, %d workers)", agent.name, agent.host, agent.pid, agent.workers)
+            out.append(Outgoing(Dest.BACKEND, peer, self._welcome()))
+            return out
+        if agent is None:
+            # Dropped as silent, or from before a broker restart: it must register anew.
+            self.counters["unknown_agent_messages"] += 1
+            out.append(Outgoing(Dest.BACKEND, peer, P.Error("unknown agent: send HELLO")))
+            return out
+        agent.last_seen = now
+        if isinstance(msg, P.Ready):
+            agent.credits += msg.credits
+            self._dispatch(out)
+        elif isinstance(msg, P.Heartbeat):
+            agent.busy = msg.busy
+        elif isinstance(msg, P.Bye):
+            log.info("agent %s left: %s", agent.name, msg.reason or "bye")
+            self._drop_agent(agent, "left")
+            self._dispatch(out)
+        else:
+            self.counters["protocol_errors"] += 1
+            out.append(Outgoing(Dest.BACKEND, peer, P.Error(f"an agent may not send {msg.kind.name}")))
+        return out
+
+    def results(self, now: float, msg: P.Result, frames: list[Any]) -> list[Outgoing]:
+        """Results from the collector: route each to its producer, once."""
+        agent = self._agents.get(msg.agent)
+        if agent is not None:
+            agent.last_seen = now
+        by_producer: dict[bytes, tuple[list[P.ResultEntry], list[Any]]] = {}
+        pos = 0
+        for entry in msg.results:
+            rframes = frames[pos:pos + entry.nframes]
+            pos += entry.nframes
+            task = self._tasks.pop(entry.id, None)
+            if task is None:
+                self.counters["late_results"] += 1  # finished elsewhere, cancelled, or its producer left
+                continue
+            self._unlink(task)
+            self.counters["done" if entry.status is P.Status.OK else "failed"] += 1
+            entries, fr = by_producer.setdefault(task.producer.id, ([], []))
+            entries.append(P.ResultEntry(task.ptid, entry.status, entry.nframes, entry.duration_us))
+            fr.extend(rframes)
+        return [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e)), fr) for pid, (e, fr) in by_producer.items()]
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Timers: heartbeats to agents, and dropping agents that went silent."""
+        out: list[Outgoing] = []
+        if now < self._next_beat:
+            return out
+        self._next_beat = now + self.heartbeat
+        deadline = now - self.heartbeat * self.liveness
+        for agent in list(self._agents.values()):
+            if agent.last_seen < deadline:
+                log.warning("agent %s silent for %.1f s; re-queueing its %d tasks",
+                            agent.name, now - agent.last_seen, len(agent.assigned))
+                self._drop_agent(agent, "silent")
+            else:
+                out.append(Outgoing(Dest.BACKEND, agent.id, P.Heartbeat()))
+        self._dispatch(out)
+        return out
+
+    def next_deadline(self) -> float:
+        return self._next_beat
+
+    def protocol_error(self, source: str) -> None:
+        self.counters["protocol_errors"] += 1
+        self.counters[f"protocol_errors_{source}"] += 1
+
+    # ------------------------------------------------------------------ state
+
+    def _welcome(self) -> P.Welcome:
+        return P.Welcome(self.epoch, self.heartbeat, self.liveness, self.collector, self.max_message_size)
+
+    def _accept(self, prod: _Producer, msg: P.Submit, frames: list[Any], out: list[Outgoing]) -> None:
+        nfuncs = len(msg.funcs)
+        for d, blob in zip(msg.funcs, frames[:nfuncs]):
+            prod.funcs[d] = blob
+        pos = nfuncs
+        missing: list[int] = []
+        was_idle = not prod.queue
+        for entry in msg.tasks:
+            tframes = frames[pos:pos + entry.nframes]
+            pos += entry.nframes
+            if entry.digest not in prod.funcs or entry.id in prod.tasks:
+                missing.append(entry.id)
+                continue
+            task = _Task(self._next_gid, prod, entry, tframes)
+            self._next_gid += 1
+            self._tasks[task.gid] = task
+            prod.tasks[task.ptid] = task
+            prod.queue.append(task)
+        self.counters["submitted"] += len(msg.tasks) - len(missing)
+        if missing:
+            self.counters["protocol_errors"] += 1
+            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
+                "tasks refused: unknown function digest or duplicate task id", tuple(missing))))
+        if was_idle and prod.queue:
+            self._active.append(prod)
+
+    def _cancel(self, prod: _Producer, ids: Iterable[int]) -> None:
+        for ptid in ids:
+            task = prod.tasks.get(ptid)
+            if task is None or task.state is not TaskState.QUEUED:
+                continue  # running tasks are stopped by the agent (a later protocol step)
+            self._tasks.pop(task.gid, None)
+            del prod.tasks[ptid]
+            try:
+                prod.queue.remove(task)
+            except ValueError:
+                pass
+            self.counters["cancelled"] += 1
+
+    def _unlink(self, task: _Task) -> None:
+        task.producer.tasks.pop(task.ptid, None)
+        if task.agent is not None:
+            task.agent.assigned.pop(task.gid, None)
+            task.agent = None
+
+    def _forget_producer(self, prod: _Producer) -> None:
+        for task in prod.tasks.values():
+            self._tasks.pop(task.gid, None)
+            if task.agent is not None:
+                task.agent.assigned.pop(task.gid, None)
+        prod.tasks.clear()
+        prod.queue.clear()
+        try:
+            self._active.remove(prod)
+        except ValueError:
+            pass
+        del self._producers[prod.id]
+
+    def _drop_agent(self, agent: _Agent, why: str) -> None:
+        agent.state = NodeState.GONE
+        del self._agents[agent.id]
+        # Back to the front of their queues, oldest first: they were taken first.
+        for task in sorted(agent.assigned.values(), key=lambda t: t.gid, reverse=True):
+            task.agent = None
+            task.state = TaskState.QUEUED
+            prod = task.producer
+            if not prod.queue:
+                self._active.append(prod)
+            prod.queue.appendleft(task)
+            self.counters["requeued"] += 1
+        agent.assigned.clear()
+        self.counters[f"agents_{why}"] += 1
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, out: list[Outgoing]) -> None:
+        """Hand queued tasks to agents with credits, split by credit, fair across producers."""
+        while self._active:
+            ready = [a for a in self._agents.values() if a.credits > 0]
+            if not ready:
+                return
+            queued = sum(len(p.queue) for p in self._active)
+            total_credit = sum(a.credits for a in ready)
+            for agent in ready:
+                share = max(1, math.ceil(queued * agent.credits / total_credit))
+                self._send_batch(agent, min(agent.credits, share, P.BATCH_MAX_TASKS), out)
+                if not self._active:
+                    return
+
+    def _send_batch(self, agent: _Agent, limit: int, out: list[Outgoing]) -> None:
+        batch: list[_Task] = []
+        nbytes = 0
+        # Round-robin: each active producer gives its share in turn.
+        while len(batch) < limit and nbytes < P.BATCH_MAX_BYTES and self._active:
+            prod = self._active[0]
+            share = max(1, (limit - len(batch)) // len(self._active))
+            while share and prod.queue and nbytes < P.BATCH_MAX_BYTES:
+                task = prod.queue.popleft()
+                batch.append(task)
+                nbytes += task.nbytes
+                share -= 1
+            self._active.popleft()
+            if prod.queue:
+                self._active.append(prod)
+        if not batch:
+            return
+        funcs: list[bytes] = []
+        frames: list[Any] = []
+        for task in batch:
+            if task.digest not in agent.known:
+                agent.known.add(task.digest)
+                funcs.append(task.digest)
+                frames.append(task.producer.funcs[task.digest])
+        entries = []
+        for task in batch:
+            task.state = TaskState.ASSIGNED
+            task.agent = agent
+            agent.assigned[task.gid] = task
+            entries.append(P.TaskEntry(task.gid, task.digest, len(task.frames), task.flags))
+            frames.extend(task.frames)
+        agent.credits -= len(batch)
+        out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), tuple(funcs)), frames))
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, now: float) -> dict[str, Any]:
+        queued = sum(len(p.queue) for p in self._producers.values())
+        nodes = [
+            {
+                "name": a.name,
+                "host": a.host,
+                "pid": a.pid,
+                "workers": a.workers,
+                "busy": min(a.busy, a.workers),
+                "idle": max(0, a.workers - a.busy),
+                "running": len(a.assigned),
+                "credits": a.credits,
+                "last_seen_s": round(now - a.last_seen, 3),
+            }
+            for a in self._agents.values()
+        ]
+        return {
+            "epoch": self.epoch,
+            "broker": {"host": socket.gethostname(), "pid": os.getpid()},
+            "uptime_s": round(now - self.started, 3),
+            "nodes": nodes,
+            "workers": sum(n["workers"] for n in nodes),
+            "busy": sum(n["busy"] for n in nodes),
+            "producers": len(self._producers),
+            "queued": queued,
+            "running": len(self._tasks) - queued,
+            "done": self.counters["done"],
+            "failed": self.counters["failed"],
+            "counters": dict(self.counters),
+        }

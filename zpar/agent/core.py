@@ -1,0 +1,257 @@
+"""The agent's slot accounting, with no sockets or processes.
+
+Fed events (tasks from the broker, a worker ready, a worker's results, a
+worker's death), it decides which idle worker gets which batch, how many
+credits to ask the broker for, and which results to send on.
+
+Batches are sized from measured task durations: an idle worker takes tasks
+while their estimated total stays near ``BATCH_TARGET_US`` of work, so tiny
+tasks do not each pay a round trip, and a task estimated at 1 ms or more goes
+alone, so nothing waits behind a long task while another worker is idle.
+Credits are sized from the batch: ``workers x batch x 2``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from zpar import protocol as P
+
+log = logging.getLogger(__name__)
+
+BATCH_TARGET_US = 1500
+ALONE_US = 1000  # a task this long or longer is never batched
+UNKNOWN_US = ALONE_US  # a function not measured yet is assumed long: it goes alone first
+_ALPHA = 0.3  # weight of the newest duration in the moving average
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    EXITED = "exited"
+
+
+@dataclass(slots=True)
+class QueuedTask:
+    id: int
+    digest: bytes
+    flags: int
+    frames: list[Any]
+    alone: bool = False  # suspected of killing a worker: run it by itself
+
+
+@dataclass(slots=True)
+class WorkerSlot:
+    identity: bytes
+    state: WorkerState = WorkerState.STARTING
+    pid: int = 0
+    batch: list[QueuedTask] = field(default_factory=list)
+    known: set[bytes] = field(default_factory=set)  # function digests this worker has
+
+
+@dataclass(slots=True)
+class ToWorker:
+    identity: bytes
+    msg: P.Tasks
+    frames: list[Any]
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class AgentCore:
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.workers: dict[bytes, WorkerSlot] = {}
+        self.queue: collections.deque[QueuedTask] = collections.deque()
+        self.funcs: dict[bytes, Any] = {}  # digest -> blob frame, shipped once per agent
+        self.requested = 0  # credits asked of the broker and not yet used by TASKS
+        self.durations: dict[bytes, float] = {}  # digest -> moving average of one call, in us
+        self._recent_us = float(UNKNOWN_US)  # across functions: sizes the credit
+        self.results: list[P.ResultEntry] = []  # to send to the collector
+        self.result_frames: list[Any] = []
+        self.accepting = True
+
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(self, identity: bytes) -> None:
+        self.workers[identity] = WorkerSlot(identity)
+
+    def worker_ready(self, identity: bytes, pid: int) -> list[ToWorker]:
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.STARTING:
+            return []
+        slot.state, slot.pid = WorkerState.IDLE, pid
+        return self.assign()
+
+    def worker_results(self, identity: bytes, msg: P.Result, frames: list[Any]) -> list[ToWorker]:
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.BUSY:
+            return []
+        by_id = {t.id: t for t in slot.batch}
+        for entry in msg.results:
+            task = by_id.get(entry.id)
+            if task is not None and entry.status is not P.Status.LOST:
+                self._measure(task.digest, entry.duration_us, task.flags)
+        self.results.extend(msg.results)
+        self.result_frames.extend(frames)
+        slot.batch = []
+        slot.state = WorkerState.IDLE
+        return self.assign()
+
+    def worker_exited(self, identity: bytes, returncode: int) -> list[QueuedTask]:
+        """A worker died. Its lone task fails with WorkerLost; a batch is re-run task by task.
+
+        In a batch the culprit is unknown, so each task runs again alone: the
+        one that kills a worker again is then charged, the others complete.
+        """
+        slot = self.workers.pop(identity, None)
+        if slot is None:
+            return []
+        how = describe_exit(returncode)
+        batch, slot.batch, slot.state = slot.batch, [], WorkerState.EXITED
+        if len(batch) == 1 or any(t.alone for t in batch):
+            for task in batch:
+                reason = f"worker pid {slot.pid} on {self.node} {how} while running task {task.id}"
+                log.warning("%s", reason)
+                self.results.append(P.ResultEntry(task.id, P.Status.LOST, 1, 0))
+                self.result_frames.append(reason.encode())
+        elif batch:
+            log.warning("worker pid %d on %s %s with a batch of %d; re-running them one by one",
+                        slot.pid, self.node, how, len(batch))
+            for task in reversed(batch):
+                task.alone = True
+                self.queue.appendleft(task)
+        return batch
+
+    # ------------------------------------------------------------------ tasks
+
+    def tasks(self, msg: P.Tasks, frames: list[Any]) -> list[ToWorker]:
+        nf = len(msg.funcs)
+        for d, blob in zip(msg.funcs, frames[:nf]):
+            self.funcs[d] = blob
+        pos = nf
+        for t in msg.tasks:
+            self.queue.append(QueuedTask(t.id, t.digest, t.flags, frames[pos:pos + t.nframes]))
+            pos += t.nframes
+        self.requested = max(0, self.requested - len(msg.tasks))
+        return self.assign()
+
+    def _estimate(self, task: QueuedTask) -> float:
+        return self.durations.get(task.digest, UNKNOWN_US)
+
+    def _measure(self, digest: bytes, us: int, flags: int) -> None:
+        old = self.durations.get(digest)
+        self.durations[digest] = float(us) if old is None else old + _ALPHA * (us - old)
+        self._recent_us += _ALPHA * (us - self._recent_us)
+
+    def assign(self) -> list[ToWorker]:
+        """Give each idle worker a batch from the queue."""
+        out: list[ToWorker] = []
+        if not self.queue:
+            return out
+        for slot in self.workers.values():
+            if slot.state is not WorkerState.IDLE:
+                continue
+            batch = self._take_batch()
+            if not batch:
+                break
+            out.append(self._to_worker(slot, batch))
+            if not self.queue:
+                break
+        return out
+
+    def _take_batch(self) -> list[QueuedTask]:
+        batch: list[QueuedTask] = []
+        budget = float(BATCH_TARGET_US)
+        nbytes = 0
+        while self.queue and len(batch) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
+            task = self.queue[0]
+            cost = self._estimate(task)
+            if batch and (task.alone or cost >= ALONE_US or cost > budget):
+                break
+            self.queue.popleft()
+            batch.append(task)
+            nbytes += sum(len(f) for f in task.frames)
+            budget -= cost
+            if task.alone or cost >= ALONE_US:
+                break
+        return batch
+
+    def _to_worker(self, slot: WorkerSlot, batch: list[QueuedTask]) -> ToWorker:
+        funcs: list[bytes] = []
+        frames: list[Any] = []
+        for task in batch:
+            if task.digest not in slot.known:
+                slot.known.add(task.digest)
+                funcs.append(task.digest)
+                frames.append(self.funcs[task.digest])
+        entries = []
+        for task in batch:
+            entries.append(P.TaskEntry(task.id, task.digest, len(task.frames), task.flags))
+            frames.extend(task.frames)
+        slot.batch = batch
+        slot.state = WorkerState.BUSY
+        return ToWorker(slot.identity, P.Tasks(tuple(entries), tuple(funcs)), frames)
+
+    # ------------------------------------------------------------------ credits
+
+    def batch_size(self) -> int:
+        return max(1, min(P.BATCH_MAX_TASKS, int(BATCH_TARGET_US / max(self._recent_us, 1.0))))
+
+    def credit_target(self) -> int:
+        live = sum(1 for s in self.workers.values() if s.state is not WorkerState.EXITED)
+        return max(2, live * self.batch_size() * 2)
+
+    def held(self) -> int:
+        return len(self.queue) + sum(len(s.batch) for s in self.workers.values())
+
+    def credits_to_ask(self) -> int:
+        """Credits to announce now (0: none); the caller sends READY and we count them asked."""
+        if not self.accepting:
+            return 0
+        target = self.credit_target()
+        want = target - self.held() - self.requested
+        if want <= 0:
+            return 0
+        idle = any(s.state is WorkerState.IDLE for s in self.workers.values())
+        if want * 2 >= target or (idle and not self.queue):
+            self.requested += want
+            return want
+        return 0
+
+    def reset_credits(self) -> None:
+        """The broker forgot us (restart, or we were declared dead): ask afresh."""
+        self.requested = 0
+
+    def busy(self) -> int:
+        return sum(1 for s in self.workers.values() if s.state is WorkerState.BUSY)
+
+    def take_results(self, max_tasks: int = P.BATCH_MAX_TASKS, max_bytes: int = P.BATCH_MAX_BYTES,
+                     ) -> tuple[list[P.ResultEntry], list[Any]] | None:
+        """Pop the next chunk of pending results to send, or None."""
+        if not self.results:
+            return None
+        n = nframes = nbytes = 0
+        for entry in self.results:
+            if n and (n >= max_tasks or nbytes >= max_bytes):
+                break
+            nbytes += sum(len(f) for f in self.result_frames[nframes:nframes + entry.nframes])
+            nframes += entry.nframes
+            n += 1
+        entries, self.results = self.results[:n], self.results[n:]
+        frames, self.result_frames = self.result_frames[:nframes], self.result_frames[nframes:]
+        return entries, frames

@@ -1,0 +1,304 @@
+"""The agent's I/O shell: one poll loop over the broker, the workers and their deaths.
+
+::
+
+    broker backend ROUTER ◀──▶ DEALER ─┐                     ┌─▶ ROUTER ◀──▶ worker 1..N (DEALER, ipc)
+    broker collector PULL ◀─── PUSH  ◀─┼── AgentCore(event) ─┤
+    SIGTERM/SIGINT ─▶ wake-up fd ──────┤                     └── pidfd of each worker: its death, at once
+                                       └── timers: heartbeat, parent check, respawn back-off
+
+Workers are fresh interpreters (``python -m zpar.worker``): the agent holds a
+ZeroMQ context and so never forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from typing import Any
+
+import zmq
+
+from zpar import protocol as P
+from zpar.config import AgentConfig
+from zpar.errors import ProtocolError
+
+from .core import AgentCore, ToWorker, WorkerState
+
+log = logging.getLogger(__name__)
+
+_DRAIN = 256
+_GRACE = 3.0  # seconds a worker gets to exit after SIGTERM before SIGKILL
+_RECONNECT_MS = 20  # libzmq's default of 100 ms slows start-up
+
+
+def collector_address(advertised: str, broker: str) -> str:
+    """Where to PUSH results: the broker's collector, with a wildcard host made concrete."""
+    if advertised.startswith("tcp://*:"):
+        host = urllib.parse.urlsplit(broker.replace("tcp://", "//", 1)).hostname or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"tcp://{host}:{advertised.rsplit(':', 1)[1]}"
+    return advertised
+
+
+class AgentServer:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
+        self.core = AgentCore(self.name)
+        self.ctx = zmq.Context()
+        self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
+        self.broker = self._socket(zmq.DEALER)
+        self.broker.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        self.broker.connect(config.broker)
+        self.collector: zmq.Socket | None = None
+        self.pipe = self._socket(zmq.ROUTER)
+        self.pipe.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.pipe_endpoint = f"ipc://{self.rundir}/workers"
+        self.pipe.bind(self.pipe_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.broker, zmq.POLLIN)
+        self.poller.register(self.pipe, zmq.POLLIN)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self.procs: dict[int, tuple[bytes, subprocess.Popen]] = {}  # pidfd -> (identity, process)
+        self._generation = 0
+        self._respawn_at: list[float] = []
+        self._backoff = 0.1
+        self.heartbeat = config.heartbeat
+        self.liveness = config.liveness
+        self._next_beat = time.monotonic()
+        self._last_broker = time.monotonic()
+        self._welcomed = False
+        self._stopping = False
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        return sock
+
+    # ------------------------------------------------------------------ workers
+
+    def _spawn(self) -> None:
+        self._generation += 1
+        identity = f"w{self._generation}".encode()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zpar.worker", self.pipe_endpoint, identity.decode(), str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+        )
+        fd = os.pidfd_open(proc.pid)
+        self.procs[fd] = (identity, proc)
+        self.poller.register(fd, zmq.POLLIN)
+        self.core.add_worker(identity)
+        log.debug("started worker %s pid %d", identity.decode(), proc.pid)
+
+    def _reap(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        os.close(fd)
+        identity, proc = self.procs.pop(fd)
+        code = proc.wait()
+        slot = self.core.workers.get(identity)
+        never_started = slot is not None and slot.state is WorkerState.STARTING
+        self.core.worker_exited(identity, code)
+        if self._stopping:
+            return
+        if never_started:  # a worker that cannot even start: back off instead of spinning
+            log.error("worker pid %d exited with %d before it was ready; retrying in %.1f s",
+                      proc.pid, code, self._backoff)
+            self._respawn_at.append(time.monotonic() + self._backoff)
+            self._backoff = min(self._backoff * 2, 10.0)
+        else:
+            self._spawn()
+
+    def _to_workers(self, sends: list[ToWorker]) -> None:
+        for s in sends:
+            try:
+                self.pipe.send_multipart([s.identity, P.encode(s.msg), *s.frames], copy=False)
+            except zmq.ZMQError as exc:  # it died just now; its pidfd will report the batch
+                log.warning("could not reach worker %s: %s", s.identity.decode(), exc)
+
+    # ------------------------------------------------------------------ loop
+
+    def stop(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        for _ in range(self.config.worker_count()):
+            self._spawn()
+        self._hello()
+        log.info("zpar-agent %s: %d workers, broker %s", self.name, len(self.procs), self.config.broker)
+        while True:
+            timeout = max(0.0, self._next_timer() - time.monotonic())
+            events = dict(self.poller.poll(timeout * 1000))
+            if self._wake_r.fileno() in events:
+                break
+            for fd in [fd for fd in events if fd in self.procs]:
+                self._reap(fd)
+            if self.pipe in events:
+                self._drain(self.pipe, self._on_worker)
+            if self.broker in events:
+                self._drain(self.broker, self._on_broker)
+            self._flush()
+            if self._timers(time.monotonic()):
+                break
+        self._shutdown()
+
+    def _next_timer(self) -> float:
+        return min([self._next_beat, *self._respawn_at])
+
+    def _timers(self, now: float) -> bool:
+        """Fire due timers; True when the agent should stop."""
+        due = [t for t in self._respawn_at if t <= now]
+        if due:
+            self._respawn_at = [t for t in self._respawn_at if t > now]
+            for _ in due:
+                self._spawn()
+        if now < self._next_beat:
+            return False
+        self._next_beat = now + self.heartbeat
+        self.broker.send(P.encode(P.Heartbeat(self.core.busy())))
+        if now - self._last_broker > self.heartbeat * self.liveness:
+            # The broker went quiet (restarting?): introduce ourselves again.
+            log.warning("no word from the broker for %.1f s; saying HELLO again", now - self._last_broker)
+            self._last_broker = now
+            self._hello()
+        parent = self.config.parent_pid
+        if parent and os.getppid() != parent:
+            log.warning("parent process %d is gone; stopping", parent)
+            return True
+        return False
+
+    def _hello(self) -> None:
+        self._welcomed = False
+        self.core.reset_credits()
+        workers = sum(1 for s in self.core.workers.values() if s.state is not WorkerState.EXITED)
+        self.broker.send(P.encode(P.Hello(P.Role.AGENT, self.name, socket.gethostname(), os.getpid(), workers)))
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        for _ in range(_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        try:
+            msg = P.decode(frames[1].buffer, len(frames) - 2)
+        except ProtocolError as exc:
+            log.error("worker %s sent a bad message: %s", identity.decode(errors="replace"), exc)
+            return
+        if isinstance(msg, P.Result):
+            self._to_workers(self.core.worker_results(identity, msg, frames[2:]))
+        elif isinstance(msg, P.Hello):
+            self._to_workers(self.core.worker_ready(identity, msg.pid))
+
+    def _on_broker(self, frames: list[zmq.Frame]) -> None:
+        self._last_broker = time.monotonic()
+        try:
+            msg = P.decode(frames[0].buffer, len(frames) - 1)
+        except ProtocolError as exc:
+            log.error("dropped a bad message from the broker: %s", exc)
+            return
+        if isinstance(msg, P.Tasks):
+            self._to_workers(self.core.tasks(msg, frames[1:]))
+        elif isinstance(msg, P.Welcome):
+            self._welcome(msg)
+        elif isinstance(msg, P.Error):
+            log.warning("broker: %s", msg.message)
+            if "HELLO" in msg.message:
+                self._hello()
+        elif isinstance(msg, P.Bye):
+            log.warning("broker is stopping (%s); waiting for it to return", msg.reason)
+            self._welcomed = False
+
+    def _welcome(self, msg: P.Welcome) -> None:
+        self.heartbeat, self.liveness = msg.heartbeat, msg.liveness
+        address = collector_address(msg.collector, self.config.broker)
+        if self.collector is None or self.collector.getsockopt_string(zmq.LAST_ENDPOINT) != address:
+            if self.collector is not None:
+                self.collector.close(linger=0)
+            self.collector = self._socket(zmq.PUSH)
+            self.collector.connect(address)
+        self._welcomed = True
+        log.info("registered with broker %s (epoch %s)", self.config.broker, msg.epoch[:8])
+
+    def _flush(self) -> None:
+        """Send what piled up: results to the collector, then credits to the broker."""
+        if self.collector is not None:
+            while (chunk := self.core.take_results()) is not None:
+                entries, frames = chunk
+                header = P.encode(P.Result(tuple(entries), self.broker.getsockopt(zmq.IDENTITY)))
+                try:
+                    self.collector.send_multipart([header, *frames], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    self.core.results[:0] = entries
+                    self.core.result_frames[:0] = frames
+                    break
+        if self._welcomed and not self._stopping:
+            n = self.core.credits_to_ask()
+            if n:
+                self.broker.send(P.encode(P.Ready(n)))
+
+    def _shutdown(self) -> None:
+        """Stop taking work, tell the broker, stop the workers; nothing is left running."""
+        self._stopping = True
+        self.core.accepting = False
+        log.info("zpar-agent %s stopping", self.name)
+        try:
+            self.broker.send(P.encode(P.Bye("agent stopping")), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        for _identity, proc in self.procs.values():
+            proc.terminate()
+        deadline = time.monotonic() + _GRACE
+        while self.procs and time.monotonic() < deadline:
+            for fd, _ in self.poller.poll(100):
+                if fd in self.procs:
+                    self._reap(fd)
+        for fd in list(self.procs):
+            self.procs[fd][1].kill()
+            self._reap(fd)
+
+    def close(self) -> None:
+        for sock in (self.broker, self.pipe, self.collector):
+            if sock is not None:
+                sock.close(linger=500)
+        self.ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def run(config: AgentConfig) -> int:
+    """Run an agent until SIGTERM or SIGINT; returns the process exit code."""
+    server = AgentServer(config)
+    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()
+    return 0

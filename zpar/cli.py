@@ -1,0 +1,146 @@
+"""Command line: ``zpar broker|agent|status|demo``, and ``zpar-broker``, ``zpar-agent``.
+
+Flags map onto the frozen configs in config.py (defaults < ``--config`` file
+< ``ZPAR_*`` variables < flags), then the daemon's ``run(config)`` takes over.
+
+Exit codes: 0 done; 1 a runtime failure (an address in use, no broker
+answering); 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from . import config as cfg
+from .errors import ConfigError, ZparError
+
+app = typer.Typer(help="zpar: run Python functions on every core of a machine or a cluster.",
+                  no_args_is_help=True, add_completion=False)
+
+_CONFIG = typer.Option(None, "--config", help="TOML file with a [broker] or [agent] table.")
+_HEARTBEAT = typer.Option(None, help="Seconds between heartbeats [default: 1.0; env ZPAR_HEARTBEAT].")
+_LIVENESS = typer.Option(None, help="Heartbeats missed before a peer is dead [default: 3; env ZPAR_LIVENESS].")
+_LOG_LEVEL = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR [default: INFO].")
+_PARENT = typer.Option(None, "--parent-pid", hidden=True, help="Exit when this process exits.")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _load(cls, flags: dict, config_file: Optional[str]):
+    try:
+        return cfg.load(cls, flags, os.environ, config_file)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def broker(
+    frontend: Optional[str] = typer.Option(None, help=f"Address for producers [default: {cfg.DEFAULT_FRONTEND}; env ZPAR_FRONTEND]."),
+    backend: Optional[str] = typer.Option(None, help=f"Address for agents [default: {cfg.DEFAULT_BACKEND}; env ZPAR_BACKEND]."),
+    collector: Optional[str] = typer.Option(None, help=f"Address for results [default: {cfg.DEFAULT_COLLECTOR}; env ZPAR_COLLECTOR]."),
+    heartbeat: Optional[float] = _HEARTBEAT,
+    liveness: Optional[int] = _LIVENESS,
+    insecure: Optional[bool] = typer.Option(None, "--insecure", help="Allow binding beyond loopback with no authentication."),
+    config_file: Optional[str] = _CONFIG,
+    log_level: Optional[str] = _LOG_LEVEL,
+    parent_pid: Optional[int] = _PARENT,
+) -> None:
+    """Run the broker: routes tasks from producers to agents and results back."""
+    conf = _load(cfg.BrokerConfig, dict(frontend=frontend, backend=backend, collector=collector, heartbeat=heartbeat,
+                                        liveness=liveness, insecure=insecure, log_level=log_level,
+                                        parent_pid=parent_pid), config_file)
+    _setup_logging(conf.log_level)
+    if conf.insecure:
+        logging.getLogger("zpar_broker").warning(
+            "--insecure: no authentication; anyone who reaches these ports can run code as this user")
+    from zpar_broker.server import run  # the broker package is imported only here
+
+    try:
+        raise typer.Exit(run(conf))
+    except OSError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def agent(
+    broker: Optional[str] = typer.Option(None, help=f"The broker's backend address [default: {cfg.DEFAULT_BACKEND}; env ZPAR_BROKER]."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes [default: one per usable core; env ZPAR_WORKERS]."),
+    name: Optional[str] = typer.Option(None, help="Node name shown in status [default: host:pid]."),
+    heartbeat: Optional[float] = _HEARTBEAT,
+    liveness: Optional[int] = _LIVENESS,
+    config_file: Optional[str] = _CONFIG,
+    log_level: Optional[str] = _LOG_LEVEL,
+    parent_pid: Optional[int] = _PARENT,
+) -> None:
+    """Run a node agent: keeps one worker per core busy with the broker's tasks."""
+    conf = _load(cfg.AgentConfig, dict(broker=broker, workers=workers, name=name, heartbeat=heartbeat,
+                                       liveness=liveness, log_level=log_level, parent_pid=parent_pid), config_file)
+    _setup_logging(conf.log_level)
+    from .agent.server import run
+
+    raise typer.Exit(run(conf))
+
+
+@app.command()
+def status(
+    broker: str = typer.Option(cfg.DEFAULT_FRONTEND, envvar="ZPAR_ADDRESS", help="The broker's frontend address."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
+) -> None:
+    """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
+    from .client import broker_status
+
+    try:
+        info = broker_status(broker, timeout)
+    except ZparError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    from .status_view import render
+
+    render(info, broker)
+
+
+@app.command()
+def demo(
+    workers: Optional[int] = typer.Option(None, help="Workers in the embedded cluster [default: one per core]."),
+    jobs: int = typer.Option(32, help="How many sums of primes to compute."),
+    size: int = typer.Option(60_000, help="The smallest N; job i sums the primes below N + 1000 i."),
+) -> None:
+    """Sum of primes below N for many N, serially and on every core: the speed-up zpar gives."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(workers=workers, jobs=jobs, size=size))
+
+
+app.command("broker")(broker)
+app.command("agent")(agent)
+
+
+def _single(command) -> typer.Typer:
+    one = typer.Typer(add_completion=False)
+    one.command()(command)
+    return one
+
+
+def main() -> None:
+    app()
+
+
+def broker_main() -> None:
+    _single(broker)()
+
+
+def agent_main() -> None:
+    _single(agent)()

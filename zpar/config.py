@@ -1,0 +1,155 @@
+"""Settings of the daemons, as frozen dataclasses.
+
+Each setting comes from, in rising order: its default, a TOML file
+(``--config``; a ``[broker]`` or ``[agent]`` table), a ``ZPAR_<NAME>``
+variable, a command-line flag. Only the CLI calls :func:`load`; the library
+reads no environment by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
+
+from .errors import ConfigError
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+DEFAULT_COLLECTOR = "tcp://127.0.0.1:5557"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = DEFAULT_BACKEND
+    collector: str = DEFAULT_COLLECTOR
+    heartbeat: float = 1.0  # seconds between heartbeats
+    liveness: int = 3  # heartbeats missed before a peer counts as dead
+    max_message_size: int = 1 << 30  # ZMQ_MAXMSGSIZE on every socket
+    insecure: bool = False  # allow binding beyond loopback without a secret
+    parent_pid: int = 0  # exit when this process goes (the embedded cluster)
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check_timing(self.heartbeat, self.liveness)
+        for name in ("frontend", "backend", "collector"):
+            check_bind_address(getattr(self, name), self.insecure, name)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    broker: str = DEFAULT_BACKEND
+    workers: int = 0  # 0: one per usable core
+    name: str = ""  # default: host name and pid
+    heartbeat: float = 1.0
+    liveness: int = 3
+    max_message_size: int = 1 << 30
+    parent_pid: int = 0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check_timing(self.heartbeat, self.liveness)
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 (one per core) or more, not {self.workers}")
+
+    def worker_count(self) -> int:
+        return self.workers or usable_cores()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity and cgroup-aware where possible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_timing(heartbeat: float, liveness: int) -> None:
+    if not heartbeat > 0:
+        raise ConfigError(f"heartbeat must be a positive number of seconds, not {heartbeat}")
+    if liveness < 1:
+        raise ConfigError(f"liveness must be at least 1 missed heartbeat, not {liveness}")
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for ipc/inproc endpoints and TCP on a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = urllib.parse.urlsplit(f"//{rest}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: not provably local
+
+
+def check_bind_address(endpoint: str, insecure: bool, what: str) -> None:
+    """Refuse to listen beyond this machine with no authentication (DESIGN.md, Security)."""
+    if "://" not in endpoint:
+        raise ConfigError(f"{what} address {endpoint!r} needs a scheme, like tcp://127.0.0.1:5555")
+    if not insecure and not is_local_endpoint(endpoint):
+        raise ConfigError(
+            f"refusing to bind {what} to {endpoint}: without a secret anyone who reaches it can run "
+            "code as this user. Bind to 127.0.0.1, or pass --insecure on a network you fully trust."
+        )
+
+
+C = TypeVar("C", BrokerConfig, AgentConfig)
+
+
+def _convert(raw: Any, typ: str, name: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if typ == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if typ == "int":
+            return int(raw)
+        if typ == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {typ}") from None
+    return raw
+
+
+def load(
+    cls: type[C],
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | os.PathLike[str] | None = None,
+) -> C:
+    """Build ``cls`` from defaults < file < ``ZPAR_*`` env < flags (None flags are unset)."""
+    section = {BrokerConfig: "broker", AgentConfig: "agent"}[cls]
+    values: dict[str, Any] = {}
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    if file:
+        try:
+            with open(file, "rb") as fh:
+                table = tomllib.load(fh).get(section, {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from None
+        for key, value in table.items():
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise ConfigError(f"unknown setting {key!r} in [{section}] of {file}")
+            values[key] = value
+    for key, typ in fields.items():
+        raw = (env or {}).get(f"ZPAR_{key.upper()}")
+        if raw is not None:
+            values[key] = _convert(raw, typ, f"ZPAR_{key.upper()}")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = value
+    for key, typ in fields.items():
+        if key in values:
+            values[key] = _convert(values[key], typ, key)
+    return cls(**values)

@@ -1,0 +1,88 @@
+"""The errors a zpar user catches.
+
+::
+
+    ZparError
+    ├── TaskError                 the task raised and its exception could not travel
+    ├── WorkerLost                the worker or node running the task died
+    ├── TaskTimeout               (also concurrent.futures.TimeoutError)
+    ├── BrokerUnavailable         no broker answered within the deadline
+    ├── AuthenticationError       the broker refused our credentials
+    ├── SerializationError        (also TypeError) a function, argument or result does not pickle
+    │   └── PayloadTooLarge       a task is over the configured size limit
+    ├── ConfigError               (also ValueError) a setting is wrong; the message says which
+    └── ProtocolError             a peer sent a malformed message (daemons count and drop these)
+
+Cancellation raises ``concurrent.futures.CancelledError`` itself, so existing
+``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+
+class ZparError(Exception):
+    """Root of every error zpar raises on purpose."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised in a worker.
+
+    Set as ``__cause__`` of the re-raised exception, so a printed traceback
+    shows where in the remote task it started (the way concurrent.futures does).
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class TaskError(ZparError):
+    """A task raised an exception whose type could not be sent back as itself.
+
+    ``remote_type`` names the original type; ``remote_traceback`` is its text.
+    """
+
+    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):  # keep the extra fields across pickling
+        return (type(self), (self.args[0], self.remote_type, self.remote_traceback))
+
+
+class WorkerLost(ZparError):
+    """The process running the task died (a signal or exit code says how)."""
+
+
+class TaskTimeout(ZparError, concurrent.futures.TimeoutError):
+    """The task ran past its timeout and was stopped."""
+
+
+class BrokerUnavailable(ZparError, ConnectionError):
+    """No broker answered at the address within the deadline."""
+
+
+class AuthenticationError(ZparError, PermissionError):
+    """The broker refused this peer's credentials."""
+
+
+class SerializationError(ZparError, TypeError):
+    """A function, argument or result cannot be pickled or unpickled."""
+
+
+class PayloadTooLarge(SerializationError):
+    """A task's arguments are larger than the configured message limit."""
+
+
+class ConfigError(ZparError, ValueError):
+    """A setting is missing or wrong; the message names it and the fix."""
+
+
+class ProtocolError(ZparError):
+    """A message does not follow the zpar wire format (protocol.py)."""

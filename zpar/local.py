@@ -1,0 +1,76 @@
+"""The embedded cluster: a private broker and one agent, as child processes.
+
+``zpar.Client()`` with no address starts one. Its endpoints are ipc sockets in
+a private directory (mode 0700), so nothing listens on the network and only
+this user can reach them. The children watch this process and exit when it
+goes, even if it is killed without a chance to clean up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def spawn_daemon(args: Sequence[str], *, new_session: bool = True) -> subprocess.Popen:
+    """Start ``python -m ...`` as a daemon child in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdin=subprocess.DEVNULL,
+        start_new_session=new_session,  # a Ctrl-C in our terminal is ours to handle, not theirs
+    )
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 5.0) -> None:
+    """SIGTERM each, wait up to ``timeout`` in all, then SIGKILL what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0f s; killing it", proc.pid, timeout)
+            proc.kill()
+            proc.wait()
+
+
+class EmbeddedCluster:
+    """A broker and an agent with ``workers`` workers, private to this process."""
+
+    def __init__(self, workers: int | None = None, *, heartbeat: float = 1.0, log_level: str = "WARNING") -> None:
+        self.dir = tempfile.mkdtemp(prefix="zpar-")
+        os.chmod(self.dir, 0o700)
+        self.frontend = f"ipc://{self.dir}/frontend"
+        self.backend = f"ipc://{self.dir}/backend"
+        self.collector = f"ipc://{self.dir}/collector"
+        common = ["--heartbeat", str(heartbeat), "--parent-pid", str(os.getpid()), "--log-level", log_level]
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self.procs.append(spawn_daemon(["zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
+                                            "--collector", self.collector, *common]))
+            agent = ["zpar.agent", "--broker", self.backend, *common]
+            if workers:
+                agent += ["--workers", str(workers)]
+            self.procs.append(spawn_daemon(agent))
+        except BaseException:
+            self.stop()
+            raise
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        stop_processes(self.procs)
+        self.procs = []
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,367 @@
+"""The zpar wire: every message kind, its header fields and its frame layout.
+
+Nothing else in zpar builds or parses frames. A message is a ZeroMQ multipart
+message: one msgpack header frame, then zero or more payload frames that the
+broker forwards untouched::
+
+    producer                broker                      agent            worker
+       | HELLO ------------->  |                          |                 |
+       | <----------- WELCOME  | <------------------ HELLO|                 |
+       |                       | WELCOME ---------------> |                 |
+       |                       | <----------- READY(n)    |   <------ HELLO |
+       | SUBMIT(funcs,tasks) ->| TASKS(funcs,tasks) ----> | TASKS --------> |
+       |                       | <- RESULT (collector) -- | <------- RESULT |
+       | <-------------- RESULT|                          |                 |
+       | STATUS ------------>  |                          |                 |
+       | <------------ STATUS  | <-> HEARTBEAT            |                 |
+       | BYE ----------------> | <------------------- BYE |                 |
+
+Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
+function blobs named in ``funcs`` first, then each task's frames in order
+(its pickled arguments, then its out-of-band buffers). RESULT carries each
+result's frames in order. A message of the wrong version, kind, shape or
+frame count raises ProtocolError; callers drop and count it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import msgpack
+
+from .errors import ProtocolError
+
+VERSION = 1
+#: Largest header frame a peer may send (payload frames are capped separately).
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+#: Most payload frames in one message; guards against a flood of tiny frames.
+MAX_FRAMES = 100_000
+#: What one hop puts in one batch at most (tasks and payload bytes).
+BATCH_MAX_TASKS = 1000
+BATCH_MAX_BYTES = 1 << 20
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    SUBMIT = 3
+    TASKS = 4
+    READY = 5
+    HEARTBEAT = 6
+    RESULT = 7
+    CANCEL = 8
+    STATUS = 9
+    BYE = 10
+    ERROR = 11
+
+
+class Role(str, enum.Enum):
+    PRODUCER = "producer"
+    AGENT = "agent"
+    WORKER = "worker"
+    STATUS = "status"
+
+
+class Status(enum.IntEnum):
+    """How a task ended, as carried in a RESULT entry."""
+
+    OK = 0  # frames: the pickled return value and its buffers
+    RAISED = 1  # frames: the pickled exception record (see serialize.py)
+    LOST = 2  # frames: one UTF-8 reason (worker or node died)
+
+
+#: Task flags, a bit field in each task entry.
+FLAG_CHUNK = 1  # the arguments are a list of argument tuples; return a list
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEntry:
+    """One task in SUBMIT or TASKS: ``[id, digest, nframes, flags]`` on the wire."""
+
+    id: int
+    digest: bytes
+    nframes: int
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEntry:
+    """One result in RESULT: ``[id, status, nframes, duration_us]`` on the wire."""
+
+    id: int
+    status: Status
+    nframes: int
+    duration_us: int = 0
+
+
+# --------------------------------------------------------------------------
+# Messages. Each knows its kind and how to move between a dataclass and the
+# header dict; frames travel beside the header, never inside it.
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    kind: ClassVar[Kind] = Kind.HELLO
+    role: Role
+    name: str = ""
+    host: str = ""
+    pid: int = 0
+    workers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    kind: ClassVar[Kind] = Kind.WELCOME
+    epoch: str
+    heartbeat: float
+    liveness: int
+    collector: str = ""
+    max_message_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    kind: ClassVar[Kind] = Kind.SUBMIT
+    tasks: tuple[TaskEntry, ...]
+    funcs: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Tasks:
+    kind: ClassVar[Kind] = Kind.TASKS
+    tasks: tuple[TaskEntry, ...]
+    funcs: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    kind: ClassVar[Kind] = Kind.READY
+    credits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    kind: ClassVar[Kind] = Kind.HEARTBEAT
+    busy: int = 0  # from an agent: workers running a task now
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    kind: ClassVar[Kind] = Kind.RESULT
+    results: tuple[ResultEntry, ...]
+    agent: bytes = b""  # set on the collector hop, where PULL hides the sender
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    kind: ClassVar[Kind] = Kind.CANCEL
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusMsg:
+    """A request (info empty) or the broker's answer (info filled)."""
+
+    kind: ClassVar[Kind] = Kind.STATUS
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    kind: ClassVar[Kind] = Kind.BYE
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """The broker telling a peer that what it sent was refused, and why."""
+
+    kind: ClassVar[Kind] = Kind.ERROR
+    message: str
+    ids: tuple[int, ...] = ()
+
+
+Message = Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye | Error
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def _task_rows(tasks: Sequence[TaskEntry]) -> list[list[Any]]:
+    return [[t.id, t.digest, t.nframes, t.flags] for t in tasks]
+
+
+def encode(msg: Message) -> bytes:
+    """The header frame for ``msg``."""
+    k = msg.kind
+    h: dict[str, Any] = {"v": VERSION, "k": int(k)}
+    if k is Kind.SUBMIT or k is Kind.TASKS:
+        h["t"] = _task_rows(msg.tasks)  # type: ignore[union-attr]
+        h["f"] = list(msg.funcs)  # type: ignore[union-attr]
+    elif k is Kind.RESULT:
+        h["r"] = [[r.id, int(r.status), r.nframes, r.duration_us] for r in msg.results]  # type: ignore[union-attr]
+        if msg.agent:  # type: ignore[union-attr]
+            h["a"] = msg.agent  # type: ignore[union-attr]
+    elif k is Kind.HELLO:
+        h.update(role=msg.role.value, name=msg.name, host=msg.host, pid=msg.pid, workers=msg.workers)  # type: ignore[union-attr]
+    elif k is Kind.WELCOME:
+        h.update(
+            epoch=msg.epoch,  # type: ignore[union-attr]
+            heartbeat=msg.heartbeat,  # type: ignore[union-attr]
+            liveness=msg.liveness,  # type: ignore[union-attr]
+            collector=msg.collector,  # type: ignore[union-attr]
+            max_message_size=msg.max_message_size,  # type: ignore[union-attr]
+        )
+    elif k is Kind.READY:
+        h["n"] = msg.credits  # type: ignore[union-attr]
+    elif k is Kind.HEARTBEAT:
+        h["busy"] = msg.busy  # type: ignore[union-attr]
+    elif k is Kind.CANCEL:
+        h["ids"] = list(msg.ids)  # type: ignore[union-attr]
+    elif k is Kind.STATUS:
+        h["info"] = msg.info  # type: ignore[union-attr]
+    elif k is Kind.BYE:
+        h["reason"] = msg.reason  # type: ignore[union-attr]
+    elif k is Kind.ERROR:
+        h["message"] = msg.message  # type: ignore[union-attr]
+        h["ids"] = list(msg.ids)  # type: ignore[union-attr]
+    return msgpack.packb(h, use_bin_type=True)
+
+
+# --------------------------------------------------------------------------
+# Decoding: every field checked, because the other end may be anyone.
+
+
+def _get(h: dict, key: str, typ: type | tuple[type, ...], default: Any = ...) -> Any:
+    if key not in h:
+        if default is ...:
+            raise ProtocolError(f"header field {key!r} is missing")
+        return default
+    value = h[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+        raise ProtocolError(f"header field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _nonneg_int(value: Any, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ProtocolError(f"{what} must be a non-negative integer")
+    return value
+
+
+def _tasks(h: dict) -> tuple[tuple[TaskEntry, ...], tuple[bytes, ...], int]:
+    rows = _get(h, "t", list)
+    funcs = _get(h, "f", list, [])
+    for d in funcs:
+        if type(d) is not bytes:
+            raise ProtocolError("function digests must be bytes")
+    out = []
+    total = len(funcs)
+    for row in rows:
+        if type(row) is not list or len(row) != 4:
+            raise ProtocolError("a task entry must be [id, digest, nframes, flags]")
+        tid, digest, nframes, flags = row
+        _nonneg_int(tid, "task id")
+        if type(digest) is not bytes:
+            raise ProtocolError("a task's function digest must be bytes")
+        _nonneg_int(nframes, "a task's frame count")
+        _nonneg_int(flags, "task flags")
+        if nframes < 1:
+            raise ProtocolError("a task needs at least its argument frame")
+        total += nframes
+        out.append(TaskEntry(tid, digest, nframes, flags))
+    return tuple(out), tuple(funcs), total
+
+
+def _results(h: dict) -> tuple[tuple[ResultEntry, ...], int]:
+    rows = _get(h, "r", list)
+    out = []
+    total = 0
+    for row in rows:
+        if type(row) is not list or len(row) != 4:
+            raise ProtocolError("a result entry must be [id, status, nframes, duration_us]")
+        rid, status, nframes, dur = row
+        _nonneg_int(rid, "result id")
+        _nonneg_int(nframes, "a result's frame count")
+        _nonneg_int(dur, "a result's duration")
+        try:
+            st = Status(status)
+        except ValueError:
+            raise ProtocolError(f"unknown result status {status!r}") from None
+        total += nframes
+        out.append(ResultEntry(rid, st, nframes, dur))
+    return tuple(out), total
+
+
+def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
+    """Parse a header frame; ``nframes`` is how many payload frames came with it.
+
+    Raises ProtocolError for anything but a well-formed message of this version
+    whose frame count matches what its header declares.
+    """
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(header)} bytes is over the {MAX_HEADER_BYTES} limit")
+    if nframes > MAX_FRAMES:
+        raise ProtocolError(f"{nframes} frames is over the {MAX_FRAMES} limit")
+    try:
+        h = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if type(h) is not dict:
+        raise ProtocolError("header is not a map")
+    v = h.get("v")
+    if v != VERSION or type(v) is not int:
+        raise ProtocolError(f"protocol version {v!r} is not {VERSION}; upgrade the older side")
+    try:
+        k = Kind(h.get("k"))
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {h.get('k')!r}") from None
+
+    expected = 0
+    msg: Message
+    if k is Kind.SUBMIT or k is Kind.TASKS:
+        tasks, funcs, expected = _tasks(h)
+        msg = (Submit if k is Kind.SUBMIT else Tasks)(tasks, funcs)
+    elif k is Kind.RESULT:
+        results, expected = _results(h)
+        msg = Result(results, _get(h, "a", bytes, b""))
+    elif k is Kind.HELLO:
+        try:
+            role = Role(_get(h, "role", str))
+        except ValueError:
+            raise ProtocolError(f"unknown role {h.get('role')!r}") from None
+        msg = Hello(
+            role,
+            _get(h, "name", str, ""),
+            _get(h, "host", str, ""),
+            _nonneg_int(_get(h, "pid", int, 0), "pid"),
+            _nonneg_int(_get(h, "workers", int, 0), "workers"),
+        )
+    elif k is Kind.WELCOME:
+        msg = Welcome(
+            _get(h, "epoch", str),
+            float(_get(h, "heartbeat", (int, float))),
+            _nonneg_int(_get(h, "liveness", int), "liveness"),
+            _get(h, "collector", str, ""),
+            _nonneg_int(_get(h, "max_message_size", int, 0), "max_message_size"),
+        )
+    elif k is Kind.READY:
+        msg = Ready(_nonneg_int(_get(h, "n", int), "credits"))
+    elif k is Kind.HEARTBEAT:
+        msg = Heartbeat(_nonneg_int(_get(h, "busy", int, 0), "busy"))
+    elif k is Kind.CANCEL:
+        ids = _get(h, "ids", list)
+        msg = Cancel(tuple(_nonneg_int(i, "task id") for i in ids))
+    elif k is Kind.STATUS:
+        msg = StatusMsg(_get(h, "info", dict, {}))
+    elif k is Kind.BYE:
+        msg = Bye(_get(h, "reason", str, ""))
+    else:  # Kind.ERROR
+        ids = _get(h, "ids", list, [])
+        msg = Error(_get(h, "message", str), tuple(_nonneg_int(i, "task id") for i in ids))
+    if nframes != expected:
+        raise ProtocolError(f"{k.name} declares {expected} payload frames but {nframes} came")
+    return msg

@@ -1,0 +1,140 @@
+"""Pickling for the wire: functions by digest, values as pickle-5 frames.
+
+A value becomes a list of frames: the pickle stream, then each large buffer
+(NumPy arrays, bytearrays, PickleBuffers) out of band in a frame of its own,
+so ZeroMQ sends it without copying. Plain ``pickle`` is tried first because it
+is fast; cloudpickle takes over for lambdas, closures and ``__main__`` code.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import pickle
+import traceback
+from typing import Any, Callable, Sequence
+
+import cloudpickle
+
+from .errors import RemoteTraceback, SerializationError, TaskError
+
+#: Buffers at least this large travel out of band, in their own frame.
+OOB_THRESHOLD = 64 * 1024
+PROTOCOL = 5
+
+
+def digest(blob: bytes) -> bytes:
+    """The name a function blob is cached under on every hop."""
+    return hashlib.blake2b(blob, digest_size=16).digest()
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def dumps(obj: Any, what: str = "value") -> list[Any]:
+    """``obj`` as frames: ``[pickle, buffer, ...]``. Raises SerializationError naming it."""
+    buffers: list[memoryview] = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OOB_THRESHOLD:
+            return True  # in band: cheaper than a frame of its own
+        buffers.append(raw)
+        return False
+
+    try:
+        head = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_large)
+    except Exception:
+        buffers.clear()
+        try:
+            head = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_large)
+        except Exception as exc:
+            raise SerializationError(f"cannot pickle the {what} {_describe(obj)}: {exc}") from exc
+    return [head, *buffers]
+
+
+def loads(frames: Sequence[Any], what: str = "value") -> Any:
+    """The object ``dumps`` made; zmq Frames are read in place, without copies."""
+    try:
+        views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+        return pickle.loads(views[0], buffers=views[1:])
+    except Exception as exc:
+        raise SerializationError(f"cannot unpickle the {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def dump_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+    """``(digest, blob)`` for a callable; cloudpickle ships ``__main__`` code by value."""
+    if not callable(fn):
+        raise TypeError(f"{_describe(fn)} is not callable")
+    try:
+        blob = cloudpickle.dumps(fn, protocol=PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle the function {_describe(fn)}: {exc}") from exc
+    return digest(blob), blob
+
+
+class FunctionCache:
+    """Pickles each function once per client (by identity, most recent kept).
+
+    The cache holds the function itself, so its ``id`` cannot be reused by
+    another object while it is cached.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[int, tuple[Any, bytes, bytes]] = collections.OrderedDict()
+
+    def get(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+        key = id(fn)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is fn:
+            self._entries.move_to_end(key)
+            return hit[1], hit[2]
+        d, blob = dump_function(fn)
+        self._entries[key] = (fn, d, blob)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return d, blob
+
+
+# --------------------------------------------------------------------------
+# Exceptions raised by tasks
+
+
+def dump_exception(exc: BaseException, host: str, pid: int) -> list[Any]:
+    """Frames for an exception raised in a task, with its traceback text.
+
+    The original exception travels when it survives a pickle round trip here;
+    otherwise a TaskError carrying its type name and text takes its place.
+    """
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        frames = dumps((exc, tb, host, pid), what="exception")
+        pickle.loads(frames[0], buffers=frames[1:])  # some pickle but do not unpickle
+        return frames
+    except Exception:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        stand_in = TaskError(f"{name}: {exc}", name, tb)
+        return dumps((stand_in, tb, host, pid), what="exception")
+
+
+def load_exception(frames: Sequence[Any]) -> BaseException:
+    """The exception a task raised, with ``remote_traceback``, ``host`` and ``pid`` set."""
+    exc, tb, host, pid = loads(frames, what="exception")
+    exc.__cause__ = RemoteTraceback(tb)
+    for name, value in (("remote_traceback", tb), ("host", host), ("pid", pid)):
+        try:
+            setattr(exc, name, value)
+        except Exception:  # some exception types refuse new attributes
+            pass
+    return exc
+
+
+def format_exception_text(exc: BaseException) -> str:
+    """Traceback text as printed by Python; used in logs."""
+    buf = io.StringIO()
+    traceback.print_exception(exc, file=buf)
+    return buf.getvalue()
