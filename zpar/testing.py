@@ -1,0 +1,163 @@
+"""A real cluster for tests: a broker and agents as processes on TCP loopback.
+
+Our own tests use it and so can users' tests::
+
+    from zpar.testing import LocalCluster
+
+    def test_my_pipeline():
+        with LocalCluster(agents=2, workers=1) as cluster, cluster.client() as client:
+            assert client.submit(my_task, 3).result(timeout=10) == 9
+
+Every daemon runs in its own process group, with fast heartbeats so that
+failure detection takes a fraction of a second; ``stop()`` kills what is left
+and can tell whether anything outlived it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import Any, Callable
+
+import psutil
+
+from .client import Client, broker_status
+from .errors import BrokerUnavailable
+from .local import spawn_daemon, stop_processes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something true; its value, or TimeoutError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"not true within {timeout} s: {what or condition}")
+        time.sleep(interval)
+
+
+class LocalCluster:
+    """``agents`` agents of ``workers`` workers each, behind one broker, all on loopback TCP."""
+
+    def __init__(self, agents: int = 2, workers: int = 1, *, heartbeat: float = 0.1, liveness: int = 3,
+                 log_level: str = "WARNING", ready_timeout: float = 20.0) -> None:
+        self.heartbeat, self.liveness, self.log_level = heartbeat, liveness, log_level
+        self.workers = workers
+        ports = [free_port() for _ in range(3)]
+        self.frontend, self.backend, self.collector = (f"tcp://127.0.0.1:{p}" for p in ports)
+        self.broker: subprocess.Popen | None = None
+        self.agents: list[subprocess.Popen] = []
+        self._clients: list[Client] = []
+        try:
+            self.start_broker()
+            for _ in range(agents):
+                self.add_agent(wait=False)
+            self.wait_for_workers(agents * workers, ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    # ------------------------------------------------------------------ processes
+
+    def start_broker(self) -> subprocess.Popen:
+        self.broker = spawn_daemon(["zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
+                                    "--collector", self.collector, "--heartbeat", str(self.heartbeat),
+                                    "--liveness", str(self.liveness), "--log-level", self.log_level])
+        return self.broker
+
+    def add_agent(self, workers: int | None = None, *, wait: bool = True, name: str | None = None,
+                  ) -> subprocess.Popen:
+        n = workers or self.workers
+        args = ["zpar.agent", "--broker", self.backend, "--workers", str(n), "--log-level", self.log_level]
+        if name:
+            args += ["--name", name]
+        proc = spawn_daemon(args)
+        self.agents.append(proc)
+        if wait:
+            self.wait_for_workers(self.status()["workers"] + n)
+        return proc
+
+    def kill_agent(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the agent alone (its workers die with it by their death signal)."""
+        proc.send_signal(sig)
+
+    def worker_pids(self, agent: subprocess.Popen | None = None) -> list[int]:
+        """The worker processes of one agent, or of all."""
+        agents = [agent] if agent else self.agents
+        pids = []
+        for a in agents:
+            try:
+                pids += [c.pid for c in psutil.Process(a.pid).children()]
+            except psutil.NoSuchProcess:
+                pass
+        return pids
+
+    # ------------------------------------------------------------------ queries
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        return broker_status(self.frontend, timeout)
+
+    def wait_for_workers(self, n: int, timeout: float = 20.0) -> None:
+        def enough() -> bool:
+            try:
+                return self.status(1.0)["workers"] >= n
+            except BrokerUnavailable:
+                return False
+        wait_for(enough, timeout, 0.02, f"{n} workers registered")
+
+    def client(self, **kwargs: Any) -> Client:
+        client = Client(self.frontend, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of this cluster: the daemons and their workers."""
+        procs = []
+        for p in [self.broker, *self.agents]:
+            if p is None:
+                continue
+            try:
+                proc = psutil.Process(p.pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    procs += [proc, *proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return procs
+
+    # ------------------------------------------------------------------ teardown
+
+    def stop(self, timeout: float = 10.0) -> list[psutil.Process]:
+        """Stop everything; returns the processes that had to be killed after ``timeout``."""
+        for client in self._clients:
+            client.close()
+        workers = [psutil.Process(pid) for pid in self.worker_pids()]
+        daemons = [p for p in [*self.agents, self.broker] if p is not None]
+        stop_processes(daemons, timeout)
+        _, alive = psutil.wait_procs(workers, timeout=timeout)
+        for proc in alive:
+            proc.kill()
+        for p in daemons:  # their process groups, in case anything else was started there
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.agents, self.broker = [], None
+        return alive
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
