@@ -95,12 +95,13 @@ class Client:
             raise RuntimeError("this zpar Client is closed; create a new one")
         with self._funcs_lock:
             digest, blob = self._funcs.get(fn)
-        frames = serialize.dumps(payload, what=f"arguments of {getattr(fn, '__qualname__', fn)!r}")
+        nframes, data, frames = P.pack_payload(
+            serialize.dumps(payload, what=f"arguments of {getattr(fn, '__qualname__', fn)!r}"))
         if threading.get_ident() != self._io.ident:
             self._window.acquire()  # back-pressure; never block the I/O thread itself
         tid = next(self._ids)
         fut = Future(tid, self._cancel_one)
-        self._submits.append((tid, digest, blob, frames, flags, fut))
+        self._submits.append((tid, digest, blob, nframes, data, frames, flags, fut))
         self._wake()
         return fut
 
@@ -366,7 +367,7 @@ class _IOThread(threading.Thread):
             frames: list[Any] = []
             nbytes = 0
             while submits and len(entries) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
-                tid, digest, blob, tframes, flags, fut = submits.popleft()
+                tid, digest, blob, nframes, data, tframes, flags, fut = submits.popleft()
                 if fut.done():  # cancelled before it left
                     self.client._window.release()
                     continue
@@ -374,9 +375,12 @@ class _IOThread(threading.Thread):
                     self.sent_funcs.add(digest)
                     funcs.append(digest)
                     blobs.append(blob)
-                entries.append(P.TaskEntry(tid, digest, len(tframes), flags))
-                frames.extend(tframes)
-                nbytes += sum(len(f) for f in tframes)
+                entries.append(P.TaskEntry(tid, digest, nframes, flags, data))
+                if nframes:
+                    frames.extend(tframes)
+                    nbytes += sum(len(f) for f in tframes)
+                else:
+                    nbytes += len(data)
                 self.pending[tid] = fut
             if entries:
                 self.sock.send_multipart([P.encode(P.Submit(tuple(entries), tuple(funcs))), *blobs, *frames],
@@ -417,20 +421,18 @@ class _IOThread(threading.Thread):
         pos = 0
         release = self.client._window.release
         for entry in msg.results:
-            rframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
+            rframes, pos = P.unpack_payload(entry, frames, pos)
             fut = self.pending.pop(entry.id, None)
             if fut is None:
                 continue  # cancelled, or a duplicate
             release()
             try:
-                if entry.status is P.Status.OK:
+                if entry.status == P.Status.OK:
                     fut.set_result(serialize.loads(rframes, what=f"result of task {entry.id}"))
-                elif entry.status is P.Status.RAISED:
+                elif entry.status == P.Status.RAISED:
                     fut.set_exception(serialize.load_exception(rframes))
                 else:
-                    fut.set_exception(WorkerLost(rframes[0].bytes.decode(errors="replace") if rframes else
-                                                 "the worker running this task died"))
+                    fut.set_exception(WorkerLost(bytes(rframes[0]).decode(errors="replace")))
             except SerializationError as exc:
                 fut.set_exception(exc)
             except concurrent.futures.InvalidStateError:

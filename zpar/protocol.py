@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import msgpack
 
@@ -67,33 +67,63 @@ class Role(str, enum.Enum):
 class Status(enum.IntEnum):
     """How a task ended, as carried in a RESULT entry."""
 
-    OK = 0  # frames: the pickled return value and its buffers
-    RAISED = 1  # frames: the pickled exception record (see serialize.py)
-    LOST = 2  # frames: one UTF-8 reason (worker or node died)
+    OK = 0  # payload: the pickled return value and its buffers
+    RAISED = 1  # payload: the pickled exception record (see serialize.py)
+    LOST = 2  # payload: one UTF-8 reason (worker or node died)
 
+
+_STATUSES = frozenset(int(s) for s in Status)
 
 #: Task flags, a bit field in each task entry.
 FLAG_CHUNK = 1  # the arguments are a list of argument tuples; return a list
 
+#: A payload of one frame up to this size travels inside the header instead
+#: (``nframes`` 0, bytes in ``data``): a batch of tiny tasks is then one frame,
+#: not one frame per task, on every hop.
+INLINE_MAX = 32 * 1024
 
-@dataclass(frozen=True, slots=True)
-class TaskEntry:
-    """One task in SUBMIT or TASKS: ``[id, digest, nframes, flags]`` on the wire."""
+
+class TaskEntry(NamedTuple):
+    """One task in SUBMIT or TASKS: ``[id, digest, nframes, flags, data]`` on the wire.
+
+    The task's payload (pickled arguments, then out-of-band buffers) is either
+    ``data`` (when ``nframes`` is 0) or the next ``nframes`` payload frames.
+    """
 
     id: int
     digest: bytes
     nframes: int
     flags: int = 0
+    data: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class ResultEntry:
-    """One result in RESULT: ``[id, status, nframes, duration_us]`` on the wire."""
+class ResultEntry(NamedTuple):
+    """One result in RESULT: ``[id, status, nframes, duration_us, data]`` on the wire.
+
+    ``status`` is a Status value; the payload is placed as in TaskEntry.
+    """
 
     id: int
-    status: Status
+    status: int
     nframes: int
     duration_us: int = 0
+    data: bytes = b""
+
+
+def pack_payload(frames: Sequence[Any]) -> tuple[int, bytes, Sequence[Any]]:
+    """``(nframes, data, frames)`` for an entry: small single-frame payloads go inline."""
+    if len(frames) == 1 and len(frames[0]) <= INLINE_MAX:
+        head = frames[0]
+        return 0, head if type(head) is bytes else bytes(head), ()
+    return len(frames), b"", frames
+
+
+def unpack_payload(entry: TaskEntry | ResultEntry, frames: Sequence[Any], pos: int) -> tuple[Sequence[Any], int]:
+    """The payload frames of ``entry`` starting at ``frames[pos]``, and the next position."""
+    n = entry.nframes
+    if n == 0:
+        return (entry.data,), pos
+    return frames[pos:pos + n], pos + n
 
 
 # --------------------------------------------------------------------------
@@ -190,19 +220,15 @@ Message = Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel
 # Encoding
 
 
-def _task_rows(tasks: Sequence[TaskEntry]) -> list[list[Any]]:
-    return [[t.id, t.digest, t.nframes, t.flags] for t in tasks]
-
-
 def encode(msg: Message) -> bytes:
     """The header frame for ``msg``."""
     k = msg.kind
     h: dict[str, Any] = {"v": VERSION, "k": int(k)}
     if k is Kind.SUBMIT or k is Kind.TASKS:
-        h["t"] = _task_rows(msg.tasks)  # type: ignore[union-attr]
+        h["t"] = msg.tasks  # type: ignore[union-attr]  # NamedTuples pack as arrays
         h["f"] = list(msg.funcs)  # type: ignore[union-attr]
     elif k is Kind.RESULT:
-        h["r"] = [[r.id, int(r.status), r.nframes, r.duration_us] for r in msg.results]  # type: ignore[union-attr]
+        h["r"] = msg.results  # type: ignore[union-attr]
         if msg.agent:  # type: ignore[union-attr]
             h["a"] = msg.agent  # type: ignore[union-attr]
     elif k is Kind.HELLO:
@@ -261,18 +287,16 @@ def _tasks(h: dict) -> tuple[tuple[TaskEntry, ...], tuple[bytes, ...], int]:
     out = []
     total = len(funcs)
     for row in rows:
-        if type(row) is not list or len(row) != 4:
-            raise ProtocolError("a task entry must be [id, digest, nframes, flags]")
-        tid, digest, nframes, flags = row
-        _nonneg_int(tid, "task id")
-        if type(digest) is not bytes:
-            raise ProtocolError("a task's function digest must be bytes")
-        _nonneg_int(nframes, "a task's frame count")
-        _nonneg_int(flags, "task flags")
-        if nframes < 1:
-            raise ProtocolError("a task needs at least its argument frame")
+        if type(row) is not list or len(row) != 5:
+            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data]")
+        tid, digest, nframes, flags, data = row
+        if (type(tid) is not int or tid < 0 or type(digest) is not bytes or type(nframes) is not int
+                or nframes < 0 or type(flags) is not int or flags < 0 or type(data) is not bytes):
+            raise ProtocolError(f"malformed task entry {row!r:.200}")
+        if nframes == 0 and not data:
+            raise ProtocolError("a task needs its arguments, inline or in frames")
         total += nframes
-        out.append(TaskEntry(tid, digest, nframes, flags))
+        out.append(TaskEntry(tid, digest, nframes, flags, data))
     return tuple(out), tuple(funcs), total
 
 
@@ -281,18 +305,17 @@ def _results(h: dict) -> tuple[tuple[ResultEntry, ...], int]:
     out = []
     total = 0
     for row in rows:
-        if type(row) is not list or len(row) != 4:
-            raise ProtocolError("a result entry must be [id, status, nframes, duration_us]")
-        rid, status, nframes, dur = row
-        _nonneg_int(rid, "result id")
-        _nonneg_int(nframes, "a result's frame count")
-        _nonneg_int(dur, "a result's duration")
-        try:
-            st = Status(status)
-        except ValueError:
-            raise ProtocolError(f"unknown result status {status!r}") from None
+        if type(row) is not list or len(row) != 5:
+            raise ProtocolError("a result entry must be [id, status, nframes, duration_us, data]")
+        rid, status, nframes, dur, data = row
+        if (type(rid) is not int or rid < 0 or status not in _STATUSES or type(status) is not int
+                or type(nframes) is not int or nframes < 0 or type(dur) is not int or dur < 0
+                or type(data) is not bytes):
+            raise ProtocolError(f"malformed result entry {row!r:.200}")
+        if nframes == 0 and not data:
+            raise ProtocolError("a result needs its value, inline or in frames")
         total += nframes
-        out.append(ResultEntry(rid, st, nframes, dur))
+        out.append(ResultEntry(rid, status, nframes, dur, data))
     return tuple(out), total
 
 

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import zmq
 
@@ -71,12 +71,12 @@ class Worker:
         entries: list[P.ResultEntry] = []
         out: list[Any] = []
         for task in msg.tasks:
-            tframes = frames[pos:pos + task.nframes]
-            pos += task.nframes
+            tframes, pos = P.unpack_payload(task, frames, pos)
             start = time.perf_counter_ns()
             status, rframes = self._run_one(task, tframes)
             took = (time.perf_counter_ns() - start) // 1000
-            entries.append(P.ResultEntry(task.id, status, len(rframes), took))
+            nframes, data, rframes = P.pack_payload(rframes)
+            entries.append(P.ResultEntry(task.id, status, nframes, took, data))
             out.extend(rframes)
         return entries, out
 
@@ -93,13 +93,14 @@ class Worker:
 
             self.funcs[d] = unloadable
 
-    def _run_one(self, task: P.TaskEntry, tframes: list[Any]) -> tuple[P.Status, list[Any]]:
+    def _run_one(self, task: P.TaskEntry, tframes: Sequence[Any]) -> tuple[P.Status, list[Any]]:
         try:
             fn = self.funcs[task.digest]
-            args, kwargs = serialize.loads(tframes, what="task arguments")
+            payload = serialize.loads(tframes, what="task arguments")
             if task.flags & P.FLAG_CHUNK:
-                value = [fn(*a) for a in args]
+                value = [fn(*a) for a in payload]
             else:
+                args, kwargs = payload
                 value = fn(*args, **kwargs)
         except Exception as exc:
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)

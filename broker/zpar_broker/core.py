@@ -50,7 +50,7 @@ class TaskState(enum.Enum):
 
 
 class _Task:
-    __slots__ = ("gid", "producer", "ptid", "digest", "flags", "frames", "nbytes", "state", "agent")
+    __slots__ = ("gid", "producer", "ptid", "digest", "flags", "data", "frames", "nbytes", "state", "agent")
 
     def __init__(self, gid: int, producer: "_Producer", entry: P.TaskEntry, frames: list[Any]) -> None:
         self.gid = gid
@@ -58,8 +58,9 @@ class _Task:
         self.ptid = entry.id
         self.digest = entry.digest
         self.flags = entry.flags
+        self.data = entry.data  # the payload, when small enough to ride in the header
         self.frames = frames
-        self.nbytes = sum(len(f) for f in frames)
+        self.nbytes = len(entry.data) + sum(len(f) for f in frames) if frames else len(entry.data)
         self.state = TaskState.QUEUED
         self.agent: _Agent | None = None
 
@@ -194,9 +195,9 @@ class BrokerCore:
                 self.counters["late_results"] += 1  # finished elsewhere, cancelled, or its producer left
                 continue
             self._unlink(task)
-            self.counters["done" if entry.status is P.Status.OK else "failed"] += 1
+            self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
             entries, fr = by_producer.setdefault(task.producer.id, ([], []))
-            entries.append(P.ResultEntry(task.ptid, entry.status, entry.nframes, entry.duration_us))
+            entries.append(entry._replace(id=task.ptid))
             fr.extend(rframes)
         return [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e)), fr) for pid, (e, fr) in by_producer.items()]
 
@@ -347,7 +348,7 @@ class BrokerCore:
             task.state = TaskState.ASSIGNED
             task.agent = agent
             agent.assigned[task.gid] = task
-            entries.append(P.TaskEntry(task.gid, task.digest, len(task.frames), task.flags))
+            entries.append(P.TaskEntry(task.gid, task.digest, len(task.frames), task.flags, task.data))
             frames.extend(task.frames)
         agent.credits -= len(batch)
         out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), tuple(funcs)), frames))

@@ -156,6 +156,7 @@ class BrokerServer:
     # ------------------------------------------------------------------ handlers
 
     def _decode(self, frames: list[zmq.Frame], source: str) -> P.Message | None:
+        self.core.counters[f"messages_{source}"] += 1
         try:
             return P.decode(frames[0].buffer, len(frames) - 1)
         except ProtocolError as exc:
@@ -195,6 +196,7 @@ class BrokerServer:
 
     def _send_one(self, item: Outgoing) -> None:
         sock = self.frontend if item.dest is Dest.FRONTEND else self.backend
+        self.core.counters[f"sent_{item.dest.value}"] += 1
         try:
             sock.send_multipart([item.peer, P.encode(item.msg), *item.frames], zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -42,6 +42,7 @@ class QueuedTask:
     id: int
     digest: bytes
     flags: int
+    data: bytes  # the payload when inline (see protocol.INLINE_MAX), else b""
     frames: list[Any]
     alone: bool = False  # suspected of killing a worker: run it by itself
 
@@ -104,7 +105,7 @@ class AgentCore:
         by_id = {t.id: t for t in slot.batch}
         for entry in msg.results:
             task = by_id.get(entry.id)
-            if task is not None and entry.status is not P.Status.LOST:
+            if task is not None and entry.status != P.Status.LOST:
                 self._measure(task.digest, entry.duration_us, task.flags)
         self.results.extend(msg.results)
         self.result_frames.extend(frames)
@@ -127,8 +128,7 @@ class AgentCore:
             for task in batch:
                 reason = f"worker pid {slot.pid} on {self.node} {how} while running task {task.id}"
                 log.warning("%s", reason)
-                self.results.append(P.ResultEntry(task.id, P.Status.LOST, 1, 0))
-                self.result_frames.append(reason.encode())
+                self.results.append(P.ResultEntry(task.id, P.Status.LOST, 0, 0, reason.encode()))
         elif batch:
             log.warning("worker pid %d on %s %s with a batch of %d; re-running them one by one",
                         slot.pid, self.node, how, len(batch))
@@ -145,7 +145,7 @@ class AgentCore:
             self.funcs[d] = blob
         pos = nf
         for t in msg.tasks:
-            self.queue.append(QueuedTask(t.id, t.digest, t.flags, frames[pos:pos + t.nframes]))
+            self.queue.append(QueuedTask(t.id, t.digest, t.flags, t.data, frames[pos:pos + t.nframes]))
             pos += t.nframes
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign()
@@ -185,7 +185,7 @@ class AgentCore:
                 break
             self.queue.popleft()
             batch.append(task)
-            nbytes += sum(len(f) for f in task.frames)
+            nbytes += len(task.data) + sum(len(f) for f in task.frames)
             budget -= cost
             if task.alone or cost >= ALONE_US:
                 break
@@ -201,7 +201,7 @@ class AgentCore:
                 frames.append(self.funcs[task.digest])
         entries = []
         for task in batch:
-            entries.append(P.TaskEntry(task.id, task.digest, len(task.frames), task.flags))
+            entries.append(P.TaskEntry(task.id, task.digest, len(task.frames), task.flags, task.data))
             frames.extend(task.frames)
         slot.batch = batch
         slot.state = WorkerState.BUSY
@@ -249,7 +249,7 @@ class AgentCore:
         for entry in self.results:
             if n and (n >= max_tasks or nbytes >= max_bytes):
                 break
-            nbytes += sum(len(f) for f in self.result_frames[nframes:nframes + entry.nframes])
+            nbytes += len(entry.data) + sum(len(f) for f in self.result_frames[nframes:nframes + entry.nframes])
             nframes += entry.nframes
             n += 1
         entries, self.results = self.results[:n], self.results[n:]

@@ -230,7 +230,7 @@ class AgentServer:
             if "HELLO" in msg.message:
                 self._hello()
         elif isinstance(msg, P.Bye):
-            log.warning("broker is stopping (%s); waiting for it to return", msg.reason)
+            log.info("broker is stopping (%s); waiting for it to return", msg.reason)
             self._welcomed = False
 
     def _welcome(self, msg: P.Welcome) -> None:
