@@ -222,6 +222,21 @@ class Client:
 
     # ------------------------------------------------------------------ lifetime
 
+    def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> int:
+        """Block until the cluster has at least ``n`` workers; returns how many it has.
+
+        Raises TimeoutError naming what is missing if they do not come in time.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = self.status(max(0.1, deadline - time.monotonic()))["workers"]
+            if workers >= n:
+                return workers
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the cluster at {self.address} has {workers} workers, not {n}, after "
+                                   f"{timeout:g} s; are its agents running (zpar-agent --broker ...)?")
+            time.sleep(0.02)  # polling the broker's status; nothing to wake us sooner
+
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: nodes, workers busy and idle, queued, running, done."""
         return broker_status(self.address, timeout)

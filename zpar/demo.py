@@ -50,7 +50,7 @@ def run_demo(workers: int | None = None, jobs: int = 32, size: int = 60_000) -> 
     start = time.perf_counter()
     with Client(workers=workers) as client:
         t_start = time.perf_counter() - start
-        nworkers = client.status()["workers"] or workers
+        nworkers = client.wait_for_workers(workers or 1)
         with _progress(console) as bar:
             task = bar.add_task("zpar", total=jobs)
             start = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import pickle
 import traceback
 from typing import Any, Callable, Sequence
@@ -34,8 +33,50 @@ def _describe(obj: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+class _LargeBytes:
+    """Stands in for a large ``bytes`` so that it travels out of band.
+
+    Pickle writes ``bytes`` into its stream (a copy) before any hook can see
+    them, so ``dumps`` swaps large ones for this wrapper near the top of the
+    value; the receiver gets a plain ``bytes`` again.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _lift(obj: Any, depth: int = 2) -> Any:
+    """``obj`` with large bytes wrapped, looking into tuples, lists and dicts ``depth`` levels down."""
+    t = type(obj)
+    if t is bytes:
+        return _LargeBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
+    if depth and (t is tuple or t is list):
+        lifted = [_lift(x, depth - 1) for x in obj]
+        if any(a is not b for a, b in zip(lifted, obj)):
+            return t(lifted)
+    elif depth and t is dict:
+        lifted_d = {k: _lift(v, depth - 1) for k, v in obj.items()}
+        if any(lifted_d[k] is not v for k, v in obj.items()):
+            return lifted_d
+    return obj
+
+
 def dumps(obj: Any, what: str = "value") -> list[Any]:
     """``obj`` as frames: ``[pickle, buffer, ...]``. Raises SerializationError naming it."""
+    frames = _dumps(obj, what)
+    if len(frames[0]) >= OOB_THRESHOLD:  # only a large stream can hold large bytes
+        lifted = _lift(obj)
+        if lifted is not obj:
+            frames = _dumps(lifted, what)
+    return frames
+
+
+def _dumps(obj: Any, what: str) -> list[Any]:
     buffers: list[memoryview] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -131,10 +172,3 @@ def load_exception(frames: Sequence[Any]) -> BaseException:
         except Exception:  # some exception types refuse new attributes
             pass
     return exc
-
-
-def format_exception_text(exc: BaseException) -> str:
-    """Traceback text as printed by Python; used in logs."""
-    buf = io.StringIO()
-    traceback.print_exception(exc, file=buf)
-    return buf.getvalue()

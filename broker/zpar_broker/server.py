@@ -151,7 +151,11 @@ class BrokerServer:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            handler(frames)
+            try:
+                handler(frames)
+            except Exception:  # a bug must not take the whole cluster down; say so loudly
+                self.core.counters["internal_errors"] += 1
+                log.exception("error handling a message; dropped it")
 
     # ------------------------------------------------------------------ handlers
 

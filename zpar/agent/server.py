@@ -200,7 +200,10 @@ class AgentServer:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            handler(frames)
+            try:
+                handler(frames)
+            except Exception:  # a bug must not take the node down; say so loudly
+                log.exception("error handling a message; dropped it")
 
     def _on_worker(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes

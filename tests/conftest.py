@@ -1,0 +1,156 @@
+"""Shared fixtures: clusters, clients, a gate for blocking tasks, and the leak check.
+
+Task functions live in ``tests/tasks.py``. pytest imports test modules with
+``--import-mode=importlib`` and workers run elsewhere, so neither can import
+``tasks`` by name: we put this directory on ``sys.path`` for the test modules
+and register the module with cloudpickle so its functions travel by value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import cloudpickle
+import psutil
+import pytest
+from hypothesis import HealthCheck, settings
+
+import zpar
+from zpar.testing import LocalCluster
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tasks  # noqa: E402
+
+cloudpickle.register_pickle_by_value(tasks)
+
+settings.register_profile("zpar", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("zpar")
+
+#: How long a process may take to go after the test that started it ended.
+LEAK_GRACE = 10.0
+
+
+# ---------------------------------------------------------------------- leaks
+
+
+def _key(proc: psutil.Process) -> tuple[int, float] | None:
+    """A process's identity that survives pid reuse; None if it is gone or a zombie."""
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.pid, proc.create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def live_descendants() -> dict[tuple[int, float], psutil.Process]:
+    """Every live (non-zombie) process below this one."""
+    out = {}
+    for proc in psutil.Process().children(recursive=True):
+        key = _key(proc)
+        if key is not None:
+            out[key] = proc
+    return out
+
+
+def _describe(procs) -> str:
+    lines = []
+    for proc in procs:
+        try:
+            lines.append(f"pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+        except psutil.Error:
+            lines.append(f"pid {proc.pid}: (gone)")
+    return "\n".join(lines)
+
+
+def assert_gone(before: dict, grace: float = LEAK_GRACE, what: str = "the test") -> None:
+    """Wait up to ``grace`` for every descendant not in ``before`` to exit; kill and fail otherwise."""
+    deadline = time.monotonic() + grace
+    while True:
+        extra = [p for k, p in live_descendants().items() if k not in before]
+        if not extra or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)  # polling with a deadline, not a blind wait
+    if extra:
+        listing = _describe(extra)
+        for proc in extra:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        pytest.fail(f"{len(extra)} process(es) outlived {what} by {grace:g} s:\n{listing}")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes():
+    """No child process started during a test may outlive it.
+
+    Session and module fixtures (shared clusters) are set up before this one,
+    so their processes are part of the baseline.
+    """
+    before = live_descendants()
+    yield
+    assert_gone(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_processes_at_exit():
+    yield
+    assert_gone({}, what="the session")
+
+
+# ---------------------------------------------------------------------- clusters
+
+
+def stop_cleanly(cluster: LocalCluster) -> None:
+    procs = cluster.processes()
+    killed = cluster.stop()
+    assert not killed, f"had to SIGKILL after the stop timeout:\n{_describe(killed)}"
+    _, alive = psutil.wait_procs(procs, timeout=LEAK_GRACE)
+    assert not alive, f"cluster processes left after stop:\n{_describe(alive)}"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A broker and 2 agents x 1 worker on TCP loopback, shared by tests that do not break it."""
+    c = LocalCluster(agents=2, workers=1)
+    yield c
+    stop_cleanly(c)
+
+
+@pytest.fixture(scope="session")
+def cluster_client(cluster):
+    with cluster.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def embedded_client():
+    """``zpar.Client()``: a private cluster on ipc, one worker per core."""
+    with zpar.Client() as client:
+        yield client
+
+
+@pytest.fixture
+def new_cluster():
+    """A factory for clusters a test may break; each is stopped, and checked, at teardown."""
+    made: list[LocalCluster] = []
+
+    def make(**kwargs) -> LocalCluster:
+        c = LocalCluster(**kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        stop_cleanly(c)
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A path for ``tasks.block_until``; opened at teardown so no blocked task outlives the test."""
+    path = str(tmp_path / "gate")
+    yield path
+    open(path, "w").close()

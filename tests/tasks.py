@@ -1,0 +1,105 @@
+"""Task functions the tests send to workers.
+
+Workers cannot import this module (they do not run from the tests directory),
+so conftest registers it with ``cloudpickle.register_pickle_by_value``: every
+function here travels by value, like a lambda. Keep it free of classes whose
+instances are passed as *arguments*: plain pickle, tried first for arguments,
+would reference them by module name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import time
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def identity(x):
+    return x
+
+
+def noop():
+    return None
+
+
+def tag(label, x):
+    """``(label, x)``: which producer's input this result came from."""
+    return label, x
+
+
+def worker_pid(_=None):
+    return os.getpid()
+
+
+def sleep_square(x, seconds):
+    time.sleep(seconds)
+    return x * x
+
+
+def block_until(gate, timeout=30.0, value=None):
+    """Wait (in the worker) until the file ``gate`` exists: tests open it to release us."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate} never opened")
+        time.sleep(0.01)
+    return value
+
+
+def touch(path):
+    """Leave evidence that this task ran."""
+    with open(path, "w") as fh:
+        fh.write(str(os.getpid()))
+    return path
+
+
+def raise_value_error(message):
+    raise ValueError(message)
+
+
+class NeedsTwoArgs(Exception):
+    """Pickles, but cannot be unpickled: ``args`` has one item and ``__init__`` wants two."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+def raise_unpicklable_error():
+    raise NeedsTwoArgs("left", "right")
+
+
+def return_lock():
+    return threading.Lock()
+
+
+def exit_with(code):
+    os._exit(code)
+
+
+def square_unless(x, poison, code=3):
+    """``x * x``, except that input ``poison`` ends the worker with ``code``."""
+    if x == poison:
+        os._exit(code)
+    return x * x
+
+
+def call_sys_exit(code):
+    sys.exit(code)
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def double(array):
+    return array * 2
