@@ -97,8 +97,10 @@ class Client:
             digest, blob = self._funcs.get(fn)
         nframes, data, frames = P.pack_payload(
             serialize.dumps(payload, what=f"arguments of {getattr(fn, '__qualname__', fn)!r}"))
-        if threading.get_ident() != self._io.ident:
-            self._window.acquire()  # back-pressure; never block the I/O thread itself
+        if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
+            while not self._window.acquire(timeout=1.0):
+                if not self._io.is_alive():
+                    raise RuntimeError("this zpar Client's connection has stopped; create a new one")
         tid = next(self._ids)
         fut = Future(tid, self._cancel_one)
         self._submits.append((tid, digest, blob, nframes, data, frames, flags, fut))
@@ -184,7 +186,7 @@ class Client:
     def _unordered(self, fn, iterables, chunksize, timeout) -> Iterator[Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = self._task_stream(fn, iterables, chunksize)
-        done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[Future, int]] = queue.SimpleQueue()
         pending: set[Future] = set()
 
         def fill() -> None:
@@ -193,9 +195,8 @@ class Client:
                 if item is None:
                     return
                 fut = self._submit(fn, item[0], item[1])
-                fut._zpar_flags = item[1]  # type: ignore[attr-defined]
                 pending.add(fut)
-                fut.add_done_callback(done.put)
+                fut.add_done_callback(lambda f, flags=item[1]: done.put((f, flags)))
 
         fill()
 
@@ -204,13 +205,13 @@ class Client:
                 while pending:
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
                     try:
-                        fut = done.get(timeout=left)
+                        fut, flags = done.get(timeout=left)
                     except queue.Empty:
                         raise TimeoutError(f"{len(pending)} results not in within the timeout") from None
                     pending.discard(fut)
                     fill()
                     value = fut.result()
-                    if fut._zpar_flags & P.FLAG_CHUNK:  # type: ignore[attr-defined]
+                    if flags & P.FLAG_CHUNK:
                         yield from value
                     else:
                         yield value
@@ -307,10 +308,11 @@ class _IOThread(threading.Thread):
         os.set_blocking(self._wake_w, False)
         self._woken = False
         self._stopping = False
+        self._done = False  # the loop has ended: wake() must not write any more
 
     def wake(self) -> None:
         """Called from any thread; at most one byte in the pipe per wake-up."""
-        if not self._woken:
+        if not self._woken and not self._done:
             self._woken = True
             try:
                 os.write(self._wake_w, b"\0")
@@ -319,11 +321,11 @@ class _IOThread(threading.Thread):
 
     def stop(self) -> None:
         self._stopping = True
-        self._woken = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        if not self._done:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass
         if self.is_alive() and threading.current_thread() is not self:
             self.join(10)
 
@@ -351,8 +353,15 @@ class _IOThread(threading.Thread):
             except zmq.ZMQError:
                 pass
             sock.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._done = True
+
+    def __del__(self) -> None:
+        # Closed only here, once nothing can call wake(): a closed fd number may be reused.
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _loop(self) -> None:
         poller = zmq.Poller()
