@@ -21,13 +21,29 @@ from typing import Sequence
 log = logging.getLogger(__name__)
 
 
-def spawn_daemon(args: Sequence[str], *, new_session: bool = True) -> subprocess.Popen:
+def spawn_daemon(args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m ...`` as a daemon child in its own process group."""
     return subprocess.Popen(
         [sys.executable, "-m", *args],
         stdin=subprocess.DEVNULL,
-        start_new_session=new_session,  # a Ctrl-C in our terminal is ours to handle, not theirs
+        env=env,
+        start_new_session=True,  # a Ctrl-C in our terminal is ours to handle, not theirs
     )
+
+
+def _inherited_path_env() -> dict[str, str]:
+    """Our environment, with our ``sys.path`` first, so workers import what we can.
+
+    Functions of importable modules are pickled by reference; the workers of
+    the embedded cluster should find the same modules (the script's folder
+    among them), as multiprocessing's spawned children do.
+    """
+    env = dict(os.environ)
+    paths = [p or os.getcwd() for p in sys.path]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 5.0) -> None:
@@ -62,7 +78,7 @@ class EmbeddedCluster:
             agent = ["zpar.agent", "--broker", self.backend, *common]
             if workers:
                 agent += ["--workers", str(workers)]
-            self.procs.append(spawn_daemon(agent))
+            self.procs.append(spawn_daemon(agent, env=_inherited_path_env()))
         except BaseException:
             self.stop()
             raise
