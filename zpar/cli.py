@@ -21,7 +21,7 @@ from . import config as cfg
 from .errors import ConfigError, ZparError
 
 app = typer.Typer(help="zpar: run Python functions on every core of a machine or a cluster.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 _CONFIG = typer.Option(None, "--config", help="TOML file with a [broker] or [agent] table.")
 _HEARTBEAT = typer.Option(None, help="Seconds between heartbeats [default: 1.0; env ZPAR_HEARTBEAT].")
@@ -129,7 +129,7 @@ app.command("agent")(agent)
 
 
 def _single(command) -> typer.Typer:
-    one = typer.Typer(add_completion=False)
+    one = typer.Typer(add_completion=False, rich_markup_mode=None)
     one.command()(command)
     return one
 

@@ -20,7 +20,7 @@ import zmq
 
 from . import protocol as P
 from . import serialize
-from .errors import TaskError
+from .errors import SerializationError, TaskError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -86,10 +86,10 @@ class Worker:
         try:
             self.funcs[d] = serialize.loads([blob], what="function")
         except Exception as exc:  # kept as a stand-in that raises, so each task reports it
-            err = exc
+            message, cause = str(exc), exc.__cause__
 
             def unloadable(*_a: Any, **_k: Any) -> Any:
-                raise err
+                raise SerializationError(message) from cause  # a fresh error each call
 
             self.funcs[d] = unloadable
 
