@@ -1,4 +1,4 @@
-"""A NumPy map: sort each chunk of a large array on a different core.
+"""A NumPy map: smooth many long signals, one signal per task, on every core.
 
 Large NumPy arrays travel between the producer and the workers as pickle-5
 "out-of-band" buffers: the pickle holds only a small description (dtype,
@@ -17,46 +17,47 @@ import numpy as np
 
 import zpar
 
-CHUNKS = 8
-CHUNK_LEN = 2_000_000  # float64: 16 MB a chunk, 128 MB in all
+SIGNALS = 8            # rows: one task each
+SAMPLES = 1_000_000    # float64: 8 MB a row, 64 MB in all
+WINDOW = np.ones(1001) / 1001  # a moving average over 1001 samples
 
 
-def sort_chunk(chunk):
-    """The work done on each chunk: NumPy's sort runs on one core, so chunks sort in parallel."""
-    return np.sort(chunk)
+def smooth(signal):
+    """The work done on one row. np.convolve runs on one core, so rows smooth in parallel."""
+    return np.convolve(signal, WINDOW, mode="same")  # WINDOW travels with the function
 
 
 if __name__ == "__main__":
     address = sys.argv[1] if len(sys.argv) > 1 else None  # None: start a private cluster
-    rng = np.random.default_rng(seed=42)
-    data = rng.standard_normal(CHUNKS * CHUNK_LEN)
-    chunks = np.split(data, CHUNKS)  # views into `data`: splitting copies nothing
+    signals = np.random.default_rng(seed=42).standard_normal((SIGNALS, SAMPLES))
 
     # What "out of band" means: pickle protocol 5 hands big buffers to a callback
     # instead of copying them into the pickle. zpar sends each one as its own frame.
     buffers = []
-    head = pickle.dumps(chunks[0], protocol=5, buffer_callback=buffers.append)
-    print(f"one chunk: {chunks[0].nbytes / 1e6:.0f} MB of data -> a {len(head)}-byte pickle "
-          f"+ {len(buffers)} buffer of {buffers[0].raw().nbytes / 1e6:.0f} MB (the chunk's own memory, not a copy)")
+    head = pickle.dumps(signals[0], protocol=5, buffer_callback=buffers.append)
+    print(f"one row: {signals[0].nbytes / 1e6:.0f} MB -> a {len(head)}-byte pickle + "
+          f"{len(buffers)} buffer of {buffers[0].raw().nbytes / 1e6:.0f} MB (the row's own memory, not a copy)")
 
     start = time.perf_counter()
-    expected = [np.sort(c) for c in chunks]
+    expected = [smooth(row) for row in signals]
     t_serial = time.perf_counter() - start
     print(f"serial:   {t_serial:.2f} s")
 
     with zpar.Client(address) as client:
+        workers = client.wait_for_workers()  # the cluster's worker processes take a moment to start
         start = time.perf_counter()
-        # map() keeps input order, like the built-in map; each chunk is one task.
-        results = list(client.map(sort_chunk, chunks))
+        # map() keeps input order, like the built-in map. Iterating a 2-D array
+        # yields its rows: each row is one task.
+        results = list(client.map(smooth, signals))
         t_parallel = time.perf_counter() - start
-    mb = 2 * data.nbytes / 1e6  # every chunk goes out and comes back
-    print(f"parallel: {t_parallel:.2f} s  (speed-up {t_serial / t_parallel:.2f}x, {mb / t_parallel:,.0f} MB/s moved)")
+    print(f"parallel: {t_parallel:.2f} s on {workers} workers (speed-up {t_serial / t_parallel:.2f}x; "
+          f"{2 * signals.nbytes / 1e6:.0f} MB went out and came back)")
 
-    # A result is an ordinary ndarray, built over the received frame's memory.
+    # A result is an ordinary ndarray, built over the memory of the frame it came in.
     first = results[0]
-    print(f"result: {type(first).__name__} {first.dtype} shape {first.shape}, "
-          f"owns its data: {first.flags.owndata}, writeable: {first.flags.writeable}")
+    print(f"result: {type(first).__name__} {first.dtype} {first.shape}, owns its memory: "
+          f"{first.flags.owndata}, writeable: {first.flags.writeable}")
 
     for i, (got, want) in enumerate(zip(results, expected)):
-        assert np.array_equal(got, want), f"chunk {i} differs"
-    print(f"all {CHUNKS} chunks sorted correctly")
+        assert np.array_equal(got, want), f"row {i} differs"
+    print(f"all {SIGNALS} rows match the serial results")

@@ -48,7 +48,8 @@ if __name__ == "__main__":
     #    processes, and stops them when the `with` block ends.
     start = time.perf_counter()
     with zpar.Client(address) as client:
-        print(f"client ready in {time.perf_counter() - start:.2f} s ({client!r})")
+        workers = client.wait_for_workers()  # the cluster's worker processes take a moment to start
+        print(f"{workers} workers ready in {time.perf_counter() - start:.2f} s ({client!r})")
         start = time.perf_counter()
         # submit() returns at once with a Future; the jobs run while we go on.
         jobs = [(n, client.submit(sum_primes, n)) for n in inputs]
