@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import zpar
-from zpar.testing import LocalCluster
+from zpar.testing import LocalCluster, wait_for
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tasks  # noqa: E402
@@ -112,11 +112,17 @@ def stop_cleanly(cluster: LocalCluster) -> None:
     assert not alive, f"cluster processes left after stop:\n{_describe(alive)}"
 
 
+def settled(cluster: LocalCluster) -> LocalCluster:
+    """Wait until every agent of the cluster has registered all its workers."""
+    cluster.wait_for_workers(cluster.workers * len(cluster.agents))
+    return cluster
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """A broker and 2 agents x 1 worker on TCP loopback, shared by tests that do not break it."""
     c = LocalCluster(agents=2, workers=1)
-    yield c
+    yield settled(c)
     stop_cleanly(c)
 
 
@@ -138,10 +144,10 @@ def new_cluster():
     """A factory for clusters a test may break; each is stopped, and checked, at teardown."""
     made: list[LocalCluster] = []
 
-    def make(**kwargs) -> LocalCluster:
+    def make(settle: bool = True, **kwargs) -> LocalCluster:
         c = LocalCluster(**kwargs)
         made.append(c)
-        return c
+        return settled(c) if settle else c
 
     yield make
     for c in made:

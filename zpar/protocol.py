@@ -308,7 +308,7 @@ def _results(h: dict) -> tuple[tuple[ResultEntry, ...], int]:
         if type(row) is not list or len(row) != 5:
             raise ProtocolError("a result entry must be [id, status, nframes, duration_us, data]")
         rid, status, nframes, dur, data = row
-        if (type(rid) is not int or rid < 0 or status not in _STATUSES or type(status) is not int
+        if (type(rid) is not int or rid < 0 or type(status) is not int or status not in _STATUSES
                 or type(nframes) is not int or nframes < 0 or type(dur) is not int or dur < 0
                 or type(data) is not bytes):
             raise ProtocolError(f"malformed result entry {row!r:.200}")

@@ -88,6 +88,8 @@ def _dumps(obj: Any, what: str) -> list[Any]:
 
     try:
         head = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_large)
+        if b"__main__" in head:  # by reference to the producer's script: workers cannot import it
+            raise pickle.PicklingError("refers to __main__")
     except Exception:
         buffers.clear()
         try:

@@ -80,7 +80,8 @@ class LocalCluster:
     def add_agent(self, workers: int | None = None, *, wait: bool = True, name: str | None = None,
                   ) -> subprocess.Popen:
         n = workers or self.workers
-        args = ["zpar.agent", "--broker", self.backend, "--workers", str(n), "--log-level", self.log_level]
+        args = ["zpar.agent", "--broker", self.backend, "--workers", str(n), "--heartbeat", str(self.heartbeat),
+                "--liveness", str(self.liveness), "--log-level", self.log_level]
         if name:
             args += ["--name", name]
         proc = spawn_daemon(args)

@@ -66,7 +66,7 @@ class _Task:
 
 
 class _Producer:
-    __slots__ = ("id", "name", "host", "funcs", "queue", "tasks", "last_seen")
+    __slots__ = ("id", "name", "host", "funcs", "queue", "tasks", "last_seen", "active")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
@@ -76,6 +76,7 @@ class _Producer:
         self.queue: collections.deque[_Task] = collections.deque()
         self.tasks: dict[int, _Task] = {}  # producer task id -> task, queued or assigned
         self.last_seen = now
+        self.active = False  # in the broker's round-robin of producers with queued tasks
 
 
 class NodeState(enum.Enum):
@@ -194,6 +195,9 @@ class BrokerCore:
             if task is None:
                 self.counters["late_results"] += 1  # finished elsewhere, cancelled, or its producer left
                 continue
+            if task.state is TaskState.QUEUED:  # a dropped agent's late result: accepted, so not run again
+                task.producer.queue.remove(task)
+                self.counters["late_results_accepted"] += 1
             self._unlink(task)
             self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
             entries, fr = by_producer.setdefault(task.producer.id, ([], []))
@@ -236,7 +240,6 @@ class BrokerCore:
             prod.funcs[d] = blob
         pos = nfuncs
         missing: list[int] = []
-        was_idle = not prod.queue
         for entry in msg.tasks:
             tframes = frames[pos:pos + entry.nframes]
             pos += entry.nframes
@@ -253,8 +256,7 @@ class BrokerCore:
             self.counters["protocol_errors"] += 1
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
                 "tasks refused: unknown function digest or duplicate task id", tuple(missing))))
-        if was_idle and prod.queue:
-            self._active.append(prod)
+        self._activate(prod)
 
     def _cancel(self, prod: _Producer, ids: Iterable[int]) -> None:
         for ptid in ids:
@@ -269,6 +271,11 @@ class BrokerCore:
                 pass
             self.counters["cancelled"] += 1
 
+    def _activate(self, prod: _Producer) -> None:
+        if prod.queue and not prod.active:
+            prod.active = True
+            self._active.append(prod)
+
     def _unlink(self, task: _Task) -> None:
         task.producer.tasks.pop(task.ptid, None)
         if task.agent is not None:
@@ -282,10 +289,9 @@ class BrokerCore:
                 task.agent.assigned.pop(task.gid, None)
         prod.tasks.clear()
         prod.queue.clear()
-        try:
+        if prod.active:
             self._active.remove(prod)
-        except ValueError:
-            pass
+            prod.active = False
         del self._producers[prod.id]
 
     def _drop_agent(self, agent: _Agent, why: str) -> None:
@@ -295,10 +301,8 @@ class BrokerCore:
         for task in sorted(agent.assigned.values(), key=lambda t: t.gid, reverse=True):
             task.agent = None
             task.state = TaskState.QUEUED
-            prod = task.producer
-            if not prod.queue:
-                self._active.append(prod)
-            prod.queue.appendleft(task)
+            task.producer.queue.appendleft(task)
+            self._activate(task.producer)
             self.counters["requeued"] += 1
         agent.assigned.clear()
         self.counters[f"agents_{why}"] += 1
@@ -322,18 +326,23 @@ class BrokerCore:
     def _send_batch(self, agent: _Agent, limit: int, out: list[Outgoing]) -> None:
         batch: list[_Task] = []
         nbytes = 0
-        # Round-robin: each active producer gives its share in turn.
+        # Round-robin: in each round, every active producer gives an even share of what is left.
         while len(batch) < limit and nbytes < P.BATCH_MAX_BYTES and self._active:
-            prod = self._active[0]
-            share = max(1, (limit - len(batch)) // len(self._active))
-            while share and prod.queue and nbytes < P.BATCH_MAX_BYTES:
-                task = prod.queue.popleft()
-                batch.append(task)
-                nbytes += task.nbytes
-                share -= 1
-            self._active.popleft()
-            if prod.queue:
-                self._active.append(prod)
+            in_round = len(self._active)
+            for served in range(in_round):
+                if len(batch) >= limit or nbytes >= P.BATCH_MAX_BYTES:
+                    break
+                prod = self._active.popleft()
+                share = max(1, (limit - len(batch)) // (in_round - served))
+                while share and prod.queue and nbytes < P.BATCH_MAX_BYTES:
+                    task = prod.queue.popleft()
+                    batch.append(task)
+                    nbytes += task.nbytes
+                    share -= 1
+                if prod.queue:
+                    self._active.append(prod)
+                else:
+                    prod.active = False
         if not batch:
             return
         funcs: list[bytes] = []

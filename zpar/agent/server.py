@@ -237,7 +237,8 @@ class AgentServer:
             self._welcomed = False
 
     def _welcome(self, msg: P.Welcome) -> None:
-        self.heartbeat, self.liveness = msg.heartbeat, msg.liveness
+        self.heartbeat, self.liveness = msg.heartbeat, msg.liveness  # the broker's pace wins
+        self._next_beat = min(self._next_beat, time.monotonic() + self.heartbeat)
         address = collector_address(msg.collector, self.config.broker)
         if self.collector is None or self.collector.getsockopt_string(zmq.LAST_ENDPOINT) != address:
             if self.collector is not None:

@@ -1,0 +1,289 @@
+"""BrokerCore with a fake clock: no sockets, no sleeps; time is a float we move."""
+
+from __future__ import annotations
+
+import pytest
+
+from zpar import protocol as P
+from zpar_broker.core import BrokerCore, Dest
+
+D = b"\x01" * 16
+BLOB = b"the function"
+
+
+class Broker:
+    """A BrokerCore and the clock that drives it."""
+
+    def __init__(self, heartbeat: float = 1.0, liveness: int = 3) -> None:
+        self.now = 0.0
+        self.core = BrokerCore(self.now, heartbeat=heartbeat, liveness=liveness, collector="tcp://127.0.0.1:9")
+
+    def producer(self, peer: bytes, msg, frames=()):
+        return self.core.producer_message(self.now, peer, msg, list(frames))
+
+    def agent(self, peer: bytes, msg):
+        return self.core.agent_message(self.now, peer, msg, [])
+
+    def submit(self, peer: bytes, ids, digest: bytes = D, ship: bool = True):
+        entries = tuple(P.TaskEntry(i, digest, 0, 0, b"%s:%d" % (peer, i)) for i in ids)
+        return self.producer(peer, P.Submit(entries, (digest,) if ship else ()), [BLOB] if ship else [])
+
+    def join(self, peer: bytes, workers: int = 1):
+        return self.agent(peer, P.Hello(P.Role.AGENT, peer.decode(), "host", 1, workers))
+
+    def ready(self, peer: bytes, n: int):
+        return self.agent(peer, P.Ready(n))
+
+    def finish(self, agent: bytes, gids, status=P.Status.OK):
+        entries = tuple(P.ResultEntry(g, status, 0, 10, b"result %d" % g) for g in gids)
+        return self.core.results(self.now, P.Result(entries, agent), [])
+
+    def advance(self, dt: float, alive=()):
+        """Move the clock; the agents in ``alive`` send a heartbeat first."""
+        self.now += dt
+        for peer in alive:
+            self.agent(peer, P.Heartbeat())
+        return self.core.tick(self.now)
+
+
+def dispatched(out):
+    """``[(agent, gid, payload)]`` in the TASKS messages of ``out``."""
+    return [(o.peer, t.id, t.data) for o in out if isinstance(o.msg, P.Tasks) for t in o.msg.tasks]
+
+
+def delivered(out):
+    """``[(producer, task id, payload)]`` in the RESULT messages of ``out``."""
+    return [(o.peer, r.id, r.data) for o in out if isinstance(o.msg, P.Result) for r in o.msg.results]
+
+
+@pytest.fixture
+def b():
+    return Broker()
+
+
+def test_producer_and_agent_hello_get_welcome(b):
+    (out,) = b.producer(b"p", P.Hello(P.Role.PRODUCER, "client", "host", 7))
+    assert (out.dest, out.peer) == (Dest.FRONTEND, b"p")
+    assert out.msg == P.Welcome(b.core.epoch, 1.0, 3, "tcp://127.0.0.1:9", 0)
+    (out,) = b.join(b"a")
+    assert (out.dest, out.peer, out.msg.kind) == (Dest.BACKEND, b"a", P.Kind.WELCOME)
+
+
+def test_tasks_wait_for_credit_then_go_with_their_function(b):
+    assert dispatched(b.submit(b"p", [1, 2, 3])) == []
+    b.join(b"a")
+    (out,) = b.ready(b"a", 2)
+    assert out.msg.funcs == (D,) and out.frames == [BLOB]
+    assert [t.data for t in out.msg.tasks] == [b"p:1", b"p:2"]
+    assert len({t.id for t in out.msg.tasks}) == 2
+
+
+def test_function_blob_is_shipped_once_per_agent(b):
+    b.submit(b"p", range(1, 7))
+    b.join(b"a1"), b.join(b"a2")
+    first, second = b.ready(b"a1", 2), b.ready(b"a1", 2)
+    assert first[0].msg.funcs == (D,) and second[0].msg.funcs == () and second[0].frames == []
+    (other,) = b.ready(b"a2", 2)
+    assert other.msg.funcs == (D,) and other.frames == [BLOB]
+
+
+def test_payload_frames_are_forwarded_untouched(b):
+    entry = P.TaskEntry(1, D, 2)
+    b.producer(b"p", P.Submit((entry,), (D,)), [BLOB, b"args", b"buffer"])
+    b.join(b"a")
+    (out,) = b.ready(b"a", 1)
+    assert out.frames == [BLOB, b"args", b"buffer"] and out.msg.tasks[0].nframes == 2
+
+
+def test_an_agent_never_gets_more_tasks_than_its_credits(b):
+    b.submit(b"p", range(1, 11))
+    b.join(b"a")
+    assert len(dispatched(b.ready(b"a", 3))) == 3
+    assert len(dispatched(b.ready(b"a", 4))) == 4
+    status = b.core.status(b.now)
+    assert (status["queued"], status["running"], status["nodes"][0]["credits"]) == (3, 7, 0)
+    assert len(dispatched(b.ready(b"a", 10))) == 3
+    assert b.core.status(b.now)["nodes"][0]["credits"] == 7
+
+
+def test_second_producer_is_served_before_the_first_ones_backlog_ends(b):
+    b.submit(b"big", range(1, 101))
+    b.submit(b"small", range(1, 6))
+    b.join(b"a")
+    order = [payload.split(b":")[0] for _ in range(10) for _, _, payload in dispatched(b.ready(b"a", 1))]
+    assert order.count(b"small") == 5, order
+    both = dispatched(b.ready(b"a", 4))
+    assert [p.split(b":")[0] for _, _, p in both] == [b"big"] * 4  # small is done: big has it all
+
+
+def test_batches_are_shared_between_producers(b):
+    b.submit(b"p1", range(1, 51))
+    b.submit(b"p2", range(1, 51))
+    b.join(b"a")
+    first = [p.split(b":")[0] for _, _, p in dispatched(b.ready(b"a", 10))]
+    assert set(first) == {b"p1", b"p2"}
+    both = first + [p.split(b":")[0] for _, _, p in dispatched(b.ready(b"a", 10))]
+    assert both.count(b"p1") == both.count(b"p2") == 10
+
+
+def test_one_batch_is_split_evenly_between_producers(b):
+    b.submit(b"p1", range(1, 51))
+    b.submit(b"p2", range(1, 51))
+    b.join(b"a")
+    owners = [p.split(b":")[0] for _, _, p in dispatched(b.ready(b"a", 10))]
+    assert owners.count(b"p1") == owners.count(b"p2") == 5
+
+
+def test_results_reach_their_own_producer_under_its_own_task_ids(b):
+    b.submit(b"p1", [1, 2])
+    b.submit(b"p2", [1, 2])  # the same ids: the broker's own ids keep them apart
+    b.join(b"a")
+    sent = dispatched(b.ready(b"a", 4))
+    gid_of = {payload: gid for _, gid, payload in sent}
+    out = b.finish(b"a", [gid_of[b"p2:1"], gid_of[b"p1:2"], gid_of[b"p2:2"]])
+    got = sorted((peer, tid, data) for peer, tid, data in delivered(out))
+    assert got == [(b"p1", 2, b"result %d" % gid_of[b"p1:2"]),
+                   (b"p2", 1, b"result %d" % gid_of[b"p2:1"]),
+                   (b"p2", 2, b"result %d" % gid_of[b"p2:2"])]
+    assert all(o.dest is Dest.FRONTEND for o in out)
+    assert b.core.status(b.now)["done"] == 3
+
+
+def test_a_duplicate_result_is_dropped(b):
+    b.submit(b"p", [1])
+    b.join(b"a")
+    ((_, gid, _),) = dispatched(b.ready(b"a", 1))
+    assert len(delivered(b.finish(b"a", [gid]))) == 1
+    assert b.finish(b"a", [gid]) == []
+    assert b.core.counters["late_results"] == 1 and b.core.status(b.now)["done"] == 1
+
+
+def test_an_agent_silent_past_liveness_is_dropped_and_its_tasks_go_to_another(b):
+    b.submit(b"p", [1, 2])
+    b.join(b"a1"), b.join(b"a2")
+    first = dispatched(b.ready(b"a1", 2))
+    assert dispatched(b.ready(b"a2", 2)) == []
+    for _ in range(3):  # heartbeat 1 s x liveness 3: silent for 3 s is still alive
+        assert dispatched(b.advance(1.0, alive=[b"a2"])) == []
+    assert b.core.status(b.now)["nodes"][0]["name"] == "a1"
+    again = dispatched(b.advance(1.0, alive=[b"a2"]))
+    assert sorted(g for _, g, _ in again) == sorted(g for _, g, _ in first)
+    assert {peer for peer, _, _ in again} == {b"a2"}
+    assert [n["name"] for n in b.core.status(b.now)["nodes"]] == ["a2"]
+    assert b.core.counters["agents_silent"] == 1 and b.core.counters["requeued"] == 2
+
+
+def test_heartbeats_keep_an_agent_alive(b):
+    b.join(b"a")
+    for _ in range(20):
+        out = b.advance(1.0, alive=[b"a"])
+        assert [(o.peer, o.msg) for o in out] == [(b"a", P.Heartbeat())]
+    assert b.core.counters["agents_silent"] == 0
+
+
+def test_the_dropped_agent_is_told_to_say_hello_again(b):
+    b.join(b"a")
+    b.advance(10.0)
+    b.advance(1.0)
+    (out,) = b.ready(b"a", 1)
+    assert isinstance(out.msg, P.Error) and "HELLO" in out.msg.message
+
+
+def test_late_result_from_a_dropped_agent_is_delivered_once_and_not_run_again(b):
+    b.submit(b"p", [1])
+    b.join(b"a1"), b.join(b"a2")
+    ((_, gid, _),) = dispatched(b.ready(b"a1", 1))
+    for _ in range(5):
+        b.advance(1.0, alive=[b"a2"])  # a1 is dropped; the task is queued again
+    assert len(delivered(b.finish(b"a1", [gid]))) == 1  # a1 was only slow: its result counts
+    assert dispatched(b.ready(b"a2", 1)) == []  # nothing is left to do
+    status = b.core.status(b.now)
+    assert (status["queued"], status["running"]) == (0, 0)
+
+
+def test_agent_bye_puts_its_tasks_back_at_the_front(b):
+    b.submit(b"p", [1, 2, 3])
+    b.join(b"a1"), b.join(b"a2")
+    assert [d for _, _, d in dispatched(b.ready(b"a1", 2))] == [b"p:1", b"p:2"]
+    b.ready(b"a2", 0)
+    assert dispatched(b.agent(b"a1", P.Bye("stopping"))) == []
+    assert [d for _, _, d in dispatched(b.ready(b"a2", 3))] == [b"p:1", b"p:2", b"p:3"]
+    assert b.core.counters["agents_left"] == 1
+
+
+def test_agent_bye_hands_its_tasks_at_once_to_an_agent_with_credit(b):
+    b.submit(b"p", [1])
+    b.join(b"a1"), b.join(b"a2")
+    b.ready(b"a1", 1)
+    b.ready(b"a2", 1)
+    assert [(peer, d) for peer, _, d in dispatched(b.agent(b"a1", P.Bye()))] == [(b"a2", b"p:1")]
+
+
+def test_cancel_drops_a_queued_task_and_leaves_a_running_one(b):
+    b.submit(b"p", [1, 2, 3])
+    b.join(b"a")
+    ((_, running, _),) = dispatched(b.ready(b"a", 1))
+    assert b.producer(b"p", P.Cancel((1, 2))) == []
+    assert b.core.counters["cancelled"] == 1
+    assert [d for _, _, d in dispatched(b.ready(b"a", 5))] == [b"p:3"]
+    assert delivered(b.finish(b"a", [running])) == [(b"p", 1, b"result %d" % running)]
+
+
+def test_producer_bye_forgets_its_queued_and_running_tasks(b):
+    b.submit(b"p", range(1, 6))
+    b.submit(b"other", [1])
+    b.join(b"a")
+    sent = {d: g for _, g, d in dispatched(b.ready(b"a", 2))}
+    assert set(sent) == {b"p:1", b"other:1"}  # one each: round-robin
+    b.producer(b"p", P.Bye("closing"))
+    status = b.core.status(b.now)
+    assert (status["producers"], status["queued"], status["running"]) == (1, 0, 1)
+    assert b.finish(b"a", [sent[b"p:1"]]) == [] and b.core.counters["late_results"] == 1
+    assert dispatched(b.ready(b"a", 10)) == []
+    assert delivered(b.finish(b"a", [sent[b"other:1"]])) == [(b"other", 1, b"result %d" % sent[b"other:1"])]
+
+
+def test_status_counts_nodes_workers_queue_and_outcomes(b):
+    b.producer(b"p", P.Hello(P.Role.PRODUCER))
+    b.submit(b"p", range(1, 6))
+    b.join(b"a1", workers=2), b.join(b"a2", workers=3)
+    b.agent(b"a1", P.Heartbeat(busy=2))
+    sent = dispatched(b.ready(b"a1", 3))
+    b.finish(b"a1", [sent[0][1]])
+    b.finish(b"a1", [sent[1][1]], status=P.Status.RAISED)
+    s = b.core.status(b.now)
+    assert (s["workers"], s["busy"], s["producers"]) == (5, 2, 1)
+    assert (s["queued"], s["running"], s["done"], s["failed"]) == (2, 1, 1, 1)
+    a1 = next(n for n in s["nodes"] if n["name"] == "a1")
+    assert (a1["busy"], a1["idle"], a1["running"], a1["workers"]) == (2, 0, 1, 2)
+    assert s["counters"]["submitted"] == 5
+
+
+def test_a_status_request_is_answered_without_registering_a_producer(b):
+    (out,) = b.producer(b"tool", P.StatusMsg())
+    assert isinstance(out.msg, P.StatusMsg) and out.msg.info["producers"] == 0
+
+
+def test_tasks_of_an_unknown_function_are_refused_by_id(b):
+    out = b.submit(b"p", [1, 2], digest=b"\x02" * 16, ship=False)
+    assert [o.msg for o in out] == [P.Error("tasks refused: unknown function digest or duplicate task id", (1, 2))]
+    assert b.core.status(b.now)["queued"] == 0
+
+
+def test_a_message_of_the_wrong_role_is_refused_and_counted(b):
+    (out,) = b.producer(b"p", P.Ready(5))
+    assert isinstance(out.msg, P.Error)
+    b.join(b"a")
+    (out,) = b.agent(b"a", P.Submit(()))
+    assert isinstance(out.msg, P.Error)
+    assert b.core.counters["protocol_errors"] == 2
+
+
+def test_cancel_then_resubmit_keeps_round_robin_fair(b):
+    b.submit(b"p1", [1])
+    b.producer(b"p1", P.Cancel((1,)))
+    b.submit(b"p1", range(2, 20))
+    b.submit(b"p2", range(1, 20))
+    b.join(b"a")
+    owners = [d.split(b":")[0] for _ in range(12) for _, _, d in dispatched(b.ready(b"a", 1))]
+    assert owners.count(b"p1") == owners.count(b"p2") == 6, owners
