@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import zpar
-from zpar.testing import LocalCluster, wait_for
+from zpar.testing import LocalCluster
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tasks  # noqa: E402

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 
-import pytest
 from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule

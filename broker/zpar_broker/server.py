@@ -15,25 +15,19 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import time
 import urllib.parse
-from typing import Any
 
 import zmq
 
 from zpar import protocol as P
 from zpar.config import BrokerConfig
+from zpar.daemon import Waker, drain, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import BrokerCore, Dest, Outgoing
 
 log = logging.getLogger(__name__)
-
-#: Messages taken from one socket before looking at the others (fairness).
-_DRAIN = 256
-
 
 def _ephemeral(endpoint: str) -> str:
     """Accept ``tcp://host:0`` for a free port, as ZeroMQ spells it ``*``."""
@@ -78,9 +72,7 @@ class BrokerServer:
             collector=_advertised(self.endpoints["collector"]),
             max_message_size=config.max_message_size,
         )
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self._running = False
 
     def _socket(self, kind: int) -> zmq.Socket:
@@ -97,10 +89,7 @@ class BrokerServer:
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+        self._waker.wake()
 
     def run(self) -> None:
         log.info("zpar-broker %s listening: frontend %s, backend %s, collector %s",
@@ -110,13 +99,13 @@ class BrokerServer:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.collector, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self._waker.fileno(), zmq.POLLIN)
         self._running = True
         parent = self.config.parent_pid
         while self._running:
             timeout = max(0.0, self.core.next_deadline() - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
-            if self._wake_r.fileno() in events:
+            if self._waker.fileno() in events:
                 self._running = False
                 break
             if self.backend in events:
@@ -141,21 +130,14 @@ class BrokerServer:
     def close(self) -> None:
         for sock in (self.frontend, self.backend, self.collector):
             sock.close(linger=0)
-        for s in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
-            if s is not None:
-                s.close()
+        if hasattr(self, "_waker"):
+            self._waker.close()
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
-        for _ in range(_DRAIN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                handler(frames)
-            except Exception:  # a bug must not take the whole cluster down; say so loudly
-                self.core.counters["internal_errors"] += 1
-                log.exception("error handling a message; dropped it")
+        drain(sock, handler, log, self._internal_error)
+
+    def _internal_error(self) -> None:
+        self.core.counters["internal_errors"] += 1
 
     # ------------------------------------------------------------------ handlers
 
@@ -216,12 +198,4 @@ class BrokerServer:
 
 def run(config: BrokerConfig) -> int:
     """Run a broker until SIGTERM or SIGINT; returns the process exit code."""
-    server = BrokerServer(config)
-    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.close()
-    return 0
+    return run_until_signalled(BrokerServer(config))

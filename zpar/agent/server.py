@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,19 +23,18 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from typing import Any
 
 import zmq
 
 from zpar import protocol as P
 from zpar.config import AgentConfig
+from zpar.daemon import Waker, drain, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import AgentCore, ToWorker, WorkerState
 
 log = logging.getLogger(__name__)
 
-_DRAIN = 256
 _GRACE = 3.0  # seconds a worker gets to exit after SIGTERM before SIGKILL
 _RECONNECT_MS = 20  # libzmq's default of 100 ms slows start-up
 
@@ -69,10 +67,8 @@ class AgentServer:
         self.poller = zmq.Poller()
         self.poller.register(self.broker, zmq.POLLIN)
         self.poller.register(self.pipe, zmq.POLLIN)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._waker = Waker()
+        self.poller.register(self._waker.fileno(), zmq.POLLIN)
         self.procs: dict[int, tuple[bytes, subprocess.Popen]] = {}  # pidfd -> (identity, process)
         self._generation = 0
         self._respawn_at: list[float] = []
@@ -137,10 +133,7 @@ class AgentServer:
     # ------------------------------------------------------------------ loop
 
     def stop(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+        self._waker.wake()
 
     def run(self) -> None:
         for _ in range(self.config.worker_count()):
@@ -150,7 +143,7 @@ class AgentServer:
         while True:
             timeout = max(0.0, self._next_timer() - time.monotonic())
             events = dict(self.poller.poll(timeout * 1000))
-            if self._wake_r.fileno() in events:
+            if self._waker.fileno() in events:
                 break
             for fd in [fd for fd in events if fd in self.procs]:
                 self._reap(fd)
@@ -195,15 +188,7 @@ class AgentServer:
         self.broker.send(P.encode(P.Hello(P.Role.AGENT, self.name, socket.gethostname(), os.getpid(), workers)))
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
-        for _ in range(_DRAIN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                handler(frames)
-            except Exception:  # a bug must not take the node down; say so loudly
-                log.exception("error handling a message; dropped it")
+        drain(sock, handler, log)
 
     def _on_worker(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
@@ -290,19 +275,10 @@ class AgentServer:
             if sock is not None:
                 sock.close(linger=500)
         self.ctx.term()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._waker.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
 def run(config: AgentConfig) -> int:
     """Run an agent until SIGTERM or SIGINT; returns the process exit code."""
-    server = AgentServer(config)
-    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.close()
-    return 0
+    return run_until_signalled(AgentServer(config))
