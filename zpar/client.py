@@ -196,7 +196,8 @@ class Client:
                     return
                 fut = self._submit(fn, item[0], item[1])
                 pending.add(fut)
-                fut.add_done_callback(lambda f, flags=item[1]: done.put((f, flags)))
+                flags: int = item[1]
+                fut.add_done_callback(lambda f, flags=flags: done.put((f, flags)))  # type: ignore[misc]
 
         fill()
 
@@ -274,7 +275,7 @@ def _close_all() -> None:
 
 def broker_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
     """Ask the broker at ``address`` (its frontend) for its status."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -330,7 +331,7 @@ class _IOThread(threading.Thread):
             self.join(10)
 
     def run(self) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 20)

@@ -339,7 +339,7 @@ def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
     if v != VERSION or type(v) is not int:
         raise ProtocolError(f"protocol version {v!r} is not {VERSION}; upgrade the older side")
     try:
-        k = Kind(h.get("k"))
+        k = Kind(_get(h, "k", int))
     except ValueError:
         raise ProtocolError(f"unknown message kind {h.get('k')!r}") from None
 

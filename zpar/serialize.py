@@ -46,7 +46,7 @@ class _LargeBytes:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         return bytes, (pickle.PickleBuffer(self.data),)
 
 

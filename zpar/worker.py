@@ -75,9 +75,9 @@ class Worker:
             start = time.perf_counter_ns()
             status, rframes = self._run_one(task, tframes)
             took = (time.perf_counter_ns() - start) // 1000
-            nframes, data, rframes = P.pack_payload(rframes)
+            nframes, data, payload = P.pack_payload(rframes)
             entries.append(P.ResultEntry(task.id, status, nframes, took, data))
-            out.extend(rframes)
+            out.extend(payload)
         return entries, out
 
     def _load_function(self, d: bytes, blob: Any) -> None:

@@ -104,7 +104,7 @@ class BrokerServer:
         parent = self.config.parent_pid
         while self._running:
             timeout = max(0.0, self.core.next_deadline() - time.monotonic())
-            events = dict(poller.poll(timeout * 1000))
+            events = dict(poller.poll(int(timeout * 1000) + 1))
             if self._waker.fileno() in events:
                 self._running = False
                 break

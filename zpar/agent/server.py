@@ -57,7 +57,8 @@ class AgentServer:
         self.ctx = zmq.Context()
         self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
         self.broker = self._socket(zmq.DEALER)
-        self.broker.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        self.identity = uuid.uuid4().bytes
+        self.broker.setsockopt(zmq.IDENTITY, self.identity)
         self.broker.connect(config.broker)
         self.collector: zmq.Socket | None = None
         self.pipe = self._socket(zmq.ROUTER)
@@ -142,7 +143,7 @@ class AgentServer:
         log.info("zpar-agent %s: %d workers, broker %s", self.name, len(self.procs), self.config.broker)
         while True:
             timeout = max(0.0, self._next_timer() - time.monotonic())
-            events = dict(self.poller.poll(timeout * 1000))
+            events = dict(self.poller.poll(int(timeout * 1000) + 1))
             if self._waker.fileno() in events:
                 break
             for fd in [fd for fd in events if fd in self.procs]:
@@ -238,7 +239,7 @@ class AgentServer:
         if self.collector is not None:
             while (chunk := self.core.take_results()) is not None:
                 entries, frames = chunk
-                header = P.encode(P.Result(tuple(entries), self.broker.getsockopt(zmq.IDENTITY)))
+                header = P.encode(P.Result(tuple(entries), self.identity))
                 try:
                     self.collector.send_multipart([header, *frames], zmq.NOBLOCK, copy=False)
                 except zmq.Again:
