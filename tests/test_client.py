@@ -48,6 +48,17 @@ def test_ten_thousand_tasks_give_correct_results(client):
     assert list(client.map(tasks.square, range(10_000), timeout=60)) == [i * i for i in range(10_000)]
 
 
+@pytest.mark.timeout(120)
+def test_bursts_of_submits_and_single_round_trips_never_stall(client):
+    # A lost wake-up of the I/O thread once left tasks sitting in the client: it
+    # showed within a few rounds of bursts followed by one-at-a-time round trips.
+    for _ in range(15):
+        burst = [client.submit(tasks.square, i) for i in range(3000)]
+        assert [f.result(timeout=20) for f in burst] == [i * i for i in range(3000)]
+        for i in range(100):
+            assert client.submit(tasks.square, i).result(timeout=20) == i * i
+
+
 def test_map_reads_a_generator_lazily_a_window_ahead(make_client):
     c = make_client(window=100)
     consumed = [0]

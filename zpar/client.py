@@ -368,14 +368,18 @@ class _IOThread(threading.Thread):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while not self._stopping:
+        while True:
             events = dict(poller.poll())
             if self._wake_r in events:
-                self._woken = False  # before draining: a later wake() writes again
+                # Empty the pipe, then clear the flag, then take the queues: a wake()
+                # after the read writes again, and one before it finds its task queued.
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
+                self._woken = False
+            if self._stopping:
+                return  # close(): what was not sent is cancelled, not sent now
             if self.sock in events:
                 self._receive()
             self._send_cancels()
