@@ -33,13 +33,16 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import subprocess
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -96,15 +99,16 @@ class Sizes:
     latency_block: int
     cpu_ms: float  # target duration of one CPU-bound call, serially
     cpu_calls_per_worker: int
+    cpu_reps: int  # cheap and its bar is tight: more repetitions than the others
     array_mb: int
     array_reps: int
     startup_reps: int
 
 
-QUICK = Sizes(reps=2, submit_n=4000, map_n={100: 100_000, 1: 4000}, latency_n=400, latency_block=100,
-              cpu_ms=50, cpu_calls_per_worker=8, array_mb=50, array_reps=3, startup_reps=3)
+QUICK = Sizes(reps=3, submit_n=4000, map_n={100: 100_000, 1: 4000}, latency_n=400, latency_block=100,
+              cpu_ms=50, cpu_calls_per_worker=8, cpu_reps=3, array_mb=50, array_reps=3, startup_reps=3)
 FULL = Sizes(reps=3, submit_n=20_000, map_n={100: 500_000, 1: 20_000}, latency_n=1000, latency_block=100,
-             cpu_ms=80, cpu_calls_per_worker=8, array_mb=50, array_reps=5, startup_reps=5)
+             cpu_ms=80, cpu_calls_per_worker=8, cpu_reps=5, array_mb=50, array_reps=5, startup_reps=5)
 
 
 # ---------------------------------------------------------------------------
@@ -123,11 +127,22 @@ class Tool:
     def first(self, h: Any) -> Any: raise NotImplementedError
     def stop(self, h: Any) -> None: raise NotImplementedError
 
+    def abort(self, h: Any) -> None:
+        """Tears ``h`` down without waiting for its work (after a hang)."""
+        self.stop(h)
+
+    def diagnose(self, h: Any) -> dict[str, Any]:
+        """What a stuck instance looks like, for the report (best effort)."""
+        return {}
+
+    h: Any = None  # the long-lived instance, between open() and close()
+    fresh: Any = None  # an instance being started by the start-up measure
+
     def open(self) -> None:
         self.h = self.start()
 
     def close(self) -> None:
-        h, self.h = getattr(self, "h", None), None
+        h, self.h = self.h, None
         if h is not None:
             self.stop(h)
 
@@ -147,6 +162,43 @@ class ZparTool(Tool):
 
     def stop(self, h):
         h.close()
+
+    def abort(self, h):
+        h.close()  # cancels every pending future and stops the embedded cluster
+
+    def diagnose(self, h):
+        """The client's I/O state, the broker's counters, and (BENCH_PYSPY=1) stack dumps."""
+        info: dict[str, Any] = {}
+        io = getattr(h, "_io", None)
+        if io is not None:  # private attributes, read only to explain a hang
+            info["client"] = {"io_alive": io.is_alive(), "woken_flag": getattr(io, "_woken", None),
+                              "queued_in_client": len(getattr(h, "_submits", ())),
+                              "in_flight": len(getattr(io, "pending", ()))}
+        try:
+            st = h.status(2.0)
+            info["broker"] = {k: st.get(k) for k in ("queued", "running", "done", "failed", "workers", "busy")}
+            info["broker"]["nodes"] = [{k: n.get(k) for k in ("busy", "running", "credits")} for n in st["nodes"]]
+        except Exception as exc:  # noqa: BLE001
+            info["broker"] = f"no status: {exc}"
+        if os.environ.get("BENCH_PYSPY"):
+            cluster = getattr(h, "_cluster", None)
+            pids = [os.getpid()] + [p.pid for p in getattr(cluster, "procs", [])]
+            try:
+                import psutil
+                pids += [c.pid for pid in pids[1:] for c in psutil.Process(pid).children(recursive=True)]
+            except Exception as exc:  # noqa: BLE001 - the workers' dumps are a bonus
+                info["children"] = f"not listed: {exc}"
+            spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            dumps = {}
+            for pid in pids:
+                try:
+                    done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                          timeout=20, check=False)
+                    dumps[pid] = done.stdout or done.stderr
+                except (OSError, subprocess.SubprocessError) as exc:
+                    dumps[pid] = str(exc)
+            info["py-spy"] = dumps
+        return info
 
     def submit_all(self, fn, args):
         submit = self.h.submit
@@ -177,6 +229,9 @@ class PoolTool(Tool):
         h.close()
         h.join()
 
+    def abort(self, h):
+        h.terminate()
+
     def submit_all(self, fn, args):
         apply_async = self.h.apply_async
         asyncs = [apply_async(fn, (a,)) for a in args]
@@ -204,6 +259,12 @@ class ExecutorTool(Tool):
 
     def stop(self, h):
         h.shutdown(wait=True)
+
+    def abort(self, h):
+        procs = list((getattr(h, "_processes", None) or {}).values())
+        h.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.kill()
 
     def submit_all(self, fn, args):
         submit = self.h.submit
@@ -243,8 +304,8 @@ class JoblibTool(Tool):
         try:
             from joblib.externals.loky import get_reusable_executor
             get_reusable_executor().shutdown(wait=True)
-        except Exception:
-            pass
+        except Exception as exc:  # noqa: BLE001 - best effort at the very end
+            print(f"joblib: shutting its loky executor down failed: {exc}", file=sys.stderr)
 
     def submit_all(self, fn, args):
         raise NotImplementedError("joblib has no one-at-a-time submit")
@@ -271,6 +332,8 @@ class Row:
     figures: dict[str, float | None] = field(default_factory=dict)  # tool -> figure
     samples: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    hangs: dict[str, int] = field(default_factory=dict)  # tool -> measurements that never finished
+    attempts: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     fmt: Callable[[float], str] = str
     note: str = ""
@@ -328,16 +391,18 @@ def mbps(x: float) -> str:
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, workers: int, console: Any) -> None:
+    def __init__(self, sizes: Sizes, workers: int, console: Any, timeout: float) -> None:
         self.sizes = sizes
         self.workers = workers
         self.console = console
+        self.timeout = timeout
+        self.hangs: list[dict[str, Any]] = []
         self.rows: dict[str, Row] = {}
         self.tools: list[Tool] = []
 
-    def log(self, text: str) -> None:
+    def log(self, text: str, style: str | None = None) -> None:
         if self.console is not None:
-            self.console.log(text)
+            self.console.log(text, style=style, markup=False, highlight=False, _stack_offset=2)
         else:
             print(text, file=sys.stderr, flush=True)
 
@@ -351,18 +416,77 @@ class Bench:
             k = rep % len(tools)
             yield rep, tools[k:] + tools[:k]
 
-    def guarded(self, row: Row, tool: Tool, fn: Callable[[], Any]) -> Any:
-        """Runs ``fn``; an exception marks the tool's figure as an error instead of ending the run."""
+    def guarded(self, row: Row, tool: Tool, fn: Callable[[], Any], what: str = "measurement") -> Any:
+        """Runs ``fn`` under a deadline; returns its value, or None if it failed or hung.
+
+        An exception marks the tool's figure on this row as an error (the run
+        goes on). ``fn`` runs in a helper thread so that a tool that never
+        answers cannot stop the run: after ``timeout`` seconds the tool's pool
+        is torn down, counted as a hang on this row, and a fresh one is opened
+        for what follows. Timing is taken inside ``fn``, so the thread costs
+        nothing measured.
+        """
         if tool.name in row.errors:
             return None
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
-            row.fail(tool.name, exc)
-            self.log(f"[red]{row.title}: {tool.name} failed: {type(exc).__name__}: {exc}".splitlines()[0])
-            if os.environ.get("BENCH_TRACEBACK"):
-                traceback.print_exc()
+        row.attempts[tool.name] = row.attempts.get(tool.name, 0) + 1
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - reported below, in the main thread
+                box["error"] = exc
+                box["tb"] = traceback.format_exc()
+
+        runner = threading.Thread(target=target, name=f"bench-{tool.name}", daemon=True)
+        runner.start()
+        runner.join(self.timeout)
+        if runner.is_alive():
+            row.hangs[tool.name] = row.hangs.get(tool.name, 0) + 1
+            stuck = tool.fresh if tool.fresh is not None else tool.h
+            try:
+                state = tool.diagnose(stuck) if stuck is not None else {}
+            except Exception as exc:  # noqa: BLE001
+                state = {"diagnose_failed": str(exc)}
+            self.hangs.append({"measure": row.key, "tool": tool.name, "what": what, "timeout_s": self.timeout,
+                               "state": state})
+            self.log(f"{row.title}: {tool.name} {what} HUNG: nothing for {self.timeout:g} s; "
+                     f"tearing its pool down and opening a fresh one", "bold red")
+            if state:
+                self.log(f"state when stuck: { {k: v for k, v in state.items() if k != 'py-spy'} }")
+                for pid, dump in state.get("py-spy", {}).items():
+                    print(f"--- py-spy dump of pid {pid}\n{dump}", file=sys.stderr)
+            self.recover(tool)
+            runner.join(10)
             return None
+        if "error" in box:
+            exc = box["error"]
+            if isinstance(exc, KeyboardInterrupt):
+                raise exc
+            row.fail(tool.name, exc)
+            self.log(f"{row.title}: {tool.name} failed: {type(exc).__name__}: {exc}".splitlines()[0], "red")
+            if os.environ.get("BENCH_TRACEBACK"):
+                print(box["tb"], file=sys.stderr)
+            return None
+        return box.get("value")
+
+    def recover(self, tool: Tool) -> None:
+        """After a hang: abort the stuck instance; reopen the long-lived one if it was that."""
+        stuck, tool.fresh = tool.fresh, None
+        persistent = stuck is None
+        if persistent:
+            stuck, tool.h = tool.h, None
+        if stuck is not None:
+            try:
+                tool.abort(stuck)
+            except Exception as exc:  # noqa: BLE001
+                self.log(f"aborting {tool.name} failed: {exc}")
+        if persistent and stuck is not None:
+            try:
+                tool.open()
+                tool.first(tool.h)
+            except Exception as exc:  # noqa: BLE001
+                self.log(f"reopening {tool.name} failed: {exc}", "red")
 
     @staticmethod
     def finish(row: Row) -> None:
@@ -389,14 +513,19 @@ class Bench:
                 def once(tool=tool):
                     gc.collect()
                     t0 = perf()
-                    h = tool.start()
+                    h = tool.fresh = tool.start()
                     try:
-                        assert tool.first(h) == 1
-                        t1 = perf()
-                    finally:
-                        tc = perf()
-                        tool.stop(h)
-                        closing.setdefault(tool.name, []).append(perf() - tc)
+                        if tool.first(h) != 1:
+                            raise AssertionError("wrong result")
+                    except BaseException:
+                        tool.fresh = None
+                        tool.abort(h)
+                        raise
+                    t1 = perf()
+                    tool.fresh = None
+                    tc = perf()
+                    tool.stop(h)
+                    closing.setdefault(tool.name, []).append(perf() - tc)
                     return t1 - t0
 
                 took = self.guarded(target, tool, once)
@@ -421,7 +550,7 @@ class Bench:
         args = list(range(s.submit_n))
         warm = args[: max(200, s.submit_n // 10)]
         for tool in tools:
-            self.guarded(row, tool, lambda tool=tool: tool.submit_all(noop, warm))
+            self.guarded(row, tool, lambda tool=tool: tool.submit_all(noop, warm), "warm-up")
         for _rep, order in self.rotations(tools, s.reps):
             for tool in order:
                 def once(tool=tool):
@@ -449,10 +578,11 @@ class Bench:
             items = list(range(n))
             warm = items[: max(chunksize * 4 * self.workers, n // 20)]
             for tool in tools:
-                self.guarded(row, tool, lambda tool=tool: tool.map(noop, warm, chunksize))
+                self.guarded(row, tool, lambda tool=tool, warm=warm, cs=chunksize: tool.map(noop, warm, cs),
+                             "warm-up")
             for _rep, order in self.rotations(tools, s.reps):
                 for tool in order:
-                    def once(tool=tool):
+                    def once(tool=tool, items=items, chunksize=chunksize, n=n):
                         gc.collect()
                         t0 = perf()
                         out = tool.map(noop, items, chunksize)
@@ -479,7 +609,7 @@ class Bench:
             def warm(tool=tool):
                 for i in range(100):
                     tool.call(noop, i)
-            self.guarded(p50, tool, warm)
+            self.guarded(p50, tool, warm, "warm-up")
         samples: dict[str, list[float]] = {t.name: [] for t in tools}
         blocks = max(1, s.latency_n // s.latency_block)
         for _rep, order in self.rotations(tools, blocks):
@@ -494,7 +624,7 @@ class Bench:
                         out.append(perf() - t0)
                     return out
 
-                r = self.guarded(p50, tool, block)
+                r = self.guarded(p50, tool, block, "block of round trips")
                 if r is not None:
                     samples[tool.name].extend(r)
         for name, values in samples.items():
@@ -504,6 +634,7 @@ class Bench:
             p50.figures[name] = statistics.median(values) * 1e6
             p99.figures[name] = values[min(len(values) - 1, int(len(values) * 0.99))] * 1e6
         p99.errors.update(p50.errors)
+        p99.hangs.update(p50.hangs)
 
     # ------------------------------------------------------------------ 4. cpu
 
@@ -532,15 +663,15 @@ class Bench:
         calls = s.cpu_calls_per_worker * self.workers
         row = self.row("cpu", title="CPU-bound speed-up", unit="x", higher_is_better=True, fmt=times,
                        note=f"{calls} calls of sum_primes({n:,}) (~{one * 1e3:.0f} ms each serially); "
-                            f"speed-up = best serial time / best parallel time (map, chunksize=1), "
+                            f"speed-up = best serial time / best parallel time (map, chunksize=1) of {s.cpu_reps}, "
                             f"ideal {self.workers}x")
         items = [n] * calls
         expected = sum_primes(n)
         for tool in tools:  # warm-up with this very function (zpar sizes batches from its duration)
-            self.guarded(row, tool, lambda tool=tool: tool.map(sum_primes, items[: self.workers], 1))
+            self.guarded(row, tool, lambda tool=tool: tool.map(sum_primes, items[: self.workers], 1), "warm-up")
         serial: list[float] = []
         parallel: dict[str, list[float]] = {}
-        for _rep, order in self.rotations(tools, s.reps):
+        for _rep, order in self.rotations(tools, s.cpu_reps):
             gc.collect()
             t0 = perf()
             for x in items:
@@ -584,7 +715,7 @@ class Bench:
                 raise AssertionError("wrong result")
 
         for tool in tools:
-            self.guarded(row, tool, lambda tool=tool: check(tool.call(echo, arr)))
+            self.guarded(row, tool, lambda tool=tool: check(tool.call(echo, arr)), "warm-up")
         for _rep, order in self.rotations(tools, s.array_reps):
             for tool in order:
                 def once(tool=tool):
@@ -648,13 +779,14 @@ def report(bench: Bench, tool_names: list[str], console: Any) -> list[dict[str, 
     def cell(row: Row, tool: str) -> str:
         if tool in row.errors:
             return "ERROR"
+        hung = f" HUNG x{row.hangs[tool]}" if row.hangs.get(tool) else ""
         v = row.figures.get(tool)
         if v is None:
-            return "-"
+            return "-" + hung
         r = row.ratio(tool)
         if tool == "Pool" or r is None:
-            return row.fmt(v)
-        return f"{row.fmt(v)} ({r:.2f}x)"
+            return row.fmt(v) + hung
+        return f"{row.fmt(v)} ({r:.2f}x){hung}"
 
     table = Table(title=f"zpar core benchmarks: {bench.workers} workers; each figure with its ratio to "
                         f"multiprocessing.Pool in parentheses", show_lines=True) if Table else None
@@ -670,22 +802,27 @@ def report(bench: Bench, tool_names: list[str], console: Any) -> list[dict[str, 
         bar_text, verdict = "", ""
         if bar is not None:
             value, ok = bar.check(row)
+            hung = row.hangs.get("zpar", 0)
             bar_text = bar.text
-            verdict = "PASS" if ok else "FAIL"
-            verdicts.append({"measure": row.key, "bar": bar.text, "value": value, "pass": ok,
-                             "zpar_error": row.errors.get("zpar")})
+            verdict = "PASS" if ok and not hung else ("FAIL (hung)" if hung else "FAIL")
+            verdicts.append({"measure": row.key, "bar": bar.text, "value": value, "pass": ok and not hung,
+                             "figure_meets_bar": ok, "zpar_hangs": hung, "zpar_error": row.errors.get("zpar")})
         better = "higher" if row.higher_is_better else "lower"
         cells = [f"{row.title}", better, *[cell(row, t) for t in tool_names], ratio_text, bar_text, verdict]
         plain.append(cells)
         if table is not None:
-            style = {"PASS": "[green]PASS", "FAIL": "[bold red]FAIL"}.get(verdict, verdict)
+            style = f"[green]{verdict}" if verdict == "PASS" else (f"[bold red]{verdict}" if verdict else "")
             table.add_row(*cells[:-1], style)
     if table is not None:
         console.print(table)
     else:
         for cells in plain:
             print(" | ".join(cells))
-    out = console.print if console is not None else print
+    def out(text: str) -> None:
+        if console is not None:
+            console.print(text, markup=False, highlight=False)
+        else:
+            print(text)
     out("Notes:")
     for row in rows:
         if row.note:
@@ -695,12 +832,16 @@ def report(bench: Bench, tool_names: list[str], console: Any) -> list[dict[str, 
         out("  close time after start-up (not in the figure): "
             + ", ".join(f"{k} {secs(v)}" for k, v in closing.items()))
     errors = [(row.title, tool, err) for row in rows for tool, err in row.errors.items()]
+    errors += [(h["measure"], h["tool"], (f"HUNG: a {h['what']} had no answer in {h['timeout_s']:g} s "
+                                          f"(pool torn down and reopened; its figure is from the other "
+                                          f"repetitions)"))
+               for h in bench.hangs]
     if errors:
         out("Errors:")
         seen = set()
         for title, tool, err in errors:
-            if (title, tool) not in seen:
-                seen.add((title, tool))
+            if (title, tool, err) not in seen:
+                seen.add((title, tool, err))
                 out(f"  {title} / {tool}: {err}")
     passed = sum(v["pass"] for v in verdicts)
     out(f"Bars: {passed} of {len(verdicts)} passed"
@@ -717,9 +858,10 @@ def git_state() -> dict[str, Any]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(zpar.__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                                timeout=10, check=False).stdout.strip()
+        # Only the code under test: edits to the benchmarks themselves do not count.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "zpar", "broker"],
+                               cwd=root, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return {"commit": commit or None, "dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -732,6 +874,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="worker processes for every tool (default: cores)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure and sample here")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds one measurement may take before the tool counts as hung "
+                             "(default 30, 10 with --quick)")
     parser.add_argument("--only", metavar="LIST", default="",
                         help="comma-separated subset: startup,cpu,submit,map,latency,numpy")
     args = parser.parse_args(argv)
@@ -752,7 +897,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tools = make_tools()
     names = [t.name for t in tools]
-    bench = Bench(sizes, W, console)
+    timeout = args.timeout if args.timeout is not None else (10.0 if args.quick else 30.0)
+    bench = Bench(sizes, W, console, timeout)
     git = git_state()
     bench.log(f"zpar benchmarks: {W} workers, {'quick' if args.quick else 'full'} run; tools: {', '.join(names)}; "
               f"python {platform.python_version()}, start method {mp.get_start_method()}; zpar at "
@@ -806,9 +952,11 @@ def main(argv: list[str] | None = None) -> int:
                      "elapsed_s": elapsed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             "results": {k: {"title": r.title, "unit": r.unit, "higher_is_better": r.higher_is_better,
                             "figures": r.figures, "ratio_to_pool": {t: r.ratio(t) for t in r.figures},
-                            "samples": r.samples, "errors": r.errors, "extra": r.extra, "note": r.note}
+                            "samples": r.samples, "errors": r.errors, "hangs": r.hangs, "attempts": r.attempts,
+                            "extra": r.extra, "note": r.note}
                         for k, r in bench.rows.items()},
             "bars": verdicts,
+            "hangs": bench.hangs,
         }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2, default=str)
