@@ -430,10 +430,9 @@ class _IOThread(threading.Thread):
 
     def _receive(self) -> None:
         for _ in range(256):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 msg = P.decode(frames[0].buffer, len(frames) - 1)
             except ProtocolError as exc:
