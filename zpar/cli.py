@@ -116,7 +116,7 @@ def status(
 def demo(
     workers: Optional[int] = typer.Option(None, help="Workers in the embedded cluster [default: one per core]."),
     jobs: int = typer.Option(32, help="How many sums of primes to compute."),
-    size: int = typer.Option(60_000, help="The smallest N; job i sums the primes below N + 1000 i."),
+    size: int = typer.Option(100_000, help="The smallest N; job i sums the primes below N + 1000 i."),
 ) -> None:
     """Sum of primes below N for many N, serially and on every core: the speed-up zpar gives."""
     from .demo import run_demo

@@ -30,7 +30,7 @@ def _progress(console: Console) -> Progress:
                     console=console)
 
 
-def run_demo(workers: int | None = None, jobs: int = 32, size: int = 60_000) -> int:
+def run_demo(workers: int | None = None, jobs: int = 32, size: int = 100_000) -> int:
     from .client import Client
 
     console = Console()
