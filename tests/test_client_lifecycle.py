@@ -70,7 +70,7 @@ def test_embedded_client_closes_cleanly_leaving_no_process():
         assert client.submit(tasks.square, 4).result(timeout=20) == 16
         ours = [p for p in me.children(recursive=True) if p.pid not in before]
         names = " ".join(" ".join(p.cmdline()) for p in ours)
-        assert "zpar_broker" in names and "zpar.agent" in names and "zpar.worker" in names
+        assert "zpar_broker.embedded" in names and "zpar.worker" in names  # broker and agent share a process
         ipc_dir = os.path.dirname(client.address.removeprefix("ipc://"))
         assert os.path.isdir(ipc_dir)
     finally:
@@ -145,3 +145,15 @@ def test_function_defined_in_main_runs_and_nothing_outlives_the_script(tmp_path)
 
 def test_instance_of_a_class_defined_in_main_travels_as_an_argument(tmp_path):
     assert run_script(tmp_path, "instance")["result"] == "3"
+
+
+def test_embedded_worker_that_dies_gives_worker_lost_and_is_replaced():
+    # The embedded cluster's broker and agent share one process: the death of a
+    # worker crosses the in-process link, not the collector socket.
+    with zpar.Client(workers=1) as client:
+        old = client.submit(tasks.worker_pid).result(timeout=20)
+        with pytest.raises(zpar.WorkerLost, match="exited with code 3"):
+            client.submit(tasks.die_at, 5, 5, "exit3").result(timeout=20)
+        new = client.submit(tasks.worker_pid).result(timeout=20)
+        assert new != old
+        assert list(client.map(tasks.square, range(100), timeout=20)) == [i * i for i in range(100)]

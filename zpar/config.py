@@ -37,8 +37,10 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
-        for name in ("frontend", "backend", "collector"):
-            check_bind_address(getattr(self, name), self.insecure, name)
+        check_bind_address(self.frontend, self.insecure, "frontend")
+        for name in ("backend", "collector"):  # empty: none (an embedded broker's agent is in-process)
+            if getattr(self, name):
+                check_bind_address(getattr(self, name), self.insecure, name)
 
 
 @dataclass(frozen=True, slots=True)

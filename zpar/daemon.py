@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import time
 from typing import Any, Callable, Protocol
 
 import zmq
@@ -43,7 +44,8 @@ def drain(sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], Any], log: logg
           on_error: Callable[[], None] | None = None) -> None:
     """Hand up to DRAIN waiting messages to ``handler``; one that fails is logged and dropped."""
     for _ in range(DRAIN):
-        if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
+        events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+        if not events & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
             return
         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         try:
@@ -52,6 +54,37 @@ def drain(sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], Any], log: logg
             if on_error is not None:
                 on_error()
             log.exception("error handling a message; dropped it")
+
+
+class LoopPart(Protocol):
+    """One daemon's share of a poll loop; a process may run several in one loop."""
+
+    def start(self) -> None: ...
+    def handle(self, events: dict[Any, int]) -> None: ...
+    def next_deadline(self) -> float: ...
+    def on_timers(self, now: float) -> bool:
+        """Fire what is due; True when the process should stop."""
+    def shutdown(self) -> None: ...
+
+
+def run_loop(parts: list[LoopPart], poller: zmq.Poller, waker: Waker) -> None:
+    """Block on one poller for every part until the waker fires or a part asks to stop."""
+    for part in parts:
+        part.start()
+    try:
+        while True:
+            timeout = max(0.0, min(p.next_deadline() for p in parts) - time.monotonic())
+            events = dict(poller.poll(int(timeout * 1000) + 1))
+            if waker.fileno() in events:
+                return
+            for part in parts:
+                part.handle(events)
+            now = time.monotonic()
+            if any([part.on_timers(now) for part in parts]):  # a list: every part's timers fire
+                return
+    finally:
+        for part in parts:
+            part.shutdown()
 
 
 class Daemon(Protocol):

@@ -1,4 +1,4 @@
-"""The embedded cluster: a private broker and one agent, as child processes.
+"""The embedded cluster: a private broker and one agent, in a child process.
 
 ``zpar.Client()`` with no address starts one. Its endpoints are ipc sockets in
 a private directory (mode 0700), so nothing listens on the network and only
@@ -62,23 +62,24 @@ def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 5.0) -> N
 
 
 class EmbeddedCluster:
-    """A broker and an agent with ``workers`` workers, private to this process."""
+    """A broker and an agent with ``workers`` workers, private to this process.
+
+    Both run in one child process and one loop (``python -m zpar_broker.embedded``):
+    the same code as the daemons, one hop shorter. Only the producers'
+    frontend is a socket, in a private directory.
+    """
 
     def __init__(self, workers: int | None = None, *, heartbeat: float = 1.0, log_level: str = "WARNING") -> None:
         self.dir = tempfile.mkdtemp(prefix="zpar-")
         os.chmod(self.dir, 0o700)
         self.frontend = f"ipc://{self.dir}/frontend"
-        self.backend = f"ipc://{self.dir}/backend"
-        self.collector = f"ipc://{self.dir}/collector"
-        common = ["--heartbeat", str(heartbeat), "--parent-pid", str(os.getpid()), "--log-level", log_level]
+        args = ["zpar_broker.embedded", "--frontend", self.frontend, "--heartbeat", str(heartbeat),
+                "--parent-pid", str(os.getpid()), "--log-level", log_level]
+        if workers:
+            args += ["--workers", str(workers)]
         self.procs: list[subprocess.Popen] = []
         try:
-            self.procs.append(spawn_daemon(["zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
-                                            "--collector", self.collector, *common]))
-            agent = ["zpar.agent", "--broker", self.backend, *common]
-            if workers:
-                agent += ["--workers", str(workers)]
-            self.procs.append(spawn_daemon(agent, env=_inherited_path_env()))
+            self.procs.append(spawn_daemon(args, env=_inherited_path_env()))
         except BaseException:
             self.stop()
             raise

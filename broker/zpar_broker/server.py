@@ -17,12 +17,13 @@ import logging
 import os
 import time
 import urllib.parse
+from typing import Any, Callable
 
 import zmq
 
 from zpar import protocol as P
 from zpar.config import BrokerConfig
-from zpar.daemon import Waker, drain, run_until_signalled
+from zpar.daemon import Waker, drain, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import BrokerCore, Dest, Outgoing
@@ -48,32 +49,47 @@ def _advertised(endpoint: str) -> str:
 
 
 class BrokerServer:
-    """Owns the broker's sockets; ``run()`` blocks until SIGTERM/SIGINT or ``stop()``."""
+    """Owns the broker's sockets; ``run()`` blocks until SIGTERM/SIGINT or ``stop()``.
 
-    def __init__(self, config: BrokerConfig, ctx: zmq.Context | None = None) -> None:
+    An empty backend or collector address leaves that socket out (the embedded
+    cluster, whose one agent is in the same process, needs neither).
+    ``poller`` and ``waker`` are shared when another part runs in the same loop.
+    """
+
+    def __init__(self, config: BrokerConfig, ctx: zmq.Context | None = None, *,
+                 poller: zmq.Poller | None = None, waker: Waker | None = None) -> None:
         self.config = config
         self.ctx = ctx or zmq.Context.instance()
-        self.frontend = self._socket(zmq.ROUTER)
-        self.backend = self._socket(zmq.ROUTER)
-        self.collector = self._socket(zmq.PULL)
-        self.endpoints = {}
-        for name, sock in (("frontend", self.frontend), ("backend", self.backend), ("collector", self.collector)):
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.endpoints: dict[str, str] = {}
+        self._own_waker = waker is None
+        self._waker = waker or Waker()
+        for name, kind in (("frontend", zmq.ROUTER), ("backend", zmq.ROUTER), ("collector", zmq.PULL)):
             address = getattr(config, name)
+            if not address:
+                continue
+            sock = self.sockets[name] = self._socket(kind)
             try:
                 sock.bind(_ephemeral(address))
             except zmq.ZMQError as exc:
                 self.close()
                 raise OSError(f"cannot bind the {name} to {address}: {exc}. Is another broker running?") from None
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.frontend = self.sockets["frontend"]
         self.core = BrokerCore(
             time.monotonic(),
             heartbeat=config.heartbeat,
             liveness=config.liveness,
-            collector=_advertised(self.endpoints["collector"]),
+            collector=_advertised(self.endpoints.get("collector", "")),
             max_message_size=config.max_message_size,
         )
-        self._waker = Waker()
-        self._running = False
+        #: Agents in this same process: their messages are calls, not frames.
+        self.local_agents: dict[bytes, Callable[[P.Message, list[Any]], None]] = {}
+        self.poller = poller or zmq.Poller()
+        self._handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
+        for sock in self.sockets.values():
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self._waker.fileno(), zmq.POLLIN)
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -92,49 +108,50 @@ class BrokerServer:
         self._waker.wake()
 
     def run(self) -> None:
-        log.info("zpar-broker %s listening: frontend %s, backend %s, collector %s",
-                 self.core.epoch[:8], self.endpoints["frontend"], self.endpoints["backend"],
-                 self.endpoints["collector"])
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
-        poller.register(self.collector, zmq.POLLIN)
-        poller.register(self._waker.fileno(), zmq.POLLIN)
-        self._running = True
-        parent = self.config.parent_pid
-        while self._running:
-            timeout = max(0.0, self.core.next_deadline() - time.monotonic())
-            events = dict(poller.poll(int(timeout * 1000) + 1))
-            if self._waker.fileno() in events:
-                self._running = False
-                break
-            if self.backend in events:
-                self._drain(self.backend, self._on_backend)
-            if self.collector in events:
-                self._drain(self.collector, self._on_collector)
-            if self.frontend in events:
-                self._drain(self.frontend, self._on_frontend)
-            now = time.monotonic()
-            if now >= self.core.next_deadline():
-                self._send(self.core.tick(now))
-                if parent and os.getppid() != parent:
-                    log.warning("parent process %d is gone; stopping", parent)
-                    break
-        log.info("zpar-broker stopping")
-        self._farewell()
+        run_loop([self], self.poller, self._waker)
 
-    def _farewell(self) -> None:
+    def start(self) -> None:
+        log.info("zpar-broker %s listening: %s", self.core.epoch[:8],
+                 ", ".join(f"{name} {ep}" for name, ep in self.endpoints.items()))
+
+    def handle(self, events: dict[Any, int]) -> None:
+        # Agents first: results and credits free work for what producers send next.
+        for name in ("backend", "collector", "frontend"):
+            sock = self.sockets.get(name)
+            if sock is not None and sock in events:
+                drain(sock, self._handlers[name], log, self._internal_error)
+
+    def next_deadline(self) -> float:
+        return self.core.next_deadline()
+
+    def on_timers(self, now: float) -> bool:
+        if now < self.core.next_deadline():
+            return False
+        self._send(self.core.tick(now))
+        parent = self.config.parent_pid
+        if parent and os.getppid() != parent:
+            log.warning("parent process %d is gone; stopping", parent)
+            return True
+        return False
+
+    def shutdown(self) -> None:
+        log.info("zpar-broker stopping")
         for peer in list(self.core._agents):  # noqa: SLF001 - the loop owns the core
             self._send_one(Outgoing(Dest.BACKEND, peer, P.Bye("broker stopping")))
 
     def close(self) -> None:
-        for sock in (self.frontend, self.backend, self.collector):
+        for sock in self.sockets.values():
             sock.close(linger=0)
-        if hasattr(self, "_waker"):
+        if self._own_waker:
             self._waker.close()
 
-    def _drain(self, sock: zmq.Socket, handler) -> None:
-        drain(sock, handler, log, self._internal_error)
+    def from_local_agent(self, peer: bytes, msg: P.Message, frames: list[Any]) -> None:
+        """A message from an agent in this process (see zpar_broker.embedded)."""
+        now = time.monotonic()
+        if isinstance(msg, P.Result):
+            self._send(self.core.results(now, msg, frames))
+        else:
+            self._send(self.core.agent_message(now, peer, msg, frames))
 
     def _internal_error(self) -> None:
         self.core.counters["internal_errors"] += 1
@@ -181,7 +198,10 @@ class BrokerServer:
             self._send_one(item)
 
     def _send_one(self, item: Outgoing) -> None:
-        sock = self.frontend if item.dest is Dest.FRONTEND else self.backend
+        if item.dest is Dest.BACKEND and item.peer in self.local_agents:
+            self.local_agents[item.peer](item.msg, item.frames)
+            return
+        sock = self.sockets["frontend" if item.dest is Dest.FRONTEND else "backend"]
         self.core.counters[f"sent_{item.dest.value}"] += 1
         try:
             sock.send_multipart([item.peer, P.encode(item.msg), *item.frames], zmq.NOBLOCK, copy=False)

@@ -2,10 +2,10 @@
 
 ::
 
-    broker backend ROUTER ◀──▶ DEALER ─┐                     ┌─▶ ROUTER ◀──▶ worker 1..N (DEALER, ipc)
-    broker collector PULL ◀─── PUSH  ◀─┼── AgentCore(event) ─┤
-    SIGTERM/SIGINT ─▶ wake-up fd ──────┤                     └── pidfd of each worker: its death, at once
-                                       └── timers: heartbeat, parent check, respawn back-off
+    broker (uplink: DEALER + PUSH, or a call) ◀──▶ AgentCore(event) ──▶ ROUTER ◀──▶ worker 1..N (DEALER, ipc)
+    SIGTERM/SIGINT ─▶ wake-up fd                      ▲
+    pidfd of each worker ─────────────────────────────┘  its death, at once
+    timers: heartbeat, parent check, respawn back-off
 
 Workers are fresh interpreters (``python -m zpar.worker``): the agent holds a
 ZeroMQ context and so never forks.
@@ -21,54 +21,52 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import uuid
+from typing import Any
 
 import zmq
 
 from zpar import protocol as P
 from zpar.config import AgentConfig
-from zpar.daemon import Waker, drain, run_until_signalled
+from zpar.daemon import Waker, drain, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import AgentCore, ToWorker, WorkerState
+from .uplink import SocketUplink, Uplink, configure
 
 log = logging.getLogger(__name__)
 
 _GRACE = 3.0  # seconds a worker gets to exit after SIGTERM before SIGKILL
-_RECONNECT_MS = 20  # libzmq's default of 100 ms slows start-up
-
-
-def collector_address(advertised: str, broker: str) -> str:
-    """Where to PUSH results: the broker's collector, with a wildcard host made concrete."""
-    if advertised.startswith("tcp://*:"):
-        host = urllib.parse.urlsplit(broker.replace("tcp://", "//", 1)).hostname or "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"tcp://{host}:{advertised.rsplit(':', 1)[1]}"
-    return advertised
 
 
 class AgentServer:
-    def __init__(self, config: AgentConfig) -> None:
+    """Owns the agent's sockets and worker processes.
+
+    ``uplink`` is how it reaches the broker (default: sockets to
+    ``config.broker``); ``poller`` and ``waker`` are shared when another part
+    runs in the same loop (the embedded cluster).
+    """
+
+    def __init__(self, config: AgentConfig, *, uplink: Uplink | None = None, ctx: zmq.Context | None = None,
+                 poller: zmq.Poller | None = None, waker: Waker | None = None) -> None:
         self.config = config
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.core = AgentCore(self.name)
-        self.ctx = zmq.Context()
-        self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
-        self.broker = self._socket(zmq.DEALER)
+        self.ctx = ctx or zmq.Context()
+        self._own_ctx = ctx is None
         self.identity = uuid.uuid4().bytes
-        self.broker.setsockopt(zmq.IDENTITY, self.identity)
-        self.broker.connect(config.broker)
-        self.collector: zmq.Socket | None = None
-        self.pipe = self._socket(zmq.ROUTER)
+        self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size)
+        self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
+        self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
         self.pipe.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pipe_endpoint = f"ipc://{self.rundir}/workers"
         self.pipe.bind(self.pipe_endpoint)
-        self.poller = zmq.Poller()
-        self.poller.register(self.broker, zmq.POLLIN)
+        self.poller = poller or zmq.Poller()
+        self._own_waker = waker is None
+        self._waker = waker or Waker()
         self.poller.register(self.pipe, zmq.POLLIN)
-        self._waker = Waker()
+        if self.uplink.socket() is not None:
+            self.poller.register(self.uplink.socket(), zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
         self.procs: dict[int, tuple[bytes, subprocess.Popen]] = {}  # pidfd -> (identity, process)
         self._generation = 0
@@ -80,16 +78,6 @@ class AgentServer:
         self._last_broker = time.monotonic()
         self._welcomed = False
         self._stopping = False
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        return sock
 
     # ------------------------------------------------------------------ workers
 
@@ -137,31 +125,28 @@ class AgentServer:
         self._waker.wake()
 
     def run(self) -> None:
+        run_loop([self], self.poller, self._waker)
+
+    def start(self) -> None:
         for _ in range(self.config.worker_count()):
             self._spawn()
         self._hello()
         log.info("zpar-agent %s: %d workers, broker %s", self.name, len(self.procs), self.config.broker)
-        while True:
-            timeout = max(0.0, self._next_timer() - time.monotonic())
-            events = dict(self.poller.poll(int(timeout * 1000) + 1))
-            if self._waker.fileno() in events:
-                break
-            for fd in [fd for fd in events if fd in self.procs]:
-                self._reap(fd)
-            if self.pipe in events:
-                self._drain(self.pipe, self._on_worker)
-            if self.broker in events:
-                self._drain(self.broker, self._on_broker)
-            self._flush()
-            if self._timers(time.monotonic()):
-                break
-        self._shutdown()
 
-    def _next_timer(self) -> float:
+    def handle(self, events: dict[Any, int]) -> None:
+        for fd in [fd for fd in events if fd in self.procs]:
+            self._reap(fd)
+        if self.pipe in events:
+            drain(self.pipe, self._on_worker, log)
+        sock = self.uplink.socket()
+        if sock is not None and sock in events:
+            drain(sock, self._on_broker_frames, log)
+        self._flush()
+
+    def next_deadline(self) -> float:
         return min([self._next_beat, *self._respawn_at])
 
-    def _timers(self, now: float) -> bool:
-        """Fire due timers; True when the agent should stop."""
+    def on_timers(self, now: float) -> bool:
         due = [t for t in self._respawn_at if t <= now]
         if due:
             self._respawn_at = [t for t in self._respawn_at if t > now]
@@ -170,7 +155,7 @@ class AgentServer:
         if now < self._next_beat:
             return False
         self._next_beat = now + self.heartbeat
-        self.broker.send(P.encode(P.Heartbeat(self.core.busy())))
+        self.uplink.send(P.Heartbeat(self.core.busy()))
         if now - self._last_broker > self.heartbeat * self.liveness:
             # The broker went quiet (restarting?): introduce ourselves again.
             log.warning("no word from the broker for %.1f s; saying HELLO again", now - self._last_broker)
@@ -186,10 +171,7 @@ class AgentServer:
         self._welcomed = False
         self.core.reset_credits()
         workers = sum(1 for s in self.core.workers.values() if s.state is not WorkerState.EXITED)
-        self.broker.send(P.encode(P.Hello(P.Role.AGENT, self.name, socket.gethostname(), os.getpid(), workers)))
-
-    def _drain(self, sock: zmq.Socket, handler) -> None:
-        drain(sock, handler, log)
+        self.uplink.send(P.Hello(P.Role.AGENT, self.name, socket.gethostname(), os.getpid(), workers))
 
     def _on_worker(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
@@ -203,15 +185,19 @@ class AgentServer:
         elif isinstance(msg, P.Hello):
             self._to_workers(self.core.worker_ready(identity, msg.pid))
 
-    def _on_broker(self, frames: list[zmq.Frame]) -> None:
-        self._last_broker = time.monotonic()
+    def _on_broker_frames(self, frames: list[zmq.Frame]) -> None:
         try:
             msg = P.decode(frames[0].buffer, len(frames) - 1)
         except ProtocolError as exc:
             log.error("dropped a bad message from the broker: %s", exc)
             return
+        self.from_broker(msg, frames[1:])
+
+    def from_broker(self, msg: P.Message, frames: list[Any]) -> None:
+        """A message from the broker, decoded (called directly by an in-process broker)."""
+        self._last_broker = time.monotonic()
         if isinstance(msg, P.Tasks):
-            self._to_workers(self.core.tasks(msg, frames[1:]))
+            self._to_workers(self.core.tasks(msg, frames))
         elif isinstance(msg, P.Welcome):
             self._welcome(msg)
         elif isinstance(msg, P.Error):
@@ -225,41 +211,29 @@ class AgentServer:
     def _welcome(self, msg: P.Welcome) -> None:
         self.heartbeat, self.liveness = msg.heartbeat, msg.liveness  # the broker's pace wins
         self._next_beat = min(self._next_beat, time.monotonic() + self.heartbeat)
-        address = collector_address(msg.collector, self.config.broker)
-        if self.collector is None or self.collector.getsockopt_string(zmq.LAST_ENDPOINT) != address:
-            if self.collector is not None:
-                self.collector.close(linger=0)
-            self.collector = self._socket(zmq.PUSH)
-            self.collector.connect(address)
+        self.uplink.welcomed(msg)
         self._welcomed = True
         log.info("registered with broker %s (epoch %s)", self.config.broker, msg.epoch[:8])
 
     def _flush(self) -> None:
         """Send what piled up: results to the collector, then credits to the broker."""
-        if self.collector is not None:
-            while (chunk := self.core.take_results()) is not None:
-                entries, frames = chunk
-                header = P.encode(P.Result(tuple(entries), self.identity))
-                try:
-                    self.collector.send_multipart([header, *frames], zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    self.core.results[:0] = entries
-                    self.core.result_frames[:0] = frames
-                    break
+        while (chunk := self.core.take_results()) is not None:
+            entries, frames = chunk
+            if not self.uplink.send_results(P.Result(tuple(entries), self.identity), frames):
+                self.core.results[:0] = entries  # not now: keep them, in order
+                self.core.result_frames[:0] = frames
+                break
         if self._welcomed and not self._stopping:
             n = self.core.credits_to_ask()
             if n:
-                self.broker.send(P.encode(P.Ready(n)))
+                self.uplink.send(P.Ready(n))
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         """Stop taking work, tell the broker, stop the workers; nothing is left running."""
         self._stopping = True
         self.core.accepting = False
         log.info("zpar-agent %s stopping", self.name)
-        try:
-            self.broker.send(P.encode(P.Bye("agent stopping")), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+        self.uplink.send(P.Bye("agent stopping"))
         for _identity, proc in self.procs.values():
             proc.terminate()
         deadline = time.monotonic() + _GRACE
@@ -272,11 +246,12 @@ class AgentServer:
             self._reap(fd)
 
     def close(self) -> None:
-        for sock in (self.broker, self.pipe, self.collector):
-            if sock is not None:
-                sock.close(linger=500)
-        self.ctx.term()
-        self._waker.close()
+        self.uplink.close()
+        self.pipe.close(linger=500)
+        if self._own_ctx:
+            self.ctx.term()
+        if self._own_waker:
+            self._waker.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 

@@ -1,0 +1,99 @@
+"""How an agent talks to its broker.
+
+Over the network (:class:`SocketUplink`): a DEALER to the broker's backend for
+control messages, and a PUSH to its collector for results. In the embedded
+cluster the broker lives in the same process and loop, and the link is a plain
+method call (``zpar_broker.embedded``): the same agent code, one hop fewer.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from typing import Any, Protocol
+
+import zmq
+
+from zpar import protocol as P
+
+log = logging.getLogger(__name__)
+
+_RECONNECT_MS = 20  # libzmq's default of 100 ms slows start-up
+
+
+class Uplink(Protocol):
+    def send(self, msg: P.Message) -> None:
+        """A control message (HELLO, READY, HEARTBEAT, BYE) to the broker."""
+
+    def send_results(self, msg: P.Result, frames: list[Any]) -> bool:
+        """Results for the collector; False when they cannot go now (keep them)."""
+
+    def welcomed(self, msg: P.Welcome) -> None:
+        """The broker's WELCOME arrived: connect whatever it points at."""
+
+    def socket(self) -> zmq.Socket | None:
+        """The socket the agent's loop polls for the broker's messages, if any."""
+
+    def close(self) -> None: ...
+
+
+def configure(sock: zmq.Socket, max_message_size: int) -> zmq.Socket:
+    """The options every agent socket gets: bounded linger and queues, fast reconnects."""
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    return sock
+
+
+def collector_address(advertised: str, broker: str) -> str:
+    """Where to PUSH results: the broker's collector, with a wildcard host made concrete."""
+    if advertised.startswith("tcp://*:"):
+        host = urllib.parse.urlsplit(broker.replace("tcp://", "//", 1)).hostname or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"tcp://{host}:{advertised.rsplit(':', 1)[1]}"
+    return advertised
+
+
+class SocketUplink:
+    def __init__(self, ctx: zmq.Context, broker: str, identity: bytes, max_message_size: int) -> None:
+        self.ctx, self.address, self.max_message_size = ctx, broker, max_message_size
+        self.dealer = configure(ctx.socket(zmq.DEALER), max_message_size)
+        self.dealer.setsockopt(zmq.IDENTITY, identity)
+        self.dealer.connect(broker)
+        self.collector: zmq.Socket | None = None
+
+    def socket(self) -> zmq.Socket:
+        return self.dealer
+
+    def send(self, msg: P.Message) -> None:
+        try:
+            self.dealer.send(P.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("broker %s is not reading; dropped a %s", self.address, msg.kind.name)
+
+    def send_results(self, msg: P.Result, frames: list[Any]) -> bool:
+        if self.collector is None:
+            return False
+        try:
+            self.collector.send_multipart([P.encode(msg), *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def welcomed(self, msg: P.Welcome) -> None:
+        address = collector_address(msg.collector, self.address)
+        if self.collector is not None and self.collector.getsockopt_string(zmq.LAST_ENDPOINT) == address:
+            return
+        if self.collector is not None:
+            self.collector.close(linger=0)
+        self.collector = configure(self.ctx.socket(zmq.PUSH), self.max_message_size)
+        self.collector.connect(address)
+
+    def close(self) -> None:
+        for sock in (self.dealer, self.collector):
+            if sock is not None:
+                sock.close(linger=500)
