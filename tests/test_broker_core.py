@@ -19,13 +19,16 @@ class Broker:
         self.core = BrokerCore(self.now, heartbeat=heartbeat, liveness=liveness, collector="tcp://127.0.0.1:9")
 
     def producer(self, peer: bytes, msg, frames=()):
+        """A producer's message; a producer not yet known says HELLO first, as clients do."""
+        if peer not in self.core._producers and isinstance(msg, (P.Submit, P.Cancel, P.Heartbeat)):
+            self.core.producer_message(self.now, peer, P.Hello(P.Role.PRODUCER), [])
         return self.core.producer_message(self.now, peer, msg, list(frames))
 
     def agent(self, peer: bytes, msg):
         return self.core.agent_message(self.now, peer, msg, [])
 
-    def submit(self, peer: bytes, ids, digest: bytes = D, ship: bool = True):
-        entries = tuple(P.TaskEntry(i, digest, 0, 0, b"%s:%d" % (peer, i)) for i in ids)
+    def submit(self, peer: bytes, ids, digest: bytes = D, ship: bool = True, retries: int = 3):
+        entries = tuple(P.TaskEntry(i, digest, 0, 0, b"%s:%d" % (peer, i), retries) for i in ids)
         return self.producer(peer, P.Submit(entries, (digest,) if ship else ()), [BLOB] if ship else [])
 
     def join(self, peer: bytes, workers: int = 1):
@@ -38,11 +41,14 @@ class Broker:
         entries = tuple(P.ResultEntry(g, status, 0, 10, b"result %d" % g) for g in gids)
         return self.core.results(self.now, P.Result(entries, agent), [])
 
-    def advance(self, dt: float, alive=()):
-        """Move the clock; the agents in ``alive`` send a heartbeat first."""
+    def advance(self, dt: float, alive=(), producers_alive: bool = True):
+        """Move the clock; the agents in ``alive`` (and every producer, unless told) send a heartbeat first."""
         self.now += dt
         for peer in alive:
             self.agent(peer, P.Heartbeat())
+        if producers_alive:
+            for peer in list(self.core._producers):
+                self.producer(peer, P.Heartbeat())
         return self.core.tick(self.now)
 
 
@@ -266,11 +272,13 @@ def test_a_status_request_is_answered_without_registering_a_producer(b):
 
 def test_tasks_of_an_unknown_function_are_refused_by_id(b):
     out = b.submit(b"p", [1, 2], digest=b"\x02" * 16, ship=False)
-    assert [o.msg for o in out] == [P.Error("tasks refused: unknown function digest or duplicate task id", (1, 2))]
+    assert [o.msg for o in out] == [P.Error("unknown function digest: send these tasks again with their function",
+                                            (1, 2))]
     assert b.core.status(b.now)["queued"] == 0
 
 
 def test_a_message_of_the_wrong_role_is_refused_and_counted(b):
+    b.producer(b"p", P.Hello(P.Role.PRODUCER))
     (out,) = b.producer(b"p", P.Ready(5))
     assert isinstance(out.msg, P.Error)
     b.join(b"a")
@@ -287,3 +295,82 @@ def test_cancel_then_resubmit_keeps_round_robin_fair(b):
     b.join(b"a")
     owners = [d.split(b":")[0] for _ in range(12) for _, _, d in dispatched(b.ready(b"a", 1))]
     assert owners.count(b"p1") == owners.count(b"p2") == 6, owners
+
+
+# ---------------------------------------------------------------------- retries, liveness, restarts
+
+
+def test_a_lost_run_is_queued_again_until_its_retries_are_used(b):
+    b.submit(b"p", [1], retries=2)
+    b.join(b"a")
+    for attempt in range(3):
+        (gid,) = [g for _, g, _ in dispatched(b.ready(b"a", 1))]
+        out = b.finish(b"a", [gid], status=P.Status.LOST)
+        if attempt < 2:
+            assert delivered(out) == [] and b.core.counters["retried"] == attempt + 1
+    ((peer, tid, reason),) = delivered(out)
+    assert (peer, tid) == (b"p", 1) and b"gave up after 3 attempts" in reason
+
+
+def test_a_dead_agent_fails_tasks_that_have_no_retries_left(b):
+    b.submit(b"p", [1], retries=0)
+    b.submit(b"p", [2], retries=1)
+    b.join(b"a")
+    b.ready(b"a", 2)
+    out = b.advance(4.0)  # the agent went silent
+    ((peer, tid, reason),) = delivered(out)
+    assert (peer, tid) == (b"p", 1) and b"went silent" in reason and b"gave up after 1 attempt" in reason
+    assert b.core.status(b.now)["queued"] == 1
+
+
+def test_a_loss_reported_by_an_agent_that_no_longer_holds_the_task_is_ignored(b):
+    b.submit(b"p", [1])
+    b.join(b"a1")
+    (gid,) = [g for _, g, _ in dispatched(b.ready(b"a1", 1))]
+    b.advance(4.0)  # a1 dropped, the task queued again
+    b.join(b"a2")
+    b.ready(b"a2", 1)
+    assert delivered(b.finish(b"a1", [gid], status=P.Status.LOST)) == []
+    assert b.core.counters["retried"] == 1 and b.core.counters["stale_loss_reports"] == 1
+
+
+def test_a_task_sent_again_is_deduplicated(b):
+    b.submit(b"p", [1, 2])
+    b.submit(b"p", [1, 2, 3])
+    assert b.core.status(b.now)["queued"] == 3 and b.core.counters["duplicate_submits"] == 2
+
+
+def test_a_forced_cancel_tells_the_agent_running_the_task(b):
+    b.submit(b"p", [1, 2])
+    b.join(b"a")
+    b.ready(b"a", 1)
+    out = b.producer(b"p", P.Cancel((1, 2), force=True))
+    (stop,) = [o for o in out if isinstance(o.msg, P.Cancel)]
+    assert stop.peer == b"a" and stop.msg.force and len(stop.msg.ids) == 1
+    assert b.core.status(b.now)["queued"] == 0 and b.core.status(b.now)["running"] == 0
+
+
+def test_a_silent_producer_is_forgotten_and_its_running_tasks_stopped(b):
+    b.submit(b"p", [1, 2, 3])
+    b.join(b"a")
+    b.ready(b"a", 1)
+    out = b.advance(4.0, alive=[b"a"], producers_alive=False)
+    assert [o.peer for o in out if isinstance(o.msg, P.Cancel)] == [b"a"]
+    assert b.core.status(b.now)["producers"] == 0 and b.core.counters["producers_silent"] == 1
+    (err,) = b.core.producer_message(b.now, b"p", P.Heartbeat(), [])
+    assert err.msg == P.Error("unknown producer: send HELLO")
+
+
+def test_a_heartbeat_from_a_producer_is_answered(b):
+    out = b.producer(b"p", P.Heartbeat())
+    assert [o.msg for o in out] == [P.Heartbeat()]
+
+
+def test_results_from_a_previous_broker_epoch_are_dropped(b):
+    b.submit(b"p", [1])
+    b.join(b"a")
+    (gid,) = [g for _, g, _ in dispatched(b.ready(b"a", 1))]
+    stale = P.Result((P.ResultEntry(gid, P.Status.OK, 0, 1, b"old"),), b"a", "some-older-epoch")
+    assert b.core.results(b.now, stale, []) == []
+    fresh = P.Result((P.ResultEntry(gid, P.Status.OK, 0, 1, b"new"),), b"a", b.core.epoch)
+    assert delivered(b.core.results(b.now, fresh, [])) == [(b"p", 1, b"new")]

@@ -70,7 +70,9 @@ class BrokerMachine(RuleBasedStateMachine):
     def submit(self, p, n):
         ids = [self.next_id[p] + i + 1 for i in range(n)]
         self.next_id[p] += n
-        entries = tuple(P.TaskEntry(i, D, 0, 0, b"%s:%d" % (p, i)) for i in ids)
+        entries = tuple(P.TaskEntry(i, D, 0, 0, b"%s:%d" % (p, i), P.MAX_RETRIES) for i in ids)
+        if p not in self.core._producers:
+            self.core.producer_message(self.now, p, P.Hello(P.Role.PRODUCER), [])
         self.handle(self.core.producer_message(self.now, p, P.Submit(entries, (D,)), [b"blob"]))
         self.outstanding.update((p, i) for i in ids)
 
@@ -132,6 +134,8 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(dt=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
     def tick(self, dt):
         self.now += dt
+        for p in list(self.core._producers):  # producers stay alive; their liveness is tested elsewhere
+            self.handle(self.core.producer_message(self.now, p, P.Heartbeat(), []))
         self.handle(self.core.tick(self.now))
 
     # ------------------------------------------------------------------ invariants

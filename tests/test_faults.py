@@ -26,9 +26,22 @@ from zpar.testing import wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
-def test_worker_killed_mid_task_gives_worker_lost_and_is_replaced(new_cluster):
+def test_worker_killed_mid_task_is_run_again_and_completes_once(new_cluster):
     cluster = new_cluster(agents=1, workers=1)
     client = cluster.client()
+    (old,) = cluster.worker_pids()
+    fut = client.submit(tasks.sleep_square, 3, 1.0)
+    wait_for(lambda: cluster.status()["busy"] >= 1, 10, what="the task running")
+    os.kill(old, signal.SIGKILL)
+    assert fut.result(timeout=20) == 9
+    counters = cluster.status()["counters"]
+    assert counters["retried"] == 1 and counters["done"] == 1
+    assert old not in cluster.worker_pids()
+
+
+def test_worker_killed_mid_task_with_no_retries_gives_worker_lost_and_is_replaced(new_cluster):
+    cluster = new_cluster(agents=1, workers=1)
+    client = cluster.client(retries=0)
     (old,) = cluster.worker_pids()
     fut = client.submit(tasks.sleep_square, 3, 3.0)
     wait_for(lambda: cluster.status()["busy"] >= 1, 10, what="the task running")

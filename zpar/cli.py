@@ -75,6 +75,14 @@ def agent(
     broker: Optional[str] = typer.Option(None, help=f"The broker's backend address [default: {cfg.DEFAULT_BACKEND}; env ZPAR_BROKER]."),
     workers: Optional[int] = typer.Option(None, help="Worker processes [default: one per usable core; env ZPAR_WORKERS]."),
     name: Optional[str] = typer.Option(None, help="Node name shown in status [default: host:pid]."),
+    max_tasks_per_worker: Optional[int] = typer.Option(
+        None, help="Recycle a worker after this many tasks [default: 0, never; env ZPAR_MAX_TASKS_PER_WORKER]."),
+    max_memory_per_worker: Optional[int] = typer.Option(
+        None, help="Recycle a worker, between tasks, once its RSS passes this many MiB "
+                   "[default: 0, no limit; env ZPAR_MAX_MEMORY_PER_WORKER]."),
+    grace: Optional[float] = typer.Option(
+        None, help="Seconds the first SIGTERM gives running tasks before the agent stops; a second "
+                   "signal stops it at once [default: 30; env ZPAR_GRACE]."),
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
     config_file: Optional[str] = _CONFIG,
@@ -83,7 +91,9 @@ def agent(
 ) -> None:
     """Run a node agent: keeps one worker per core busy with the broker's tasks."""
     conf = _load(cfg.AgentConfig, dict(broker=broker, workers=workers, name=name, heartbeat=heartbeat,
-                                       liveness=liveness, log_level=log_level, parent_pid=parent_pid), config_file)
+                                       liveness=liveness, log_level=log_level, parent_pid=parent_pid,
+                                       max_tasks_per_worker=max_tasks_per_worker,
+                                       max_memory_per_worker=max_memory_per_worker, grace=grace), config_file)
     _setup_logging(conf.log_level)
     from .agent.server import run
 

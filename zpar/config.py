@@ -51,11 +51,19 @@ class AgentConfig:
     heartbeat: float = 1.0
     liveness: int = 3
     max_message_size: int = 1 << 30
+    max_tasks_per_worker: int = 0  # recycle a worker after this many tasks (0: never)
+    max_memory_per_worker: int = 0  # MiB of RSS past which a worker is recycled between tasks (0: no limit)
+    grace: float = 30.0  # seconds the first SIGTERM gives running tasks to finish
     parent_pid: int = 0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
+        for name in ("max_tasks_per_worker", "max_memory_per_worker"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be 0 (off) or more, not {getattr(self, name)}")
+        if self.grace < 0:
+            raise ConfigError(f"grace must be 0 or more seconds, not {self.grace}")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 (one per core) or more, not {self.workers}")
 

@@ -38,6 +38,8 @@ VERSION = 1
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 #: Most payload frames in one message; guards against a flood of tiny frames.
 MAX_FRAMES = 100_000
+#: The most re-runs a task may ask for (a bound on what a peer can make us do).
+MAX_RETRIES = 100
 #: What one hop puts in one batch at most (tasks and payload bytes).
 BATCH_MAX_TASKS = 1000
 BATCH_MAX_BYTES = 1 << 20
@@ -69,7 +71,9 @@ class Status(enum.IntEnum):
 
     OK = 0  # payload: the pickled return value and its buffers
     RAISED = 1  # payload: the pickled exception record (see serialize.py)
-    LOST = 2  # payload: one UTF-8 reason (worker or node died)
+    LOST = 2  # payload: one UTF-8 reason (worker or node died); retried by the broker
+    TIMEOUT = 3  # payload: one UTF-8 reason (the task ran past its timeout); not retried
+    CANCELLED = 4  # payload: one UTF-8 reason (stopped on request); not retried
 
 
 _STATUSES = frozenset(int(s) for s in Status)
@@ -84,10 +88,13 @@ INLINE_MAX = 32 * 1024
 
 
 class TaskEntry(NamedTuple):
-    """One task in SUBMIT or TASKS: ``[id, digest, nframes, flags, data]`` on the wire.
+    """One task in SUBMIT or TASKS: ``[id, digest, nframes, flags, data, retries, timeout_ms]``.
 
     The task's payload (pickled arguments, then out-of-band buffers) is either
     ``data`` (when ``nframes`` is 0) or the next ``nframes`` payload frames.
+    ``retries``: how many more times the broker runs it after losing it to a
+    dead worker or node. ``timeout_ms``: the agent stops it after this long
+    running (0: never).
     """
 
     id: int
@@ -95,6 +102,8 @@ class TaskEntry(NamedTuple):
     nframes: int
     flags: int = 0
     data: bytes = b""
+    retries: int = 0
+    timeout_ms: int = 0
 
 
 class ResultEntry(NamedTuple):
@@ -182,12 +191,14 @@ class Result:
     kind: ClassVar[Kind] = Kind.RESULT
     results: tuple[ResultEntry, ...]
     agent: bytes = b""  # set on the collector hop, where PULL hides the sender
+    epoch: str = ""  # from an agent: the broker epoch its tasks came from (a restarted broker drops others)
 
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
     kind: ClassVar[Kind] = Kind.CANCEL
     ids: tuple[int, ...]
+    force: bool = False  # also stop tasks already running
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +242,8 @@ def encode(msg: Message) -> bytes:
         h["r"] = msg.results  # type: ignore[union-attr]
         if msg.agent:  # type: ignore[union-attr]
             h["a"] = msg.agent  # type: ignore[union-attr]
+        if msg.epoch:  # type: ignore[union-attr]
+            h["e"] = msg.epoch  # type: ignore[union-attr]
     elif k is Kind.HELLO:
         h.update(role=msg.role.value, name=msg.name, host=msg.host, pid=msg.pid, workers=msg.workers)  # type: ignore[union-attr]
     elif k is Kind.WELCOME:
@@ -247,6 +260,7 @@ def encode(msg: Message) -> bytes:
         h["busy"] = msg.busy  # type: ignore[union-attr]
     elif k is Kind.CANCEL:
         h["ids"] = list(msg.ids)  # type: ignore[union-attr]
+        h["force"] = msg.force  # type: ignore[union-attr]
     elif k is Kind.STATUS:
         h["info"] = msg.info  # type: ignore[union-attr]
     elif k is Kind.BYE:
@@ -287,16 +301,18 @@ def _tasks(h: dict) -> tuple[tuple[TaskEntry, ...], tuple[bytes, ...], int]:
     out = []
     total = len(funcs)
     for row in rows:
-        if type(row) is not list or len(row) != 5:
-            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data]")
-        tid, digest, nframes, flags, data = row
+        if type(row) is not list or len(row) != 7:
+            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms]")
+        tid, digest, nframes, flags, data, retries, timeout_ms = row
         if (type(tid) is not int or tid < 0 or type(digest) is not bytes or type(nframes) is not int
-                or nframes < 0 or type(flags) is not int or flags < 0 or type(data) is not bytes):
+                or nframes < 0 or type(flags) is not int or flags < 0 or type(data) is not bytes
+                or type(retries) is not int or not 0 <= retries <= MAX_RETRIES
+                or type(timeout_ms) is not int or timeout_ms < 0):
             raise ProtocolError(f"malformed task entry {row!r:.200}")
         if nframes == 0 and not data:
             raise ProtocolError("a task needs its arguments, inline or in frames")
         total += nframes
-        out.append(TaskEntry(tid, digest, nframes, flags, data))
+        out.append(TaskEntry(tid, digest, nframes, flags, data, retries, timeout_ms))
     return tuple(out), tuple(funcs), total
 
 
@@ -350,7 +366,7 @@ def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
         msg = (Submit if k is Kind.SUBMIT else Tasks)(tasks, funcs)
     elif k is Kind.RESULT:
         results, expected = _results(h)
-        msg = Result(results, _get(h, "a", bytes, b""))
+        msg = Result(results, _get(h, "a", bytes, b""), _get(h, "e", str, ""))
     elif k is Kind.HELLO:
         try:
             role = Role(_get(h, "role", str))
@@ -377,7 +393,7 @@ def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
         msg = Heartbeat(_nonneg_int(_get(h, "busy", int, 0), "busy"))
     elif k is Kind.CANCEL:
         ids = _get(h, "ids", list)
-        msg = Cancel(tuple(_nonneg_int(i, "task id") for i in ids))
+        msg = Cancel(tuple(_nonneg_int(i, "task id") for i in ids), _get(h, "force", bool, False))
     elif k is Kind.STATUS:
         msg = StatusMsg(_get(h, "info", dict, {}))
     elif k is Kind.BYE:

@@ -50,7 +50,8 @@ class TaskState(enum.Enum):
 
 
 class _Task:
-    __slots__ = ("gid", "producer", "ptid", "digest", "flags", "data", "frames", "nbytes", "state", "agent")
+    __slots__ = ("gid", "producer", "ptid", "digest", "flags", "data", "frames", "nbytes", "state", "agent",
+                 "retries", "timeout_ms", "attempts")
 
     def __init__(self, gid: int, producer: "_Producer", entry: P.TaskEntry, frames: list[Any]) -> None:
         self.gid = gid
@@ -63,6 +64,9 @@ class _Task:
         self.nbytes = len(entry.data) + sum(len(f) for f in frames) if frames else len(entry.data)
         self.state = TaskState.QUEUED
         self.agent: _Agent | None = None
+        self.retries = entry.retries  # re-runs allowed after losing it to a dead worker or node
+        self.timeout_ms = entry.timeout_ms
+        self.attempts = 0  # runs lost so far
 
 
 class _Producer:
@@ -129,6 +133,11 @@ class BrokerCore:
                 return [Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now)))]
             if isinstance(msg, P.Bye):
                 return []
+            if not isinstance(msg, P.Hello):
+                # Forgotten (silent too long), or from before a broker restart: it must
+                # say HELLO and send its unfinished tasks again.
+                self.counters["unknown_producer_messages"] += 1
+                return [Outgoing(Dest.FRONTEND, peer, P.Error("unknown producer: send HELLO"))]
             prod = self._producers[peer] = _Producer(peer, now)
         prod.last_seen = now
         out: list[Outgoing] = []
@@ -139,13 +148,13 @@ class BrokerCore:
             prod.name, prod.host = msg.name, msg.host
             out.append(Outgoing(Dest.FRONTEND, peer, self._welcome()))
         elif isinstance(msg, P.Cancel):
-            self._cancel(prod, msg.ids)
+            self._cancel(prod, msg.ids, msg.force, out)
         elif isinstance(msg, P.StatusMsg):
             out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now))))
         elif isinstance(msg, P.Bye):
-            self._forget_producer(prod)
+            self._forget_producer(prod, out)
         elif isinstance(msg, P.Heartbeat):
-            pass
+            out.append(Outgoing(Dest.FRONTEND, peer, P.Heartbeat()))  # so the producer knows we live
         else:
             self.counters["protocol_errors"] += 1
             out.append(Outgoing(Dest.FRONTEND, peer, P.Error(f"a producer may not send {msg.kind.name}")))
@@ -156,7 +165,7 @@ class BrokerCore:
         agent = self._agents.get(peer)
         if isinstance(msg, P.Hello):
             if agent is not None:  # the same agent saying hello again: start it afresh
-                self._drop_agent(agent, "re-registered")
+                self._drop_agent(agent, "re-registered", out)
             agent = self._agents[peer] = _Agent(peer, msg, now)
             log.info("agent %s joined from %s (pid %d, %d workers)", agent.name, agent.host, agent.pid, agent.workers)
             out.append(Outgoing(Dest.BACKEND, peer, self._welcome()))
@@ -174,7 +183,7 @@ class BrokerCore:
             agent.busy = msg.busy
         elif isinstance(msg, P.Bye):
             log.info("agent %s left: %s", agent.name, msg.reason or "bye")
-            self._drop_agent(agent, "left")
+            self._drop_agent(agent, "left", out)
             self._dispatch(out)
         else:
             self.counters["protocol_errors"] += 1
@@ -182,19 +191,32 @@ class BrokerCore:
         return out
 
     def results(self, now: float, msg: P.Result, frames: list[Any]) -> list[Outgoing]:
-        """Results from the collector: route each to its producer, once."""
+        """Results from the collector: route each to its producer, once; retry lost runs."""
+        if msg.epoch and msg.epoch != self.epoch:
+            # Tasks of a broker before a restart: their ids mean nothing here (producers resubmit).
+            self.counters["stale_epoch_results"] += len(msg.results)
+            return []
         agent = self._agents.get(msg.agent)
         if agent is not None:
             agent.last_seen = now
+        out: list[Outgoing] = []
         by_producer: dict[bytes, tuple[list[P.ResultEntry], list[Any]]] = {}
         pos = 0
         for entry in msg.results:
             rframes = frames[pos:pos + entry.nframes]
             pos += entry.nframes
-            task = self._tasks.pop(entry.id, None)
+            task = self._tasks.get(entry.id)
             if task is None:
                 self.counters["late_results"] += 1  # finished elsewhere, cancelled, or its producer left
                 continue
+            if entry.status == P.Status.LOST:
+                if task.state is not TaskState.ASSIGNED or (msg.agent and task.agent and task.agent.id != msg.agent):
+                    self.counters["stale_loss_reports"] += 1  # the task has moved on already
+                    continue
+                if self._lost(task, bytes(entry.data).decode(errors="replace"), out):
+                    continue  # queued again
+                entry = entry._replace(data=self._gave_up(task, bytes(entry.data).decode(errors="replace")))
+            del self._tasks[entry.id]
             if task.state is TaskState.QUEUED:  # a dropped agent's late result: accepted, so not run again
                 task.producer.queue.remove(task)
                 self.counters["late_results_accepted"] += 1
@@ -203,7 +225,9 @@ class BrokerCore:
             entries, fr = by_producer.setdefault(task.producer.id, ([], []))
             entries.append(entry._replace(id=task.ptid))
             fr.extend(rframes)
-        return [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e)), fr) for pid, (e, fr) in by_producer.items()]
+        out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e)), fr) for pid, (e, fr) in by_producer.items()]
+        self._dispatch(out)
+        return out
 
     def tick(self, now: float) -> list[Outgoing]:
         """Timers: heartbeats to agents, and dropping agents that went silent."""
@@ -216,9 +240,15 @@ class BrokerCore:
             if agent.last_seen < deadline:
                 log.warning("agent %s silent for %.1f s; re-queueing its %d tasks",
                             agent.name, now - agent.last_seen, len(agent.assigned))
-                self._drop_agent(agent, "silent")
+                self._drop_agent(agent, "silent", out)
             else:
                 out.append(Outgoing(Dest.BACKEND, agent.id, P.Heartbeat()))
+        for prod in list(self._producers.values()):
+            if prod.last_seen < deadline:
+                log.warning("producer %s on %s silent for %.1f s; dropping its %d tasks",
+                            prod.name or prod.id.hex(), prod.host, now - prod.last_seen, len(prod.tasks))
+                self._forget_producer(prod, out)
+                self.counters["producers_silent"] += 1
         self._dispatch(out)
         return out
 
@@ -243,7 +273,10 @@ class BrokerCore:
         for entry in msg.tasks:
             tframes = frames[pos:pos + entry.nframes]
             pos += entry.nframes
-            if entry.digest not in prod.funcs or entry.id in prod.tasks:
+            if entry.id in prod.tasks:  # sent again (after a reconnect): we have it already
+                self.counters["duplicate_submits"] += 1
+                continue
+            if entry.digest not in prod.funcs:
                 missing.append(entry.id)
                 continue
             task = _Task(self._next_gid, prod, entry, tframes)
@@ -251,25 +284,51 @@ class BrokerCore:
             self._tasks[task.gid] = task
             prod.tasks[task.ptid] = task
             prod.queue.append(task)
-        self.counters["submitted"] += len(msg.tasks) - len(missing)
+            self.counters["submitted"] += 1
         if missing:
-            self.counters["protocol_errors"] += 1
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
-                "tasks refused: unknown function digest or duplicate task id", tuple(missing))))
+                "unknown function digest: send these tasks again with their function", tuple(missing))))
         self._activate(prod)
 
-    def _cancel(self, prod: _Producer, ids: Iterable[int]) -> None:
+    def _cancel(self, prod: _Producer, ids: Iterable[int], force: bool, out: list[Outgoing]) -> None:
+        """Queued tasks are dropped; with ``force``, agents also stop those running."""
+        stop: dict[bytes, list[int]] = {}
         for ptid in ids:
             task = prod.tasks.get(ptid)
-            if task is None or task.state is not TaskState.QUEUED:
-                continue  # running tasks are stopped by the agent (a later protocol step)
-            self._tasks.pop(task.gid, None)
-            del prod.tasks[ptid]
-            try:
+            if task is None:
+                continue
+            if task.state is TaskState.QUEUED:
                 prod.queue.remove(task)
-            except ValueError:
-                pass
+            elif force and task.agent is not None:
+                stop.setdefault(task.agent.id, []).append(task.gid)
+            else:
+                continue  # running, not forced: it finishes and its result is discarded
+            self._tasks.pop(task.gid, None)
+            self._unlink(task)
             self.counters["cancelled"] += 1
+        for aid, gids in stop.items():
+            out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids), force=True)))
+
+    def _lost(self, task: _Task, why: str, out: list[Outgoing]) -> bool:
+        """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""
+        task.attempts += 1
+        if task.attempts > task.retries:
+            return False
+        log.info("task %d of %s lost (%s); running it again (attempt %d of %d)", task.ptid,
+                 task.producer.name or task.producer.id.hex(), why, task.attempts + 1, task.retries + 1)
+        if task.agent is not None:
+            task.agent.assigned.pop(task.gid, None)
+            task.agent = None
+        task.state = TaskState.QUEUED
+        task.producer.queue.appendleft(task)
+        self._activate(task.producer)
+        self.counters["retried"] += 1
+        return True
+
+    @staticmethod
+    def _gave_up(task: _Task, why: str) -> bytes:
+        runs = task.attempts
+        return f"{why}; gave up after {runs} attempt{'s' if runs != 1 else ''}".encode()
 
     def _activate(self, prod: _Producer) -> None:
         if prod.queue and not prod.active:
@@ -282,11 +341,16 @@ class BrokerCore:
             task.agent.assigned.pop(task.gid, None)
             task.agent = None
 
-    def _forget_producer(self, prod: _Producer) -> None:
+    def _forget_producer(self, prod: _Producer, out: list[Outgoing]) -> None:
+        """Drop its queued tasks and stop its running ones: nobody will read their results."""
+        stop: dict[bytes, list[int]] = {}
         for task in prod.tasks.values():
             self._tasks.pop(task.gid, None)
             if task.agent is not None:
                 task.agent.assigned.pop(task.gid, None)
+                stop.setdefault(task.agent.id, []).append(task.gid)
+        for aid, gids in stop.items():
+            out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids), force=True)))
         prod.tasks.clear()
         prod.queue.clear()
         if prod.active:
@@ -294,17 +358,26 @@ class BrokerCore:
             prod.active = False
         del self._producers[prod.id]
 
-    def _drop_agent(self, agent: _Agent, why: str) -> None:
+    def _drop_agent(self, agent: _Agent, why: str, out: list[Outgoing]) -> None:
+        """The agent is gone: its tasks go back to the front of their queues, or fail past their retries."""
         agent.state = NodeState.GONE
         del self._agents[agent.id]
-        # Back to the front of their queues, oldest first: they were taken first.
+        reason = f"node {agent.name} " + {"silent": "went silent", "re-registered": "restarted"}.get(why, why)
+        failed: dict[bytes, list[P.ResultEntry]] = {}
+        # Oldest first at the front: they were taken first.
         for task in sorted(agent.assigned.values(), key=lambda t: t.gid, reverse=True):
             task.agent = None
-            task.state = TaskState.QUEUED
-            task.producer.queue.appendleft(task)
-            self._activate(task.producer)
-            self.counters["requeued"] += 1
+            if self._lost(task, reason, out):
+                self.counters["requeued"] += 1
+                continue
+            del self._tasks[task.gid]
+            self._unlink(task)
+            self.counters["failed"] += 1
+            failed.setdefault(task.producer.id, []).append(
+                P.ResultEntry(task.ptid, P.Status.LOST, 0, 0, self._gave_up(task, reason)))
         agent.assigned.clear()
+        for pid, entries in failed.items():
+            out.append(Outgoing(Dest.FRONTEND, pid, P.Result(tuple(entries))))
         self.counters[f"agents_{why}"] += 1
 
     # ------------------------------------------------------------------ dispatch
@@ -357,7 +430,8 @@ class BrokerCore:
             task.state = TaskState.ASSIGNED
             task.agent = agent
             agent.assigned[task.gid] = task
-            entries.append(P.TaskEntry(task.gid, task.digest, len(task.frames), task.flags, task.data))
+            entries.append(P.TaskEntry(task.gid, task.digest, len(task.frames), task.flags, task.data,
+                                       0, task.timeout_ms))
             frames.extend(task.frames)
         agent.credits -= len(batch)
         out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), tuple(funcs)), frames))

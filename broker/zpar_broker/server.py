@@ -138,6 +138,8 @@ class BrokerServer:
         log.info("zpar-broker stopping")
         for peer in list(self.core._agents):  # noqa: SLF001 - the loop owns the core
             self._send_one(Outgoing(Dest.BACKEND, peer, P.Bye("broker stopping")))
+        for peer in list(self.core._producers):  # noqa: SLF001
+            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Bye("broker stopping")))
 
     def close(self) -> None:
         for sock in self.sockets.values():

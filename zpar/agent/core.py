@@ -34,6 +34,7 @@ class WorkerState(enum.Enum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
+    RETIRING = "retiring"  # told to exit between tasks (recycling); a new worker takes its place
     EXITED = "exited"
 
 
@@ -44,6 +45,7 @@ class QueuedTask:
     flags: int
     data: bytes  # the payload when inline (see protocol.INLINE_MAX), else b""
     frames: list[Any]
+    timeout_ms: int = 0
     alone: bool = False  # suspected of killing a worker: run it by itself
 
 
@@ -54,6 +56,12 @@ class WorkerSlot:
     pid: int = 0
     batch: list[QueuedTask] = field(default_factory=list)
     known: set[bytes] = field(default_factory=set)  # function digests this worker has
+    deadline: float = 0.0  # when its task runs out of time (0: no timeout)
+    doomed: dict[int, tuple[int, str]] = field(default_factory=dict)  # task id -> (Status, reason): being killed
+    stale: bool = False  # its batch came from a broker that is gone: drop its results
+    tasks_done: int = 0
+    retire: bool = False  # recycle it once its batch is done
+    told_to_exit: bool = False
 
 
 @dataclass(slots=True)
@@ -74,8 +82,9 @@ def describe_exit(returncode: int) -> str:
 
 
 class AgentCore:
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, max_tasks_per_worker: int = 0) -> None:
         self.node = node
+        self.max_tasks_per_worker = max_tasks_per_worker
         self.workers: dict[bytes, WorkerSlot] = {}
         self.queue: collections.deque[QueuedTask] = collections.deque()
         self.funcs: dict[bytes, Any] = {}  # digest -> blob frame, shipped once per agent
@@ -91,27 +100,52 @@ class AgentCore:
     def add_worker(self, identity: bytes) -> None:
         self.workers[identity] = WorkerSlot(identity)
 
-    def worker_ready(self, identity: bytes, pid: int) -> list[ToWorker]:
+    def worker_ready(self, identity: bytes, pid: int, now: float = 0.0) -> list[ToWorker]:
         slot = self.workers.get(identity)
         if slot is None or slot.state is not WorkerState.STARTING:
             return []
         slot.state, slot.pid = WorkerState.IDLE, pid
-        return self.assign()
+        return self.assign(now)
 
-    def worker_results(self, identity: bytes, msg: P.Result, frames: list[Any]) -> list[ToWorker]:
+    def worker_results(self, identity: bytes, msg: P.Result, frames: list[Any], now: float = 0.0,
+                       ) -> list[ToWorker]:
         slot = self.workers.get(identity)
         if slot is None or slot.state is not WorkerState.BUSY:
             return []
-        by_id = {t.id: t for t in slot.batch}
-        for entry in msg.results:
-            task = by_id.get(entry.id)
-            if task is not None and entry.status != P.Status.LOST:
-                self._measure(task.digest, entry.duration_us, task.flags)
-        self.results.extend(msg.results)
-        self.result_frames.extend(frames)
-        slot.batch = []
-        slot.state = WorkerState.IDLE
-        return self.assign()
+        if slot.doomed:
+            return []  # it is being killed; its death reports the batch
+        if not slot.stale:
+            by_id = {t.id: t for t in slot.batch}
+            for entry in msg.results:
+                task = by_id.get(entry.id)
+                if task is not None:
+                    self._measure(task.digest, entry.duration_us, task.flags)
+            self.results.extend(msg.results)
+            self.result_frames.extend(frames)
+        slot.tasks_done += len(slot.batch)
+        slot.batch, slot.deadline, slot.stale = [], 0.0, False
+        if slot.retire or (self.max_tasks_per_worker and slot.tasks_done >= self.max_tasks_per_worker):
+            slot.state = WorkerState.RETIRING
+        else:
+            slot.state = WorkerState.IDLE
+        return self.assign(now)
+
+    def retire(self, identity: bytes) -> None:
+        """Recycle this worker once it is idle (memory limit, say)."""
+        slot = self.workers.get(identity)
+        if slot is None:
+            return
+        if slot.state is WorkerState.IDLE:
+            slot.state = WorkerState.RETIRING
+        elif slot.state is WorkerState.BUSY:
+            slot.retire = True
+
+    def retiring(self) -> list[bytes]:
+        """Workers to tell to exit now; each is reported once."""
+        out = [s.identity for s in self.workers.values() if s.state is WorkerState.RETIRING and not s.told_to_exit]
+        for identity in out:
+            self.workers[identity].told_to_exit = True
+        return out
 
     def worker_exited(self, identity: bytes, returncode: int) -> list[QueuedTask]:
         """A worker died. Its lone task fails with WorkerLost; a batch is re-run task by task.
@@ -124,6 +158,17 @@ class AgentCore:
             return []
         how = describe_exit(returncode)
         batch, slot.batch, slot.state = slot.batch, [], WorkerState.EXITED
+        if slot.stale:
+            return []  # tasks of a broker that is gone: nobody is waiting for them
+        if slot.doomed:  # we killed it: timeout or cancel; the rest of its batch is innocent
+            for task in reversed(batch):
+                if task.id not in slot.doomed:
+                    self.queue.appendleft(task)
+            for task in batch:
+                if task.id in slot.doomed:
+                    status, reason = slot.doomed[task.id]
+                    self.results.append(P.ResultEntry(task.id, status, 0, 0, reason.encode()))
+            return batch
         if len(batch) == 1 or any(t.alone for t in batch):
             for task in batch:
                 reason = f"worker pid {slot.pid} on {self.node} {how} while running task {task.id}"
@@ -139,16 +184,61 @@ class AgentCore:
 
     # ------------------------------------------------------------------ tasks
 
-    def tasks(self, msg: P.Tasks, frames: list[Any]) -> list[ToWorker]:
+    def tasks(self, msg: P.Tasks, frames: list[Any], now: float = 0.0) -> list[ToWorker]:
         nf = len(msg.funcs)
         for d, blob in zip(msg.funcs, frames[:nf]):
             self.funcs[d] = blob
         pos = nf
         for t in msg.tasks:
-            self.queue.append(QueuedTask(t.id, t.digest, t.flags, t.data, frames[pos:pos + t.nframes]))
+            self.queue.append(QueuedTask(t.id, t.digest, t.flags, t.data, frames[pos:pos + t.nframes], t.timeout_ms))
             pos += t.nframes
         self.requested = max(0, self.requested - len(msg.tasks))
-        return self.assign()
+        return self.assign(now)
+
+    def cancel(self, ids: tuple[int, ...]) -> list[bytes]:
+        """Stop these tasks: dropped from the queue; workers running one are returned, to be killed."""
+        wanted = set(ids)
+        self.queue = collections.deque(t for t in self.queue if t.id not in wanted)
+        kill = []
+        for slot in self.workers.values():
+            hit = [t.id for t in slot.batch if t.id in wanted and t.id not in slot.doomed]
+            if slot.state is WorkerState.BUSY and hit:
+                for tid in hit:
+                    slot.doomed[tid] = (P.Status.CANCELLED, f"task {tid} cancelled on {self.node}")
+                kill.append(slot.identity)
+        return kill
+
+    def expired(self, now: float) -> list[bytes]:
+        """Workers whose task ran past its timeout, to be killed (each reported once)."""
+        kill = []
+        for slot in self.workers.values():
+            if slot.state is WorkerState.BUSY and slot.deadline and slot.deadline <= now and not slot.doomed:
+                for task in slot.batch:
+                    secs = task.timeout_ms / 1000
+                    slot.doomed[task.id] = (P.Status.TIMEOUT, f"task {task.id} ran past its timeout of {secs:g} s "
+                                                              f"on {self.node}; worker pid {slot.pid} stopped")
+                kill.append(slot.identity)
+        return kill
+
+    def next_deadline(self) -> float:
+        """The earliest task timeout still to fire, or infinity."""
+        deadlines = [s.deadline for s in self.workers.values()
+                     if s.state is WorkerState.BUSY and s.deadline and not s.doomed]
+        return min(deadlines, default=float("inf"))
+
+    def forget_tasks(self) -> None:
+        """The broker that sent our tasks is gone (a restarted one has a new epoch): drop them.
+
+        Their producers resubmit them to the new broker; what is running now
+        finishes, and its results are dropped.
+        """
+        self.queue.clear()
+        self.results.clear()
+        self.result_frames.clear()
+        for slot in self.workers.values():
+            if slot.batch:
+                slot.stale = True
+        self.requested = 0
 
     def _estimate(self, task: QueuedTask) -> float:
         return self.durations.get(task.digest, UNKNOWN_US)
@@ -158,7 +248,7 @@ class AgentCore:
         self.durations[digest] = float(us) if old is None else old + _ALPHA * (us - old)
         self._recent_us += _ALPHA * (us - self._recent_us)
 
-    def assign(self) -> list[ToWorker]:
+    def assign(self, now: float = 0.0) -> list[ToWorker]:
         """Give each idle worker a batch from the queue."""
         out: list[ToWorker] = []
         if not self.queue:
@@ -170,6 +260,8 @@ class AgentCore:
             if not batch:
                 break
             out.append(self._to_worker(slot, batch))
+            if batch[0].timeout_ms:  # tasks with a timeout go alone
+                slot.deadline = now + batch[0].timeout_ms / 1000
             if not self.queue:
                 break
         return out
@@ -181,13 +273,14 @@ class AgentCore:
         while self.queue and len(batch) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
             task = self.queue[0]
             cost = self._estimate(task)
-            if batch and (task.alone or cost >= ALONE_US or cost > budget):
+            alone = task.alone or task.timeout_ms or cost >= ALONE_US
+            if batch and (alone or cost > budget):
                 break
             self.queue.popleft()
             batch.append(task)
             nbytes += len(task.data) + sum(len(f) for f in task.frames)
             budget -= cost
-            if task.alone or cost >= ALONE_US:
+            if alone:
                 break
         return batch
 
@@ -201,7 +294,7 @@ class AgentCore:
                 frames.append(self.funcs[task.digest])
         entries = []
         for task in batch:
-            entries.append(P.TaskEntry(task.id, task.digest, len(task.frames), task.flags, task.data))
+            entries.append(P.TaskEntry(task.id, task.digest, len(task.frames), task.flags, task.data, 0, task.timeout_ms))
             frames.extend(task.frames)
         slot.batch = batch
         slot.state = WorkerState.BUSY
@@ -214,6 +307,8 @@ class AgentCore:
 
     def credit_target(self) -> int:
         live = sum(1 for s in self.workers.values() if s.state is not WorkerState.EXITED)
+        if not self.accepting:
+            return 0
         return max(2, live * self.batch_size() * 2)
 
     def held(self) -> int:

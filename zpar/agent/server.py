@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import Any
 
+import psutil
 import zmq
 
 from zpar import protocol as P
@@ -51,7 +52,7 @@ class AgentServer:
                  poller: zmq.Poller | None = None, waker: Waker | None = None) -> None:
         self.config = config
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
-        self.core = AgentCore(self.name)
+        self.core = AgentCore(self.name, max_tasks_per_worker=config.max_tasks_per_worker)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.identity = uuid.uuid4().bytes
@@ -69,6 +70,11 @@ class AgentServer:
             self.poller.register(self.uplink.socket(), zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
         self.procs: dict[int, tuple[bytes, subprocess.Popen]] = {}  # pidfd -> (identity, process)
+        self._kill_at: dict[bytes, float] = {}  # worker -> when SIGTERM turns into SIGKILL
+        self._rss_checked: dict[bytes, float] = {}
+        self.epoch = ""  # of the broker that welcomed us
+        self._stop_requests = 0
+        self._drain_until = 0.0
         self._generation = 0
         self._respawn_at: list[float] = []
         self._backoff = 0.1
@@ -99,6 +105,8 @@ class AgentServer:
         os.close(fd)
         identity, proc = self.procs.pop(fd)
         code = proc.wait()
+        self._kill_at.pop(identity, None)
+        self._rss_checked.pop(identity, None)
         slot = self.core.workers.get(identity)
         never_started = slot is not None and slot.state is WorkerState.STARTING
         self.core.worker_exited(identity, code)
@@ -118,11 +126,48 @@ class AgentServer:
                 self.pipe.send_multipart([s.identity, P.encode(s.msg), *s.frames], copy=False)
             except zmq.ZMQError as exc:  # it died just now; its pidfd will report the batch
                 log.warning("could not reach worker %s: %s", s.identity.decode(), exc)
+        for identity in self.core.retiring():
+            log.info("recycling worker %s", identity.decode())
+            try:
+                self.pipe.send_multipart([identity, P.encode(P.Bye("recycled"))])
+            except zmq.ZMQError:
+                pass
+
+    def _kill(self, identity: bytes, why: str) -> None:
+        """SIGTERM now, SIGKILL after a grace second if it is still there."""
+        for ident, proc in self.procs.values():
+            if ident == identity:
+                log.warning("stopping worker pid %d: %s", proc.pid, why)
+                proc.terminate()
+                self._kill_at[identity] = time.monotonic() + 1.0
+
+    def _check_memory(self, identity: bytes, now: float) -> None:
+        """Recycle a worker whose RSS passed the limit (checked between tasks, at most 10 times a second)."""
+        limit = self.config.max_memory_per_worker
+        if not limit or now - self._rss_checked.get(identity, 0.0) < 0.1:
+            return
+        self._rss_checked[identity] = now
+        slot = self.core.workers.get(identity)
+        if slot is None or not slot.pid:
+            return
+        try:
+            rss = psutil.Process(slot.pid).memory_info().rss
+        except psutil.Error:
+            return
+        if rss > limit * 1024 * 1024:
+            log.info("worker pid %d uses %d MiB, over the %d MiB limit: recycling it", slot.pid, rss >> 20, limit)
+            self.core.retire(identity)
 
     # ------------------------------------------------------------------ loop
 
     def stop(self) -> None:
-        self._waker.wake()
+        """First call: drain (no new work; running tasks get ``grace`` seconds). Second: stop now."""
+        self._stop_requests += 1
+        if self._stop_requests == 1 and self.config.grace > 0:
+            self._drain_until = time.monotonic() + self.config.grace
+            self._next_beat = time.monotonic()  # let the timers notice at once
+        else:
+            self._waker.wake()
 
     def run(self) -> None:
         run_loop([self], self.poller, self._waker)
@@ -144,9 +189,19 @@ class AgentServer:
         self._flush()
 
     def next_deadline(self) -> float:
-        return min([self._next_beat, *self._respawn_at])
+        return min([self._next_beat, *self._respawn_at, *self._kill_at.values(), self.core.next_deadline()])
 
     def on_timers(self, now: float) -> bool:
+        for identity in self.core.expired(now):
+            self._kill(identity, "its task ran past its timeout")
+        for identity, when in list(self._kill_at.items()):
+            if when <= now:
+                del self._kill_at[identity]
+                for ident, proc in self.procs.values():
+                    if ident == identity and proc.poll() is None:
+                        proc.kill()
+        if self._drain_until and self._drain(now):
+            return True
         due = [t for t in self._respawn_at if t <= now]
         if due:
             self._respawn_at = [t for t in self._respawn_at if t > now]
@@ -167,6 +222,16 @@ class AgentServer:
             return True
         return False
 
+    def _drain(self, now: float) -> bool:
+        """Draining: take no new work; True once nothing is held or the grace is over."""
+        if self.core.accepting:
+            log.info("draining: finishing %d tasks within %.0f s (signal again to stop now)",
+                     self.core.held(), self._drain_until - now)
+            self.core.accepting = False
+        if self.core.held() == 0 or now >= self._drain_until:
+            return True
+        return False
+
     def _hello(self) -> None:
         self._welcomed = False
         self.core.reset_credits()
@@ -180,10 +245,12 @@ class AgentServer:
         except ProtocolError as exc:
             log.error("worker %s sent a bad message: %s", identity.decode(errors="replace"), exc)
             return
+        now = time.monotonic()
         if isinstance(msg, P.Result):
-            self._to_workers(self.core.worker_results(identity, msg, frames[2:]))
+            self._check_memory(identity, now)
+            self._to_workers(self.core.worker_results(identity, msg, frames[2:], now))
         elif isinstance(msg, P.Hello):
-            self._to_workers(self.core.worker_ready(identity, msg.pid))
+            self._to_workers(self.core.worker_ready(identity, msg.pid, now))
 
     def _on_broker_frames(self, frames: list[zmq.Frame]) -> None:
         try:
@@ -197,7 +264,10 @@ class AgentServer:
         """A message from the broker, decoded (called directly by an in-process broker)."""
         self._last_broker = time.monotonic()
         if isinstance(msg, P.Tasks):
-            self._to_workers(self.core.tasks(msg, frames))
+            self._to_workers(self.core.tasks(msg, frames, time.monotonic()))
+        elif isinstance(msg, P.Cancel):
+            for identity in self.core.cancel(msg.ids):
+                self._kill(identity, "its task was cancelled")
         elif isinstance(msg, P.Welcome):
             self._welcome(msg)
         elif isinstance(msg, P.Error):
@@ -209,6 +279,11 @@ class AgentServer:
             self._welcomed = False
 
     def _welcome(self, msg: P.Welcome) -> None:
+        if self.epoch and msg.epoch != self.epoch:
+            log.warning("the broker restarted (epoch %s, was %s); dropping the %d tasks of the old one",
+                        msg.epoch[:8], self.epoch[:8], self.core.held())
+            self.core.forget_tasks()
+        self.epoch = msg.epoch
         self.heartbeat, self.liveness = msg.heartbeat, msg.liveness  # the broker's pace wins
         self._next_beat = min(self._next_beat, time.monotonic() + self.heartbeat)
         self.uplink.welcomed(msg)
@@ -219,7 +294,7 @@ class AgentServer:
         """Send what piled up: results to the collector, then credits to the broker."""
         while (chunk := self.core.take_results()) is not None:
             entries, frames = chunk
-            if not self.uplink.send_results(P.Result(tuple(entries), self.identity), frames):
+            if not self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch), frames):
                 self.core.results[:0] = entries  # not now: keep them, in order
                 self.core.result_frames[:0] = frames
                 break

@@ -1,0 +1,356 @@
+"""The producer's connection to its broker: the one I/O thread that owns the socket.
+
+User threads hand it work through two deques and a wake-up pipe; it sends
+SUBMIT and CANCEL, heartbeats, resolves futures as RESULT batches arrive, and
+keeps every unfinished task (with its payload) so that nothing is lost when
+the broker restarts::
+
+    connected ──(broker silent for liveness x heartbeat, BYE, or "send HELLO")──▶ reconnecting
+        ▲                                                                              │
+        └──── WELCOME: every unfinished task is sent again (the broker deduplicates) ◀─┘
+                       reconnecting for longer than broker_timeout: BrokerUnavailable
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from . import protocol as P
+from . import serialize
+from .errors import BrokerUnavailable, ProtocolError, SerializationError, TaskTimeout, WorkerLost
+from .futures import Future
+from .options import TaskOptions
+
+log = logging.getLogger(__name__)
+
+
+class PendingTask:
+    """A task the producer has not seen finish; kept whole so it can be sent again."""
+
+    __slots__ = ("id", "digest", "blob", "nframes", "data", "frames", "flags", "opts", "future", "reruns")
+
+    def __init__(self, tid: int, digest: bytes, blob: bytes, nframes: int, data: bytes, frames: Any, flags: int,
+                 opts: TaskOptions, future: Future) -> None:
+        self.id, self.digest, self.blob = tid, digest, blob
+        self.nframes, self.data, self.frames, self.flags = nframes, data, frames, flags
+        self.opts, self.future = opts, future
+        self.reruns = 0  # runs asked again because the task raised one of opts.retry_on
+
+    def entry(self) -> P.TaskEntry:
+        return P.TaskEntry(self.id, self.digest, self.nframes, self.flags, self.data, self.opts.retries,
+                           self.opts.timeout_ms)
+
+
+class Connection(threading.Thread):
+    def __init__(self, address: str, submits: collections.deque[PendingTask], cancels: collections.deque,
+                 release: Callable[[], None], broker_timeout: float) -> None:
+        super().__init__(name="zpar-client-io", daemon=True)
+        self.address = address
+        self.submits, self.cancels, self.release = submits, cancels, release
+        self.broker_timeout = broker_timeout
+        self.welcomed = threading.Event()  # the first WELCOME
+        self.failure: BaseException | None = None
+        self.pending: dict[int, PendingTask] = {}
+        self.sent_funcs: set[bytes] = set()
+        self.epoch: str | None = None
+        self.heartbeat, self.liveness = 1.0, 3
+        self.connected = False
+        self._lost_since = time.monotonic()  # when we last knew the broker was there
+        self._last_heard = time.monotonic()
+        self._next_beat = time.monotonic()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self._stopping = False
+        self._done = False  # the loop has ended: wake() must not write any more
+
+    # ------------------------------------------------------------------ other threads
+
+    def wake(self) -> None:
+        """Called from any thread; at most one byte in the pipe per wake-up."""
+        if not self._woken and not self._done:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        if not self._done:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(10)
+
+    def __del__(self) -> None:
+        # Closed only here, once nothing can call wake(): a closed fd number may be reused.
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        ctx: zmq.Context = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock = sock
+        try:
+            sock.connect(self.address)
+            self._hello()
+            self._loop()
+        except BaseException as exc:  # surface it to the user's threads, never die silently
+            log.exception("zpar client I/O thread failed")
+            self.failure = exc
+            self.welcomed.set()
+        finally:
+            self._cancel_all()
+            try:
+                sock.send(P.encode(P.Bye("client closing")), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            sock.close()
+            self._done = True
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            timeout = max(0.0, self._next_beat - time.monotonic())
+            events = dict(poller.poll(int(timeout * 1000) + 1))
+            if self._wake_r in events:
+                # Empty the pipe, then clear the flag, then take the queues: a wake()
+                # after the read writes again, and one before it finds its task queued.
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                self._woken = False
+            if self._stopping:
+                return  # close(): what was not sent is cancelled, not sent now
+            if self.sock in events:
+                self._receive()
+            self._send_cancels()
+            self._take_submits()
+            now = time.monotonic()
+            if now >= self._next_beat:
+                self._timers(now)
+
+    def _timers(self, now: float) -> None:
+        self._next_beat = now + self.heartbeat
+        if self.connected and now - self._last_heard > self.heartbeat * self.liveness:
+            log.warning("the broker at %s has been silent for %.1f s; reconnecting", self.address,
+                        now - self._last_heard)
+            self._lose(self._last_heard)
+        if self.connected:
+            self._send(P.Heartbeat())
+            return
+        self._hello()  # again, until a broker answers
+        if now - self._lost_since > self.broker_timeout and self.pending:
+            self._fail_all(BrokerUnavailable(
+                f"the broker at {self.address} has not answered for {now - self._lost_since:.0f} s "
+                f"(broker_timeout={self.broker_timeout:g} s); is `zpar-broker` running there?"))
+
+    def _hello(self) -> None:
+        self._send(P.Hello(P.Role.PRODUCER, f"client-{os.getpid()}", socket.gethostname(), os.getpid()))
+
+    def _lose(self, since: float) -> None:
+        self.connected = False
+        self._lost_since = since
+
+    def _send(self, msg: P.Message, frames: list[Any] | None = None) -> None:
+        self.sock.send_multipart([P.encode(msg), *(frames or ())], copy=False)
+
+    # ------------------------------------------------------------------ outgoing
+
+    def _take_submits(self) -> None:
+        """Move new tasks into the pending table and send them, if connected."""
+        batch: list[PendingTask] = []
+        while self.submits:
+            task = self.submits.popleft()
+            if task.future.done():  # cancelled before it left
+                self.release()
+                continue
+            self.pending[task.id] = task
+            batch.append(task)
+        if self.connected and batch:
+            self._send_tasks(batch)
+
+    def _send_tasks(self, tasks: list[PendingTask]) -> None:
+        """SUBMIT in batches of at most BATCH_MAX_TASKS tasks and about BATCH_MAX_BYTES."""
+        i = 0
+        while i < len(tasks):
+            entries: list[P.TaskEntry] = []
+            funcs: list[bytes] = []
+            blobs: list[Any] = []
+            frames: list[Any] = []
+            nbytes = 0
+            while i < len(tasks) and len(entries) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
+                task = tasks[i]
+                i += 1
+                if task.digest not in self.sent_funcs:
+                    self.sent_funcs.add(task.digest)
+                    funcs.append(task.digest)
+                    blobs.append(task.blob)
+                entries.append(task.entry())
+                if task.nframes:
+                    frames.extend(task.frames)
+                    nbytes += sum(len(f) for f in task.frames)
+                else:
+                    nbytes += len(task.data)
+            self._send(P.Submit(tuple(entries), tuple(funcs)), [*blobs, *frames])
+
+    def _send_cancels(self) -> None:
+        ids: list[int] = []
+        forced: list[int] = []
+        while self.cancels:
+            tid, force = self.cancels.popleft()
+            if self.pending.pop(tid, None) is not None:
+                self.release()
+                (forced if force else ids).append(tid)
+        if self.connected:
+            for group, force in ((ids, False), (forced, True)):
+                if group:
+                    self._send(P.Cancel(tuple(group), force))
+
+    # ------------------------------------------------------------------ incoming
+
+    def _receive(self) -> None:
+        for _ in range(256):
+            events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            if not events & zmq.POLLIN:
+                return
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            self._last_heard = time.monotonic()
+            try:
+                msg = P.decode(frames[0].buffer, len(frames) - 1)
+            except ProtocolError as exc:
+                log.error("dropped a bad message from the broker at %s: %s", self.address, exc)
+                continue
+            if isinstance(msg, P.Result):
+                self._results(msg, frames[1:])
+            elif isinstance(msg, P.Welcome):
+                self._welcome(msg)
+            elif isinstance(msg, P.Error):
+                self._error(msg)
+            elif isinstance(msg, P.Bye):
+                log.warning("the broker at %s is stopping (%s); waiting for it to return", self.address, msg.reason)
+                self._lose(time.monotonic())
+
+    def _welcome(self, msg: P.Welcome) -> None:
+        first = self.epoch is None
+        restarted = not first and msg.epoch != self.epoch
+        self.epoch, self.heartbeat, self.liveness = msg.epoch, msg.heartbeat, msg.liveness
+        self.connected = True
+        self._next_beat = min(self._next_beat, time.monotonic() + self.heartbeat)
+        self.welcomed.set()
+        if first:
+            return
+        # A new broker, or the same one that forgot us: send everything unfinished again.
+        # Results already on their way are deduplicated here; tasks it still has, there.
+        log.warning("%s broker at %s; sending its %d unfinished tasks again",
+                    "a restarted" if restarted else "reconnected to the", self.address, len(self.pending))
+        self.sent_funcs.clear()
+        if self.pending:
+            self._send_tasks(list(self.pending.values()))
+
+    def _results(self, msg: P.Result, frames: list[Any]) -> None:
+        pos = 0
+        for entry in msg.results:
+            rframes, pos = P.unpack_payload(entry, frames, pos)
+            task = self.pending.pop(entry.id, None)
+            if task is None:
+                continue  # cancelled, or a duplicate after a resubmission
+            fut = task.future
+            try:
+                if entry.status == P.Status.OK:
+                    value = serialize.loads(rframes, what=f"result of task {entry.id}")
+                    self.release()
+                    fut.set_result(value)
+                    continue
+                if entry.status == P.Status.RAISED:
+                    exc: BaseException = serialize.load_exception(rframes)
+                    if isinstance(exc, task.opts.retry_on) and task.reruns < task.opts.retries:
+                        task.reruns += 1
+                        log.info("task %d raised %s; running it again (%d of %d)", task.id,
+                                 type(exc).__name__, task.reruns, task.opts.retries)
+                        self.pending[task.id] = task
+                        self._send_tasks([task])
+                        continue
+                else:
+                    reason = bytes(rframes[0]).decode(errors="replace")
+                    kind: dict[int, type[Exception]] = {P.Status.TIMEOUT: TaskTimeout,
+                                                         P.Status.CANCELLED: concurrent.futures.CancelledError}
+                    exc = kind.get(entry.status, WorkerLost)(reason)
+                self.release()
+                fut.set_exception(exc)
+            except SerializationError as err:
+                self.release()
+                fut.set_exception(err)
+            except concurrent.futures.InvalidStateError:
+                pass  # cancelled by the user meanwhile
+
+    def _error(self, msg: P.Error) -> None:
+        if "send HELLO" in msg.message:  # the broker does not know us (any more)
+            self._lose(time.monotonic())
+            self._hello()
+            return
+        if "unknown function" in msg.message:  # it lost a function blob: send those tasks with it
+            retry = [self.pending[tid] for tid in msg.ids if tid in self.pending]
+            for task in retry:
+                self.sent_funcs.discard(task.digest)
+            if retry:
+                self._send_tasks(retry)
+            return
+        log.error("broker at %s refused: %s", self.address, msg.message)
+        for tid in msg.ids:
+            refused = self.pending.pop(tid, None)
+            if refused is not None:
+                task = refused
+                self.release()
+                try:
+                    task.future.set_exception(ProtocolError(f"the broker refused task {tid}: {msg.message}"))
+                except concurrent.futures.InvalidStateError:
+                    pass
+
+    # ------------------------------------------------------------------ endings
+
+    def _fail_all(self, exc: BaseException) -> None:
+        tasks = list(self.pending.values())
+        self.pending.clear()
+        for task in tasks:
+            self.release()
+            try:
+                task.future.set_exception(exc)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+    def _cancel_all(self) -> None:
+        """On close: every future still open is cancelled, so nothing waits forever."""
+        leftovers = [t.future for t in self.pending.values()]
+        self.pending.clear()
+        while self.submits:
+            leftovers.append(self.submits.popleft().future)
+        for fut in leftovers:
+            fut._on_cancel = None
+            fut.cancel()
