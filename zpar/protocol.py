@@ -213,6 +213,7 @@ class StatusMsg:
 class Bye:
     kind: ClassVar[Kind] = Kind.BYE
     reason: str = ""
+    agent: bytes = b""  # from an agent over the collector, behind its last results
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +266,8 @@ def encode(msg: Message) -> bytes:
         h["info"] = msg.info  # type: ignore[union-attr]
     elif k is Kind.BYE:
         h["reason"] = msg.reason  # type: ignore[union-attr]
+        if msg.agent:  # type: ignore[union-attr]
+            h["a"] = msg.agent  # type: ignore[union-attr]
     elif k is Kind.ERROR:
         h["message"] = msg.message  # type: ignore[union-attr]
         h["ids"] = list(msg.ids)  # type: ignore[union-attr]
@@ -397,7 +400,7 @@ def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
     elif k is Kind.STATUS:
         msg = StatusMsg(_get(h, "info", dict, {}))
     elif k is Kind.BYE:
-        msg = Bye(_get(h, "reason", str, ""))
+        msg = Bye(_get(h, "reason", str, ""), _get(h, "a", bytes, b""))
     else:  # Kind.ERROR
         ids = _get(h, "ids", list, [])
         msg = Error(_get(h, "message", str), tuple(_nonneg_int(i, "task id") for i in ids))

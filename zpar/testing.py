@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import psutil
 
@@ -52,8 +52,9 @@ class LocalCluster:
     """``agents`` agents of ``workers`` workers each, behind one broker, all on loopback TCP."""
 
     def __init__(self, agents: int = 2, workers: int = 1, *, heartbeat: float = 0.1, liveness: int = 3,
-                 log_level: str = "WARNING", ready_timeout: float = 20.0) -> None:
+                 log_level: str = "WARNING", ready_timeout: float = 20.0, agent_args: Sequence[str] = ()) -> None:
         self.heartbeat, self.liveness, self.log_level = heartbeat, liveness, log_level
+        self.agent_args = list(agent_args)  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
         self.workers = workers
         ports = [free_port() for _ in range(3)]
         self.frontend, self.backend, self.collector = (f"tcp://127.0.0.1:{p}" for p in ports)
@@ -81,7 +82,7 @@ class LocalCluster:
                   ) -> subprocess.Popen:
         n = workers or self.workers
         args = ["zpar.agent", "--broker", self.backend, "--workers", str(n), "--heartbeat", str(self.heartbeat),
-                "--liveness", str(self.liveness), "--log-level", self.log_level]
+                "--liveness", str(self.liveness), "--log-level", self.log_level, *self.agent_args]
         if name:
             args += ["--name", name]
         proc = spawn_daemon(args)

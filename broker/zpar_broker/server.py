@@ -188,6 +188,9 @@ class BrokerServer:
         msg = self._decode(frames, "collector")
         if msg is None:
             return
+        if isinstance(msg, P.Bye) and msg.agent:  # an agent leaving, behind its last results
+            self._send(self.core.agent_message(time.monotonic(), msg.agent, msg, []))
+            return
         if not isinstance(msg, P.Result):
             self.core.protocol_error("collector")
             return

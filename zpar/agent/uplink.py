@@ -62,6 +62,7 @@ class SocketUplink:
     def __init__(self, ctx: zmq.Context, broker: str, identity: bytes, max_message_size: int) -> None:
         self.ctx, self.address, self.max_message_size = ctx, broker, max_message_size
         self.dealer = configure(ctx.socket(zmq.DEALER), max_message_size)
+        self.identity = identity
         self.dealer.setsockopt(zmq.IDENTITY, identity)
         self.dealer.connect(broker)
         self.collector: zmq.Socket | None = None
@@ -70,6 +71,10 @@ class SocketUplink:
         return self.dealer
 
     def send(self, msg: P.Message) -> None:
+        if isinstance(msg, P.Bye) and self.collector is not None:
+            # Behind our last results on the same pipe, so the broker sees them first.
+            self.collector.send(P.encode(P.Bye(msg.reason, self.identity)))
+            return
         try:
             self.dealer.send(P.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
