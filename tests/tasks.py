@@ -102,3 +102,14 @@ def call_sys_exit(code):
 
 def double(array):
     return array * 2
+
+
+def hog_memory(mib, seconds=5.0):
+    """Hold ``mib`` MiB (touched, so it is resident) for a while, then return how much."""
+    block = bytearray(mib * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(block) >> 20

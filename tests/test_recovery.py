@@ -176,3 +176,13 @@ def test_first_sigterm_drains_an_agent_second_stops_it(new_cluster):
     assert time.monotonic() - stopping < 5.0, "the second signal did not stop it at once"
     cluster.add_agent()
     assert slow.result(timeout=20) == 25, "the task it handed back ran elsewhere"
+
+
+def test_a_task_past_the_memory_limit_is_stopped_with_a_clear_error(new_cluster):
+    cluster = new_cluster(agents=1, workers=1, agent_args=["--max-memory-per-worker", "200"])
+    client = cluster.client()
+    fut = client.submit(tasks.hog_memory, 400)
+    with pytest.raises(zpar.MemoryLimitExceeded, match="past the hard limit of 300 MiB"):
+        fut.result(timeout=20)
+    assert client.submit(tasks.hog_memory, 10, 0).result(timeout=20) == 10
+    assert cluster.status()["counters"].get("retried", 0) == 0

@@ -10,6 +10,7 @@ from .errors import (
     AuthenticationError,
     BrokerUnavailable,
     ConfigError,
+    MemoryLimitExceeded,
     PayloadTooLarge,
     ProtocolError,
     RemoteTraceback,
@@ -20,6 +21,7 @@ from .errors import (
     ZparError,
 )
 from .futures import Future
+from .options import TaskOptions
 
 __version__ = "0.1.0"
 
@@ -29,11 +31,13 @@ __all__ = [
     "Client",
     "ConfigError",
     "Future",
+    "MemoryLimitExceeded",
     "PayloadTooLarge",
     "ProtocolError",
     "RemoteTraceback",
     "SerializationError",
     "TaskError",
+    "TaskOptions",
     "TaskTimeout",
     "WorkerLost",
     "ZparError",

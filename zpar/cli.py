@@ -78,8 +78,8 @@ def agent(
     max_tasks_per_worker: Optional[int] = typer.Option(
         None, help="Recycle a worker after this many tasks [default: 0, never; env ZPAR_MAX_TASKS_PER_WORKER]."),
     max_memory_per_worker: Optional[int] = typer.Option(
-        None, help="Recycle a worker, between tasks, once its RSS passes this many MiB "
-                   "[default: 0, no limit; env ZPAR_MAX_MEMORY_PER_WORKER]."),
+        None, help="Recycle a worker, between tasks, once its RSS passes this many MiB; a task that takes "
+                   "it past 1.5 times that is stopped [default: 0, no limit; env ZPAR_MAX_MEMORY_PER_WORKER]."),
     grace: Optional[float] = typer.Option(
         None, help="Seconds the first SIGTERM gives running tasks before the agent stops; a second "
                    "signal stops it at once [default: 30; env ZPAR_GRACE]."),

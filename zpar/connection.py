@@ -26,7 +26,8 @@ import zmq
 
 from . import protocol as P
 from . import serialize
-from .errors import BrokerUnavailable, ProtocolError, SerializationError, TaskTimeout, WorkerLost
+from .errors import (BrokerUnavailable, MemoryLimitExceeded, ProtocolError, SerializationError, TaskTimeout,
+                     WorkerLost)
 from .futures import Future
 from .options import TaskOptions
 
@@ -300,7 +301,8 @@ class Connection(threading.Thread):
                 else:
                     reason = bytes(rframes[0]).decode(errors="replace")
                     kind: dict[int, type[Exception]] = {P.Status.TIMEOUT: TaskTimeout,
-                                                         P.Status.CANCELLED: concurrent.futures.CancelledError}
+                                                         P.Status.CANCELLED: concurrent.futures.CancelledError,
+                                                         P.Status.MEMORY: MemoryLimitExceeded}
                     exc = kind.get(entry.status, WorkerLost)(reason)
                 self.release()
                 fut.set_exception(exc)

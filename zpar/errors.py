@@ -5,6 +5,7 @@
     ZparError
     ├── TaskError                 the task raised and its exception could not travel
     ├── WorkerLost                the worker or node running the task died
+    │   └── MemoryLimitExceeded   its worker went past the agent's memory limit and was stopped
     ├── TaskTimeout               (also concurrent.futures.TimeoutError)
     ├── BrokerUnavailable         no broker answered within the deadline
     ├── AuthenticationError       the broker refused our credentials
@@ -58,6 +59,10 @@ class TaskError(ZparError):
 
 class WorkerLost(ZparError):
     """The process running the task died (a signal or exit code says how)."""
+
+
+class MemoryLimitExceeded(WorkerLost):
+    """The task took its worker past the agent's memory limit and was stopped (not retried)."""
 
 
 class TaskTimeout(ZparError, concurrent.futures.TimeoutError):

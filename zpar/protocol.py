@@ -74,6 +74,7 @@ class Status(enum.IntEnum):
     LOST = 2  # payload: one UTF-8 reason (worker or node died); retried by the broker
     TIMEOUT = 3  # payload: one UTF-8 reason (the task ran past its timeout); not retried
     CANCELLED = 4  # payload: one UTF-8 reason (stopped on request); not retried
+    MEMORY = 5  # payload: one UTF-8 reason (its worker went past the memory limit); not retried
 
 
 _STATUSES = frozenset(int(s) for s in Status)

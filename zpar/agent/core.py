@@ -220,6 +220,15 @@ class AgentCore:
                 kill.append(slot.identity)
         return kill
 
+    def over_memory(self, identity: bytes, reason: str) -> bool:
+        """The worker went past the hard memory limit mid-task: doom its batch; True if it must be killed."""
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.BUSY or slot.doomed:
+            return False
+        for task in slot.batch:
+            slot.doomed[task.id] = (P.Status.MEMORY, f"task {task.id}: {reason}")
+        return True
+
     def next_deadline(self) -> float:
         """The earliest task timeout still to fire, or infinity."""
         deadlines = [s.deadline for s in self.workers.values()

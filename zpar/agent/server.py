@@ -38,6 +38,7 @@ from .uplink import SocketUplink, Uplink, configure
 log = logging.getLogger(__name__)
 
 _GRACE = 3.0  # seconds a worker gets to exit after SIGTERM before SIGKILL
+_MEMORY_CHECK_S = 0.1  # how often busy workers' memory is read, when there is a limit
 
 
 class AgentServer:
@@ -72,6 +73,7 @@ class AgentServer:
         self.procs: dict[int, tuple[bytes, subprocess.Popen]] = {}  # pidfd -> (identity, process)
         self._kill_at: dict[bytes, float] = {}  # worker -> when SIGTERM turns into SIGKILL
         self._rss_checked: dict[bytes, float] = {}
+        self._next_memory_check = time.monotonic() if config.max_memory_per_worker else float("inf")
         self.epoch = ""  # of the broker that welcomed us
         self._stop_requests = 0
         self._drain_until = 0.0
@@ -189,9 +191,29 @@ class AgentServer:
         self._flush()
 
     def next_deadline(self) -> float:
-        return min([self._next_beat, *self._respawn_at, *self._kill_at.values(), self.core.next_deadline()])
+        return min([self._next_beat, *self._respawn_at, *self._kill_at.values(), self.core.next_deadline(),
+                    self._next_memory_check])
+
+    def _memory_watchdog(self, now: float) -> None:
+        """Stop a task whose worker passed 1.5x the memory limit, before the kernel's OOM killer acts."""
+        self._next_memory_check = now + _MEMORY_CHECK_S
+        hard = self.config.max_memory_per_worker * 1024 * 1024 * 3 // 2
+        for slot in list(self.core.workers.values()):
+            if slot.state is not WorkerState.BUSY or not slot.pid:
+                continue
+            try:
+                rss = psutil.Process(slot.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > hard:
+                reason = (f"worker pid {slot.pid} on {self.name} used {rss >> 20} MiB, past the hard limit of "
+                          f"{hard >> 20} MiB (1.5 x --max-memory-per-worker); it was stopped")
+                if self.core.over_memory(slot.identity, reason):
+                    self._kill(slot.identity, "over the memory limit")
 
     def on_timers(self, now: float) -> bool:
+        if now >= self._next_memory_check:
+            self._memory_watchdog(now)
         for identity in self.core.expired(now):
             self._kill(identity, "its task ran past its timeout")
         for identity, when in list(self._kill_at.items()):
