@@ -38,8 +38,12 @@ class Broker:
         return self.agent(peer, P.Ready(n))
 
     def finish(self, agent: bytes, gids, status=P.Status.OK):
+        """Results from ``agent``; the broker's ACK to it is checked and left out of what is returned."""
         entries = tuple(P.ResultEntry(g, status, 0, 10, b"result %d" % g) for g in gids)
-        return self.core.results(self.now, P.Result(entries, agent), [])
+        out = self.core.results(self.now, P.Result(entries, agent), [])
+        acks = [o for o in out if isinstance(o.msg, P.Ack)]
+        assert [(o.peer, o.msg.ids) for o in acks] == [(agent, tuple(gids))], "every result is acknowledged"
+        return [o for o in out if not isinstance(o.msg, P.Ack)]
 
     def advance(self, dt: float, alive=(), producers_alive: bool = True):
         """Move the clock; the agents in ``alive`` (and every producer, unless told) send a heartbeat first."""
@@ -371,6 +375,6 @@ def test_results_from_a_previous_broker_epoch_are_dropped(b):
     b.join(b"a")
     (gid,) = [g for _, g, _ in dispatched(b.ready(b"a", 1))]
     stale = P.Result((P.ResultEntry(gid, P.Status.OK, 0, 1, b"old"),), b"a", "some-older-epoch")
-    assert b.core.results(b.now, stale, []) == []
+    assert [o.msg for o in b.core.results(b.now, stale, [])] == [P.Ack((gid,))]  # acknowledged, not delivered
     fresh = P.Result((P.ResultEntry(gid, P.Status.OK, 0, 1, b"new"),), b"a", b.core.epoch)
     assert delivered(b.core.results(b.now, fresh, [])) == [(b"p", 1, b"new")]

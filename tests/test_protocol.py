@@ -28,6 +28,11 @@ SAMPLES = [
     (P.StatusMsg({"nodes": [{"name": "a", "busy": 1}], "queued": 3, "ratio": 0.5}), 0),
     (P.Bye("agent stopping"), 0),
     (P.Error("tasks refused", (4, 5)), 0),
+    (P.Submit((P.TaskEntry(4, D, 0, 0, b"x", 3, 1500),)), 0),
+    (P.Result((P.ResultEntry(5, P.Status.TIMEOUT, 0, 0, b"too slow"),), b"agent-id", "epoch-1"), 0),
+    (P.Cancel((6,), force=True), 0),
+    (P.Bye("leaving", b"agent-id"), 0),
+    (P.Ack((1, 2, 3)), 0),
 ]
 
 

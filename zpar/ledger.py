@@ -1,19 +1,10 @@
 """The ledger and checker of the fault suite (RELIABILITY.md, "Ground rules"; the Jepsen method).
 
-The producer records every task id it submitted and every outcome it was
-handed (``Ledger``); each execution of a task appends a line to a per-worker
-file (``execution`` or ``log_execution``); ``check`` puts the two together::
-
-    ledger = Ledger()
-    for i in range(n):
-        ledger.track(i, client.submit(task, i, exec_dir))
-    ...                               # wait, with a deadline
-    ledger.seal()                     # what is still pending now is a straggler
-    report = check(ledger, {i: reference(i) for i in range(n)}, exec_dir)
-    assert report.ok, report.summary()
-
-Task ids are the caller's own (``int`` or ``str``: they travel as JSON), not
-zpar's internal ids, so that a resubmitted task keeps its id.
+The producer records each id it submits and each outcome it is handed
+(``Ledger.track``); the task logs each run to a per-worker file (``with
+execution(exec_dir, i): ...``); at the deadline ``check(ledger, expected,
+exec_dir)`` seals the ledger and counts lost, duplicated and wrong outcomes.
+Ids are the caller's own (``int`` or ``str``, stored as JSON), not zpar's.
 """
 
 from __future__ import annotations
@@ -25,12 +16,14 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TaskId = int | str
+AnyFuture = concurrent.futures.Future[Any]
 
 
 @dataclass(frozen=True)
@@ -63,7 +56,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._submitted: dict[TaskId, float] = {}
         self._outcomes: dict[TaskId, list[Outcome]] = {}
-        self._futures: dict[TaskId, concurrent.futures.Future] = {}
+        self._futures: dict[TaskId, AnyFuture] = {}
         self._stragglers: list[TaskId] | None = None
         self.late = 0
 
@@ -82,7 +75,7 @@ class Ledger:
                 return
             self._outcomes.setdefault(task_id, []).append(Outcome(value, name, time.monotonic()))
 
-    def track(self, task_id: TaskId, future: concurrent.futures.Future) -> concurrent.futures.Future:
+    def track(self, task_id: TaskId, future: AnyFuture) -> AnyFuture:
         """Record ``future`` as submitted and its outcome when it completes; returns it."""
         self.submitted(task_id)
         with self._lock:
@@ -90,7 +83,7 @@ class Ledger:
         future.add_done_callback(lambda f: self._done(task_id, f))
         return future
 
-    def _done(self, task_id: TaskId, future: concurrent.futures.Future) -> None:
+    def _done(self, task_id: TaskId, future: AnyFuture) -> None:
         if future.cancelled():
             self.delivered(task_id, error="CancelledError")
         elif (exc := future.exception()) is not None:
@@ -121,10 +114,9 @@ class Ledger:
 
 def log_execution(exec_dir: str | os.PathLike[str], task_id: TaskId, attempt: int | None = None,
                   start: float | None = None, end: float | None = None) -> None:
-    """Append one line (id, attempt, pid, start, end) to this process's file in ``exec_dir``.
+    """Append (id, attempt, pid, start, end) to this process's own file in ``exec_dir``.
 
-    One file per host and pid, opened in append mode and closed (so flushed to
-    the kernel) on every call: a SIGKILL right after loses nothing.
+    Opened in append mode and closed on every call: a SIGKILL right after loses nothing.
     """
     now = time.time()
     line = json.dumps({"id": task_id, "attempt": attempt, "pid": os.getpid(),

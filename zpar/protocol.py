@@ -57,6 +57,7 @@ class Kind(enum.IntEnum):
     STATUS = 9
     BYE = 10
     ERROR = 11
+    ACK = 12
 
 
 class Role(str, enum.Enum):
@@ -226,7 +227,15 @@ class Error:
     ids: tuple[int, ...] = ()
 
 
-Message = Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye | Error
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The broker has the results of these tasks: the agent may forget them."""
+
+    kind: ClassVar[Kind] = Kind.ACK
+    ids: tuple[int, ...]
+
+
+Message = Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye | Error | Ack
 
 
 # --------------------------------------------------------------------------
@@ -269,6 +278,8 @@ def encode(msg: Message) -> bytes:
         h["reason"] = msg.reason  # type: ignore[union-attr]
         if msg.agent:  # type: ignore[union-attr]
             h["a"] = msg.agent  # type: ignore[union-attr]
+    elif k is Kind.ACK:
+        h["ids"] = list(msg.ids)  # type: ignore[union-attr]
     elif k is Kind.ERROR:
         h["message"] = msg.message  # type: ignore[union-attr]
         h["ids"] = list(msg.ids)  # type: ignore[union-attr]
@@ -402,6 +413,8 @@ def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
         msg = StatusMsg(_get(h, "info", dict, {}))
     elif k is Kind.BYE:
         msg = Bye(_get(h, "reason", str, ""), _get(h, "a", bytes, b""))
+    elif k is Kind.ACK:
+        msg = Ack(tuple(_nonneg_int(i, "task id") for i in _get(h, "ids", list)))
     else:  # Kind.ERROR
         ids = _get(h, "ids", list, [])
         msg = Error(_get(h, "message", str), tuple(_nonneg_int(i, "task id") for i in ids))

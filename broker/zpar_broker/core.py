@@ -192,14 +192,16 @@ class BrokerCore:
 
     def results(self, now: float, msg: P.Result, frames: list[Any]) -> list[Outgoing]:
         """Results from the collector: route each to its producer, once; retry lost runs."""
+        out: list[Outgoing] = []
+        if msg.agent:  # the agent keeps results until we say we have them
+            out.append(Outgoing(Dest.BACKEND, msg.agent, P.Ack(tuple(e.id for e in msg.results))))
         if msg.epoch and msg.epoch != self.epoch:
             # Tasks of a broker before a restart: their ids mean nothing here (producers resubmit).
             self.counters["stale_epoch_results"] += len(msg.results)
-            return []
+            return out
         agent = self._agents.get(msg.agent)
         if agent is not None:
             agent.last_seen = now
-        out: list[Outgoing] = []
         by_producer: dict[bytes, tuple[list[P.ResultEntry], list[Any]]] = {}
         pos = 0
         for entry in msg.results:

@@ -33,6 +33,7 @@ from zpar.daemon import Waker, drain, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import AgentCore, ToWorker, WorkerState
+from .outbox import Unacked
 from .uplink import SocketUplink, Uplink, configure
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class AgentServer:
         self._rss_checked: dict[bytes, float] = {}
         self._next_memory_check = time.monotonic() if config.max_memory_per_worker else float("inf")
         self.epoch = ""  # of the broker that welcomed us
+        self.unacked = Unacked()
         self._stop_requests = 0
         self._drain_until = 0.0
         self._generation = 0
@@ -233,6 +235,9 @@ class AgentServer:
             return False
         self._next_beat = now + self.heartbeat
         self.uplink.send(P.Heartbeat(self.core.busy()))
+        if self._welcomed:  # results the broker has not acknowledged for a while: lost on the way?
+            for entries, frames in self.unacked.take(now, older_than=self.heartbeat * self.liveness):
+                self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch), frames)
         if now - self._last_broker > self.heartbeat * self.liveness:
             # The broker went quiet (restarting?): introduce ourselves again.
             log.warning("no word from the broker for %.1f s; saying HELLO again", now - self._last_broker)
@@ -287,6 +292,8 @@ class AgentServer:
         self._last_broker = time.monotonic()
         if isinstance(msg, P.Tasks):
             self._to_workers(self.core.tasks(msg, frames, time.monotonic()))
+        elif isinstance(msg, P.Ack):
+            self.unacked.acked(msg.ids)
         elif isinstance(msg, P.Cancel):
             for identity in self.core.cancel(msg.ids):
                 self._kill(identity, "its task was cancelled")
@@ -305,6 +312,10 @@ class AgentServer:
             log.warning("the broker restarted (epoch %s, was %s); dropping the %d tasks of the old one",
                         msg.epoch[:8], self.epoch[:8], self.core.held())
             self.core.forget_tasks()
+            self.unacked.clear()
+        elif self.epoch:  # the same broker, after we registered anew: what it may not have
+            for entries, frames in self.unacked.take(time.monotonic()):
+                self.uplink.send_results(P.Result(tuple(entries), self.identity, msg.epoch), frames)
         self.epoch = msg.epoch
         self.heartbeat, self.liveness = msg.heartbeat, msg.liveness  # the broker's pace wins
         self._next_beat = min(self._next_beat, time.monotonic() + self.heartbeat)
@@ -320,6 +331,7 @@ class AgentServer:
                 self.core.results[:0] = entries  # not now: keep them, in order
                 self.core.result_frames[:0] = frames
                 break
+            self.unacked.sent(entries, frames, time.monotonic())
         if self._welcomed and not self._stopping:
             n = self.core.credits_to_ask()
             if n:
