@@ -358,7 +358,10 @@ def test_a_silent_producer_is_forgotten_and_its_running_tasks_stopped(b):
     b.submit(b"p", [1, 2, 3])
     b.join(b"a")
     b.ready(b"a", 1)
-    out = b.advance(4.0, alive=[b"a"], producers_alive=False)
+    assert b.core.status(b.now)["producers"] == 1
+    out = b.advance(4.0, alive=[b"a"], producers_alive=False)  # producers get twice the agents' 3 s
+    assert b.core.status(b.now)["producers"] == 1
+    out = b.advance(3.0, alive=[b"a"], producers_alive=False)
     assert [o.peer for o in out if isinstance(o.msg, P.Cancel)] == [b"a"]
     assert b.core.status(b.now)["producers"] == 0 and b.core.counters["producers_silent"] == 1
     (err,) = b.core.producer_message(b.now, b"p", P.Heartbeat(), [])
@@ -378,3 +381,21 @@ def test_results_from_a_previous_broker_epoch_are_dropped(b):
     assert [o.msg for o in b.core.results(b.now, stale, [])] == [P.Ack((gid,))]  # acknowledged, not delivered
     fresh = P.Result((P.ResultEntry(gid, P.Status.OK, 0, 1, b"new"),), b"a", b.core.epoch)
     assert delivered(b.core.results(b.now, fresh, [])) == [(b"p", 1, b"new")]
+
+
+def test_a_hello_again_from_a_registered_agent_keeps_its_tasks(b):
+    b.submit(b"p", [1, 2])
+    b.join(b"a")
+    b.ready(b"a", 2)
+    (out,) = b.join(b"a")  # a HELLO queued while it thought we were gone
+    assert out.msg.kind is P.Kind.WELCOME
+    assert b.core.status(b.now)["running"] == 2 and b.core.counters["requeued"] == 0
+    assert b.core._agents[b"a"].credits == 0
+
+
+def test_no_one_is_declared_dead_while_messages_wait_unread(b):
+    b.join(b"a")
+    b.producer(b"p", P.Hello(P.Role.PRODUCER))
+    b.now += 10.0
+    b.core.tick(b.now, judge=False)
+    assert b.core.status(b.now)["nodes"] and b.core.status(b.now)["producers"] == 1

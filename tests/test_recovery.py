@@ -144,7 +144,7 @@ def test_a_dead_producer_is_forgotten_and_its_work_dropped(new_cluster, tmp_path
         proc.kill()
         killed = time.monotonic()
         wait_for(lambda: cluster.status()["producers"] == 0, 5, 0.01, "the producer forgotten")
-        assert time.monotonic() - killed <= 4 * cluster.heartbeat + 0.5
+        assert time.monotonic() - killed <= 6 * cluster.heartbeat + 0.5  # producers: twice the agents liveness
         status = cluster.status()
         assert status["queued"] == 0 and status["running"] == 0
     finally:

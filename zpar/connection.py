@@ -159,7 +159,9 @@ class Connection(threading.Thread):
 
     def _timers(self, now: float) -> None:
         self._next_beat = now + self.heartbeat
-        if self.connected and now - self._last_heard > self.heartbeat * self.liveness:
+        # Twice the broker's own liveness rule: a busy broker, or our thread starved of the
+        # GIL by the user's code, must not make us resend everything.
+        if self.connected and now - self._last_heard > 2 * self.heartbeat * self.liveness:
             log.warning("the broker at %s has been silent for %.1f s; reconnecting", self.address,
                         now - self._last_heard)
             self._lose(self._last_heard)
@@ -259,6 +261,8 @@ class Connection(threading.Thread):
                 self._lose(time.monotonic())
 
     def _welcome(self, msg: P.Welcome) -> None:
+        if self.connected and msg.epoch == self.epoch:
+            return  # an answer to a HELLO queued while the broker was away: we are already back
         first = self.epoch is None
         restarted = not first and msg.epoch != self.epoch
         self.epoch, self.heartbeat, self.liveness = msg.epoch, msg.heartbeat, msg.liveness

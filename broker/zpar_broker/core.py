@@ -164,10 +164,15 @@ class BrokerCore:
         out: list[Outgoing] = []
         agent = self._agents.get(peer)
         if isinstance(msg, P.Hello):
-            if agent is not None:  # the same agent saying hello again: start it afresh
-                self._drop_agent(agent, "re-registered", out)
-            agent = self._agents[peer] = _Agent(peer, msg, now)
-            log.info("agent %s joined from %s (pid %d, %d workers)", agent.name, agent.host, agent.pid, agent.workers)
+            if agent is not None:
+                # The same agent process again (it thought we were gone, or HELLOs queued while
+                # we were): it still holds its tasks, so keep them; it asks for credits afresh.
+                agent.credits, agent.workers, agent.last_seen = 0, msg.workers, now
+                self.counters["agents_hello_again"] += 1
+            else:
+                agent = self._agents[peer] = _Agent(peer, msg, now)
+                log.info("agent %s joined from %s (pid %d, %d workers)", agent.name, agent.host, agent.pid,
+                         agent.workers)
             out.append(Outgoing(Dest.BACKEND, peer, self._welcome()))
             return out
         if agent is None:
@@ -231,13 +236,19 @@ class BrokerCore:
         self._dispatch(out)
         return out
 
-    def tick(self, now: float) -> list[Outgoing]:
-        """Timers: heartbeats to agents, and dropping agents that went silent."""
+    def tick(self, now: float, judge: bool = True) -> list[Outgoing]:
+        """Timers: heartbeats to agents, and dropping agents and producers that went silent.
+
+        ``judge`` False (messages still wait unread in our sockets) postpones the
+        verdicts: their heartbeats may be among them.
+        """
         out: list[Outgoing] = []
         if now < self._next_beat:
             return out
         self._next_beat = now + self.heartbeat
-        deadline = now - self.heartbeat * self.liveness
+        deadline = now - self.heartbeat * self.liveness if judge else float("-inf")
+        # Producers get twice as long: their I/O thread shares the GIL with the user's code.
+        producer_deadline = now - 2 * self.heartbeat * self.liveness if judge else float("-inf")
         for agent in list(self._agents.values()):
             if agent.last_seen < deadline:
                 log.warning("agent %s silent for %.1f s; re-queueing its %d tasks",
@@ -246,7 +257,7 @@ class BrokerCore:
             else:
                 out.append(Outgoing(Dest.BACKEND, agent.id, P.Heartbeat()))
         for prod in list(self._producers.values()):
-            if prod.last_seen < deadline:
+            if prod.last_seen < producer_deadline:
                 log.warning("producer %s on %s silent for %.1f s; dropping its %d tasks",
                             prod.name or prod.id.hex(), prod.host, now - prod.last_seen, len(prod.tasks))
                 self._forget_producer(prod, out)

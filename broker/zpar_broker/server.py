@@ -127,12 +127,16 @@ class BrokerServer:
     def on_timers(self, now: float) -> bool:
         if now < self.core.next_deadline():
             return False
-        self._send(self.core.tick(now))
+        self._send(self.core.tick(now, judge=not self._backlog()))
         parent = self.config.parent_pid
         if parent and os.getppid() != parent:
             log.warning("parent process %d is gone; stopping", parent)
             return True
         return False
+
+    def _backlog(self) -> bool:
+        """Messages wait unread in a socket (we were busy): peers' heartbeats may be among them."""
+        return any(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN for sock in self.sockets.values())  # type: ignore[operator]
 
     def shutdown(self) -> None:
         log.info("zpar-broker stopping")

@@ -277,6 +277,7 @@ class AgentServer:
             self._check_memory(identity, now)
             self._to_workers(self.core.worker_results(identity, msg, frames[2:], now))
         elif isinstance(msg, P.Hello):
+            self._backoff = 0.1  # workers start again: forget earlier failures
             self._to_workers(self.core.worker_ready(identity, msg.pid, now))
 
     def _on_broker_frames(self, frames: list[zmq.Frame]) -> None:
