@@ -57,6 +57,7 @@ class LocalCluster:
         self.agent_args = list(agent_args)  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
         self.workers = workers
         ports = [free_port() for _ in range(3)]
+        self.ports = ports
         self.frontend, self.backend, self.collector = (f"tcp://127.0.0.1:{p}" for p in ports)
         self.broker: subprocess.Popen | None = None
         self.agents: list[subprocess.Popen] = []
@@ -79,9 +80,11 @@ class LocalCluster:
         return self.broker
 
     def add_agent(self, workers: int | None = None, *, wait: bool = True, name: str | None = None,
-                  ) -> subprocess.Popen:
+                  host: str = "127.0.0.1") -> subprocess.Popen:
+        """Start another agent; ``host`` is where it looks for the broker (a proxy's address, say)."""
         n = workers or self.workers
-        args = ["zpar.agent", "--broker", self.backend, "--workers", str(n), "--heartbeat", str(self.heartbeat),
+        backend = f"tcp://{host}:{self.ports[1]}"
+        args = ["zpar.agent", "--broker", backend, "--workers", str(n), "--heartbeat", str(self.heartbeat),
                 "--liveness", str(self.liveness), "--log-level", self.log_level, *self.agent_args]
         if name:
             args += ["--name", name]

@@ -136,7 +136,7 @@ class BrokerServer:
 
     def _backlog(self) -> bool:
         """Messages wait unread in a socket (we were busy): peers' heartbeats may be among them."""
-        return any(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN for sock in self.sockets.values())  # type: ignore[operator]
+        return any(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets.values())
 
     def shutdown(self) -> None:
         log.info("zpar-broker stopping")

@@ -49,8 +49,13 @@ def configure(sock: zmq.Socket, max_message_size: int) -> zmq.Socket:
 
 
 def collector_address(advertised: str, broker: str) -> str:
-    """Where to PUSH results: the broker's collector, with a wildcard host made concrete."""
-    if advertised.startswith("tcp://*:"):
+    """Where to PUSH results: the collector's port, on the host we reached the broker at.
+
+    The host the broker sees itself as (a wildcard, an inside address behind
+    NAT or a tunnel) may not be how we reach it; the way we reached its
+    backend is. An ipc collector is used as it is.
+    """
+    if advertised.startswith("tcp://") and broker.startswith("tcp://"):
         host = urllib.parse.urlsplit(broker.replace("tcp://", "//", 1)).hostname or "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
