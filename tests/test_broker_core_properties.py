@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from zpar import protocol as P
-from zpar_broker.core import BrokerCore, TaskState
+from zpar_broker.core import BrokerCore
+from zpar_broker.records import TaskState
 
 D = b"\x01" * 16
 PRODUCERS = [b"p1", b"p2"]
@@ -34,10 +35,10 @@ class BrokerMachine(RuleBasedStateMachine):
         self.next_id = collections.Counter()
         self.outstanding: set[tuple[bytes, int]] = set()  # accepted, no outcome yet
         self.delivered: collections.Counter = collections.Counter()
-        self.holder: dict[int, object] = {}  # gid -> the _Agent it was last sent to
+        self.holder: dict[int, object] = {}  # gid -> the AgentRecord it was last sent to
         self.payload: dict[int, bytes] = {}  # gid -> task payload as dispatched
         self.sent_to: dict[bytes, set[int]] = collections.defaultdict(set)
-        self.credits: collections.Counter = collections.Counter()  # id(_Agent) -> credits given
+        self.credits: collections.Counter = collections.Counter()  # id(AgentRecord) -> credits given
 
     # ------------------------------------------------------------------ plumbing
 

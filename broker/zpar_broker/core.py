@@ -26,6 +26,8 @@ from typing import Any, Iterable
 
 from zpar import protocol as P
 
+from .records import AgentRecord, NodeState, ProducerRecord, TaskRecord, TaskState
+
 log = logging.getLogger(__name__)
 
 
@@ -44,67 +46,6 @@ class Outgoing:
     frames: list[Any] = field(default_factory=list)
 
 
-class TaskState(enum.Enum):
-    QUEUED = "queued"
-    ASSIGNED = "assigned"
-
-
-class _Task:
-    __slots__ = ("gid", "producer", "ptid", "digest", "flags", "data", "frames", "nbytes", "state", "agent",
-                 "retries", "timeout_ms", "attempts")
-
-    def __init__(self, gid: int, producer: "_Producer", entry: P.TaskEntry, frames: list[Any]) -> None:
-        self.gid = gid
-        self.producer = producer
-        self.ptid = entry.id
-        self.digest = entry.digest
-        self.flags = entry.flags
-        self.data = entry.data  # the payload, when small enough to ride in the header
-        self.frames = frames
-        self.nbytes = len(entry.data) + sum(len(f) for f in frames) if frames else len(entry.data)
-        self.state = TaskState.QUEUED
-        self.agent: _Agent | None = None
-        self.retries = entry.retries  # re-runs allowed after losing it to a dead worker or node
-        self.timeout_ms = entry.timeout_ms
-        self.attempts = 0  # runs lost so far
-
-
-class _Producer:
-    __slots__ = ("id", "name", "host", "funcs", "queue", "tasks", "last_seen", "active")
-
-    def __init__(self, pid: bytes, now: float) -> None:
-        self.id = pid
-        self.name = ""
-        self.host = ""
-        self.funcs: dict[bytes, Any] = {}  # digest -> function blob frame
-        self.queue: collections.deque[_Task] = collections.deque()
-        self.tasks: dict[int, _Task] = {}  # producer task id -> task, queued or assigned
-        self.last_seen = now
-        self.active = False  # in the broker's round-robin of producers with queued tasks
-
-
-class NodeState(enum.Enum):
-    READY = "ready"
-    GONE = "gone"
-
-
-class _Agent:
-    __slots__ = ("id", "name", "host", "pid", "workers", "busy", "credits", "known", "assigned", "last_seen", "state")
-
-    def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
-        self.id = aid
-        self.name = hello.name or aid.hex()
-        self.host = hello.host
-        self.pid = hello.pid
-        self.workers = hello.workers
-        self.busy = 0
-        self.credits = 0
-        self.known: set[bytes] = set()  # function digests this agent already has
-        self.assigned: dict[int, _Task] = {}
-        self.last_seen = now
-        self.state = NodeState.READY
-
-
 class BrokerCore:
     """Queues, credits, round-robin fairness, the assignment table, liveness."""
 
@@ -117,10 +58,10 @@ class BrokerCore:
         self.max_message_size = max_message_size
         self.started = now
         self._next_gid = 1
-        self._tasks: dict[int, _Task] = {}  # gid -> task: the assignment table
-        self._producers: dict[bytes, _Producer] = {}
-        self._active: collections.deque[_Producer] = collections.deque()  # producers with queued tasks
-        self._agents: dict[bytes, _Agent] = {}
+        self._tasks: dict[int, TaskRecord] = {}  # gid -> task: the assignment table
+        self._producers: dict[bytes, ProducerRecord] = {}
+        self._active: collections.deque[ProducerRecord] = collections.deque()  # producers with queued tasks
+        self._agents: dict[bytes, AgentRecord] = {}
         self._next_beat = now + heartbeat
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -138,7 +79,7 @@ class BrokerCore:
                 # say HELLO and send its unfinished tasks again.
                 self.counters["unknown_producer_messages"] += 1
                 return [Outgoing(Dest.FRONTEND, peer, P.Error("unknown producer: send HELLO"))]
-            prod = self._producers[peer] = _Producer(peer, now)
+            prod = self._producers[peer] = ProducerRecord(peer, now)
         prod.last_seen = now
         out: list[Outgoing] = []
         if isinstance(msg, P.Submit):
@@ -170,7 +111,7 @@ class BrokerCore:
                 agent.credits, agent.workers, agent.last_seen = 0, msg.workers, now
                 self.counters["agents_hello_again"] += 1
             else:
-                agent = self._agents[peer] = _Agent(peer, msg, now)
+                agent = self._agents[peer] = AgentRecord(peer, msg, now)
                 log.info("agent %s joined from %s (pid %d, %d workers)", agent.name, agent.host, agent.pid,
                          agent.workers)
             out.append(Outgoing(Dest.BACKEND, peer, self._welcome()))
@@ -277,7 +218,7 @@ class BrokerCore:
     def _welcome(self) -> P.Welcome:
         return P.Welcome(self.epoch, self.heartbeat, self.liveness, self.collector, self.max_message_size)
 
-    def _accept(self, prod: _Producer, msg: P.Submit, frames: list[Any], out: list[Outgoing]) -> None:
+    def _accept(self, prod: ProducerRecord, msg: P.Submit, frames: list[Any], out: list[Outgoing]) -> None:
         nfuncs = len(msg.funcs)
         for d, blob in zip(msg.funcs, frames[:nfuncs]):
             prod.funcs[d] = blob
@@ -292,7 +233,7 @@ class BrokerCore:
             if entry.digest not in prod.funcs:
                 missing.append(entry.id)
                 continue
-            task = _Task(self._next_gid, prod, entry, tframes)
+            task = TaskRecord(self._next_gid, prod, entry, tframes)
             self._next_gid += 1
             self._tasks[task.gid] = task
             prod.tasks[task.ptid] = task
@@ -303,7 +244,7 @@ class BrokerCore:
                 "unknown function digest: send these tasks again with their function", tuple(missing))))
         self._activate(prod)
 
-    def _cancel(self, prod: _Producer, ids: Iterable[int], force: bool, out: list[Outgoing]) -> None:
+    def _cancel(self, prod: ProducerRecord, ids: Iterable[int], force: bool, out: list[Outgoing]) -> None:
         """Queued tasks are dropped; with ``force``, agents also stop those running."""
         stop: dict[bytes, list[int]] = {}
         for ptid in ids:
@@ -322,7 +263,7 @@ class BrokerCore:
         for aid, gids in stop.items():
             out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids), force=True)))
 
-    def _lost(self, task: _Task, why: str, out: list[Outgoing]) -> bool:
+    def _lost(self, task: TaskRecord, why: str, out: list[Outgoing]) -> bool:
         """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""
         task.attempts += 1
         if task.attempts > task.retries:
@@ -339,22 +280,22 @@ class BrokerCore:
         return True
 
     @staticmethod
-    def _gave_up(task: _Task, why: str) -> bytes:
+    def _gave_up(task: TaskRecord, why: str) -> bytes:
         runs = task.attempts
         return f"{why}; gave up after {runs} attempt{'s' if runs != 1 else ''}".encode()
 
-    def _activate(self, prod: _Producer) -> None:
+    def _activate(self, prod: ProducerRecord) -> None:
         if prod.queue and not prod.active:
             prod.active = True
             self._active.append(prod)
 
-    def _unlink(self, task: _Task) -> None:
+    def _unlink(self, task: TaskRecord) -> None:
         task.producer.tasks.pop(task.ptid, None)
         if task.agent is not None:
             task.agent.assigned.pop(task.gid, None)
             task.agent = None
 
-    def _forget_producer(self, prod: _Producer, out: list[Outgoing]) -> None:
+    def _forget_producer(self, prod: ProducerRecord, out: list[Outgoing]) -> None:
         """Drop its queued tasks and stop its running ones: nobody will read their results."""
         stop: dict[bytes, list[int]] = {}
         for task in prod.tasks.values():
@@ -371,7 +312,7 @@ class BrokerCore:
             prod.active = False
         del self._producers[prod.id]
 
-    def _drop_agent(self, agent: _Agent, why: str, out: list[Outgoing]) -> None:
+    def _drop_agent(self, agent: AgentRecord, why: str, out: list[Outgoing]) -> None:
         """The agent is gone: its tasks go back to the front of their queues, or fail past their retries."""
         agent.state = NodeState.GONE
         del self._agents[agent.id]
@@ -409,8 +350,8 @@ class BrokerCore:
                 if not self._active:
                     return
 
-    def _send_batch(self, agent: _Agent, limit: int, out: list[Outgoing]) -> None:
-        batch: list[_Task] = []
+    def _send_batch(self, agent: AgentRecord, limit: int, out: list[Outgoing]) -> None:
+        batch: list[TaskRecord] = []
         nbytes = 0
         # Round-robin: in each round, every active producer gives an even share of what is left.
         while len(batch) < limit and nbytes < P.BATCH_MAX_BYTES and self._active:
