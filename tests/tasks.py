@@ -113,3 +113,42 @@ def hog_memory(mib, seconds=5.0):
     while time.monotonic() < deadline:
         time.sleep(0.01)
     return len(block) >> 20
+
+
+def logged_square(exec_dir, i, seconds=0.0):
+    """``i * i``, its run logged in ``exec_dir`` for the ledger's executions histogram."""
+    from zpar.ledger import execution
+
+    with execution(exec_dir, i):
+        if seconds:
+            time.sleep(seconds)
+        return i * i
+
+
+def flaky(counter_path, failures, value):
+    """Raise ConnectionError the first ``failures`` times (counted in a file), then return ``value``."""
+    try:
+        with open(counter_path) as fh:
+            calls = int(fh.read() or 0)
+    except FileNotFoundError:
+        calls = 0
+    with open(counter_path, "w") as fh:
+        fh.write(str(calls + 1))
+    if calls < failures:
+        raise ConnectionError(f"flaky call {calls + 1}")
+    return value
+
+
+def _refuse_to_load():
+    raise RuntimeError("this result cannot be loaded here")
+
+
+class LoadsNowhere:
+    """Pickles in the worker; unpickling it (in the producer) raises."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def return_loads_nowhere():
+    return LoadsNowhere()

@@ -13,18 +13,20 @@ import pytest
 
 import tasks
 from proxy import PartitionProxy
+from zpar.ledger import Ledger, check
 from zpar.testing import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
-def test_a_partitioned_agent_is_dropped_its_tasks_rerun_and_it_rejoins_once_healed(new_cluster):
+def test_a_partitioned_agent_is_dropped_its_tasks_rerun_and_it_rejoins_once_healed(new_cluster, tmp_path):
     cluster = new_cluster(agents=1, workers=1)
     proxy = PartitionProxy("127.0.0.2", "127.0.0.1", cluster.ports[1:])
     try:
         cluster.add_agent(host="127.0.0.2", name="far")
         client = cluster.client()
-        futures = [client.submit(tasks.sleep_square, i, 0.02) for i in range(200)]
+        ledger = Ledger()
+        futures = [ledger.track(i, client.submit(tasks.logged_square, str(tmp_path), i, 0.02)) for i in range(200)]
         wait_for(lambda: any(n["name"] == "far" and n["running"] for n in cluster.status()["nodes"]), 10,
                  what="the far agent holding tasks")
         proxy.partition()
@@ -36,6 +38,8 @@ def test_a_partitioned_agent_is_dropped_its_tasks_rerun_and_it_rejoins_once_heal
         results = [f.result(timeout=60) for f in futures]  # the near agent finishes everything
         assert results == [i * i for i in range(200)]
         proxy.heal()
+        report = check(ledger, {i: i * i for i in range(200)}, tmp_path)
+        assert report.ok and report.completed == 200, report.summary()
         wait_for(lambda: any(n["name"] == "far" for n in cluster.status()["nodes"]), 10,
                  what="the healed agent registered again")
         assert list(client.map(tasks.square, range(100), timeout=30)) == [i * i for i in range(100)]
