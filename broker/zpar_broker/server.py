@@ -85,6 +85,7 @@ class BrokerServer:
         )
         #: Agents in this same process: their messages are calls, not frames.
         self.local_agents: dict[bytes, Callable[[P.Message, list[Any]], None]] = {}
+        self._bad_log = RateLimitedLog()  # a flood of garbage must not become a flood of log lines
         self.poller = poller or zmq.Poller()
         self._handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
         for sock in self.sockets.values():
@@ -170,7 +171,7 @@ class BrokerServer:
             return P.decode(frames[0].buffer, len(frames) - 1)
         except ProtocolError as exc:
             self.core.protocol_error(source)
-            log.warning("dropped a bad message on the %s: %s", source, exc)
+            self._bad_log.warn(log, "dropped a bad message on the %s: %s", source, exc)
             return None
 
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
@@ -223,6 +224,25 @@ class BrokerServer:
                 log.debug("%s peer %s is gone; dropped a %s", item.dest.value, item.peer.hex(), item.msg.kind.name)
             else:
                 raise
+
+
+class RateLimitedLog:
+    """At most ``burst`` warnings per ``window`` seconds; then one line counting what was left out."""
+
+    def __init__(self, burst: int = 10, window: float = 60.0) -> None:
+        self.burst, self.window = burst, window
+        self._start, self._count = -window, 0
+
+    def warn(self, logger: logging.Logger, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            if self._count > self.burst:
+                logger.warning("... and %d more like it in %.0f s (see `zpar status` counters)",
+                               self._count - self.burst, self.window)
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count <= self.burst:
+            logger.warning(fmt, *args)
 
 
 def run(config: BrokerConfig) -> int:
