@@ -1,0 +1,918 @@
+#!/usr/bin/env python
+"""Garbage benchmark (RELIABILITY.md C3/C4): malformed messages on every broker port.
+
+    python benchmarks/bench_garbage.py [--quick] [--messages N] [--json out.json]
+
+On a ``LocalCluster(agents=1, workers=2)``, a well-behaved producer runs
+``list(client.map(tiny, range(M), chunksize=C))`` (M = 50,000; 20,000 with
+``--quick``; C = 1), 3 times, alone. Then attacker processes send N
+malformed messages (100,000; 10,000 with ``--quick``) to the broker while the
+same producer runs the same map again, at least 3 times, for as long as the
+attack lasts. The attack is paced at ``--rate`` messages/s in all (5,000:
+100,000 take 20 s; ``--attack-seconds`` to spread it over a given time,
+``--flood`` to send as fast as the attackers can). The attackers' own CPU
+time is reported: on a 2-core box they take a share of the machine from the
+producer whatever the broker does, so the report also gives the broker's CPU
+time per bad message.
+
+What is sent (all to 127.0.0.1, every loop bounded in count and time):
+
+- raw TCP to the frontend, backend and collector ports: random bytes, a valid
+  ZMTP greeting followed by junk, a wrong security mechanism or ZMTP version,
+  a valid handshake followed by a frame declaring 2^62 bytes or just under
+  ``MAXMSGSIZE``, a valid handshake followed by garbage frames, and idle
+  connections held open for the whole attack;
+- over ZeroMQ (DEALERs to frontend and backend, some of them after a valid
+  producer HELLO, and one that never reads its replies; PUSH to the collector):
+  random bytes, truncated msgpack, valid msgpack of the wrong types, a wrong
+  protocol version, unknown kinds, huge declared msgpack lengths, a header
+  over ``MAX_HEADER_BYTES``, messages of 200,000 empty frames, kinds a socket
+  does not take, and SUBMIT/TASKS/RESULT headers whose frame counts lie
+  (small, and a few declaring 100,000 task entries).
+
+The report: broker alive at the end, broker RSS before / peak / after, the
+broker's counters (their change over the attack), what the attackers sent and
+the replies they got, the producer's throughput with and without the attack
+and their ratio (bar: median under attack / median alone >= 0.8; the
+ratio of the best runs is printed too), and that every result was right. Exit code 0
+when the bars hold, 1 when one is missed, 2 when the benchmark itself broke.
+Every wait has a deadline, and every process started here is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any
+
+now = time.monotonic
+
+# ---------------------------------------------------------------------- what attackers send
+# (this part imports only the standard library, msgpack and zmq)
+
+V, SUBMIT, TASKS, READY, HEARTBEAT, RESULT, CANCEL, STATUS, BYE, ERROR = 1, 3, 4, 5, 6, 7, 8, 9, 10, 11
+HELLO, WELCOME = 1, 2
+MAX_HEADER_BYTES = 8 * 1024 * 1024  # zpar.protocol's limits, repeated so attackers need no zpar import
+MAX_FRAMES = 100_000
+
+#: Weighted categories of single messages; "special" ones come a fixed number of times.
+WEIGHTS = {
+    "random_bytes": 18, "truncated_msgpack": 14, "wrong_types": 20, "wrong_version": 8, "unknown_kind": 8,
+    "huge_msgpack_lengths": 8, "lying_frame_counts": 16, "kind_not_for_socket": 8,
+}
+SPECIAL = ("too_many_frames", "header_over_limit", "big_lying_submit")
+
+
+def _pack(obj: Any) -> bytes:
+    import msgpack
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _valid_headers(rng: random.Random) -> list[bytes]:
+    """Well-formed headers of every kind (cut short by the truncation category)."""
+    d = rng.randbytes(8)
+    return [
+        _pack({"v": V, "k": SUBMIT, "t": [[i, d, 0, 0, rng.randbytes(rng.randint(1, 40)), 3, 0] for i in range(rng.randint(1, 30))], "f": [d]}),
+        _pack({"v": V, "k": RESULT, "r": [[i, 0, 0, 5, rng.randbytes(8)] for i in range(rng.randint(1, 30))], "a": rng.randbytes(16), "e": "x" * 32}),
+        _pack({"v": V, "k": HELLO, "role": "producer", "name": "n" * rng.randint(0, 50), "host": "h", "pid": 1, "workers": 0}),
+        _pack({"v": V, "k": TASKS, "t": [[1, d, 0, 0, b"xx", 0, 0]], "f": []}),
+        _pack({"v": V, "k": CANCEL, "ids": list(range(rng.randint(0, 50))), "force": True}),
+        _pack({"v": V, "k": STATUS, "info": {}}),
+        _pack({"v": V, "k": READY, "n": 4}),
+    ]
+
+
+def _wrong_types(rng: random.Random) -> bytes:
+    d = rng.randbytes(8)
+    choices: list[Any] = [
+        42, -1, 2**64 - 1, -2**63, 1.5, None, True, "a string", b"bytes", [], [1, 2, 3], [V, SUBMIT],
+        {"v": "1", "k": 3}, {"v": 1.0, "k": 3}, {"v": True, "k": 3}, {"v": None, "k": 3}, {"v": [1], "k": 3},
+        {"v": V}, {"v": V, "k": "3"}, {"v": V, "k": 3.0}, {"v": V, "k": None}, {"v": V, "k": True},
+        {"v": V, "k": [3]}, {"v": V, "k": {"x": 1}},
+        {"v": V, "k": SUBMIT}, {"v": V, "k": SUBMIT, "t": "tasks"}, {"v": V, "k": SUBMIT, "t": {"a": 1}},
+        {"v": V, "k": SUBMIT, "t": [1, 2, 3]}, {"v": V, "k": SUBMIT, "t": [[1, 2]]},
+        {"v": V, "k": SUBMIT, "t": [["id", d, 0, 0, b"x", 0, 0]]}, {"v": V, "k": SUBMIT, "t": [[-5, d, 0, 0, b"x", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [[1, "digest", 0, 0, b"x", 0, 0]]}, {"v": V, "k": SUBMIT, "t": [[1, d, -1, 0, b"x", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, "str", 0, 0]]}, {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 10**6, 0]]}, {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 0, -1]]},
+        {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", True, 0]]}, {"v": V, "k": SUBMIT, "t": [], "f": "x"},
+        {"v": V, "k": SUBMIT, "t": [], "f": [1, 2]}, {"v": V, "k": SUBMIT, "t": [[2**64 - 1, d, 0, 2**64 - 1, b"x", 0, 0]]},
+        {"v": V, "k": RESULT}, {"v": V, "k": RESULT, "r": "x"}, {"v": V, "k": RESULT, "r": [[1, 99, 0, 0, b"x"]]},
+        {"v": V, "k": RESULT, "r": [[1, 0, 0, -1, b"x"]]}, {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b""]]},
+        {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b"x"]], "a": "not bytes"}, {"v": V, "k": RESULT, "r": [], "e": 5},
+        {"v": V, "k": RESULT, "r": [[1, True, 0, 0, b"x"]]}, {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b"x", 9]]},
+        {"v": V, "k": HELLO}, {"v": V, "k": HELLO, "role": "emperor"}, {"v": V, "k": HELLO, "role": 5},
+        {"v": V, "k": HELLO, "role": "producer", "pid": -1}, {"v": V, "k": HELLO, "role": "producer", "workers": "2"},
+        {"v": V, "k": HELLO, "role": "producer", "name": b"bytes"},
+        {"v": V, "k": WELCOME}, {"v": V, "k": WELCOME, "epoch": 1, "heartbeat": "x", "liveness": -3},
+        {"v": V, "k": READY}, {"v": V, "k": READY, "n": -1}, {"v": V, "k": READY, "n": 2.5}, {"v": V, "k": READY, "n": "9"},
+        {"v": V, "k": HEARTBEAT, "busy": -1}, {"v": V, "k": HEARTBEAT, "busy": "x"},
+        {"v": V, "k": CANCEL}, {"v": V, "k": CANCEL, "ids": "x"}, {"v": V, "k": CANCEL, "ids": [-1]},
+        {"v": V, "k": CANCEL, "ids": ["a"]}, {"v": V, "k": CANCEL, "ids": [1], "force": "yes"},
+        {"v": V, "k": STATUS, "info": [1]}, {"v": V, "k": BYE, "reason": 7}, {"v": V, "k": BYE, "a": 7},
+        {"v": V, "k": ERROR}, {"v": V, "k": ERROR, "message": 1}, {"v": V, "k": ERROR, "message": "m", "ids": [-4]},
+    ]
+    pick = rng.randrange(len(choices) + 3)
+    if pick == len(choices):  # integer map keys (strict_map_key refuses them)
+        return b"\x82\x01\x01\x02\x03"
+    if pick == len(choices) + 1:  # deep nesting: 100,000 one-element arrays
+        return b"\x91" * 100_000 + b"\x00"
+    if pick == len(choices) + 2:  # a valid header with trailing bytes
+        return _pack({"v": V, "k": HEARTBEAT}) + rng.randbytes(rng.randint(1, 20))
+    return _pack(choices[pick])
+
+
+def _huge_lengths(rng: random.Random) -> bytes:
+    big = b"\xff\xff\xff\xff"
+    return rng.choice([
+        b"\xdd" + big,  # array32 of 4 billion entries, none sent
+        b"\xdf" + big,  # map32
+        b"\xc6" + big + b"x",  # bin32
+        b"\xdb" + big + b"x",  # str32
+        b"\xc9" + big + b"\x01",  # ext32
+        b"\x83\xa1v\x01\xa1k\x03\xa1t\xdd" + big,  # {"v":1,"k":3,"t": array32 of 4 billion}
+        b"\x83\xa1v\x01\xa1k\x07\xa1r\xdd\x00\x10\x00\x00\x95\x01\x00\x00\x00\xc6" + big,
+        b"\x82\xa1v\x01\xa1k\xcf" + b"\xff" * 8,  # kind = 2^64-1
+    ])
+
+
+def _lying(rng: random.Random, kinds: tuple[int, ...]) -> list[bytes]:
+    """A SUBMIT, TASKS or RESULT header whose declared frame count is not what comes with it."""
+    d = rng.randbytes(8)
+    k = rng.choice(kinds)
+    n = rng.randint(1, 20)
+    declared = [rng.choice([1, 2, 3, 1000, 2**31, 2**62, 2**64 - 1]) for _ in range(n)]
+    nf = 0
+    if k == RESULT:
+        header = {"v": V, "k": RESULT, "r": [[i, rng.choice([0, 1, 2, 3, 4]), declared[i], 7, b""] for i in range(n)]}
+    else:
+        nf = rng.randint(0, 3)  # function blobs are payload frames too
+        header = {"v": V, "k": k, "t": [[i, d, declared[i], rng.randint(0, 1), b"", 1, 0] for i in range(n)],
+                  "f": [rng.randbytes(8) for _ in range(nf)]}
+    declared_total = sum(declared) + nf
+    sent = rng.choice([0, 1, 2, 5, max(0, declared_total - 1) % 50, (declared_total + 1) % 50])
+    if sent == declared_total:
+        sent += 1
+    return [_pack(header)] + [rng.randbytes(rng.randint(0, 16)) for _ in range(sent)]
+
+
+def _kind_not_for_socket(rng: random.Random, target: str) -> list[bytes]:
+    """Well-formed messages of kinds this socket's peers may not send (or not yet)."""
+    d = rng.randbytes(8)
+    if target == "frontend":
+        options = [{"v": V, "k": WELCOME, "epoch": "e", "heartbeat": 1.0, "liveness": 3},
+                   {"v": V, "k": TASKS, "t": [[1, d, 0, 0, b"x", 0, 0]], "f": []}, {"v": V, "k": READY, "n": 5},
+                   {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b"x"]]}, {"v": V, "k": ERROR, "message": "boo", "ids": [1]}]
+    elif target == "backend":
+        options = [{"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 0, 0]], "f": []}, {"v": V, "k": READY, "n": 5},
+                   {"v": V, "k": HEARTBEAT, "busy": 1}, {"v": V, "k": CANCEL, "ids": [1]},
+                   {"v": V, "k": WELCOME, "epoch": "e", "heartbeat": 1.0, "liveness": 3},
+                   {"v": V, "k": ERROR, "message": "boo"}, {"v": V, "k": BYE, "reason": "x"}]
+    else:  # collector: anything but RESULT (or BYE naming an agent)
+        options = [{"v": V, "k": HELLO, "role": "agent", "name": "x", "workers": 9}, {"v": V, "k": READY, "n": 5},
+                   {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 0, 0]], "f": []}, {"v": V, "k": HEARTBEAT},
+                   {"v": V, "k": STATUS, "info": {}}, {"v": V, "k": BYE, "a": rng.randbytes(16)},
+                   {"v": V, "k": CANCEL, "ids": [1, 2]}]
+    return [_pack(rng.choice(options))]
+
+
+def make_message(category: str, rng: random.Random, target: str) -> list[bytes]:
+    if category == "random_bytes":
+        return [rng.randbytes(rng.randint(0, 512)) for _ in range(rng.choice([1, 1, 1, 2, 5]))]
+    if category == "truncated_msgpack":
+        h = rng.choice(_valid_headers(rng))
+        return [h[:rng.randrange(len(h))]]
+    if category == "wrong_types":
+        return [_wrong_types(rng)]
+    if category == "wrong_version":
+        v = rng.choice([99, 0, 2, -1, 2**64 - 1, 255])
+        return [_pack({"v": v, "k": rng.choice([SUBMIT, HELLO, RESULT, READY])})]
+    if category == "unknown_kind":
+        return [_pack({"v": V, "k": rng.choice([0, 12, 13, 99, 255, -1, 2**32, 2**63])})]
+    if category == "huge_msgpack_lengths":
+        return [_huge_lengths(rng)]
+    if category == "lying_frame_counts":
+        kinds = {"frontend": (SUBMIT, SUBMIT, RESULT), "backend": (RESULT, TASKS, SUBMIT), "collector": (RESULT,)}[target]
+        return _lying(rng, kinds)
+    if category == "kind_not_for_socket":
+        return _kind_not_for_socket(rng, target)
+    if category == "too_many_frames":
+        return [_pack({"v": V, "k": rng.choice([SUBMIT, RESULT, HEARTBEAT])})] + [b""] * 200_000
+    if category == "header_over_limit":
+        return [b"\x83" + os.urandom(MAX_HEADER_BYTES + 1)]
+    if category == "big_lying_submit":  # 100,000 well-formed task entries, frames missing: all checked, then refused
+        d = rng.randbytes(8)
+        k = RESULT if target == "collector" else SUBMIT
+        if k == RESULT:
+            return [_pack({"v": V, "k": RESULT, "r": [[i, 0, 1, 1, b""] for i in range(100_000)]})]
+        return [_pack({"v": V, "k": SUBMIT, "t": [[i, d, 1, 0, b"", 0, 0] for i in range(100_000)], "f": []})]
+    raise ValueError(category)
+
+
+def plan(n: int, specials: int, rng: random.Random, only: list[str] | None = None) -> list[str]:
+    """``n`` categories in a random order, with ``specials`` of each special spread evenly."""
+    cats = [c for c in WEIGHTS if not only or c in only]
+    weights = [WEIGHTS[c] for c in cats]
+    chosen = [c for c in SPECIAL if not only or c in only]
+    if not cats and chosen:  # only costly kinds asked for: n of them
+        specials = -(-n // len(chosen))
+    out = rng.choices(cats, weights, k=max(0, n - specials * len(chosen))) if cats else []
+    for j in range(specials):
+        for s in chosen:
+            out.insert(min(len(out), int((j + 0.5) * len(out) / max(1, specials))), s)
+    return out[:n]
+
+
+# ---------------------------------------------------------------------- raw TCP
+
+def zmtp_greeting(mechanism: bytes = b"NULL", major: int = 3, minor: int = 0) -> bytes:
+    return b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([major, minor]) + mechanism.ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+
+
+def zmtp_ready(socket_type: bytes) -> bytes:
+    name = b"Socket-Type"
+    body = b"\x05READY" + bytes([len(name)]) + name + len(socket_type).to_bytes(4, "big") + socket_type
+    return b"\x04" + bytes([len(body)]) + body
+
+
+def zmtp_frame(body: bytes, more: bool = False) -> bytes:
+    if len(body) < 256:
+        return bytes([1 if more else 0, len(body)]) + body
+    return bytes([3 if more else 2]) + len(body).to_bytes(8, "big") + body
+
+
+RAW_KINDS = ("random", "greeting_then_junk", "wrong_mechanism", "zmtp_v1_v2", "declared_2_62",
+             "declared_under_max", "handshake_then_garbage_frames")
+
+
+def raw_payload(kind: str, rng: random.Random, socket_type: bytes, max_msg: int) -> bytes:
+    if kind == "random":
+        return rng.randbytes(rng.randint(1, 4096))
+    if kind == "greeting_then_junk":
+        return zmtp_greeting() + rng.randbytes(rng.randint(1, 2048))
+    if kind == "wrong_mechanism":
+        return zmtp_greeting(rng.choice([b"CURVE", b"PLAIN", b"GSSAPI", b"XXXX"])) + rng.randbytes(64)
+    if kind == "zmtp_v1_v2":
+        return zmtp_greeting(major=rng.choice([1, 2, 9]))[:rng.choice([10, 11, 12, 64])] + rng.randbytes(256)
+    hs = zmtp_greeting() + zmtp_ready(socket_type)
+    if kind == "declared_2_62":
+        return hs + b"\x02" + (2**62).to_bytes(8, "big") + rng.randbytes(1024)
+    if kind == "declared_under_max":  # a length just under MAXMSGSIZE, then 64 KiB of it and a hang-up
+        return hs + b"\x02" + (max_msg - 1).to_bytes(8, "big") + rng.randbytes(65536)
+    frames = [zmtp_frame(rng.randbytes(rng.randint(0, 300)), more=i < 2) for i in range(3)]
+    return hs + b"".join(frames)
+
+
+# ---------------------------------------------------------------------- an attacker process
+
+
+def attacker_main(spec_path: str) -> int:
+    """One attacker: its own process, so it competes for the machine but not for our GIL."""
+    import zmq
+
+    with open(spec_path) as fh:
+        spec = json.load(fh)
+    role, n, duration, hard_stop = spec["role"], spec["messages"], spec["duration"], spec["hard_stop"]
+    rng = random.Random(spec["seed"])
+    t0 = now()
+    stop_at = t0 + hard_stop
+    stats: dict[str, Any] = {"role": role, "sent": collections.Counter(), "send_failed": collections.Counter(),
+                             "replies": collections.Counter(), "raw_errors": collections.Counter()}
+
+    def pace(i: int, total: int) -> bool:
+        """Sleep until message i is due; False once past the hard stop."""
+        if now() > stop_at:
+            return False
+        if duration > 0:
+            due = t0 + duration * i / max(1, total)
+            ahead = due - now()
+            if ahead > 0.001:
+                time.sleep(ahead)
+        return True
+
+    if role == "raw":
+        ports = spec["ports"]  # name -> (port, socket type)
+        held: list[socket.socket] = []
+        try:
+            for name, (port, _st) in ports.items():  # idle connections held for the whole attack
+                for _ in range(spec["held_per_port"]):
+                    try:
+                        s = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+                        held.append(s)
+                        stats["sent"][f"{name}:idle_held"] += 1
+                    except OSError as exc:
+                        stats["raw_errors"][f"{name}:{type(exc).__name__}"] += 1
+            for i in range(n):
+                if not pace(i, n):
+                    break
+                name = rng.choice(list(ports))
+                port, st = ports[name]
+                kind = rng.choices(RAW_KINDS, [50, 12, 8, 8, 4, 3, 15])[0]
+                data = raw_payload(kind, rng, st.encode(), spec["max_message_size"])
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+                        s.settimeout(1.0)
+                        s.sendall(data)
+                        if kind.startswith("declared") or kind == "handshake_then_garbage_frames":
+                            time.sleep(0.002)  # let the broker read it before the hang-up
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    stats["sent"][f"{name}:{kind}"] += 1
+                except OSError as exc:  # reset by the peer is a fine answer to garbage
+                    stats["raw_errors"][f"{name}:{kind}:{type(exc).__name__}"] += 1
+                    stats["sent"][f"{name}:{kind}"] += 1
+            while now() < t0 + duration and now() < stop_at:  # keep the idle ones until the end
+                time.sleep(0.05)
+        finally:
+            for s in held:
+                s.close()
+    else:
+        ctx = zmq.Context()
+        address = spec["address"]
+        socks: list[tuple[Any, bool]] = []  # (socket, reads its replies)
+        kind = zmq.PUSH if role == "collector" else zmq.DEALER
+        nsocks = 1 if role == "collector" else 6
+        for j in range(nsocks):
+            s = ctx.socket(kind)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 10_000)
+            s.setsockopt(zmq.SNDTIMEO, 2000)
+            s.connect(address)
+            deaf = role != "collector" and j == nsocks - 1  # never reads what the broker answers
+            if role == "frontend" and j % 2 == 1:  # a "producer" that said HELLO before its garbage
+                s.send(_pack({"v": V, "k": HELLO, "role": "producer", "name": "attacker", "host": "h",
+                              "pid": os.getpid(), "workers": 0}))
+            socks.append((s, role != "collector" and not deaf))
+        cats = plan(n, spec["specials"], rng, spec.get("categories"))
+        try:
+            for i, cat in enumerate(cats):
+                if not pace(i, len(cats)):
+                    break
+                s, _ = socks[i % len(socks)]
+                frames = make_message(cat, rng, role)
+                try:
+                    s.send_multipart(frames)
+                    stats["sent"][cat] += 1
+                except zmq.ZMQError as exc:
+                    stats["send_failed"][f"{cat}:{exc.strerror}"] += 1
+                if i % 16 == 0:
+                    for rs, r in socks:
+                        while r and rs.poll(0):
+                            reply = rs.recv_multipart()
+                            stats["replies"][_describe_reply(reply[0])] += 1
+            end = now() + 1.0  # the last replies
+            while now() < end:
+                for rs, r in socks:
+                    while r and rs.poll(0):
+                        stats["replies"][_describe_reply(rs.recv_multipart()[0])] += 1
+                time.sleep(0.02)
+        finally:
+            for s, _ in socks:
+                s.close(linger=0)
+            ctx.term()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    stats["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 2)
+    stats["elapsed_s"] = round(now() - t0, 2)
+    with open(spec["out"], "w") as fh:
+        json.dump(stats, fh)
+    return 0
+
+
+def _describe_reply(header: bytes) -> str:
+    import msgpack
+    try:
+        h = msgpack.unpackb(header, raw=False)
+        if h.get("k") == ERROR:
+            return f"ERROR: {str(h.get('message'))[:50]}"
+        return f"kind {h.get('k')}"
+    except Exception:  # noqa: BLE001
+        return "undecodable"
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+def tiny(x: int) -> int:
+    return x * 2 + 1
+
+
+class CountingHandler(logging.Handler):
+    """Counts this process's zpar log records (a reconnect storm shows up here) instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[f"{record.levelname} {record.name}: {record.getMessage()[:70]}"] += 1
+
+
+class RssWatch(threading.Thread):
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(name="broker-rss", daemon=True)
+        import psutil
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.samples: list[tuple[float, str, int]] = []
+        self.phase = "start"
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        t0 = now()
+        while not self.stop_event.is_set():
+            try:
+                self.samples.append((round(now() - t0, 2), self.phase, self.proc.memory_info().rss))
+            except Exception:  # noqa: BLE001 - the broker died: the report says so
+                return
+            self.stop_event.wait(self.interval)
+
+    def peak(self, phase: str | None = None) -> int | None:
+        vals = [r for _, p, r in self.samples if phase is None or p == phase]
+        return max(vals, default=None)
+
+
+def start_cluster(log_path: str, **kwargs: Any):
+    """A LocalCluster whose daemons write their stderr (their logs) to ``log_path``, not to ours."""
+    from zpar.testing import LocalCluster
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    try:
+        return LocalCluster(**kwargs)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def summarize_log(path: str) -> dict[str, Any]:
+    try:
+        size = os.path.getsize(path)
+        with open(path, errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return {"lines": 0, "bytes": 0}
+    kinds: collections.Counter[str] = collections.Counter()
+    tracebacks: list[str] = []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            tracebacks.append("\n".join(lines[max(0, i - 1):i + 25]))
+        for level in ("CRITICAL", "ERROR", "WARNING", "INFO"):
+            if f" {level} " in line:
+                kinds[f"{level} {line.split(f' {level} ', 1)[1][:60]}"] += 1
+                break
+    return {"lines": len(lines), "bytes": size, "top": kinds.most_common(15), "tracebacks": len(tracebacks),
+            "first_tracebacks": tracebacks[:3], "tail": lines[-10:]}
+
+
+def timed_map(client: Any, m: int, chunksize: int, timeout: float) -> tuple[float, bool]:
+    """Seconds for one map of ``m`` tiny tasks, and whether every result was right."""
+    t = time.perf_counter()
+    got = list(client.map(tiny, range(m), chunksize=chunksize, timeout=timeout))
+    dt = time.perf_counter() - t
+    return dt, got == [x * 2 + 1 for x in range(m)]
+
+
+def wait_backlog(cluster: Any, limit: float) -> float | None:
+    """Seconds until the broker's bad-message counters stand still for 1 s (None: not within ``limit``)."""
+    t0 = now()
+    last = None
+    still_since = now()
+    while now() - t0 < limit:
+        try:
+            c = cluster.status(5.0)["counters"]
+        except Exception:  # noqa: BLE001 - busy or dead; the caller looks at the process
+            time.sleep(0.2)
+            continue
+        seen = sum(v for k, v in c.items() if k.startswith(("protocol_errors", "unknown_")))
+        if seen != last:
+            last, still_since = seen, now()
+        elif now() - still_since >= 1.0:
+            return round(still_since - t0, 2)
+        time.sleep(0.1)
+    return None
+
+
+def probe_costly(cluster: Any, broker: Any, quick: bool) -> list[dict[str, Any]]:
+    """One costly message at a time on a quiet cluster: how long it holds the broker's loop.
+
+    A thread asks the broker for its status every 10 ms meanwhile; the longest
+    round trip is how long the broker answered nobody (agents' heartbeats included).
+    """
+    import zmq
+
+    from zpar.client import broker_status
+
+    rng = random.Random(7)
+    ctx = zmq.Context.instance()
+    rows = []
+    for target in (["frontend"] if quick else ["frontend", "backend", "collector"]):
+        for cat in SPECIAL:
+            s = ctx.socket(zmq.PUSH if target == "collector" else zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(getattr(cluster, target))
+            frames = make_message(cat, rng, target)
+            time.sleep(0.5)
+            before = cluster.status(5.0)["counters"]
+            rtts: list[float] = []
+            stop = threading.Event()
+
+            def poll(stop: threading.Event = stop, rtts: list[float] = rtts) -> None:
+                while not stop.is_set() and len(rtts) < 1000:
+                    t = time.perf_counter()
+                    try:
+                        broker_status(cluster.frontend, 5.0)
+                    except Exception:  # noqa: BLE001
+                        rtts.append(5.0)
+                        return
+                    rtts.append(time.perf_counter() - t)
+                    time.sleep(0.01)
+            th = threading.Thread(target=poll, daemon=True)
+            th.start()
+            time.sleep(0.1)
+            cpu0 = sum(broker.cpu_times()[:2])
+            s.send_multipart(frames)
+            time.sleep(1.5)
+            stop.set()
+            th.join(6)
+            cpu = sum(broker.cpu_times()[:2]) - cpu0
+            s.close()
+            after = cluster.status(5.0)["counters"]
+            delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("agents_silent", "agents_re-registered",
+                                                                      "producers_silent", "protocol_errors")}
+            rows.append({"target": target, "category": cat, "frames": len(frames),
+                         "bytes": sum(len(f) for f in frames), "max_status_rtt_ms": round(max(rtts) * 1000, 1),
+                         "broker_cpu_ms": round(cpu * 1000), "counters": delta})
+    return rows
+
+
+def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    import psutil
+
+    out: dict[str, Any] = {"messages": args.messages, "map_tasks": args.map_tasks, "chunksize": args.chunksize,
+                           "liveness_window_s": args.heartbeat * 3}
+    log_path = os.path.join(workdir, "cluster.log")
+    out["log"] = log_path
+    cluster = None
+    attackers: list[tuple[str, subprocess.Popen, str]] = []
+    watch = None
+    t_end = now() + args.deadline
+    try:
+        cluster = start_cluster(log_path, agents=1, workers=2, heartbeat=args.heartbeat, log_level=args.log_level)
+        broker = psutil.Process(cluster.broker.pid)
+        watch = RssWatch(broker.pid)
+        watch.start()
+        client = cluster.client()
+        rep_timeout = max(30.0, min(120.0, t_end - now()))
+        timed_map(client, min(5000, args.map_tasks), args.chunksize, rep_timeout)  # warm-up
+
+        # -- baseline
+        watch.phase = "baseline"
+        base_times, wrong = [], 0
+        cpu0 = sum(broker.cpu_times()[:2])
+        for _ in range(3):
+            dt, ok = timed_map(client, args.map_tasks, args.chunksize, rep_timeout)
+            base_times.append(dt)
+            wrong += not ok
+        out["broker_cpu_baseline_s"] = round(sum(broker.cpu_times()[:2]) - cpu0, 2)
+        out["baseline_s"] = [round(x, 3) for x in base_times]
+        out["baseline_tps"] = args.map_tasks / min(base_times)
+        out["baseline_tps_median"] = args.map_tasks / statistics.median(base_times)
+        time.sleep(0.5)
+        out["rss_before"] = broker.memory_info().rss
+        out["fds_before"] = broker.num_fds()
+        out["threads_before"] = broker.num_threads()
+        before = cluster.status(5.0)["counters"]
+
+        # -- attack
+        duration = 0.0 if args.flood else (args.attack_seconds or args.messages / args.rate)
+        out["attack_paced_over_s"] = round(duration, 1)
+        hard = max(60.0, duration * 3 + 30)
+        ports = {name: int(getattr(cluster, name).rsplit(":", 1)[1]) for name in ("frontend", "backend", "collector")}
+        n = args.messages
+        n_raw = 0 if args.no_raw else max(3, int(n * 0.06))
+        n_zmq = n - n_raw
+        split = {"frontend": int(n_zmq * 0.4), "backend": int(n_zmq * 0.3)}
+        split["collector"] = n_zmq - split["frontend"] - split["backend"]
+        specials = args.specials if args.specials is not None else (3 if args.quick else 10)
+        held = 10 if args.quick else 30
+        watch.phase = "attack"
+        from zpar.config import BrokerConfig
+        for i, role in enumerate(["frontend", "backend", "collector", *([] if args.no_raw else ["raw"])]):
+            spec = {"role": role, "seed": args.seed + i, "duration": duration, "hard_stop": hard,
+                    "categories": args.categories.split(",") if args.categories else None,
+                    "out": os.path.join(workdir, f"attacker-{role}.json"), "specials": specials,
+                    "max_message_size": BrokerConfig().max_message_size}
+            if role == "raw":
+                spec.update(messages=n_raw, held_per_port=held,
+                            ports={"frontend": (ports["frontend"], "DEALER"), "backend": (ports["backend"], "DEALER"),
+                                   "collector": (ports["collector"], "PUSH")})
+            else:
+                spec.update(messages=split[role], address=getattr(cluster, role))
+            spec_path = os.path.join(workdir, f"attacker-{role}.spec.json")
+            with open(spec_path, "w") as fh:
+                json.dump(spec, fh)
+            with open(os.path.join(workdir, f"attacker-{role}.err"), "w") as err:  # the child keeps its copy
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attacker", spec_path],
+                                        stdout=subprocess.DEVNULL, stderr=err)
+            attackers.append((role, proc, spec["out"]))
+        t_attack = now()
+        cpu0 = sum(broker.cpu_times()[:2])
+        reps: list[dict[str, Any]] = []
+        rep_errors: list[str] = []
+        while now() < t_end:
+            running = any(p.poll() is None for _, p, _ in attackers)
+            if len(reps) >= 3 and not running:
+                break
+            if len(reps) >= args.max_reps:
+                break
+            started_during = running
+            try:
+                dt, ok = timed_map(client, args.map_tasks, args.chunksize, max(10.0, min(rep_timeout, t_end - now())))
+            except Exception as exc:  # noqa: BLE001 - a timeout or an error under attack is a finding
+                rep_errors.append(f"{type(exc).__name__}: {exc}")
+                break
+            ended_during = any(p.poll() is None for _, p, _ in attackers)
+            reps.append({"s": round(dt, 3), "right": ok, "during_attack": started_during,
+                         "ended_after_attack": started_during and not ended_during})
+            wrong += not ok
+        out["broker_cpu_attack_s"] = round(sum(broker.cpu_times()[:2]) - cpu0, 2)
+        # broker CPU beyond what the good maps cost alone, per bad message it read
+        expected_cpu = out["broker_cpu_baseline_s"] / 3 * len(reps)
+        out["attack_reps"] = reps
+        out["attack_rep_errors"] = rep_errors
+        for role, proc, _ in attackers:  # the attackers end by themselves; the hard stop is theirs
+            try:
+                proc.wait(max(1.0, min(hard, t_end - now())))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        out["attack_s"] = round(now() - t_attack, 2)
+        watch.phase = "after"
+        stats = {}
+        for role, proc, path in attackers:
+            try:
+                with open(path) as fh:
+                    stats[role] = json.load(fh)
+            except OSError:
+                stats[role] = {"missing": f"exit code {proc.returncode}"}
+        out["attackers"] = stats
+        out["sent_total"] = sum(sum(s.get("sent", {}).values()) for s in stats.values())
+        under = [r["s"] for r in reps if r["during_attack"]]
+        out["attack_tps"] = args.map_tasks / min(under) if under else 0.0
+        out["attack_tps_median"] = args.map_tasks / statistics.median(under) if under else 0.0
+        out["reps_under_attack"] = sum(r["during_attack"] for r in reps)
+        out["ratio_best"] = out["attack_tps"] / out["baseline_tps"]
+        # the bar: typical against typical (the best of a dozen runs under attack flatters it)
+        out["ratio"] = out["attack_tps_median"] / out["baseline_tps_median"]
+
+        # -- after: the broker may still be reading what the attackers left queued; wait for it
+        out["backlog_drain_s"] = wait_backlog(cluster, min(60.0, max(5.0, t_end - now() - 60)))
+        out["broker_alive"] = cluster.broker.poll() is None
+        if out["broker_alive"]:
+            out["rss_after"] = broker.memory_info().rss
+            out["fds_after"] = broker.num_fds()
+            out["threads_after"] = broker.num_threads()
+            try:
+                dt, ok = timed_map(client, args.map_tasks, args.chunksize, max(10.0, min(rep_timeout, t_end - now())))
+                out["after_tps"] = args.map_tasks / dt
+                wrong += not ok
+            except Exception as exc:  # noqa: BLE001
+                out["after_error"] = f"{type(exc).__name__}: {exc}"
+            status = cluster.status(5.0)
+            after = status["counters"]
+            out["counters_after"] = after
+            out["counters_delta"] = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before))
+                                     if after.get(k, 0) != before.get(k, 0)}
+            bad = sum(v for k, v in out["counters_delta"].items()
+                      if k in ("protocol_errors", "unknown_agent_messages", "unknown_producer_messages"))
+            out["bad_messages_read"] = bad
+            out["broker_cpu_per_bad_message_us"] = (round((out["broker_cpu_attack_s"] - expected_cpu) / bad * 1e6, 1)
+                                                    if bad else None)
+            out["status_after"] = {k: status[k] for k in ("workers", "producers", "queued", "running")}
+            out["status_after"]["nodes"] = [nd["name"] for nd in status["nodes"]]
+        else:
+            out["broker_returncode"] = cluster.broker.returncode
+        if out["broker_alive"] and args.probe:
+            watch.phase = "probe"
+            out["probe"] = probe_costly(cluster, broker, args.quick)
+            out["broker_alive"] = cluster.broker.poll() is None
+            out["counters_after_probe"] = cluster.status(5.0)["counters"] if out["broker_alive"] else None
+            if out["broker_alive"]:
+                out["rss_end"] = broker.memory_info().rss
+        out["rss_peak_attack"] = watch.peak("attack")
+        out["rss_peak"] = watch.peak()
+        out["wrong_maps"] = wrong
+    except Exception as exc:  # noqa: BLE001
+        out["broken"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc()
+    finally:
+        for _, proc, _ in attackers:
+            if proc.poll() is None:
+                proc.kill()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        if watch is not None:
+            watch.stop_event.set()
+            watch.join(2)
+            step = max(1, len(watch.samples) // 400)
+            out["rss_samples"] = watch.samples[::step]
+        if cluster is not None:
+            if cluster.broker is not None and "broker_alive" not in out:
+                out["broker_alive"] = cluster.broker.poll() is None
+            procs = cluster.processes()
+            try:
+                cluster.stop(timeout=10)
+            except Exception as exc:  # noqa: BLE001
+                out["stop_error"] = str(exc)
+            leaked = []
+            for p in procs:
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        leaked.append(p.pid)
+                        p.kill()
+                except psutil.Error:
+                    pass
+            out["leaked"] = leaked
+        out["log_summary"] = summarize_log(log_path)
+    return out
+
+
+def psutil_cores() -> int:
+    return os.cpu_count() or 1
+
+
+def mib(x: int | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f} MiB"
+
+
+def verdicts(r: dict[str, Any], bar: float) -> list[tuple[str, bool, str]]:
+    if "broken" in r:
+        return [("benchmark ran", False, r["broken"])]
+    v = [("broker alive at the end", bool(r.get("broker_alive")), str(r.get("broker_alive")))]
+    v.append((f"median throughput under attack / alone >= {bar:g}", r.get("ratio", 0) >= bar,
+              f"{r.get('ratio', 0):.3f} ({r.get('reps_under_attack', 0)} runs under attack)"))
+    v.append(("all results right", r.get("wrong_maps", 1) == 0 and not r.get("attack_rep_errors")
+              and "after_error" not in r, f"{r.get('wrong_maps')} wrong maps, errors {r.get('attack_rep_errors') or r.get('after_error') or 'none'}"))
+    v.append(("no traceback in the cluster log", r["log_summary"].get("tracebacks", 0) == 0,
+              str(r["log_summary"].get("tracebacks", 0))))
+    sent, asked = r.get("sent_total", 0), r["messages"]
+    v.append(("the attack was sent", sent >= 0.95 * asked, f"{sent:,} of {asked:,}"))
+    return v
+
+
+def print_report(r: dict[str, Any], bar: float) -> bool:
+    if "broken" in r:
+        print(f"BROKEN: {r['broken']}\n{r.get('traceback', '')}")
+    else:
+        print(f"\nwell-behaved producer: list(client.map(tiny, range({r['map_tasks']:,}), chunksize={r['chunksize']}))")
+        print(f"  alone:        {r['baseline_tps']:>10,.0f} tasks/s  best, {r['baseline_tps_median']:,.0f} median "
+              f"(runs {', '.join(map(str, r['baseline_s']))} s)")
+        reps = ", ".join(f"{x['s']}{'+' if x.get('ended_after_attack') else ''}{'' if x['during_attack'] else '*'}"
+                         for x in r["attack_reps"])
+        print(f"  under attack: {r['attack_tps']:>10,.0f} tasks/s  best, {r['attack_tps_median']:,.0f} median "
+              f"(runs {reps} s; + = ended after the attack, * = began after it, not counted)")
+        if "after_tps" in r:
+            print(f"  after:        {r['after_tps']:>10,.0f} tasks/s")
+        print(f"  ratio of medians {r['ratio']:.3f} (of bests {r['ratio_best']:.3f}); broker CPU "
+              f"{r['broker_cpu_baseline_s']} s over the 3 runs alone, {r['broker_cpu_attack_s']} s over the "
+              f"{len(r['attack_reps'])} under attack: the extra is {r.get('broker_cpu_per_bad_message_us')} us per bad "
+              f"message read ({r.get('bad_messages_read')}; costly ones and reconnects included)")
+        cpu = sum(s.get("cpu_s", 0) for s in r["attackers"].values())
+        print(f"  the attackers used {cpu:.1f} s of CPU over {r['attack_s']} s ({psutil_cores()} cores here)")
+        drain = r.get("backlog_drain_s")
+        print(f"attack: {r['sent_total']:,} messages sent in {r['attack_s']} s (paced over "
+              f"{r['attack_paced_over_s']} s; 0 = flood); the broker was still reading them "
+              f"{'over 60' if drain is None else drain} s after the attackers were done")
+        for role, s in r["attackers"].items():
+            if "missing" in s:
+                print(f"  {role}: no report ({s['missing']})")
+                continue
+            sent = collections.Counter(s.get("sent", {}))
+            if role == "raw":
+                by = collections.Counter()
+                for k, c in sent.items():
+                    by[k.split(":", 1)[1]] += c
+                print(f"  raw TCP: {sum(sent.values()):,} connections ({dict(by)}); cpu {s['cpu_s']} s; "
+                      f"errors {dict(collections.Counter(s.get('raw_errors', {})).most_common(4))}")
+            else:
+                print(f"  {role}: {sum(sent.values()):,} sent {dict(sent)}; cpu {s['cpu_s']} s")
+                if s.get("send_failed"):
+                    print(f"    send failed: {s['send_failed']}")
+                if s.get("replies"):
+                    print(f"    replies: {dict(collections.Counter(s['replies']).most_common(6))}")
+        print(f"broker RSS: before {mib(r['rss_before'])}, peak during attack {mib(r.get('rss_peak_attack'))}, "
+              f"after {mib(r.get('rss_after'))}, at the end {mib(r.get('rss_end'))}; fds {r['fds_before']} -> {r.get('fds_after')}, "
+              f"threads {r['threads_before']} -> {r.get('threads_after')}")
+        print(f"broker counters, change over the attack: {r.get('counters_delta')}")
+        print(f"status after: {r.get('status_after')}")
+        if r.get("client_log"):
+            print("producer-side zpar log records during the run:")
+            for k, c in r["client_log"][:6]:
+                print(f"  {c:>7,} x {k}")
+        if r.get("probe"):
+            print("one costly message at a time, quiet cluster (status asked every 10 ms; heartbeat x liveness "
+                  f"= {r['liveness_window_s']:g} s):")
+            for p in r["probe"]:
+                print(f"  {p['target']:<9} {p['category']:<18} {p['frames']:>7,} frames {p['bytes'] / 2**20:6.1f} MiB: "
+                      f"broker unresponsive up to {p['max_status_rtt_ms']:7.1f} ms, broker CPU {p['broker_cpu_ms']:5d} ms; "
+                      f"{ {k: v for k, v in p['counters'].items() if v} }")
+    ls = r.get("log_summary", {})
+    print(f"cluster log: {ls.get('lines', 0):,} lines, {ls.get('bytes', 0) / 2**20:.1f} MiB, "
+          f"{ls.get('tracebacks', 0)} tracebacks ({r.get('log')})")
+    for k, c in ls.get("top", [])[:8]:
+        print(f"  {c:>7,} x {k}")
+    for tb in ls.get("first_tracebacks", []):
+        print(tb)
+    if r.get("leaked"):
+        print(f"LEAKED processes after stop (killed): {r['leaked']}")
+    ok = True
+    for name, good, detail in verdicts(r, bar):
+        ok &= good
+        print(f"  [{'PASS' if good else 'FAIL'}] {name}: {detail}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10,000 messages, 20,000-task maps")
+    ap.add_argument("--messages", type=int, help="malformed messages (default 100,000; 10,000 with --quick)")
+    ap.add_argument("--map-tasks", type=int, help="tasks per map (default 50,000; 20,000 with --quick)")
+    ap.add_argument("--chunksize", type=int, default=1, help="the good producer's map chunksize (1)")
+    ap.add_argument("--rate", type=float, default=5000.0,
+                    help="malformed messages per second, all attackers together (default 5,000)")
+    ap.add_argument("--attack-seconds", type=float, help="spread the attack over this long instead")
+    ap.add_argument("--flood", action="store_true", help="send the attack as fast as possible")
+    ap.add_argument("--specials", type=int, help="how many of each costly message (200,000 frames, 8 MiB header, "
+                    "100,000-entry header) per attacker (default 10; 3 with --quick)")
+    ap.add_argument("--categories", help="only these message categories (comma list; default all): "
+                    + ", ".join([*WEIGHTS, *SPECIAL]))
+    ap.add_argument("--no-raw", action="store_true", help="no raw TCP attacker")
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="skip timing one costly message at a time after the attack")
+    ap.add_argument("--max-reps", type=int, default=60, help="most maps run under attack")
+    ap.add_argument("--heartbeat", type=float, default=0.1, help="cluster heartbeat (LocalCluster's 0.1 s)")
+    ap.add_argument("--log-level", default="WARNING", help="of the broker and agent (their log goes to a file)")
+    ap.add_argument("--deadline", type=float, help="seconds for the whole run (default 300; 150 with --quick)")
+    ap.add_argument("--bar", type=float, default=0.8, help="throughput ratio bar (0.8)")
+    ap.add_argument("--seed", type=int, default=20261126)
+    ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the cluster log (kept anyway on failure)")
+    ap.add_argument("--attacker", metavar="SPEC", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.attacker:
+        return attacker_main(args.attacker)
+    args.messages = args.messages or (10_000 if args.quick else 100_000)
+    args.map_tasks = args.map_tasks or (20_000 if args.quick else 50_000)
+    args.deadline = args.deadline or (150.0 if args.quick else 300.0)
+    import psutil
+    print(f"bench_garbage: {args.messages:,} malformed messages against LocalCluster(agents=1, workers=2, "
+          f"heartbeat={args.heartbeat:g}); good producer maps {args.map_tasks:,} tasks, chunksize {args.chunksize}; "
+          f"{psutil.cpu_count()} cores, python {sys.version.split()[0]}", flush=True)
+    handler = CountingHandler()
+    zlog = logging.getLogger("zpar")
+    zlog.addHandler(handler)
+    zlog.setLevel(logging.INFO)
+    zlog.propagate = False  # counted, not printed: a reconnect storm would drown the report
+    workdir = tempfile.mkdtemp(prefix="zpar-bench-garbage-")
+    code = 2
+    r: dict[str, Any] = {}
+    try:
+        r = run(args, workdir)
+        r["client_log"] = handler.counts.most_common(10)
+        ok = print_report(r, args.bar)
+        code = 2 if "broken" in r else (0 if ok else 1)
+    finally:
+        if args.json:
+            commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                                    check=False, capture_output=True, text=True).stdout.strip()
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "commit": commit, "result": r, "exit_code": code}, fh, indent=1,
+                          default=str)
+        if code == 0 and not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}")
+    print(f"\nexit code {code}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
