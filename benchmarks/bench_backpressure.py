@@ -47,6 +47,7 @@ from typing import Any
 
 import psutil
 
+from _cluster import start_cluster  # noqa: E402  (benchmarks/ is on sys.path)
 from zpar.testing import LocalCluster
 
 now = time.monotonic
@@ -85,21 +86,6 @@ class CountingHandler(logging.Handler):
         self.counts[key] += 1
         if len(self.first) < 20:
             self.first.append(f"{record.levelname} {record.name}: {msg[:200]}")
-
-
-def start_cluster(log_path: str, **kwargs: Any) -> LocalCluster:
-    """A LocalCluster whose daemons write their stderr (their logs) to ``log_path``, not to ours."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    saved = os.dup(2)
-    sys.stderr.flush()
-    os.dup2(fd, 2)  # inherited by the daemons (and their workers) spawned now
-    try:
-        return LocalCluster(**kwargs)
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(fd)
 
 
 def summarize_log(path: str) -> dict[str, Any]:

@@ -59,6 +59,8 @@ import time
 import traceback
 from typing import Any
 
+from _cluster import start_cluster  # benchmarks/ is on sys.path
+
 now = time.monotonic
 
 # ---------------------------------------------------------------------- what attackers send
@@ -442,22 +444,6 @@ class RssWatch(threading.Thread):
     def peak(self, phase: str | None = None) -> int | None:
         vals = [r for _, p, r in self.samples if phase is None or p == phase]
         return max(vals, default=None)
-
-
-def start_cluster(log_path: str, **kwargs: Any):
-    """A LocalCluster whose daemons write their stderr (their logs) to ``log_path``, not to ours."""
-    from zpar.testing import LocalCluster
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    saved = os.dup(2)
-    sys.stderr.flush()
-    os.dup2(fd, 2)
-    try:
-        return LocalCluster(**kwargs)
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(fd)
 
 
 def summarize_log(path: str) -> dict[str, Any]:
