@@ -157,3 +157,33 @@ def test_embedded_worker_that_dies_gives_worker_lost_and_is_replaced():
         new = client.submit(tasks.worker_pid).result(timeout=20)
         assert new != old
         assert list(client.map(tasks.square, range(100), timeout=20)) == [i * i for i in range(100)]
+
+
+def test_a_task_with_too_many_buffers_is_refused_at_submit(cluster_client, monkeypatch):
+    from zpar import protocol as P
+
+    monkeypatch.setattr(P, "MAX_TASK_FRAMES", 3)
+    import numpy as np
+
+    buffers = [np.zeros(64 * 1024, dtype=np.uint8) for _ in range(5)]  # each one out of band
+    with pytest.raises(zpar.PayloadTooLarge, match="fit in a task"):
+        cluster_client.submit(len, buffers)
+
+
+def test_a_message_of_too_many_frames_is_dropped_and_the_broker_serves_on(cluster, cluster_client):
+    import zmq
+
+    from zpar import protocol as P
+
+    before = cluster.status()["counters"].get("protocol_errors_frontend", 0)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.frontend)
+    try:
+        sock.send_multipart([b"x"] + [b""] * (P.MAX_FRAMES + 5))
+        wait_for(lambda: cluster.status()["counters"].get("protocol_errors_frontend", 0) > before, 10,
+                 what="the oversized message counted")
+    finally:
+        sock.close()
+    assert cluster_client.submit(tasks.square, 8).result(timeout=10) == 64

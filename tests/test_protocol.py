@@ -231,3 +231,9 @@ def test_byte_level_damage_gives_a_message_or_protocol_error(msg, data):
         else:
             frame[i:i] = data.draw(st.binary(min_size=1, max_size=4))
     decode_or_protocol_error(bytes(frame), frames_of(msg))
+
+
+def test_a_header_with_too_many_entries_is_refused_before_they_are_read():
+    rows = [[i, D, 1, 0, b"", 0, 0] for i in range(P.MAX_ENTRIES + 1)]
+    with pytest.raises(ProtocolError, match="over the"):
+        P.decode(msgpack.packb({"v": P.VERSION, "k": int(P.Kind.SUBMIT), "t": rows, "f": []}), 0)

@@ -25,7 +25,7 @@ import zmq
 from . import protocol as P
 from . import serialize
 from .connection import Connection, PendingTask
-from .errors import BrokerUnavailable, ConfigError, ProtocolError
+from .errors import BrokerUnavailable, ConfigError, PayloadTooLarge, ProtocolError
 from .futures import Future
 from .local import EmbeddedCluster
 from .mapping import ordered, unordered
@@ -159,6 +159,9 @@ class Client(_Submitter):
             digest, blob = self._funcs.get(fn)
         nframes, data, frames = P.pack_payload(
             serialize.dumps(payload, what=f"arguments of {getattr(fn, '__qualname__', fn)!r}"))
+        if nframes > P.MAX_TASK_FRAMES:
+            raise PayloadTooLarge(f"the arguments of {getattr(fn, '__qualname__', fn)!r} hold {nframes - 1} large "
+                                  f"buffers; at most {P.MAX_TASK_FRAMES - 1} fit in a task: pass fewer, bigger arrays")
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
             while not self._window.acquire(timeout=1.0):
                 if not self._io.is_alive():

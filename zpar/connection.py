@@ -208,7 +208,8 @@ class Connection(threading.Thread):
             blobs: list[Any] = []
             frames: list[Any] = []
             nbytes = 0
-            while i < len(tasks) and len(entries) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
+            while (i < len(tasks) and len(entries) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES
+                   and len(frames) + len(blobs) + P.MAX_TASK_FRAMES < P.MAX_FRAMES):
                 task = tasks[i]
                 i += 1
                 if task.digest not in self.sent_funcs:

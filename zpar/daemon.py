@@ -14,6 +14,8 @@ from typing import Any, Callable, Protocol
 
 import zmq
 
+from . import protocol as P
+
 #: Messages taken from one socket before looking at the others (fairness).
 DRAIN = 256
 
@@ -40,14 +42,38 @@ class Waker:
         self._w.close()
 
 
+def recv_bounded(sock: zmq.Socket, max_frames: int) -> list[zmq.Frame] | None:
+    """The next message, or None (read and dropped) if it has more than ``max_frames`` parts.
+
+    Parts past the limit are read as bytes, not Frame objects: a message of
+    200,000 empty parts then costs about 0.25 s instead of 0.75 s.
+    """
+    frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+    while frames[-1].more:
+        if len(frames) > max_frames:
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv(copy=True)
+            return None
+        frames.append(sock.recv(copy=False))
+    return frames
+
+
 def drain(sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], Any], log: logging.Logger,
-          on_error: Callable[[], None] | None = None) -> None:
-    """Hand up to DRAIN waiting messages to ``handler``; one that fails is logged and dropped."""
+          on_error: Callable[[], None] | None = None,
+          on_oversized: Callable[[], None] | None = None) -> None:
+    """Hand up to DRAIN waiting messages to ``handler``; one that fails is logged and dropped.
+
+    A message of more than protocol.MAX_FRAMES parts is dropped unread (``on_oversized``).
+    """
     for _ in range(DRAIN):
         events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
         if not events & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
             return
-        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        frames = recv_bounded(sock, P.MAX_FRAMES + 2)  # + a routing id and the header
+        if frames is None:
+            if on_oversized is not None:
+                on_oversized()
+            continue
         try:
             handler(frames)
         except Exception:  # a bug must not take the daemon down; say so loudly

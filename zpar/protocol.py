@@ -37,7 +37,12 @@ VERSION = 1
 #: Largest header frame a peer may send (payload frames are capped separately).
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 #: Most payload frames in one message; guards against a flood of tiny frames.
-MAX_FRAMES = 100_000
+MAX_FRAMES = 10_000
+#: Most frames one task's arguments or result may take (senders split batches below MAX_FRAMES).
+MAX_TASK_FRAMES = MAX_FRAMES // 4
+#: Most task or result entries in one message (senders batch at most BATCH_MAX_TASKS):
+#: a header claiming more is refused before any entry is looked at.
+MAX_ENTRIES = 10_000
 #: The most re-runs a task may ask for (a bound on what a peer can make us do).
 MAX_RETRIES = 100
 #: What one hop puts in one batch at most (tasks and payload bytes).
@@ -309,7 +314,11 @@ def _nonneg_int(value: Any, what: str) -> int:
 
 def _tasks(h: dict) -> tuple[tuple[TaskEntry, ...], tuple[bytes, ...], int]:
     rows = _get(h, "t", list)
+    if len(rows) > MAX_ENTRIES:
+        raise ProtocolError(f"{len(rows)} task entries is over the {MAX_ENTRIES} limit")
     funcs = _get(h, "f", list, [])
+    if len(funcs) > MAX_ENTRIES:
+        raise ProtocolError(f"{len(funcs)} functions is over the {MAX_ENTRIES} limit")
     for d in funcs:
         if type(d) is not bytes:
             raise ProtocolError("function digests must be bytes")
@@ -333,6 +342,8 @@ def _tasks(h: dict) -> tuple[tuple[TaskEntry, ...], tuple[bytes, ...], int]:
 
 def _results(h: dict) -> tuple[tuple[ResultEntry, ...], int]:
     rows = _get(h, "r", list)
+    if len(rows) > MAX_ENTRIES:
+        raise ProtocolError(f"{len(rows)} result entries is over the {MAX_ENTRIES} limit")
     out = []
     total = 0
     for row in rows:

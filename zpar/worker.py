@@ -20,7 +20,7 @@ import zmq
 
 from . import protocol as P
 from . import serialize
-from .errors import SerializationError, TaskError
+from .errors import PayloadTooLarge, SerializationError, TaskError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -110,7 +110,11 @@ class Worker:
             stand_in.__cause__ = exc
             return P.Status.RAISED, serialize.dump_exception(stand_in, self.host, self.pid)
         try:
-            return P.Status.OK, serialize.dumps(value, what="result")
+            frames = serialize.dumps(value, what="result")
+            if len(frames) > P.MAX_TASK_FRAMES:
+                raise PayloadTooLarge(f"the result holds {len(frames) - 1} large buffers; at most "
+                                      f"{P.MAX_TASK_FRAMES - 1} fit: return fewer, bigger arrays")
+            return P.Status.OK, frames
         except Exception as exc:
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
 

@@ -13,6 +13,7 @@ Payload frames are received without copies and forwarded as they are.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -88,6 +89,7 @@ class BrokerServer:
         self._bad_log = RateLimitedLog()  # a flood of garbage must not become a flood of log lines
         self.poller = poller or zmq.Poller()
         self._handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
+        self._oversized_on = {name: functools.partial(self._oversized, name) for name in self._handlers}
         for sock in self.sockets.values():
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
@@ -120,7 +122,7 @@ class BrokerServer:
         for name in ("backend", "collector", "frontend"):
             sock = self.sockets.get(name)
             if sock is not None and sock in events:
-                drain(sock, self._handlers[name], log, self._internal_error)
+                drain(sock, self._handlers[name], log, self._internal_error, self._oversized_on[name])
 
     def next_deadline(self) -> float:
         return self.core.next_deadline()
@@ -159,6 +161,10 @@ class BrokerServer:
             self._send(self.core.results(now, msg, frames))
         else:
             self._send(self.core.agent_message(now, peer, msg, frames))
+
+    def _oversized(self, source: str) -> None:
+        self.core.protocol_error(source)
+        self._bad_log.warn(log, "dropped a message of more than %d frames on the %s", P.MAX_FRAMES, source)
 
     def _internal_error(self) -> None:
         self.core.counters["internal_errors"] += 1

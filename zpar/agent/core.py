@@ -351,7 +351,7 @@ class AgentCore:
             return None
         n = nframes = nbytes = 0
         for entry in self.results:
-            if n and (n >= max_tasks or nbytes >= max_bytes):
+            if n and (n >= max_tasks or nbytes >= max_bytes or nframes + entry.nframes > P.MAX_FRAMES):
                 break
             nbytes += len(entry.data) + sum(len(f) for f in self.result_frames[nframes:nframes + entry.nframes])
             nframes += entry.nframes
