@@ -145,9 +145,10 @@ def test_a_silent_agent_is_dropped_within_four_heartbeats_and_fenced_when_it_ret
 def test_workers_are_recycled_after_max_tasks_per_worker(new_cluster):
     cluster = new_cluster(agents=1, workers=1, agent_args=["--max-tasks-per-worker", "3"])
     client = cluster.client()
-    pids = [client.submit(tasks.sleep_square, i, 0.002).result(timeout=10) and
-            client.submit(tasks.worker_pid).result(timeout=10) for i in range(6)]
-    assert len(set(pids)) >= 2, pids
+    pids = [client.submit(tasks.worker_pid).result(timeout=10) for _ in range(9)]  # one at a time, in order
+    # three tasks per worker: the pid changes after the 3rd and the 6th
+    assert pids[0:3] == [pids[0]] * 3 and pids[3:6] == [pids[3]] * 3 and pids[6:9] == [pids[6]] * 3, pids
+    assert len({pids[0], pids[3], pids[6]}) == 3, pids
 
 
 def test_a_dead_producer_is_forgotten_and_its_work_dropped(new_cluster, tmp_path):

@@ -157,11 +157,10 @@ class Client(_Submitter):
             raise RuntimeError("this zpar Client is closed; create a new one")
         with self._funcs_lock:
             digest, blob = self._funcs.get(fn)
-        nframes, data, frames = P.pack_payload(
-            serialize.dumps(payload, what=f"arguments of {getattr(fn, '__qualname__', fn)!r}"))
+        nframes, data, frames = P.pack_payload(serialize.dumps(payload, what=lambda: f"arguments of {_name(fn)}"))
         if nframes > P.MAX_TASK_FRAMES:
-            raise PayloadTooLarge(f"the arguments of {getattr(fn, '__qualname__', fn)!r} hold {nframes - 1} large "
-                                  f"buffers; at most {P.MAX_TASK_FRAMES - 1} fit in a task: pass fewer, bigger arrays")
+            raise PayloadTooLarge(f"the arguments of {_name(fn)} hold {nframes - 1} large buffers; at most "
+                                  f"{P.MAX_TASK_FRAMES - 1} fit in a task: pass fewer, bigger arrays")
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
             while not self._window.acquire(timeout=1.0):
                 if not self._io.is_alive():
@@ -182,16 +181,7 @@ class Client(_Submitter):
         A queued task never runs; a running one, when forced, has its worker
         stopped (and replaced). Returns how many futures were cancelled here.
         """
-        n = 0
-        for fut in futures:
-            if isinstance(fut, Future) and fut._on_cancel is not None and force:
-                on_cancel, fut._on_cancel = fut._on_cancel, None
-                if fut.cancel():
-                    on_cancel(fut, True)  # type: ignore[call-arg]
-                    n += 1
-            elif fut.cancel():
-                n += 1
-        return n
+        return sum(fut.cancel(force=force) if isinstance(fut, Future) else fut.cancel() for fut in futures)
 
     @staticmethod
     def as_completed(futures: Iterable[concurrent.futures.Future], timeout: float | None = None,
@@ -245,6 +235,10 @@ class Client(_Submitter):
     def __repr__(self) -> str:
         kind = "embedded" if self._cluster else self.address
         return f"<zpar.Client {kind}{' closed' if self._closed else ''}>"
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return repr(getattr(fn, "__qualname__", fn))
 
 
 _live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()

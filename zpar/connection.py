@@ -290,7 +290,7 @@ class Connection(threading.Thread):
             fut = task.future
             try:
                 if entry.status == P.Status.OK:
-                    value = serialize.loads(rframes, what=f"result of task {entry.id}")
+                    value = serialize.loads(rframes, what=lambda: f"result of task {entry.id}")
                     self.release()
                     fut.set_result(value)
                     continue

@@ -84,9 +84,6 @@ class EmbeddedCluster:
             self.stop()
             raise
 
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
-
     def stop(self) -> None:
         stop_processes(self.procs)
         self.procs = []

@@ -69,7 +69,6 @@ class Role(str, enum.Enum):
     PRODUCER = "producer"
     AGENT = "agent"
     WORKER = "worker"
-    STATUS = "status"
 
 
 class Status(enum.IntEnum):

@@ -66,7 +66,15 @@ def _lift(obj: Any, depth: int = 2) -> Any:
     return obj
 
 
-def dumps(obj: Any, what: str = "value") -> list[Any]:
+#: What a value is, for error messages: a string, or a function making one only when needed.
+Label = str | Callable[[], str]
+
+
+def _label(what: Label) -> str:
+    return what if isinstance(what, str) else what()
+
+
+def dumps(obj: Any, what: Label = "value") -> list[Any]:
     """``obj`` as frames: ``[pickle, buffer, ...]``. Raises SerializationError naming it."""
     frames = _dumps(obj, what)
     if len(frames[0]) >= OOB_THRESHOLD:  # only a large stream can hold large bytes
@@ -76,7 +84,7 @@ def dumps(obj: Any, what: str = "value") -> list[Any]:
     return frames
 
 
-def _dumps(obj: Any, what: str) -> list[Any]:
+def _dumps(obj: Any, what: Label) -> list[Any]:
     buffers: list[memoryview] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -95,17 +103,17 @@ def _dumps(obj: Any, what: str) -> list[Any]:
         try:
             head = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_large)
         except Exception as exc:
-            raise SerializationError(f"cannot pickle the {what} {_describe(obj)}: {exc}") from exc
+            raise SerializationError(f"cannot pickle the {_label(what)} {_describe(obj)}: {exc}") from exc
     return [head, *buffers]
 
 
-def loads(frames: Sequence[Any], what: str = "value") -> Any:
+def loads(frames: Sequence[Any], what: Label = "value") -> Any:
     """The object ``dumps`` made; zmq Frames are read in place, without copies."""
     try:
         views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
         return pickle.loads(views[0], buffers=views[1:])
     except Exception as exc:
-        raise SerializationError(f"cannot unpickle the {what}: {type(exc).__name__}: {exc}") from exc
+        raise SerializationError(f"cannot unpickle the {_label(what)}: {type(exc).__name__}: {exc}") from exc
 
 
 def dump_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:

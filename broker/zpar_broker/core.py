@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 from zpar import protocol as P
 
-from .records import AgentRecord, NodeState, ProducerRecord, TaskRecord, TaskState
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,10 @@ class BrokerCore:
                 if task.state is not TaskState.ASSIGNED or (msg.agent and task.agent and task.agent.id != msg.agent):
                     self.counters["stale_loss_reports"] += 1  # the task has moved on already
                     continue
-                if self._lost(task, bytes(entry.data).decode(errors="replace"), out):
+                why = bytes(entry.data).decode(errors="replace")
+                if self._lost(task, why, out):
                     continue  # queued again
-                entry = entry._replace(data=self._gave_up(task, bytes(entry.data).decode(errors="replace")))
+                entry = entry._replace(data=self._gave_up(task, why))
             del self._tasks[entry.id]
             if task.state is TaskState.QUEUED:  # a dropped agent's late result: accepted, so not run again
                 task.producer.queue.remove(task)
@@ -314,7 +315,6 @@ class BrokerCore:
 
     def _drop_agent(self, agent: AgentRecord, why: str, out: list[Outgoing]) -> None:
         """The agent is gone: its tasks go back to the front of their queues, or fail past their retries."""
-        agent.state = NodeState.GONE
         del self._agents[agent.id]
         reason = f"node {agent.name} " + {"silent": "went silent", "re-registered": "restarted"}.get(why, why)
         failed: dict[bytes, list[P.ResultEntry]] = {}

@@ -48,13 +48,8 @@ class ProducerRecord:
         self.active = False  # in the broker's round-robin of producers with queued tasks
 
 
-class NodeState(enum.Enum):
-    READY = "ready"
-    GONE = "gone"
-
-
 class AgentRecord:
-    __slots__ = ("id", "name", "host", "pid", "workers", "busy", "credits", "known", "assigned", "last_seen", "state")
+    __slots__ = ("id", "name", "host", "pid", "workers", "busy", "credits", "known", "assigned", "last_seen")
 
     def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
         self.id = aid
@@ -67,4 +62,3 @@ class AgentRecord:
         self.known: set[bytes] = set()  # function digests this agent already has
         self.assigned: dict[int, TaskRecord] = {}
         self.last_seen = now
-        self.state = NodeState.READY

@@ -61,7 +61,6 @@ class WorkerSlot:
     stale: bool = False  # its batch came from a broker that is gone: drop its results
     tasks_done: int = 0
     retire: bool = False  # recycle it once its batch is done
-    told_to_exit: bool = False
 
 
 @dataclass(slots=True)
@@ -94,6 +93,7 @@ class AgentCore:
         self.results: list[P.ResultEntry] = []  # to send to the collector
         self.result_frames: list[Any] = []
         self.accepting = True
+        self._retiring: list[bytes] = []  # workers to tell to exit, not told yet
 
     # ------------------------------------------------------------------ workers
 
@@ -125,10 +125,14 @@ class AgentCore:
         slot.tasks_done += len(slot.batch)
         slot.batch, slot.deadline, slot.stale = [], 0.0, False
         if slot.retire or (self.max_tasks_per_worker and slot.tasks_done >= self.max_tasks_per_worker):
-            slot.state = WorkerState.RETIRING
+            self._retire_now(slot)
         else:
             slot.state = WorkerState.IDLE
         return self.assign(now)
+
+    def _retire_now(self, slot: WorkerSlot) -> None:
+        slot.state = WorkerState.RETIRING
+        self._retiring.append(slot.identity)
 
     def retire(self, identity: bytes) -> None:
         """Recycle this worker once it is idle (memory limit, say)."""
@@ -136,15 +140,13 @@ class AgentCore:
         if slot is None:
             return
         if slot.state is WorkerState.IDLE:
-            slot.state = WorkerState.RETIRING
+            self._retire_now(slot)
         elif slot.state is WorkerState.BUSY:
             slot.retire = True
 
     def retiring(self) -> list[bytes]:
         """Workers to tell to exit now; each is reported once."""
-        out = [s.identity for s in self.workers.values() if s.state is WorkerState.RETIRING and not s.told_to_exit]
-        for identity in out:
-            self.workers[identity].told_to_exit = True
+        out, self._retiring = self._retiring, []
         return out
 
     def worker_exited(self, identity: bytes, returncode: int) -> list[QueuedTask]:
