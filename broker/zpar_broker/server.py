@@ -24,7 +24,7 @@ import zmq
 
 from zpar import protocol as P
 from zpar.config import BrokerConfig
-from zpar.daemon import Waker, drain, run_loop, run_until_signalled
+from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import BrokerCore, Dest, Outgoing
@@ -88,8 +88,12 @@ class BrokerServer:
         self.local_agents: dict[bytes, Callable[[P.Message, list[Any]], None]] = {}
         self._bad_log = RateLimitedLog()  # a flood of garbage must not become a flood of log lines
         self.poller = poller or zmq.Poller()
-        self._handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
-        self._oversized_on = {name: functools.partial(self._oversized, name) for name in self._handlers}
+        handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
+        # Agents first: results and credits free work for what producers send next.
+        self._readers = [(self.sockets[name], Reader(self.sockets[name], handlers[name], log,
+                                                     on_error=self._internal_error,
+                                                     on_oversized=functools.partial(self._oversized, name)))
+                         for name in ("backend", "collector", "frontend") if name in self.sockets]
         for sock in self.sockets.values():
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
@@ -118,11 +122,9 @@ class BrokerServer:
                  ", ".join(f"{name} {ep}" for name, ep in self.endpoints.items()))
 
     def handle(self, events: dict[Any, int]) -> None:
-        # Agents first: results and credits free work for what producers send next.
-        for name in ("backend", "collector", "frontend"):
-            sock = self.sockets.get(name)
-            if sock is not None and sock in events:
-                drain(sock, self._handlers[name], log, self._internal_error, self._oversized_on[name])
+        for sock, reader in self._readers:
+            if sock in events:
+                reader.drain()
 
     def next_deadline(self) -> float:
         return self.core.next_deadline()

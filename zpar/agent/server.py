@@ -29,7 +29,7 @@ import zmq
 
 from zpar import protocol as P
 from zpar.config import AgentConfig
-from zpar.daemon import Waker, drain, run_loop, run_until_signalled
+from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import AgentCore, ToWorker, WorkerState
@@ -61,6 +61,8 @@ class AgentServer:
         self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size)
         self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
         self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
+        self._pipe_reader = Reader(self.pipe, self._on_worker, log)
+        self._uplink_reader: Reader | None = None
         self.pipe.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pipe_endpoint = f"ipc://{self.rundir}/workers"
         self.pipe.bind(self.pipe_endpoint)
@@ -186,10 +188,12 @@ class AgentServer:
         for fd in [fd for fd in events if fd in self.procs]:
             self._reap(fd)
         if self.pipe in events:
-            drain(self.pipe, self._on_worker, log)
+            self._pipe_reader.drain()
         sock = self.uplink.socket()
         if sock is not None and sock in events:
-            drain(sock, self._on_broker_frames, log)
+            if self._uplink_reader is None or self._uplink_reader.sock is not sock:  # a new one after a reconnect
+                self._uplink_reader = Reader(sock, self._on_broker_frames, log)
+            self._uplink_reader.drain()
         self._flush()
 
     def next_deadline(self) -> float:
