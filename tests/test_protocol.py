@@ -33,6 +33,10 @@ SAMPLES = [
     (P.Cancel((6,), force=True), 0),
     (P.Bye("leaving", b"agent-id"), 0),
     (P.Ack((1, 2, 3)), 0),
+    (P.Items((P.ItemEntry(1, 0, 0, b"x"), P.ItemEntry(1, 1, 2)), (P.Credit(4, 300),), b"agent-id", "epoch-1"), 2),
+    (P.Items((), (P.Credit(4, 300),)), 0),
+    (P.Feed((P.ItemEntry(2, 5, 1),), (P.Credit(2, 256),), (2, 3)), 1),
+    (P.Feed(closed=(9,)), 0),
 ]
 
 
@@ -112,6 +116,15 @@ REJECTED = {
     "header is bytes": msgpack.packb(b"\x81\xa1v\x01"),
     "map with int keys": msgpack.packb({1: 1, "v": 1, "k": 6}),
     "huge declared array": b"\xdd\xff\xff\xff\xff",
+    "items without items": header(k=int(P.Kind.ITEMS)),
+    "items with a short entry": header(k=int(P.Kind.ITEMS), i=[[1, 0, 0]]),
+    "items with a negative seq": header(k=int(P.Kind.ITEMS), i=[[1, -1, 0, b"x"]]),
+    "items with no payload at all": header(k=int(P.Kind.ITEMS), i=[[1, 0, 0, b""]]),
+    "items with a text credit": header(k=int(P.Kind.ITEMS), i=[], c=[[1, "2"]]),
+    "items with a short credit": header(k=int(P.Kind.ITEMS), i=[], c=[[1]]),
+    "feed with closed as a map": header(k=int(P.Kind.FEED), i=[], closed={"1": 1}),
+    "feed with a negative closed id": header(k=int(P.Kind.FEED), i=[], closed=[-1]),
+    "feed with a bool seq": header(k=int(P.Kind.FEED), i=[[1, True, 0, b"x"]]),
 }
 
 
@@ -146,6 +159,8 @@ task_entries = st.builds(lambda i, d, p, f: P.TaskEntry(i, d, p[0], f, p[1]),
                          ids_, st.binary(min_size=1, max_size=16), payload, st.integers(0, 3))
 result_entries = st.builds(lambda i, s, p, us: P.ResultEntry(i, s, p[0], us, p[1]),
                            ids_, st.sampled_from(list(P.Status)), payload, small)
+item_entries = st.builds(lambda i, seq, p: P.ItemEntry(i, seq, p[0], p[1]), ids_, ids_, payload)
+credits = st.lists(st.builds(P.Credit, ids_, ids_), max_size=3).map(tuple)
 json_like = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | texts
                          | st.floats(allow_nan=False),
                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
@@ -162,6 +177,8 @@ messages = st.one_of(
     st.builds(P.StatusMsg, st.dictionaries(texts, json_like, max_size=4)),
     st.builds(P.Bye, texts),
     st.builds(P.Error, texts, st.lists(ids_, max_size=3).map(tuple)),
+    st.builds(P.Items, st.lists(item_entries, max_size=4).map(tuple), credits, st.binary(max_size=8), texts),
+    st.builds(P.Feed, st.lists(item_entries, max_size=4).map(tuple), credits, st.lists(ids_, max_size=3).map(tuple)),
 )
 
 
@@ -170,6 +187,8 @@ def frames_of(msg) -> int:
         return len(msg.funcs) + sum(t.nframes for t in msg.tasks)
     if isinstance(msg, P.Result):
         return sum(r.nframes for r in msg.results)
+    if isinstance(msg, (P.Items, P.Feed)):
+        return sum(i.nframes for i in msg.items)
     return 0
 
 

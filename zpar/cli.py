@@ -1,10 +1,10 @@
-"""Command line: ``zpar broker|agent|status|demo``, and ``zpar-broker``, ``zpar-agent``.
+"""Command line: ``zpar broker|agent|status|keygen|demo``, and ``zpar-broker``, ``zpar-agent``.
 
 Flags map onto the frozen configs in config.py (defaults < ``--config`` file
 < ``ZPAR_*`` variables < flags), then the daemon's ``run(config)`` takes over.
 
 Exit codes: 0 done; 1 a runtime failure (an address in use, no broker
-answering); 2 a usage or configuration error.
+answering, credentials refused); 2 a usage or configuration error.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ _HEARTBEAT = typer.Option(None, help="Seconds between heartbeats [default: 1.0; 
 _LIVENESS = typer.Option(None, help="Heartbeats missed before a peer is dead [default: 3; env ZPAR_LIVENESS].")
 _LOG_LEVEL = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR [default: INFO].")
 _PARENT = typer.Option(None, "--parent-pid", hidden=True, help="Exit when this process exits.")
+_SECRET = typer.Option(None, "--secret", help="The cluster's shared secret. Other users can read a "
+                       "command line: prefer --secret-file or ZPAR_SECRET [env ZPAR_SECRET].")
+_SECRET_FILE = typer.Option(None, "--secret-file", help="File holding the shared secret (mode 600) "
+                            "[env ZPAR_SECRET_FILE].")
+_KEY_FILE = typer.Option(None, "--key-file", help="This node's NAME.key_secret from `zpar keygen --keys` "
+                         "[env ZPAR_KEY_FILE].")
+
+
+def _warn_argv_secret(secret: str | None) -> None:
+    if secret is not None and "--secret" in sys.argv:
+        logging.getLogger("zpar").warning(
+            "--secret on the command line can be read by other users of this machine (ps, /proc); "
+            "prefer --secret-file or ZPAR_SECRET")
 
 
 def _setup_logging(level: str) -> None:
@@ -50,6 +63,12 @@ def broker(
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
     insecure: Optional[bool] = typer.Option(None, "--insecure", help="Allow binding beyond loopback with no authentication."),
+    secret: Optional[str] = _SECRET,
+    secret_file: Optional[str] = _SECRET_FILE,
+    key_file: Optional[str] = _KEY_FILE,
+    allow_keys: Optional[str] = typer.Option(None, "--allow-keys", help="Directory of the nodes' public NAME.key "
+                                             "files to admit (with --key-file); removing one revokes it "
+                                             "[env ZPAR_ALLOW_KEYS]."),
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
     parent_pid: Optional[int] = _PARENT,
@@ -57,15 +76,20 @@ def broker(
     """Run the broker: routes tasks from producers to agents and results back."""
     conf = _load(cfg.BrokerConfig, dict(frontend=frontend, backend=backend, collector=collector, heartbeat=heartbeat,
                                         liveness=liveness, insecure=insecure, log_level=log_level,
-                                        parent_pid=parent_pid), config_file)
+                                        parent_pid=parent_pid, secret=secret, secret_file=secret_file,
+                                        key_file=key_file, allow_keys=allow_keys), config_file)
     _setup_logging(conf.log_level)
-    if conf.insecure:
+    _warn_argv_secret(secret)
+    if conf.insecure and not conf.secured:
         logging.getLogger("zpar_broker").warning(
             "--insecure: no authentication; anyone who reaches these ports can run code as this user")
     from zpar_broker.server import run  # the broker package is imported only here
 
     try:
         raise typer.Exit(run(conf))
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -83,6 +107,11 @@ def agent(
     grace: Optional[float] = typer.Option(
         None, help="Seconds the first SIGTERM gives running tasks before the agent stops; a second "
                    "signal stops it at once [default: 30; env ZPAR_GRACE]."),
+    secret: Optional[str] = _SECRET,
+    secret_file: Optional[str] = _SECRET_FILE,
+    key_file: Optional[str] = _KEY_FILE,
+    broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key (with "
+                                             "--key-file) [env ZPAR_BROKER_KEY]."),
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
     config_file: Optional[str] = _CONFIG,
@@ -93,11 +122,18 @@ def agent(
     conf = _load(cfg.AgentConfig, dict(broker=broker, workers=workers, name=name, heartbeat=heartbeat,
                                        liveness=liveness, log_level=log_level, parent_pid=parent_pid,
                                        max_tasks_per_worker=max_tasks_per_worker,
-                                       max_memory_per_worker=max_memory_per_worker, grace=grace), config_file)
+                                       max_memory_per_worker=max_memory_per_worker, grace=grace, secret=secret,
+                                       secret_file=secret_file, key_file=key_file, broker_key=broker_key),
+                 config_file)
     _setup_logging(conf.log_level)
+    _warn_argv_secret(secret)
     from .agent.server import run
 
-    raise typer.Exit(run(conf))
+    try:
+        raise typer.Exit(run(conf))
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -105,12 +141,19 @@ def status(
     broker: str = typer.Option(cfg.DEFAULT_FRONTEND, envvar="ZPAR_ADDRESS", help="The broker's frontend address."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
+    secret: Optional[str] = _SECRET,
+    secret_file: Optional[str] = _SECRET_FILE,
+    key_file: Optional[str] = _KEY_FILE,
+    broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key "
+                                             "[env ZPAR_BROKER_KEY]."),
 ) -> None:
     """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
-    from .client import broker_status
+    from .client import _credentials, broker_status
 
+    _warn_argv_secret(secret)
     try:
-        info = broker_status(broker, timeout)
+        creds = _credentials(secret, secret_file, key_file, broker_key)
+        info = broker_status(broker, timeout, creds)
     except ZparError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -132,6 +175,30 @@ def demo(
     from .demo import run_demo
 
     raise typer.Exit(run_demo(workers=workers, jobs=jobs, size=size))
+
+
+@app.command()
+def keygen(
+    keys: Optional[str] = typer.Option(None, "--keys", help="Write a keypair into this directory instead: "
+                                       "NAME.key (public) and NAME.key_secret (mode 600)."),
+    name: str = typer.Option("", "--name", help="The keypair's name with --keys [default: this host's name]."),
+) -> None:
+    """Print a strong random shared secret, or make a node's keypair files with --keys.
+
+    A secret: `zpar keygen > secret && chmod 600 secret`, copied to every node
+    and producer. Key files: one `zpar keygen --keys DIR --name NODE` per node
+    and one named broker; put the nodes' NODE.key files in the broker's
+    --allow-keys directory and give each node broker.key.
+    """
+    from . import security
+
+    if keys is None:
+        typer.echo(security.generate_secret())
+        return
+    import socket
+
+    public, secret_path = security.make_keypair_files(keys, name or socket.gethostname())
+    typer.echo(f"public key {public} (share it), secret key {secret_path} (keep it on this node)")
 
 
 app.command("broker")(broker)

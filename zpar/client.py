@@ -15,21 +15,24 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any, Callable, Iterable, Iterator
 
 import zmq
 
 from . import protocol as P
-from . import serialize
+from . import aio, security, serialize
 from .connection import Connection, PendingTask
-from .errors import BrokerUnavailable, ConfigError, PayloadTooLarge, ProtocolError
+from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
 from .local import EmbeddedCluster
 from .mapping import ordered, unordered
 from .options import TaskOptions
+from .streaming import FeedOp
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,18 @@ class _Submitter:
         anything is sent.
         """
         return self._client._submit(fn, (args, kwargs), 0, self._opts)
+
+    def start(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(channel, *args, **kwargs)`` on a worker; returns its Future.
+
+        ``channel`` is the task's ``zpar.streaming.Channel``; the Future is the
+        producer's end: ``send()``, ``receive()``, ``stream()``,
+        ``close_input()``, ``result()`` (see ``zpar.streaming``). A cancel
+        stops the task.
+        """
+        fut = self._client._submit(fn, (args, kwargs), P.FLAG_CHANNEL, self._opts)
+        fut._stream_state()  # a channel task from the start (a cancel stops it)
+        return fut
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
             timeout: float | None = None) -> Iterator[Any]:
@@ -111,11 +126,20 @@ class Client(_Submitter):
     node or broker runs again up to ``retries`` times; if the broker is away
     longer than ``broker_timeout`` seconds, pending futures fail with
     BrokerUnavailable. ``timeout`` (seconds) stops any task that runs longer.
+    ``max_tasks_per_worker`` (embedded only) replaces a worker after that many tasks.
+
+    A cluster started with a shared secret needs the same ``secret`` here
+    (or a ``secret_file``; or ``key_file`` and ``broker_key`` for one started
+    with key files). With none given, the ``ZPAR_SECRET``, ``ZPAR_SECRET_FILE``,
+    ``ZPAR_KEY_FILE`` and ``ZPAR_BROKER_KEY`` variables are read. A broker
+    that refuses them raises AuthenticationError, within a second or so.
     """
 
     def __init__(self, address: str | None = None, *, workers: int | None = None,
                  window: int = DEFAULT_WINDOW, connect_timeout: float = 10.0, timeout: float | None = None,
-                 retries: int = 3, broker_timeout: float = 30.0) -> None:
+                 retries: int = 3, broker_timeout: float = 30.0, max_tasks_per_worker: int = 0,
+                 secret: str | bytes | None = None, secret_file: str | None = None, key_file: str | None = None,
+                 broker_key: str | None = None) -> None:
         if window < 1:
             raise ConfigError(f"window must be at least 1, not {window}")
         if not broker_timeout > 0:
@@ -123,12 +147,17 @@ class Client(_Submitter):
         self._client, self._opts = self, TaskOptions(timeout=timeout, retries=retries)
         self._cluster: EmbeddedCluster | None = None
         if address is None:
-            self._cluster = EmbeddedCluster(workers)
+            self._cluster = EmbeddedCluster(workers, max_tasks_per_worker=max_tasks_per_worker)
             address = self._cluster.frontend
         elif workers is not None:
             raise ConfigError("workers= sets the size of the embedded cluster; a remote cluster's "
                               "size is set by its agents (zpar-agent --workers N)")
+        elif max_tasks_per_worker:
+            raise ConfigError("max_tasks_per_worker= recycles the embedded cluster's workers; a remote "
+                              "cluster's agents set it (zpar-agent --max-tasks-per-worker N)")
         self.address = address
+        creds = None if self._cluster else _credentials(secret, secret_file, key_file, broker_key)
+        self._creds = creds
         self._window = threading.Semaphore(window)
         self._window_size = window
         self._funcs = serialize.FunctionCache()
@@ -137,7 +166,7 @@ class Client(_Submitter):
         self._submits: collections.deque[PendingTask] = collections.deque()
         self._cancels: collections.deque[tuple[int, bool]] = collections.deque()
         self._closed = False
-        self._io = Connection(address, self._submits, self._cancels, self._window.release, broker_timeout)
+        self._io = Connection(address, self._submits, self._cancels, self._window.release, broker_timeout, creds)
         self._wake = self._io.wake
         self._io.start()
         if not self._io.welcomed.wait(connect_timeout) or self._io.failure is not None:
@@ -158,18 +187,25 @@ class Client(_Submitter):
         with self._funcs_lock:
             digest, blob = self._funcs.get(fn)
         nframes, data, frames = P.pack_payload(serialize.dumps(payload, what=lambda: f"arguments of {_name(fn)}"))
-        if nframes > P.MAX_TASK_FRAMES:
-            raise PayloadTooLarge(f"the arguments of {_name(fn)} hold {nframes - 1} large buffers; at most "
-                                  f"{P.MAX_TASK_FRAMES - 1} fit in a task: pass fewer, bigger arrays")
+        if nframes:
+            serialize.check_payload(frames, lambda: f"arguments of {_name(fn)}")
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
             while not self._window.acquire(timeout=1.0):
                 if not self._io.is_alive():
                     raise RuntimeError("this zpar Client's connection has stopped; create a new one")
         tid = next(self._ids)
-        fut = Future(tid, self._cancel_one)
-        self._submits.append(PendingTask(tid, digest, blob, nframes, data, frames, flags, opts, fut))
+        fut = Future(tid, self._cancel_one, self._feed)
+        task = PendingTask(tid, digest, blob, nframes, data, frames, flags, opts, fut)
+        self._submits.append(task)
         self._wake()
+        if self._io.finished:  # the I/O thread ended (refused, or failed): nothing would send it
+            self._io.abandon(task)
         return fut
+
+    def _feed(self, op: FeedOp) -> None:
+        """A stream's objects, credits and closes, for the I/O thread (zpar.streaming)."""
+        self._io.feeds.append(op)
+        self._wake()
 
     def _cancel_one(self, fut: Future, force: bool = False) -> None:
         self._cancels.append((fut.task_id, force))
@@ -188,6 +224,12 @@ class Client(_Submitter):
                      ) -> Iterator[concurrent.futures.Future]:
         """Yields the futures as they complete (``concurrent.futures.as_completed``)."""
         return concurrent.futures.as_completed(futures, timeout)
+
+    @staticmethod
+    def as_completed_async(futures: Iterable[concurrent.futures.Future], timeout: float | None = None,
+                           ) -> AsyncIterator[concurrent.futures.Future]:
+        """``async for fut in client.as_completed_async(futures)``: each future once it is done."""
+        return aio.as_completed_async(futures, timeout)
 
     @staticmethod
     def gather(futures: Iterable[concurrent.futures.Future], timeout: float | None = None) -> list[Any]:
@@ -214,7 +256,7 @@ class Client(_Submitter):
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: nodes, workers busy and idle, queued, running, done."""
-        return broker_status(self.address, timeout)
+        return broker_status(self.address, timeout, self._creds)
 
     def close(self) -> None:
         """Cancel what is pending, disconnect, and stop the embedded cluster if any."""
@@ -250,21 +292,44 @@ def _close_all() -> None:
         client.close()
 
 
-def broker_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the broker at ``address`` (its frontend) for its status."""
+def _credentials(secret: str | bytes | None, secret_file: str | None, key_file: str | None,
+                 broker_key: str | None) -> security.Credentials | None:
+    if secret is None and secret_file is None and key_file is None and broker_key is None:
+        env = os.environ  # read when a client is made, never at import
+        secret, secret_file = env.get("ZPAR_SECRET"), env.get("ZPAR_SECRET_FILE")
+        key_file, broker_key = env.get("ZPAR_KEY_FILE"), env.get("ZPAR_BROKER_KEY")
+    return security.client_credentials("producer", secret=secret, secret_file=secret_file, key_file=key_file,
+                                       broker_key=broker_key)
+
+
+def broker_status(address: str, timeout: float = 5.0, creds: security.Credentials | None = None) -> dict[str, Any]:
+    """Ask the broker at ``address`` (its frontend) for its status.
+
+    Raises BrokerUnavailable if it does not answer in ``timeout`` seconds, and
+    AuthenticationError if it refuses ``creds`` (see security.client_credentials).
+    """
     ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    security.apply_client(sock, creds)
+    monitor = security.HandshakeMonitor(sock, address, creds) if address.startswith("tcp://") else None
     try:
         sock.connect(address)
         sock.send(P.encode(P.StatusMsg()))
-        if not sock.poll(timeout * 1000):
-            raise BrokerUnavailable(f"no zpar broker answered at {address} within {timeout:g} s; "
-                                    "is `zpar-broker` running, and is this its frontend address?")
+        deadline = time.monotonic() + timeout
+        while not sock.poll(50):
+            failure = monitor.check() if monitor else None
+            if failure:
+                raise AuthenticationError(failure)
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(f"no zpar broker answered at {address} within {timeout:g} s; "
+                                        "is `zpar-broker` running, and is this its frontend address?")
         frames = sock.recv_multipart()
         msg = P.decode(frames[0], len(frames) - 1)
         if not isinstance(msg, P.StatusMsg):
             raise ProtocolError(f"expected STATUS from the broker, got {msg.kind.name}")
         return msg.info
     finally:
+        if monitor is not None:
+            monitor.close()
         sock.close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
 from .errors import ConfigError
+from .protocol import MAX_MESSAGE_SIZE
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
@@ -30,17 +31,26 @@ class BrokerConfig:
     collector: str = DEFAULT_COLLECTOR
     heartbeat: float = 1.0  # seconds between heartbeats
     liveness: int = 3  # heartbeats missed before a peer counts as dead
-    max_message_size: int = 1 << 30  # ZMQ_MAXMSGSIZE on every socket
+    max_message_size: int = MAX_MESSAGE_SIZE  # ZMQ_MAXMSGSIZE on every socket
     insecure: bool = False  # allow binding beyond loopback without a secret
+    secret: str = dataclasses.field(default="", repr=False)  # shared secret: CurveZMQ on every TCP socket
+    secret_file: str = ""  # the shared secret, read from this file
+    key_file: str = ""  # the broker's own NAME.key_secret (key-file mode)
+    allow_keys: str = ""  # directory of the nodes' public NAME.key files it admits (key-file mode)
     parent_pid: int = 0  # exit when this process goes (the embedded cluster)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
-        check_bind_address(self.frontend, self.insecure, "frontend")
+        open_ok = self.insecure or self.secured
+        check_bind_address(self.frontend, open_ok, "frontend")
         for name in ("backend", "collector"):  # empty: none (an embedded broker's agent is in-process)
             if getattr(self, name):
-                check_bind_address(getattr(self, name), self.insecure, name)
+                check_bind_address(getattr(self, name), open_ok, name)
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.secret or self.secret_file or self.key_file or self.allow_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +60,14 @@ class AgentConfig:
     name: str = ""  # default: host name and pid
     heartbeat: float = 1.0
     liveness: int = 3
-    max_message_size: int = 1 << 30
+    max_message_size: int = MAX_MESSAGE_SIZE
     max_tasks_per_worker: int = 0  # recycle a worker after this many tasks (0: never)
     max_memory_per_worker: int = 0  # MiB of RSS past which a worker is recycled between tasks (0: no limit)
     grace: float = 30.0  # seconds the first SIGTERM gives running tasks to finish
+    secret: str = dataclasses.field(default="", repr=False)  # the cluster's shared secret
+    secret_file: str = ""
+    key_file: str = ""  # this node's NAME.key_secret (key-file mode)
+    broker_key: str = ""  # the broker's public broker.key (key-file mode)
     parent_pid: int = 0
     log_level: str = "INFO"
 
@@ -102,14 +116,19 @@ def is_local_endpoint(endpoint: str) -> bool:
         return False  # "*", an interface name or a host name: not provably local
 
 
-def check_bind_address(endpoint: str, insecure: bool, what: str) -> None:
-    """Refuse to listen beyond this machine with no authentication (DESIGN.md, Security)."""
+def check_bind_address(endpoint: str, open_ok: bool, what: str) -> None:
+    """Refuse to listen beyond this machine with no authentication (DESIGN.md, Security).
+
+    ``open_ok``: a secret or key files are set, or the user said --insecure.
+    """
     if "://" not in endpoint:
         raise ConfigError(f"{what} address {endpoint!r} needs a scheme, like tcp://127.0.0.1:5555")
-    if not insecure and not is_local_endpoint(endpoint):
+    if not open_ok and not is_local_endpoint(endpoint):
         raise ConfigError(
-            f"refusing to bind {what} to {endpoint}: without a secret anyone who reaches it can run "
-            "code as this user. Bind to 127.0.0.1, or pass --insecure on a network you fully trust."
+            f"refusing to bind {what} to {endpoint} without a secret: anyone who reaches it could run "
+            "code as this user. Make a secret with `zpar keygen > secret && chmod 600 secret` and pass "
+            "--secret-file secret (or set ZPAR_SECRET) on the broker, the agents and the producers; or bind "
+            "to 127.0.0.1; or pass --insecure on a network you fully trust."
         )
 
 

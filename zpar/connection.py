@@ -8,7 +8,7 @@ the broker restarts::
     connected ──(broker silent for liveness x heartbeat, BYE, or "send HELLO")──▶ reconnecting
         ▲                                                                              │
         └──── WELCOME: every unfinished task is sent again (the broker deduplicates) ◀─┘
-                       reconnecting for longer than broker_timeout: BrokerUnavailable
+                       reconnecting for longer than broker_timeout: BrokenCluster
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from typing import Any, Callable
 import zmq
 
 from . import protocol as P
-from . import serialize
-from .errors import (BrokerUnavailable, MemoryLimitExceeded, ProtocolError, SerializationError, TaskTimeout,
+from . import security, serialize
+from .errors import (AuthenticationError, BrokenCluster, MemoryLimitExceeded, ProtocolError, SerializationError, TaskTimeout,
                      WorkerLost)
 from .futures import Future
 from .options import TaskOptions
+from .streaming import FeedOp
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,18 @@ class PendingTask:
 
 class Connection(threading.Thread):
     def __init__(self, address: str, submits: collections.deque[PendingTask], cancels: collections.deque,
-                 release: Callable[[], None], broker_timeout: float) -> None:
+                 release: Callable[[], None], broker_timeout: float,
+                 creds: security.Credentials | None = None) -> None:
         super().__init__(name="zpar-client-io", daemon=True)
         self.address = address
+        self.creds = creds
+        self._monitor: security.HandshakeMonitor | None = None
         self.submits, self.cancels, self.release = submits, cancels, release
         self.broker_timeout = broker_timeout
         self.welcomed = threading.Event()  # the first WELCOME
         self.failure: BaseException | None = None
         self.pending: dict[int, PendingTask] = {}
+        self.feeds: collections.deque[FeedOp] = collections.deque()  # from streams: objects, credits, closes
         self.sent_funcs: set[bytes] = set()
         self.epoch: str | None = None
         self.heartbeat, self.liveness = 1.0, 3
@@ -74,6 +79,7 @@ class Connection(threading.Thread):
         self._woken = False
         self._stopping = False
         self._done = False  # the loop has ended: wake() must not write any more
+        self.finished = False  # the loop is ending: nothing queued from now on will be sent
 
     # ------------------------------------------------------------------ other threads
 
@@ -114,7 +120,11 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
         self.sock = sock
+        security.apply_client(sock, self.creds)
+        if self.address.startswith("tcp://"):  # a refused handshake must be an error, not a hang
+            self._monitor = security.HandshakeMonitor(sock, self.address, self.creds)
         try:
             sock.connect(self.address)
             self._hello()
@@ -124,11 +134,14 @@ class Connection(threading.Thread):
             self.failure = exc
             self.welcomed.set()
         finally:
+            self.finished = True  # before the last sweep: a submit after it sees the flag (Client._submit)
             self._cancel_all()
             try:
                 sock.send(P.encode(P.Bye("client closing")), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+            if self._monitor is not None:
+                self._monitor.close()
             sock.close()
             self._done = True
 
@@ -136,6 +149,8 @@ class Connection(threading.Thread):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor.socket, zmq.POLLIN)
         while True:
             timeout = max(0.0, self._next_beat - time.monotonic())
             events = dict(poller.poll(int(timeout * 1000) + 1))
@@ -149,10 +164,14 @@ class Connection(threading.Thread):
                 self._woken = False
             if self._stopping:
                 return  # close(): what was not sent is cancelled, not sent now
+            if self._monitor is not None and self._monitor.socket in events and self._refused():
+                return
             if self.sock in events:
                 self._receive()
             self._send_cancels()
             self._take_submits()
+            if self.feeds:
+                self._send_feeds()
             now = time.monotonic()
             if now >= self._next_beat:
                 self._timers(now)
@@ -170,9 +189,22 @@ class Connection(threading.Thread):
             return
         self._hello()  # again, until a broker answers
         if now - self._lost_since > self.broker_timeout and self.pending:
-            self._fail_all(BrokerUnavailable(
+            self._fail_all(BrokenCluster(  # a BrokerUnavailable; also what Executor users catch
                 f"the broker at {self.address} has not answered for {now - self._lost_since:.0f} s "
                 f"(broker_timeout={self.broker_timeout:g} s); is `zpar-broker` running there?"))
+
+    def _refused(self) -> bool:
+        """True (and every pending future failed) when the broker refused our handshake."""
+        assert self._monitor is not None  # noqa: S101 - only called with one
+        failure = self._monitor.check()
+        if failure is None:
+            return False
+        exc = AuthenticationError(failure)
+        log.info("%s", failure)  # raised to the user, from Client() or from every pending future
+        self.failure = exc
+        self._fail_all(exc)
+        self.welcomed.set()
+        return True
 
     def _hello(self) -> None:
         self._send(P.Hello(P.Role.PRODUCER, f"client-{os.getpid()}", socket.gethostname(), os.getpid()))
@@ -253,6 +285,8 @@ class Connection(threading.Thread):
                 continue
             if isinstance(msg, P.Result):
                 self._results(msg, frames[1:])
+            elif isinstance(msg, P.Items):
+                self._items(msg, frames[1:])
             elif isinstance(msg, P.Welcome):
                 self._welcome(msg)
             elif isinstance(msg, P.Error):
@@ -277,6 +311,7 @@ class Connection(threading.Thread):
         log.warning("%s broker at %s; sending its %d unfinished tasks again",
                     "a restarted" if restarted else "reconnected to the", self.address, len(self.pending))
         self.sent_funcs.clear()
+        self._fail_streams()
         if self.pending:
             self._send_tasks(list(self.pending.values()))
 
@@ -294,9 +329,14 @@ class Connection(threading.Thread):
                     self.release()
                     fut.set_result(value)
                     continue
+                if entry.status == P.Status.STREAMED:
+                    self.release()
+                    self._stream_ended(task, rframes)
+                    continue
                 if entry.status == P.Status.RAISED:
                     exc: BaseException = serialize.load_exception(rframes)
-                    if isinstance(exc, task.opts.retry_on) and task.reruns < task.opts.retries:
+                    if (isinstance(exc, task.opts.retry_on) and task.reruns < task.opts.retries
+                            and not _exchanged(fut)):
                         task.reruns += 1
                         log.info("task %d raised %s; running it again (%d of %d)", task.id,
                                  type(exc).__name__, task.reruns, task.opts.retries)
@@ -317,6 +357,88 @@ class Connection(threading.Thread):
             except concurrent.futures.InvalidStateError:
                 pass  # cancelled by the user meanwhile
 
+    # ------------------------------------------------------------------ streams (zpar.streaming)
+
+    def _items(self, msg: P.Items, frames: list[Any]) -> None:
+        pos = 0
+        for entry in msg.items:
+            iframes, pos = P.unpack_payload(entry, frames, pos)
+            task = self.pending.get(entry.id)
+            if task is None:
+                continue  # cancelled, failed, or done
+            if task.future._stream_state().arrived(entry.seq, iframes) is not None:
+                self._stream_broken(task, f"item {task.future._stream_state().next_seq} of task {task.id} "
+                                          "was lost on the way (a connection broke)")
+        for credit in msg.credits:
+            task = self.pending.get(credit.id)
+            if task is not None:
+                task.future._stream_state().granted(credit.upto)
+
+    def _stream_ended(self, task: PendingTask, rframes: Any) -> None:
+        """A task that sent items returned: its result, once every item it counted is here."""
+        fut = task.future
+        try:
+            count, value = serialize.loads(rframes, what=lambda: f"result of task {task.id}")
+        except SerializationError as err:
+            fut.set_exception(err)
+            return
+        arrived = fut._stream.next_seq if fut._stream is not None else 0
+        if arrived < count:
+            fut.set_exception(WorkerLost(f"{count - arrived} of the {count} items task {task.id} sent were lost "
+                                         "on the way (a connection broke)"))
+        else:
+            fut.set_result(value)
+
+    def _stream_broken(self, task: PendingTask, reason: str) -> None:
+        """Fail a stream that cannot go on, and stop its task."""
+        self.pending.pop(task.id, None)
+        self.release()
+        if self.connected:
+            self._send(P.Cancel((task.id,), True))
+        try:
+            task.future.set_exception(WorkerLost(reason))
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def _fail_streams(self) -> None:
+        """After the broker lost track of us: a task that exchanged items cannot be sent again."""
+        for task in [t for t in self.pending.values() if _exchanged(t.future)]:
+            self._stream_broken(task, f"the broker at {self.address} lost track of task {task.id} in the middle "
+                                      "of its stream; a task that has exchanged items is not run again")
+
+    def _send_feeds(self) -> None:
+        """FEED what streams handed us: objects for tasks, credits, closed inputs, in order."""
+        ops: list[FeedOp] = []
+        while self.feeds:
+            ops.append(self.feeds.popleft())
+        self._take_submits()  # a task's SUBMIT goes ahead of what is sent to it
+        if not self.connected:
+            return  # those streams exchanged items: they fail when the broker is back
+        items: list[P.ItemEntry] = []
+        credits: list[P.Credit] = []
+        closed: list[int] = []
+        frames: list[Any] = []
+        nbytes = 0
+        for op in ops:
+            if op[1] not in self.pending:
+                continue
+            if op[0] == "item":
+                _, tid, seq, oframes = op
+                nframes, data, payload = P.pack_payload(oframes)
+                items.append(P.ItemEntry(tid, seq, nframes, data))
+                frames.extend(payload)
+                nbytes += len(data) + sum(len(f) for f in payload)
+            elif op[0] == "credit":
+                credits.append(P.Credit(op[1], op[2]))
+            else:
+                closed.append(op[1])
+            if (len(items) + len(credits) + len(closed) >= P.BATCH_MAX_TASKS or nbytes >= P.BATCH_MAX_BYTES
+                    or len(frames) + P.MAX_TASK_FRAMES >= P.MAX_FRAMES):
+                self._send(P.Feed(tuple(items), tuple(credits), tuple(closed)), frames)
+                items, credits, closed, frames, nbytes = [], [], [], [], 0
+        if items or credits or closed:
+            self._send(P.Feed(tuple(items), tuple(credits), tuple(closed)), frames)
+
     def _error(self, msg: P.Error) -> None:
         if "send HELLO" in msg.message:  # the broker does not know us (any more)
             self._lose(time.monotonic())
@@ -328,6 +450,12 @@ class Connection(threading.Thread):
                 self.sent_funcs.discard(task.digest)
             if retry:
                 self._send_tasks(retry)
+            return
+        if msg.message.startswith("key revoked"):  # for good: fail what is pending, stop
+            exc = AuthenticationError(f"the broker at {self.address} cut us off: {msg.message}")
+            self.failure = exc
+            self._fail_all(exc)
+            self._stopping = True
             return
         log.error("broker at %s refused: %s", self.address, msg.message)
         for tid in msg.ids:
@@ -352,6 +480,16 @@ class Connection(threading.Thread):
             except concurrent.futures.InvalidStateError:
                 pass
 
+    def abandon(self, task: PendingTask) -> None:
+        """A task queued after the loop ended: fail it (with why the loop ended), if the sweep missed it."""
+        try:
+            self.submits.remove(task)
+        except ValueError:
+            return  # the last sweep took it
+        self.release()
+        task.future.set_exception(self.failure or RuntimeError(
+            "this zpar Client's connection has stopped; create a new one"))
+
     def _cancel_all(self) -> None:
         """On close: every future still open is cancelled, so nothing waits forever."""
         leftovers = [t.future for t in self.pending.values()]
@@ -361,3 +499,8 @@ class Connection(threading.Thread):
         for fut in leftovers:
             fut._on_cancel = None
             fut.cancel()
+
+
+def _exchanged(fut: Future) -> bool:
+    """The task has sent or been sent an item: running it again could repeat or lose one."""
+    return fut._stream is not None and fut._stream.exchanged

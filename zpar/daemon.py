@@ -163,10 +163,13 @@ def run_until_signalled(daemon: Daemon) -> int:
     """Run ``daemon`` until SIGTERM or SIGINT asks it to stop; returns the exit code."""
     keep_big_buffers_out_of_the_heap()
     previous = {sig: signal.signal(sig, lambda *_: daemon.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reload = getattr(daemon, "request_reload", None)
+    if reload is not None:  # SIGHUP: read the allow-list of keys again
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload())
     try:
         daemon.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         daemon.close()
-    return 0
+    return int(getattr(daemon, "exit_code", 0))

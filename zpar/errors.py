@@ -8,6 +8,8 @@
     │   └── MemoryLimitExceeded   its worker went past the agent's memory limit and was stopped
     ├── TaskTimeout               (also concurrent.futures.TimeoutError)
     ├── BrokerUnavailable         no broker answered within the deadline
+    │   └── BrokenCluster         ...and work was failed for it (also concurrent.futures.BrokenExecutor)
+    ├── ResultTimeout             a wait for a Pool result ran out (also multiprocessing.TimeoutError, TimeoutError)
     ├── AuthenticationError       the broker refused our credentials
     ├── SerializationError        (also TypeError) a function, argument or result does not pickle
     │   └── PayloadTooLarge       a task is over the configured size limit
@@ -21,6 +23,7 @@ Cancellation raises ``concurrent.futures.CancelledError`` itself, so existing
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 
 
 class ZparError(Exception):
@@ -71,6 +74,22 @@ class TaskTimeout(ZparError, concurrent.futures.TimeoutError):
 
 class BrokerUnavailable(ZparError, ConnectionError):
     """No broker answered at the address within the deadline."""
+
+
+class BrokenCluster(BrokerUnavailable, concurrent.futures.BrokenExecutor):
+    """The cluster could not be reached: an Executor could not start, or pending tasks failed.
+
+    A ``concurrent.futures.BrokenExecutor`` (what ``ProcessPoolExecutor``
+    raises when its pool breaks) and a BrokerUnavailable. Unlike a broken
+    process pool, a client recovers if its broker comes back: new tasks run.
+    """
+
+
+class ResultTimeout(ZparError, multiprocessing.TimeoutError, TimeoutError):
+    """``Pool``'s ``get(timeout)`` or ``next(timeout)``: the result was not in in time (it may come later).
+
+    Caught by ``except multiprocessing.TimeoutError`` as by ``except TimeoutError``.
+    """
 
 
 class AuthenticationError(ZparError, PermissionError):

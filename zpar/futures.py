@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+from .streaming import FeedOp, StreamState
+
+_CANCELLED = "CANCELLED"  # concurrent.futures' state before waiters are told
 
 
 class Future(concurrent.futures.Future):
@@ -13,23 +18,113 @@ class Future(concurrent.futures.Future):
     ``concurrent.futures.wait`` and ``as_completed`` accept it as they are.
     ``cancel()`` succeeds until the result is in: a queued task is dropped by
     the broker and never runs; the result of one already running is discarded,
-    or, with ``cancel(force=True)``, its worker is stopped.
+    or, with ``cancel(force=True)``, its worker is stopped. A task that streams
+    or talks over its channel is always stopped.
+
+    ``stream()``, ``receive()``, ``ready()``, ``send()`` and ``close_input()``
+    are the producer's end of the task's stream and channel: see
+    ``zpar.streaming``.
     """
 
-    def __init__(self, task_id: int = 0, on_cancel: Callable[["Future", bool], None] | None = None) -> None:
+    # Class defaults, set on an instance only when it streams: nothing more per ordinary task.
+    _stream: StreamState | None = None  # made when the task first streams, or is asked to
+    _claimed = False  # stream() or receive() was called: the items are wanted
+    _unwanted = False  # result() came first: the items are not
+
+    def __init__(self, task_id: int = 0, on_cancel: Callable[[Future, bool], None] | None = None,
+                 on_feed: Callable[[FeedOp], None] | None = None) -> None:
         super().__init__()
         self.task_id = task_id
         self._on_cancel = on_cancel
+        self._on_feed = on_feed
 
     def cancel(self, force: bool = False) -> bool:
         if not super().cancel():
             return False
+        # No executor will do this for us: without it concurrent.futures.wait and as_completed
+        # never see the future as done. Once, whoever cancels first (the lock is reentrant).
+        with self._condition:
+            if self._state == _CANCELLED:
+                self.set_running_or_notify_cancel()
         if self._on_cancel is not None:
-            self._on_cancel(self, force)
+            # A stream left running would wait at its window for ever: stop it.
+            self._on_cancel(self, force or self._stream is not None)
         return True
 
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._claimed:  # inline: this is every task's path
+            self._unwanted = True
+            if self._stream is not None:
+                self._stream.discard()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self._claimed:
+            self._give_up_items()
+        return super().exception(timeout)
+
     def __await__(self) -> Generator[Any, None, Any]:
+        if not self._claimed:
+            self._give_up_items()
         return asyncio.wrap_future(self).__await__()
 
     def __repr__(self) -> str:
         return f"<zpar.Future task {self.task_id} {self._state.lower()}>"
+
+    # ------------------------------------------------------------------ streams (zpar.streaming)
+
+    def _give_up_items(self) -> None:
+        self._unwanted = True
+        st = self._stream
+        if st is not None:
+            st.discard()
+
+    def _stream_state(self) -> StreamState:
+        st = self._stream
+        if st is None:
+            with self._condition:
+                if self._stream is None:
+                    self._stream = StreamState(self, self._feed)
+                st = self._stream
+            if self._unwanted and not self._claimed:  # result() was called before the first item
+                st.discard()
+        return st
+
+    def _feed(self, op: FeedOp) -> None:
+        if self._on_feed is None:
+            raise RuntimeError("this future belongs to no client: it cannot stream")
+        self._on_feed(op)
+
+    def stream(self, timeout: float | None = None) -> Iterator[Any]:
+        """Each object the task sends, in order, until it returns; then its error, if it failed.
+
+        ``timeout`` bounds the wait for each next item (TimeoutError).
+        """
+        self._claimed = True
+        return self._items(self._stream_state(), timeout)
+
+    @staticmethod
+    def _items(st: StreamState, timeout: float | None) -> Iterator[Any]:
+        while True:
+            try:
+                item = st.take(timeout)
+            except EOFError:
+                return
+            yield item
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next object the task sent; EOFError once it returned and all were taken."""
+        self._claimed = True
+        return self._stream_state().take(timeout)
+
+    def ready(self) -> bool:
+        """True when ``receive()`` would not block: an object waits, or the task has ended."""
+        return self._stream_state().ready()
+
+    def send(self, obj: Any, timeout: float | None = None) -> None:
+        """Send ``obj`` to the task's ``channel.receive()``; blocks while WINDOW sent objects are unread."""
+        self._stream_state().send(obj, timeout)
+
+    def close_input(self) -> None:
+        """Nothing more will be sent: the task's ``receive()`` raises EOFError after what was."""
+        self._stream_state().close_input()

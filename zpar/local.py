@@ -69,7 +69,8 @@ class EmbeddedCluster:
     frontend is a socket, in a private directory.
     """
 
-    def __init__(self, workers: int | None = None, *, heartbeat: float = 1.0, log_level: str = "WARNING") -> None:
+    def __init__(self, workers: int | None = None, *, max_tasks_per_worker: int = 0, heartbeat: float = 1.0,
+                 log_level: str = "WARNING") -> None:
         self.dir = tempfile.mkdtemp(prefix="zpar-")
         os.chmod(self.dir, 0o700)
         self.frontend = f"ipc://{self.dir}/frontend"
@@ -77,6 +78,8 @@ class EmbeddedCluster:
                 "--parent-pid", str(os.getpid()), "--log-level", log_level]
         if workers:
             args += ["--workers", str(workers)]
+        if max_tasks_per_worker:
+            args += ["--max-tasks-per-worker", str(max_tasks_per_worker)]
         self.procs: list[subprocess.Popen] = []
         try:
             self.procs.append(spawn_daemon(args, env=_inherited_path_env()))

@@ -12,6 +12,8 @@ broker forwards untouched::
        | SUBMIT(funcs,tasks) ->| TASKS(funcs,tasks) ----> | TASKS --------> |
        |                       | <- RESULT (collector) -- | <------- RESULT |
        | <-------------- RESULT|                          |                 |
+       | <--- ITEMS (streams)  | <- ITEMS (collector) --- | <-------- ITEMS |
+       | FEED (sends, credits)>| FEED ------------------> | FEED ---------> |
        | STATUS ------------>  |                          |                 |
        | <------------ STATUS  | <-> HEARTBEAT            |                 |
        | BYE ----------------> | <------------------- BYE |                 |
@@ -19,8 +21,9 @@ broker forwards untouched::
 Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
 function blobs named in ``funcs`` first, then each task's frames in order
 (its pickled arguments, then its out-of-band buffers). RESULT carries each
-result's frames in order. A message of the wrong version, kind, shape or
-frame count raises ProtocolError; callers drop and count it.
+result's frames in order; ITEMS and FEED (zpar.streaming), each object's, and
+they route by task id like RESULT. A message of the wrong version, kind, shape
+or frame count raises ProtocolError; callers drop and count it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from .errors import ProtocolError
 VERSION = 1
 #: Largest header frame a peer may send (payload frames are capped separately).
 MAX_HEADER_BYTES = 8 * 1024 * 1024
+#: Largest frame any socket takes (ZMQ_MAXMSGSIZE; a peer sending more is disconnected).
+MAX_MESSAGE_SIZE = 1 << 30
 #: Most payload frames in one message; guards against a flood of tiny frames.
 MAX_FRAMES = 10_000
 #: Most frames one task's arguments or result may take (senders split batches below MAX_FRAMES).
@@ -63,6 +68,8 @@ class Kind(enum.IntEnum):
     BYE = 10
     ERROR = 11
     ACK = 12
+    ITEMS = 13
+    FEED = 14
 
 
 class Role(str, enum.Enum):
@@ -80,12 +87,20 @@ class Status(enum.IntEnum):
     TIMEOUT = 3  # payload: one UTF-8 reason (the task ran past its timeout); not retried
     CANCELLED = 4  # payload: one UTF-8 reason (stopped on request); not retried
     MEMORY = 5  # payload: one UTF-8 reason (its worker went past the memory limit); not retried
+    STREAMED = 6  # payload: the pickled ``(items sent, return value)`` of a task that sent items (zpar.streaming)
 
 
 _STATUSES = frozenset(int(s) for s in Status)
 
 #: Task flags, a bit field in each task entry.
 FLAG_CHUNK = 1  # the arguments are a list of argument tuples; return a list
+FLAG_CHANNEL = 2  # client.start: the function gets the task's channel as its first argument
+
+#: Stream flow control (zpar.streaming): a sender may be this many items ahead of
+#: what the receiver has taken (credits move the limit on: ``upto`` = taken + window) ...
+STREAM_WINDOW = 256
+#: ... and stops while this many bytes it sent are unread (a larger object still goes, alone).
+STREAM_BYTES = 8 << 20
 
 #: A payload of one frame up to this size travels inside the header instead
 #: (``nframes`` 0, bytes in ``data``): a batch of tiny tasks is then one frame,
@@ -125,6 +140,26 @@ class ResultEntry(NamedTuple):
     data: bytes = b""
 
 
+class ItemEntry(NamedTuple):
+    """One object in ITEMS or FEED: ``[id, seq, nframes, data]``, its payload placed as in TaskEntry.
+
+    ``seq`` counts the objects of one task in one direction from 0; a receiver
+    drops a repeat and treats a gap as a loss.
+    """
+
+    id: int
+    seq: int
+    nframes: int
+    data: bytes = b""
+
+
+class Credit(NamedTuple):
+    """``[id, upto]``: the receiver has room for the task's objects with ``seq < upto`` (cumulative)."""
+
+    id: int
+    upto: int
+
+
 def pack_payload(frames: Sequence[Any]) -> tuple[int, bytes, Sequence[Any]]:
     """``(nframes, data, frames)`` for an entry: small single-frame payloads go inline."""
     if len(frames) == 1 and len(frames[0]) <= INLINE_MAX:
@@ -133,7 +168,7 @@ def pack_payload(frames: Sequence[Any]) -> tuple[int, bytes, Sequence[Any]]:
     return len(frames), b"", frames
 
 
-def unpack_payload(entry: TaskEntry | ResultEntry, frames: Sequence[Any], pos: int) -> tuple[Sequence[Any], int]:
+def unpack_payload(entry: TaskEntry | ResultEntry | ItemEntry, frames: Sequence[Any], pos: int) -> tuple[Sequence[Any], int]:
     """The payload frames of ``entry`` starting at ``frames[pos]``, and the next position."""
     n = entry.nframes
     if n == 0:
@@ -239,7 +274,40 @@ class Ack:
     ids: tuple[int, ...]
 
 
-Message = Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye | Error | Ack
+@dataclass(frozen=True, slots=True)
+class Items:
+    """Objects a running task sent (a generator's yields, ``Channel.send``), on their way to its producer.
+
+    Travels worker -> agent -> collector -> broker -> producer, the path of
+    RESULT (so a task's items are ahead of its result). ``credits``: how far
+    the task has read what its producer sent (FEED). ``agent``/``epoch`` as in
+    Result.
+    """
+
+    kind: ClassVar[Kind] = Kind.ITEMS
+    items: tuple[ItemEntry, ...]
+    credits: tuple[Credit, ...] = ()
+    agent: bytes = b""
+    epoch: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """Objects a producer sends to its running task, on their way to the worker holding it.
+
+    Travels producer -> broker -> agent -> worker. ``credits``: how far the
+    producer has read the task's items (ITEMS); ``closed``: tasks whose
+    producer will send nothing more (after this message's items).
+    """
+
+    kind: ClassVar[Kind] = Kind.FEED
+    items: tuple[ItemEntry, ...] = ()
+    credits: tuple[Credit, ...] = ()
+    closed: tuple[int, ...] = ()
+
+
+Message = (Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye | Error | Ack
+           | Items | Feed)
 
 
 # --------------------------------------------------------------------------
@@ -287,6 +355,17 @@ def encode(msg: Message) -> bytes:
     elif k is Kind.ERROR:
         h["message"] = msg.message  # type: ignore[union-attr]
         h["ids"] = list(msg.ids)  # type: ignore[union-attr]
+    elif k is Kind.ITEMS:
+        h["i"] = msg.items  # type: ignore[union-attr]
+        h["c"] = msg.credits  # type: ignore[union-attr]
+        if msg.agent:  # type: ignore[union-attr]
+            h["a"] = msg.agent  # type: ignore[union-attr]
+        if msg.epoch:  # type: ignore[union-attr]
+            h["e"] = msg.epoch  # type: ignore[union-attr]
+    elif k is Kind.FEED:
+        h["i"] = msg.items  # type: ignore[union-attr]
+        h["c"] = msg.credits  # type: ignore[union-attr]
+        h["closed"] = list(msg.closed)  # type: ignore[union-attr]
     return msgpack.packb(h, use_bin_type=True)
 
 
@@ -360,6 +439,32 @@ def _results(h: dict) -> tuple[tuple[ResultEntry, ...], int]:
     return tuple(out), total
 
 
+def _items(h: dict) -> tuple[tuple[ItemEntry, ...], tuple[Credit, ...], int]:
+    rows = _get(h, "i", list)
+    credits = _get(h, "c", list, [])
+    if len(rows) > MAX_ENTRIES or len(credits) > MAX_ENTRIES:
+        raise ProtocolError(f"more than {MAX_ENTRIES} item or credit entries")
+    out = []
+    total = 0
+    for row in rows:
+        if type(row) is not list or len(row) != 4:
+            raise ProtocolError("an item entry must be [id, seq, nframes, data]")
+        iid, seq, nframes, data = row
+        if (type(iid) is not int or iid < 0 or type(seq) is not int or seq < 0 or type(nframes) is not int
+                or nframes < 0 or type(data) is not bytes):
+            raise ProtocolError(f"malformed item entry {row!r:.200}")
+        if nframes == 0 and not data:
+            raise ProtocolError("an item needs its value, inline or in frames")
+        total += nframes
+        out.append(ItemEntry(iid, seq, nframes, data))
+    cout = []
+    for row in credits:
+        if type(row) is not list or len(row) != 2:
+            raise ProtocolError("a credit entry must be [id, upto]")
+        cout.append(Credit(_nonneg_int(row[0], "task id"), _nonneg_int(row[1], "credit")))
+    return tuple(out), tuple(cout), total
+
+
 def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
     """Parse a header frame; ``nframes`` is how many payload frames came with it.
 
@@ -425,6 +530,15 @@ def decode(header: bytes | memoryview, nframes: int = 0) -> Message:
         msg = Bye(_get(h, "reason", str, ""), _get(h, "a", bytes, b""))
     elif k is Kind.ACK:
         msg = Ack(tuple(_nonneg_int(i, "task id") for i in _get(h, "ids", list)))
+    elif k is Kind.ITEMS:
+        items, credits, expected = _items(h)
+        msg = Items(items, credits, _get(h, "a", bytes, b""), _get(h, "e", str, ""))
+    elif k is Kind.FEED:
+        items, credits, expected = _items(h)
+        closed = _get(h, "closed", list, [])
+        if len(closed) > MAX_ENTRIES:
+            raise ProtocolError(f"{len(closed)} closed ids is over the {MAX_ENTRIES} limit")
+        msg = Feed(items, credits, tuple(_nonneg_int(i, "task id") for i in closed))
     else:  # Kind.ERROR
         ids = _get(h, "ids", list, [])
         msg = Error(_get(h, "message", str), tuple(_nonneg_int(i, "task id") for i in ids))

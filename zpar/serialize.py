@@ -11,16 +11,28 @@ from __future__ import annotations
 import collections
 import hashlib
 import pickle
+import struct
 import traceback
 from typing import Any, Callable, Sequence
 
 import cloudpickle
 
-from .errors import RemoteTraceback, SerializationError, TaskError
+from . import protocol as P
+from .errors import PayloadTooLarge, RemoteTraceback, SerializationError, TaskError
 
 #: Buffers at least this large travel out of band, in their own frame.
 OOB_THRESHOLD = 64 * 1024
 PROTOCOL = 5
+
+#: Buffers over twice this size travel in frames of this size (more for a huge buffer: at most
+#: _MAX_CHUNKS frames in all). Each hop then works frame by frame: with CurveZMQ the sender
+#: encrypts one while the receiver decrypts the one before, and a hop's buffers come warm
+#: from the allocator instead of a fresh mapping of the whole size.
+CHUNK_BYTES = 1 << 20
+_MAX_CHUNKS = 2000
+#: A chunked value's first frame: this, the chunk count of each buffer (uint32 each,
+#: little-endian, behind a uint32 count), then the pickle stream.
+_CHUNKED = b"\x00zpar-chunks\x00"
 
 
 def digest(blob: bytes) -> bytes:
@@ -50,17 +62,24 @@ class _LargeBytes:
         return bytes, (pickle.PickleBuffer(self.data),)
 
 
-def _lift(obj: Any, depth: int = 2) -> Any:
-    """``obj`` with large bytes wrapped, looking into tuples, lists and dicts ``depth`` levels down."""
+#: A container is searched for large bytes only if the stream holds this many bytes per item in
+#: it: the search then costs little next to the pickling, and a long list of small things (a
+#: chunk of map results) is not searched at all.
+_LIFT_BYTES_PER_ITEM = 512
+
+
+def _lift(obj: Any, depth: int = 2, max_items: int = 1 << 62) -> Any:
+    """``obj`` with large bytes wrapped, looking into tuples, lists and dicts of at most
+    ``max_items`` items, ``depth`` levels down."""
     t = type(obj)
     if t is bytes:
         return _LargeBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
-    if depth and (t is tuple or t is list):
-        lifted = [_lift(x, depth - 1) for x in obj]
+    if depth and (t is tuple or t is list) and len(obj) <= max_items:
+        lifted = [_lift(x, depth - 1, max_items) for x in obj]
         if any(a is not b for a, b in zip(lifted, obj)):
             return t(lifted)
-    elif depth and t is dict:
-        lifted_d = {k: _lift(v, depth - 1) for k, v in obj.items()}
+    elif depth and t is dict and len(obj) <= max_items:
+        lifted_d = {k: _lift(v, depth - 1, max_items) for k, v in obj.items()}
         if any(lifted_d[k] is not v for k, v in obj.items()):
             return lifted_d
     return obj
@@ -78,7 +97,7 @@ def dumps(obj: Any, what: Label = "value") -> list[Any]:
     """``obj`` as frames: ``[pickle, buffer, ...]``. Raises SerializationError naming it."""
     frames = _dumps(obj, what)
     if len(frames[0]) >= OOB_THRESHOLD:  # only a large stream can hold large bytes
-        lifted = _lift(obj)
+        lifted = _lift(obj, 2, len(frames[0]) // _LIFT_BYTES_PER_ITEM)
         if lifted is not obj:
             frames = _dumps(lifted, what)
     return frames
@@ -96,21 +115,84 @@ def _dumps(obj: Any, what: Label) -> list[Any]:
 
     try:
         head = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_large)
-        if b"__main__" in head:  # by reference to the producer's script: workers cannot import it
-            raise pickle.PicklingError("refers to __main__")
+        if b"__main__" in head or (_BY_VALUE and _names_by_value_module(head)):
+            # by reference to the producer's script, or to a module the user asked cloudpickle to
+            # ship by value: workers may not be able to import either
+            raise pickle.PicklingError("refers to __main__ or to a module pickled by value")
     except Exception:
         buffers.clear()
         try:
             head = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_large)
         except Exception as exc:
             raise SerializationError(f"cannot pickle the {_label(what)} {_describe(obj)}: {exc}") from exc
+    if buffers and max(b.nbytes for b in buffers) >= 2 * CHUNK_BYTES:
+        return _chunked(head, buffers)
     return [head, *buffers]
+
+
+def _chunked(head: bytes, buffers: list[memoryview]) -> list[Any]:
+    size = max(CHUNK_BYTES, -(-sum(b.nbytes for b in buffers) // _MAX_CHUNKS))
+    counts: list[int] = []
+    frames: list[Any] = []
+    for buf in buffers:
+        flat = buf.cast("B") if buf.ndim != 1 or buf.format != "B" else buf
+        parts = [flat[i:i + size] for i in range(0, flat.nbytes, size)] if flat.nbytes >= 2 * size else [flat]
+        counts.append(len(parts))
+        frames.extend(parts)
+    layout = struct.pack(f"<I{len(counts)}I", len(counts), *counts)
+    return [_CHUNKED + layout + head, *frames]
+
+
+def _joined(views: list[Any]) -> tuple[Any, list[Any]]:
+    """The pickle stream and whole buffers of a chunked value (one copy per chunked buffer)."""
+    head = memoryview(views[0])[len(_CHUNKED):]
+    (n,) = struct.unpack_from("<I", head)
+    counts = struct.unpack_from(f"<{n}I", head, 4)
+    if sum(counts) != len(views) - 1:
+        raise ValueError(f"a chunked value declares {sum(counts)} frames and has {len(views) - 1}")
+    buffers: list[Any] = []
+    pos = 1
+    for count in counts:
+        parts = views[pos:pos + count]
+        pos += count
+        if count == 1:
+            buffers.append(parts[0])
+            continue
+        whole = bytearray(sum(memoryview(p).nbytes for p in parts))  # writable, as arrays expect
+        offset = 0
+        for part in parts:
+            nbytes = memoryview(part).nbytes
+            whole[offset:offset + nbytes] = part
+            offset += nbytes
+        buffers.append(whole)
+    return head[4 + 4 * n:], buffers
+
+
+def check_payload(frames: Sequence[Any], what: Label) -> None:
+    """Raise PayloadTooLarge, naming ``what``, unless ``frames`` fit in one task (protocol's limits)."""
+    if len(frames) > P.MAX_TASK_FRAMES:
+        raise PayloadTooLarge(f"the {_label(what)} holds {len(frames) - 1} large buffers; at most "
+                              f"{P.MAX_TASK_FRAMES - 1} fit in a task: use fewer, bigger arrays")
+    if len(frames) > 1 and sum(memoryview(f).nbytes for f in frames) > P.MAX_MESSAGE_SIZE:
+        raise PayloadTooLarge(f"the {_label(what)} takes over {P.MAX_MESSAGE_SIZE >> 20} MiB, the most one "
+                              "task may carry: split the work, or load the data from shared storage in the task")
+
+
+#: The modules registered with ``cloudpickle.register_pickle_by_value`` (cloudpickle's own set).
+_BY_VALUE: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+
+
+def _names_by_value_module(head: bytes) -> bool:
+    return any(name.encode() in head for name in _BY_VALUE)
 
 
 def loads(frames: Sequence[Any], what: Label = "value") -> Any:
     """The object ``dumps`` made; zmq Frames are read in place, without copies."""
     try:
         views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+        if len(views) > 1 and bytes(memoryview(views[0])[:len(_CHUNKED)]) == _CHUNKED:
+            head, buffers = _joined(views)
+            return pickle.loads(head, buffers=buffers)
         return pickle.loads(views[0], buffers=views[1:])
     except Exception as exc:
         raise SerializationError(f"cannot unpickle the {_label(what)}: {type(exc).__name__}: {exc}") from exc

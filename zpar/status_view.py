@@ -19,6 +19,15 @@ def render(info: dict[str, Any], address: str, console: Console | None = None) -
     console.print(table)
     console.print(f"workers {info['workers']} (busy {info['busy']})  queued {info['queued']}  "
                   f"running {info['running']}  done {info['done']}  failed {info['failed']}")
-    errors = info.get("counters", {}).get("protocol_errors", 0)
+    counters = info.get("counters", {})
+    errors = counters.get("protocol_errors", 0)
     if errors:
         console.print(f"[yellow]bad messages dropped: {errors}[/]")
+    refused = counters.get("handshakes_failed", 0)
+    if refused:
+        console.print(f"[yellow]handshakes refused: {refused}[/]")
+    security = info.get("security", "")
+    if security.startswith("INSECURE"):
+        console.print(f"[bold red]warning: {security}; anyone who reaches the broker can run code as its user[/]")
+    elif security:
+        console.print(f"security: {security}")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import psutil
 
 from .client import Client, broker_status
+from . import security
 from .errors import BrokerUnavailable
 from .local import spawn_daemon, stop_processes
 
@@ -52,8 +53,13 @@ class LocalCluster:
     """``agents`` agents of ``workers`` workers each, behind one broker, all on loopback TCP."""
 
     def __init__(self, agents: int = 2, workers: int = 1, *, heartbeat: float = 0.1, liveness: int = 3,
-                 log_level: str = "WARNING", ready_timeout: float = 20.0, agent_args: Sequence[str] = ()) -> None:
+                 log_level: str = "WARNING", ready_timeout: float = 20.0, agent_args: Sequence[str] = (),
+                 secret: str | None = None) -> None:
         self.heartbeat, self.liveness, self.log_level = heartbeat, liveness, log_level
+        # With a secret every socket speaks CurveZMQ; the daemons get it by environment, not argv.
+        self.secret = secret
+        self._env = {**os.environ, "ZPAR_SECRET": secret} if secret else None
+        self._creds = security.client_credentials("producer", secret=secret) if secret else None
         self.agent_args = list(agent_args)  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
         self.workers = workers
         ports = [free_port() for _ in range(3)]
@@ -76,7 +82,8 @@ class LocalCluster:
     def start_broker(self) -> subprocess.Popen:
         self.broker = spawn_daemon(["zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
                                     "--collector", self.collector, "--heartbeat", str(self.heartbeat),
-                                    "--liveness", str(self.liveness), "--log-level", self.log_level])
+                                    "--liveness", str(self.liveness), "--log-level", self.log_level],
+                                   env=self._env)
         return self.broker
 
     def add_agent(self, workers: int | None = None, *, wait: bool = True, name: str | None = None,
@@ -88,7 +95,7 @@ class LocalCluster:
                 "--liveness", str(self.liveness), "--log-level", self.log_level, *self.agent_args]
         if name:
             args += ["--name", name]
-        proc = spawn_daemon(args)
+        proc = spawn_daemon(args, env=self._env)
         self.agents.append(proc)
         if wait:
             self.wait_for_workers(self.status()["workers"] + n)
@@ -112,7 +119,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ queries
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        return broker_status(self.frontend, timeout)
+        return broker_status(self.frontend, timeout, self._creds)
 
     def wait_for_workers(self, n: int, timeout: float = 20.0) -> None:
         def enough() -> bool:
@@ -123,6 +130,8 @@ class LocalCluster:
         wait_for(enough, timeout, 0.02, f"{n} workers registered")
 
     def client(self, **kwargs: Any) -> Client:
+        if self.secret:
+            kwargs.setdefault("secret", self.secret)
         client = Client(self.frontend, **kwargs)
         self._clients.append(client)
         return client

@@ -4,23 +4,32 @@ Started by the agent as ``python -m zpar.worker ENDPOINT IDENTITY PARENT_PID``.
 A worker talks only to its agent, over one DEALER socket on an ipc pipe of its
 own; the agent sends it work only while it is idle, so the agent always knows
 which tasks a worker holds.
+
+A task that streams (a generator, or one using its channel: zpar.streaming)
+sends ITEMS as it runs and reads FEED from the same socket while it waits for
+credits or input. The results of the tasks before it in the batch go ahead of
+its first item, and its own result right after it ends, so the agent never
+holds a finished task's result behind a stream that may run for hours.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import math
 import os
 import signal
 import socket
 import sys
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import zmq
 
 from . import protocol as P
-from . import serialize
-from .errors import PayloadTooLarge, SerializationError, TaskError
+from . import serialize, streaming
+from .errors import SerializationError, TaskError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,6 +45,27 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+class _Stream:
+    """One task's stream state in this worker: its items out, the producer's objects in."""
+
+    __slots__ = ("closed", "credit_bytes", "credited", "gap", "granted", "inbox", "next_in", "read", "sent",
+                 "sizes", "taken", "unread")
+
+    def __init__(self) -> None:
+        self.sent = 0  # items sent to the producer (the next one's seq)
+        self.granted = P.STREAM_WINDOW  # items with seq < granted may be sent now
+        self.read = 0  # items the producer has taken, as far as we know
+        self.sizes: collections.deque[int] = collections.deque()  # bytes of each item sent and not known read
+        self.unread = 0  # their sum
+        self.credit_bytes = 0  # bytes received since we last granted credit
+        self.inbox: collections.deque[Sequence[Any]] = collections.deque()  # objects from the producer
+        self.next_in = 0  # the seq expected next from the producer
+        self.taken = 0  # inbox objects the task has received
+        self.credited = P.STREAM_WINDOW  # the credit last granted to the producer
+        self.closed = False  # the producer will send nothing more
+        self.gap = False  # an object from the producer was lost on the way
+
+
 class Worker:
     def __init__(self, endpoint: str, identity: bytes, parent: int) -> None:
         self.parent = parent
@@ -46,11 +76,18 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
         self.sock.connect(endpoint)
+        self.current: int | None = None  # the id of the task running now (zpar.streaming.channel())
+        self.streams: dict[int, _Stream] = {}  # tasks of this batch that stream or were sent objects
+        self._entries: list[P.ResultEntry] = []  # results of this batch not sent yet
+        self._out: list[Any] = []
+        self._bye = False  # the agent asked us to exit while a task ran
+        streaming._port = self
 
     def run(self) -> None:
         self.sock.send(P.encode(P.Hello(P.Role.WORKER, pid=self.pid, host=self.host)))
-        while True:
+        while not self._bye:
             if not self.sock.poll(1000):
                 if os.getppid() != self.parent:
                     return  # the agent is gone; nobody wants our results
@@ -60,25 +97,35 @@ class Worker:
             if isinstance(msg, P.Bye):
                 return
             if isinstance(msg, P.Tasks):
-                entries, out = self.run_batch(msg, frames[1:])
-                self.sock.send_multipart([P.encode(P.Result(tuple(entries))), *out], copy=False)
+                self.run_batch(msg, frames[1:])
+                self._send_results()
+                self.streams.clear()
+            # A FEED now is for a task that has ended: nobody will read it.
 
-    def run_batch(self, msg: P.Tasks, frames: list[Any]) -> tuple[list[P.ResultEntry], list[Any]]:
+    def run_batch(self, msg: P.Tasks, frames: list[Any]) -> None:
+        """Run the batch; its results (those not sent ahead for a stream) are left to ``_send_results``."""
         nf = len(msg.funcs)
         for d, blob in zip(msg.funcs, frames[:nf]):
             self._load_function(d, blob)
         pos = nf
-        entries: list[P.ResultEntry] = []
-        out: list[Any] = []
         for task in msg.tasks:
             tframes, pos = P.unpack_payload(task, frames, pos)
             start = time.perf_counter_ns()
+            self.current = task.id
             status, rframes = self._run_one(task, tframes)
+            self.current = None
             took = (time.perf_counter_ns() - start) // 1000
             nframes, data, payload = P.pack_payload(rframes)
-            entries.append(P.ResultEntry(task.id, status, nframes, took, data))
-            out.extend(payload)
-        return entries, out
+            # Not cached in locals: a stream sends (and replaces) these lists mid-batch.
+            self._entries.append(P.ResultEntry(task.id, status, nframes, took, data))
+            self._out.extend(payload)
+            if self.streams and task.id in self.streams:  # a stream's result goes at once, behind its items
+                self._send_results()
+
+    def _send_results(self) -> None:
+        if self._entries:
+            self.sock.send_multipart([P.encode(P.Result(tuple(self._entries))), *self._out], copy=False)
+            self._entries, self._out = [], []
 
     def _load_function(self, d: bytes, blob: Any) -> None:
         if d in self.funcs:
@@ -101,22 +148,135 @@ class Worker:
                 value = [fn(*a) for a in payload]
             else:
                 args, kwargs = payload
+                if task.flags & P.FLAG_CHANNEL:
+                    args = (streaming.Channel(task.id, self), *args)
                 value = fn(*args, **kwargs)
+                if type(value) is types.GeneratorType:
+                    return self._drive(task.id, value)
         except Exception as exc:
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
         except BaseException as exc:  # sys.exit or KeyboardInterrupt inside the task
-            stand_in = TaskError(f"the task raised {type(exc).__name__}{exc.args!r}; the worker kept running",
-                                 type(exc).__name__)
-            stand_in.__cause__ = exc
-            return P.Status.RAISED, serialize.dump_exception(stand_in, self.host, self.pid)
+            return P.Status.RAISED, self._stand_in(exc)
+        return self._result(task.id, value)
+
+    def _stand_in(self, exc: BaseException) -> list[Any]:
+        """A TaskError for sys.exit or KeyboardInterrupt: the worker goes on; ``remote_type`` names it."""
+        stand_in = TaskError(f"the task raised {type(exc).__name__}{exc.args!r}; the worker kept running",
+                             type(exc).__name__)
+        stand_in.__cause__ = exc
+        return serialize.dump_exception(stand_in, self.host, self.pid)
+
+    def _result(self, tid: int, value: Any) -> tuple[P.Status, list[Any]]:
+        stream = self.streams.get(tid) if self.streams else None
+        status = P.Status.OK
+        if stream is not None and stream.sent:  # the producer checks it got every item
+            status, value = P.Status.STREAMED, (stream.sent, value)
         try:
             frames = serialize.dumps(value, what="result")
-            if len(frames) > P.MAX_TASK_FRAMES:
-                raise PayloadTooLarge(f"the result holds {len(frames) - 1} large buffers; at most "
-                                      f"{P.MAX_TASK_FRAMES - 1} fit: return fewer, bigger arrays")
-            return P.Status.OK, frames
+            serialize.check_payload(frames, "result")
+            return status, frames
         except Exception as exc:
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
+
+    # ------------------------------------------------------------------ streams (zpar.streaming)
+
+    def _drive(self, tid: int, gen: types.GeneratorType) -> tuple[P.Status, list[Any]]:
+        """Run a generator task: each value it yields goes to the producer, within the window."""
+        self._stream(tid)
+        try:
+            while True:
+                try:
+                    item = next(gen)
+                except StopIteration as stop:
+                    return self._result(tid, stop.value)
+                self.send_item(tid, serialize.dumps(item, what="value the generator yielded"))
+        except Exception as exc:
+            return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
+        except BaseException as exc:
+            return P.Status.RAISED, self._stand_in(exc)
+        finally:
+            gen.close()
+
+    def _stream(self, tid: int) -> _Stream:
+        # The batch's earlier results go now, ahead of this task's items: it may run a long time.
+        if self._entries:
+            self._send_results()
+        return self.streams.setdefault(tid, _Stream())
+
+    def send_item(self, tid: int, frames: list[Any]) -> None:
+        """Send one object to the producer; blocks (reading credits) while the window is full."""
+        serialize.check_payload(frames, "object sent")
+        stream = self._stream(tid)
+        while stream.sent >= stream.granted or stream.unread >= P.STREAM_BYTES:
+            self._pump(None)
+        nframes, data, payload = P.pack_payload(frames)
+        msg = P.Items((P.ItemEntry(tid, stream.sent, nframes, data),))
+        self.sock.send_multipart([P.encode(msg), *payload], copy=False)
+        stream.sent += 1
+        size = sum(len(f) for f in frames)
+        stream.sizes.append(size)
+        stream.unread += size
+
+    def receive_item(self, tid: int, timeout: float | None) -> Sequence[Any]:
+        """The frames of the next object the producer sent; EOFError at its end, TimeoutError."""
+        stream = self._stream(tid)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        looked = False
+        while not stream.inbox:
+            if stream.gap:
+                raise ConnectionError(f"an object sent to task {tid} was lost on the way")
+            if stream.closed:
+                raise EOFError(f"the producer closed the input of task {tid}")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0 and looked:
+                raise TimeoutError(f"nothing was sent to task {tid} within {timeout:g} s")
+            self._pump(left)
+            looked = True
+        frames = stream.inbox.popleft()
+        stream.taken += 1
+        stream.credit_bytes += sum(len(f) for f in frames)
+        upto = stream.taken + P.STREAM_WINDOW
+        if upto - stream.credited >= P.STREAM_WINDOW // 2 or stream.credit_bytes >= P.STREAM_BYTES // 4:
+            stream.credited, stream.credit_bytes = upto, 0
+            self.sock.send(P.encode(P.Items((), (P.Credit(tid, upto),))))
+        return frames
+
+    def _pump(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds (None: for ever) for messages from the agent, and take them."""
+        if not self.sock.poll(None if timeout is None else math.ceil(timeout * 1000)):
+            return
+        while True:
+            events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            if not events & zmq.POLLIN:
+                return
+            frames = self.sock.recv_multipart(copy=False)
+            msg = P.decode(frames[0].buffer, len(frames) - 1)
+            if isinstance(msg, P.Feed):
+                self._feed(msg, frames[1:])
+            elif isinstance(msg, P.Bye):
+                self._bye = True  # after this batch
+
+    def _feed(self, msg: P.Feed, frames: list[Any]) -> None:
+        pos = 0
+        for entry in msg.items:
+            iframes, pos = P.unpack_payload(entry, frames, pos)
+            stream = self.streams.setdefault(entry.id, _Stream())
+            if entry.seq < stream.next_in:
+                continue  # a repeat
+            if entry.seq > stream.next_in:
+                stream.gap = True
+            stream.next_in = entry.seq + 1
+            stream.inbox.append(iframes)
+        for credit in msg.credits:
+            held = self.streams.get(credit.id)
+            if held is not None and credit.upto > held.granted:
+                held.granted = credit.upto
+                read = min(credit.upto - P.STREAM_WINDOW, held.sent)
+                while held.read < read:
+                    held.unread -= held.sizes.popleft()
+                    held.read += 1
+        for tid in msg.closed:
+            self.streams.setdefault(tid, _Stream()).closed = True
 
     def close(self) -> None:
         self.sock.close()

@@ -33,12 +33,15 @@ class _LocalUplink:
     def send(self, msg: P.Message) -> None:
         self.broker.from_local_agent(self.identity, msg, [])
 
-    def send_results(self, msg: P.Result, frames: list[Any]) -> bool:
+    def send_results(self, msg: P.Result | P.Items, frames: list[Any]) -> bool:
         self.broker.from_local_agent(self.identity, msg, frames)
         return True
 
     def welcomed(self, msg: P.Welcome) -> None:
         pass
+
+    def auth_failure(self) -> None:  # no handshake in-process
+        return None
 
     def socket(self) -> None:
         return None
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="zpar's embedded cluster (started by zpar.Client()).")
     parser.add_argument("--frontend", required=True)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--max-tasks-per-worker", type=int, default=0)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     broker = BrokerConfig(frontend=args.frontend, backend="", collector="", heartbeat=args.heartbeat,
                           parent_pid=args.parent_pid, log_level=args.log_level)
     agent = AgentConfig(broker="(in-process)", workers=args.workers, heartbeat=args.heartbeat,
+                        max_tasks_per_worker=args.max_tasks_per_worker,
                         parent_pid=args.parent_pid, log_level=args.log_level)
     return run_until_signalled(EmbeddedNode(broker, agent))
 

@@ -16,7 +16,7 @@ class TaskState(enum.Enum):
 
 class TaskRecord:
     __slots__ = ("gid", "producer", "ptid", "digest", "flags", "data", "frames", "nbytes", "state", "agent",
-                 "retries", "timeout_ms", "attempts")
+                 "retries", "timeout_ms", "attempts", "streamed", "feed")
 
     def __init__(self, gid: int, producer: "ProducerRecord", entry: P.TaskEntry, frames: list[Any]) -> None:
         self.gid = gid
@@ -32,6 +32,19 @@ class TaskRecord:
         self.retries = entry.retries  # re-runs allowed after losing it to a dead worker or node
         self.timeout_ms = entry.timeout_ms
         self.attempts = 0  # runs lost so far
+        self.streamed = False  # it exchanged stream items (zpar.streaming): never run it again
+        self.feed: Feed | None = None  # what its producer sent it before an agent had it
+
+
+class Feed:
+    """FEED for a task still queued here: it follows the task to its agent."""
+
+    __slots__ = ("closed", "frames", "items")
+
+    def __init__(self) -> None:
+        self.items: list[P.ItemEntry] = []  # already renumbered with the task's gid
+        self.frames: list[Any] = []
+        self.closed = False
 
 
 class ProducerRecord:

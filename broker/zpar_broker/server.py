@@ -23,6 +23,7 @@ from typing import Any, Callable
 import zmq
 
 from zpar import protocol as P
+from zpar import security
 from zpar.config import BrokerConfig
 from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
@@ -65,11 +66,34 @@ class BrokerServer:
         self.endpoints: dict[str, str] = {}
         self._own_waker = waker is None
         self._waker = waker or Waker()
+        self.creds = security.broker_credentials(
+            secret=config.secret or None, secret_file=config.secret_file or None,
+            key_file=config.key_file or None, allow_dir=config.allow_keys or None)
+        self._zap: zmq.Socket | None = None
+        self._zap_policy: security.ZapPolicy | None = None
+        self._monitors: dict[zmq.Socket, security.HandshakeMonitor] = {}
+        self.reload_requested = False  # SIGHUP: read the allow-list again
+        self._peer_keys: security.PeerKeys | None = None  # key-file mode: who holds which key
+        if self.creds is not None:
+            # The ZAP handler exists before any socket binds: no window where a handshake goes unchecked.
+            self._zap_policy = security.ZapPolicy(self.creds)
+            if self._zap_policy.allow is not None:
+                self._peer_keys = security.PeerKeys(self._zap_policy.allow)
+            self._zap = self.ctx.socket(zmq.ROUTER)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            try:
+                self._zap.bind("inproc://zeromq.zap.01")
+            except zmq.ZMQError as exc:
+                self._zap.close()
+                raise OSError(f"cannot start the authenticator: {exc}") from None
         for name, kind in (("frontend", zmq.ROUTER), ("backend", zmq.ROUTER), ("collector", zmq.PULL)):
             address = getattr(config, name)
             if not address:
                 continue
             sock = self.sockets[name] = self._socket(kind)
+            if address.startswith("tcp://") and self.creds is not None:
+                security.apply_server(sock, self.creds, name)
+                self._monitors[sock] = security.HandshakeMonitor(sock, name, self.creds)
             try:
                 sock.bind(_ephemeral(address))
             except zmq.ZMQError as exc:
@@ -83,6 +107,7 @@ class BrokerServer:
             liveness=config.liveness,
             collector=_advertised(self.endpoints.get("collector", "")),
             max_message_size=config.max_message_size,
+            security=_describe_security(config, self.creds),
         )
         #: Agents in this same process: their messages are calls, not frames.
         self.local_agents: dict[bytes, Callable[[P.Message, list[Any]], None]] = {}
@@ -94,8 +119,13 @@ class BrokerServer:
                                                      on_error=self._internal_error,
                                                      on_oversized=functools.partial(self._oversized, name)))
                          for name in ("backend", "collector", "frontend") if name in self.sockets]
-        for sock in self.sockets.values():
+        if self._zap is not None:
+            self._readers.insert(0, (self._zap, Reader(self._zap, self._on_zap, log, max_frames=64,
+                                                       on_error=self._internal_error)))
+        for sock in [*self.sockets.values(), *([self._zap] if self._zap else [])]:
             self.poller.register(sock, zmq.POLLIN)
+        for monitor in self._monitors.values():
+            self.poller.register(monitor.socket, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
 
     def _socket(self, kind: int) -> zmq.Socket:
@@ -125,6 +155,9 @@ class BrokerServer:
         for sock, reader in self._readers:
             if sock in events:
                 reader.drain()
+        for monitor in self._monitors.values():
+            if monitor.socket in events:
+                self._check_handshakes(monitor)
 
     def next_deadline(self) -> float:
         return self.core.next_deadline()
@@ -133,6 +166,12 @@ class BrokerServer:
         if now < self.core.next_deadline():
             return False
         self._send(self.core.tick(now, judge=not self._backlog()))
+        if self.reload_requested and self._zap_policy is not None:
+            self.reload_requested = False
+            self._zap_policy.reload()
+        if self._peer_keys is not None:
+            for peer in self._peer_keys.sweep():
+                self._revoke(now, peer)
         parent = self.config.parent_pid
         if parent and os.getppid() != parent:
             log.warning("parent process %d is gone; stopping", parent)
@@ -151,8 +190,12 @@ class BrokerServer:
             self._send_one(Outgoing(Dest.FRONTEND, peer, P.Bye("broker stopping")))
 
     def close(self) -> None:
+        for monitor in self._monitors.values():
+            monitor.close()
         for sock in self.sockets.values():
             sock.close(linger=0)
+        if self._zap is not None:
+            self._zap.close(linger=0)
         if self._own_waker:
             self._waker.close()
 
@@ -161,6 +204,8 @@ class BrokerServer:
         now = time.monotonic()
         if isinstance(msg, P.Result):
             self._send(self.core.results(now, msg, frames))
+        elif isinstance(msg, P.Items):
+            self._send(self.core.items(now, msg, frames))
         else:
             self._send(self.core.agent_message(now, peer, msg, frames))
 
@@ -170,6 +215,55 @@ class BrokerServer:
 
     def _internal_error(self) -> None:
         self.core.counters["internal_errors"] += 1
+
+    def request_reload(self) -> None:
+        """SIGHUP: read the allow-list again at the next timer (safe from a signal handler)."""
+        self.reload_requested = True
+
+    # ------------------------------------------------------------------ authentication
+
+    def _on_zap(self, frames: list[zmq.Frame]) -> None:
+        assert self._zap is not None and self._zap_policy is not None  # noqa: S101 - registered only then
+        reply, admitted, why = self._zap_policy.reply([f.bytes for f in frames])
+        if not reply:
+            self._bad_log.warn(log, "malformed ZAP request dropped")
+            return
+        self.core.counters["auth_admitted" if admitted else "auth_refused"] += 1
+        if not admitted:
+            self._bad_log.warn(log, "refused a peer: %s", why)
+        self._zap.send_multipart(reply)
+
+    def _check_handshakes(self, monitor: security.HandshakeMonitor) -> None:
+        before = monitor.failed
+        monitor.check()
+        if monitor.failed > before:  # ZAP refusals included; auth_refused counts those apart
+            self.core.counters["handshakes_failed"] += monitor.failed - before
+            self._bad_log.warn(log, "a peer failed the CurveZMQ handshake on the %s (no secret, a wrong "
+                               "one, or not a zpar peer)", monitor.address)
+
+    def _revoke(self, now: float, peer: bytes) -> None:
+        """A connected peer's key left the allow-list: forget it, and tell it why."""
+        self.core.counters["peers_revoked"] += 1
+        log.warning("key of peer %s was removed from the allow-list: cutting it off", peer.hex())
+        if peer in self.core._agents:  # noqa: SLF001 - the loop owns the core
+            self._send(self.core.agent_message(now, peer, P.Bye("key revoked"), []))
+            self._send_one(Outgoing(Dest.BACKEND, peer, P.Bye("key revoked")))
+        elif peer in self.core._producers:  # noqa: SLF001
+            self._send(self.core.producer_message(now, peer, P.Bye("key revoked"), []))
+            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error("key revoked: this producer's key was removed "
+                                                                  "from the broker's allow-list")))
+
+    def _revoked(self, peer: bytes, frames: list[zmq.Frame], msg: P.Message) -> bool:
+        """Key-file mode: drop what a revoked peer sends; note the key of each peer saying HELLO."""
+        keys = self._peer_keys
+        if keys is None:
+            return False
+        if peer in keys.revoked:
+            self.core.counters["revoked_messages"] += 1
+            return True
+        if isinstance(msg, P.Hello):
+            keys.note(peer, frames[1])
+        return False
 
     # ------------------------------------------------------------------ handlers
 
@@ -188,6 +282,8 @@ class BrokerServer:
         if msg is None:
             self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error("malformed message dropped")))
             return
+        if self._peer_keys is not None and self._revoked(peer, frames, msg):
+            return
         self._send(self.core.producer_message(time.monotonic(), peer, msg, frames[2:]))
 
     def _on_backend(self, frames: list[zmq.Frame]) -> None:
@@ -195,14 +291,23 @@ class BrokerServer:
         msg = self._decode(frames[1:], "backend")
         if msg is None:
             return
+        if self._peer_keys is not None and self._revoked(peer, frames, msg):
+            return
         self._send(self.core.agent_message(time.monotonic(), peer, msg, frames[2:]))
 
     def _on_collector(self, frames: list[zmq.Frame]) -> None:
         msg = self._decode(frames, "collector")
         if msg is None:
             return
+        agent = getattr(msg, "agent", b"")
+        if self._peer_keys is not None and agent in self._peer_keys.revoked:
+            self.core.counters["revoked_messages"] += 1
+            return
         if isinstance(msg, P.Bye) and msg.agent:  # an agent leaving, behind its last results
             self._send(self.core.agent_message(time.monotonic(), msg.agent, msg, []))
+            return
+        if isinstance(msg, P.Items):  # a stream's items, ahead of its result on the same pipe
+            self._send(self.core.items(time.monotonic(), msg, frames[1:]))
             return
         if not isinstance(msg, P.Result):
             self.core.protocol_error("collector")
@@ -232,6 +337,14 @@ class BrokerServer:
                 log.debug("%s peer %s is gone; dropped a %s", item.dest.value, item.peer.hex(), item.msg.kind.name)
             else:
                 raise
+
+
+def _describe_security(config: BrokerConfig, creds: security.Credentials | None) -> str:
+    if creds is not None:
+        return f"curve, allow-list {creds.allow_dir}" if creds.allow_dir else "curve, shared secret"
+    if config.insecure:
+        return "INSECURE: no authentication (--insecure)"
+    return "none: loopback and ipc only"
 
 
 class RateLimitedLog:

@@ -9,6 +9,12 @@ while their estimated total stays near ``BATCH_TARGET_US`` of work, so tiny
 tasks do not each pay a round trip, and a task estimated at 1 ms or more goes
 alone, so nothing waits behind a long task while another worker is idle.
 Credits are sized from the batch: ``workers x batch x 2``.
+
+Streams (zpar.streaming) pass through: a worker's ITEMS go on to the broker
+ahead of its results, and FEED from the broker goes to the worker holding the
+task (or waits with the task in the queue). A task that has exchanged an item
+is never re-run here: if its worker dies it is reported lost, and the broker
+fails it rather than run it again.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ class QueuedTask:
     frames: list[Any]
     timeout_ms: int = 0
     alone: bool = False  # suspected of killing a worker: run it by itself
+    streamed: bool = False  # it sent or was given an item: never run it again
+    inbox: list[tuple[P.ItemEntry, list[Any]]] | None = None  # FEED for it before a worker had it
+    closed: bool = False  # ... and its producer closed its input
 
 
 @dataclass(slots=True)
@@ -66,7 +75,7 @@ class WorkerSlot:
 @dataclass(slots=True)
 class ToWorker:
     identity: bytes
-    msg: P.Tasks
+    msg: P.Tasks | P.Feed
     frames: list[Any]
 
 
@@ -92,6 +101,11 @@ class AgentCore:
         self._recent_us = float(UNKNOWN_US)  # across functions: sizes the credit
         self.results: list[P.ResultEntry] = []  # to send to the collector
         self.result_frames: list[Any] = []
+        self.items: list[P.ItemEntry] = []  # streams' items to send, ahead of the results
+        self.item_credits: list[P.Credit] = []
+        self.item_frames: list[Any] = []
+        self._streaming: dict[int, WorkerSlot] = {}  # task id -> the worker streaming it
+        self._kept = 0  # queued tasks holding FEED (cancelled ones stay counted: a look too many)
         self.accepting = True
         self._retiring: list[bytes] = []  # workers to tell to exit, not told yet
 
@@ -112,6 +126,11 @@ class AgentCore:
         slot = self.workers.get(identity)
         if slot is None or slot.state is not WorkerState.BUSY:
             return []
+        if self._streaming:
+            for entry in msg.results:
+                self._streaming.pop(entry.id, None)
+        if len(msg.results) < len(slot.batch):  # a stream's result, sent ahead of the rest of its batch
+            return self._some_results(slot, msg, frames)
         if slot.doomed:
             return []  # it is being killed; its death reports the batch
         if not slot.stale:
@@ -129,6 +148,23 @@ class AgentCore:
         else:
             slot.state = WorkerState.IDLE
         return self.assign(now)
+
+    def _some_results(self, slot: WorkerSlot, msg: P.Result, frames: list[Any]) -> list[ToWorker]:
+        """Part of a batch is done; the worker is still busy with the rest."""
+        done = {entry.id for entry in msg.results}
+        finished = [t for t in slot.batch if t.id in done and t.id not in slot.doomed]
+        slot.batch = [t for t in slot.batch if t.id not in done]
+        slot.tasks_done += len(finished)
+        if slot.stale:
+            return []
+        ok = {t.id for t in finished}
+        pos = 0
+        for entry in msg.results:
+            if entry.id in ok:
+                self.results.append(entry)
+                self.result_frames.extend(frames[pos:pos + entry.nframes])
+            pos += entry.nframes
+        return []
 
     def _retire_now(self, slot: WorkerSlot) -> None:
         slot.state = WorkerState.RETIRING
@@ -158,31 +194,42 @@ class AgentCore:
         slot = self.workers.pop(identity, None)
         if slot is None:
             return []
+        for task in slot.batch:
+            self._streaming.pop(task.id, None)
         how = describe_exit(returncode)
         batch, slot.batch, slot.state = slot.batch, [], WorkerState.EXITED
         if slot.stale:
             return []  # tasks of a broker that is gone: nobody is waiting for them
         if slot.doomed:  # we killed it: timeout or cancel; the rest of its batch is innocent
             for task in reversed(batch):
-                if task.id not in slot.doomed:
+                if task.id not in slot.doomed and not task.streamed:
                     self.queue.appendleft(task)
             for task in batch:
                 if task.id in slot.doomed:
                     status, reason = slot.doomed[task.id]
                     self.results.append(P.ResultEntry(task.id, status, 0, 0, reason.encode()))
+                elif task.streamed:
+                    reason = f"worker pid {slot.pid} on {self.node} was stopped in the middle of task {task.id}'s stream"
+                    self.results.append(P.ResultEntry(task.id, P.Status.LOST, 0, 0, reason.encode()))
             return batch
         if len(batch) == 1 or any(t.alone for t in batch):
             for task in batch:
-                reason = f"worker pid {slot.pid} on {self.node} {how} while running task {task.id}"
-                log.warning("%s", reason)
-                self.results.append(P.ResultEntry(task.id, P.Status.LOST, 0, 0, reason.encode()))
+                self._lost(slot, task, how)
         elif batch:
             log.warning("worker pid %d on %s %s with a batch of %d; re-running them one by one",
                         slot.pid, self.node, how, len(batch))
             for task in reversed(batch):
-                task.alone = True
-                self.queue.appendleft(task)
+                if task.streamed:  # it exchanged items: the broker decides (it will not run it again)
+                    self._lost(slot, task, how)
+                else:
+                    task.alone = True
+                    self.queue.appendleft(task)
         return batch
+
+    def _lost(self, slot: WorkerSlot, task: QueuedTask, how: str) -> None:
+        reason = f"worker pid {slot.pid} on {self.node} {how} while running task {task.id}"
+        log.warning("%s", reason)
+        self.results.append(P.ResultEntry(task.id, P.Status.LOST, 0, 0, reason.encode()))
 
     # ------------------------------------------------------------------ tasks
 
@@ -196,6 +243,127 @@ class AgentCore:
             pos += t.nframes
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign(now)
+
+    # ------------------------------------------------------------------ streams
+
+    def worker_items(self, identity: bytes, msg: P.Items, frames: list[Any]) -> None:
+        """Items (and read credits) from a worker's streaming task: on to the broker."""
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.BUSY or slot.stale:
+            return
+        pos = 0
+        for entry in msg.items:
+            task = self._held_by(slot, entry.id)
+            if task is not None and entry.id not in slot.doomed:
+                task.streamed = True
+                self._streaming[entry.id] = slot
+                self.items.append(entry)
+                self.item_frames.extend(frames[pos:pos + entry.nframes])
+            pos += entry.nframes
+        for credit in msg.credits:
+            if self._held_by(slot, credit.id) is not None:
+                self.item_credits.append(credit)
+
+    @staticmethod
+    def _held_by(slot: WorkerSlot, tid: int) -> QueuedTask | None:
+        for task in slot.batch:
+            if task.id == tid:
+                return task
+        return None
+
+    def _find(self, tid: int) -> tuple[WorkerSlot | None, QueuedTask | None]:
+        """The worker running task ``tid`` and the task, or (None, the task in our queue), or (None, None)."""
+        slot = self._streaming.get(tid)
+        if slot is not None and slot.state is WorkerState.BUSY:
+            task = self._held_by(slot, tid)
+            if task is not None:
+                return slot, task
+        for slot in self.workers.values():
+            if slot.state is WorkerState.BUSY and not slot.stale:
+                task = self._held_by(slot, tid)
+                if task is not None:
+                    return slot, task
+        for task in self.queue:
+            if task.id == tid:
+                return None, task
+        return None, None
+
+    def feed(self, msg: P.Feed, frames: list[Any]) -> list[ToWorker]:
+        """Objects, credits and closes from a producer: to the workers holding the tasks, or kept with them."""
+        out: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int], list[Any]]] = {}
+        pos = 0
+        for entry in msg.items:
+            eframes = frames[pos:pos + entry.nframes]
+            pos += entry.nframes
+            slot, task = self._find(entry.id)
+            if task is None:
+                continue  # ended, or cancelled
+            if slot is None:
+                if task.inbox is None:
+                    self._kept += not task.closed
+                    task.inbox = []
+                task.inbox.append((entry, eframes))
+                continue
+            task.streamed = True
+            items, _, _, fr = out.setdefault(slot.identity, ([], [], [], []))
+            items.append(entry)
+            fr.extend(eframes)
+        for credit in msg.credits:
+            slot, _task = self._find(credit.id)
+            if slot is not None:
+                out.setdefault(slot.identity, ([], [], [], []))[1].append(credit)
+        for tid in msg.closed:
+            slot, task = self._find(tid)
+            if task is None:
+                continue
+            if slot is None:
+                self._kept += task.inbox is None and not task.closed
+                task.closed = True
+                continue
+            task.streamed = True
+            out.setdefault(slot.identity, ([], [], [], []))[2].append(tid)
+        return [ToWorker(identity, P.Feed(tuple(i), tuple(c), tuple(x)), fr) for identity, (i, c, x, fr) in out.items()]
+
+    def _feed_kept(self, slot: WorkerSlot, batch: list[QueuedTask]) -> ToWorker | None:
+        """What producers sent the batch's tasks before a worker had them, to follow the TASKS."""
+        items: list[P.ItemEntry] = []
+        closed: list[int] = []
+        frames: list[Any] = []
+        for task in batch:
+            if task.inbox is not None or task.closed:
+                self._kept = max(0, self._kept - 1)
+            if task.inbox:
+                task.streamed = True
+                for entry, eframes in task.inbox:
+                    items.append(entry)
+                    frames.extend(eframes)
+                task.inbox = None
+            if task.closed:
+                task.streamed = True
+                closed.append(task.id)
+                task.closed = False
+        if not items and not closed:
+            return None
+        return ToWorker(slot.identity, P.Feed(tuple(items), (), tuple(closed)), frames)
+
+    def take_items(self) -> tuple[list[P.ItemEntry], list[P.Credit], list[Any]] | None:
+        """Pop the next chunk of streams' items (and credits) to send, or None."""
+        if not self.items and not self.item_credits:
+            return None
+        n = nframes = nbytes = 0
+        for entry in self.items:
+            if n and (n >= P.BATCH_MAX_TASKS or nbytes >= P.BATCH_MAX_BYTES
+                      or nframes + entry.nframes > P.MAX_FRAMES):
+                break
+            nbytes += len(entry.data) + sum(len(f) for f in self.item_frames[nframes:nframes + entry.nframes])
+            nframes += entry.nframes
+            n += 1
+        entries, self.items = self.items[:n], self.items[n:]
+        frames, self.item_frames = self.item_frames[:nframes], self.item_frames[nframes:]
+        credits, self.item_credits = self.item_credits[:P.BATCH_MAX_TASKS], self.item_credits[P.BATCH_MAX_TASKS:]
+        return entries, credits, frames
+
+    # ------------------------------------------------------------------ cancel, timeouts
 
     def cancel(self, ids: tuple[int, ...]) -> list[bytes]:
         """Stop these tasks: dropped from the queue; workers running one are returned, to be killed."""
@@ -237,19 +405,27 @@ class AgentCore:
                      if s.state is WorkerState.BUSY and s.deadline and not s.doomed]
         return min(deadlines, default=float("inf"))
 
-    def forget_tasks(self) -> None:
+    def forget_tasks(self) -> list[bytes]:
         """The broker that sent our tasks is gone (a restarted one has a new epoch): drop them.
 
         Their producers resubmit them to the new broker; what is running now
-        finishes, and its results are dropped.
+        finishes, and its results are dropped. Returns the workers to stop: a
+        stream or channel task there would wait for its producer for ever.
         """
         self.queue.clear()
         self.results.clear()
         self.result_frames.clear()
+        self.items.clear()
+        self.item_credits.clear()
+        self.item_frames.clear()
+        self._streaming.clear()
+        self._kept = 0
         for slot in self.workers.values():
             if slot.batch:
                 slot.stale = True
         self.requested = 0
+        return [slot.identity for slot in self.workers.values()
+                if slot.stale and any(t.streamed or t.flags & P.FLAG_CHANNEL for t in slot.batch)]
 
     def _estimate(self, task: QueuedTask) -> float:
         return self.durations.get(task.digest, UNKNOWN_US)
@@ -271,6 +447,10 @@ class AgentCore:
             if not batch:
                 break
             out.append(self._to_worker(slot, batch))
+            if self._kept:
+                kept = self._feed_kept(slot, batch)
+                if kept is not None:
+                    out.append(kept)
             if batch[0].timeout_ms:  # tasks with a timeout go alone
                 slot.deadline = now + batch[0].timeout_ms / 1000
             if not self.queue:

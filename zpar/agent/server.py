@@ -29,6 +29,7 @@ import zmq
 
 from zpar import protocol as P
 from zpar.config import AgentConfig
+from zpar import security
 from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
@@ -58,7 +59,10 @@ class AgentServer:
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.identity = uuid.uuid4().bytes
-        self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size)
+        creds = security.client_credentials("agent", secret=config.secret or None, secret_file=config.secret_file or None,
+                                            key_file=config.key_file or None, broker_key=config.broker_key or None)
+        self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size, creds)
+        self.exit_code = 0
         self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
         self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
         self._pipe_reader = Reader(self.pipe, self._on_worker, log)
@@ -143,7 +147,9 @@ class AgentServer:
         """SIGTERM now, SIGKILL after a grace second if it is still there."""
         for ident, proc in self.procs.values():
             if ident == identity:
-                log.warning("stopping worker pid %d: %s", proc.pid, why)
+                # a cancel is the user's own doing; a timeout or memory limit is worth a warning
+                level = logging.INFO if "cancelled" in why else logging.WARNING
+                log.log(level, "stopping worker pid %d: %s", proc.pid, why)
                 proc.terminate()
                 self._kill_at[identity] = time.monotonic() + 1.0
 
@@ -238,6 +244,11 @@ class AgentServer:
         if now < self._next_beat:
             return False
         self._next_beat = now + self.heartbeat
+        failure = self.uplink.auth_failure()
+        if failure:
+            log.error("refused by the broker (AuthenticationError): %s; stopping", failure)
+            self.exit_code = 1
+            return True
         self.uplink.send(P.Heartbeat(self.core.busy()))
         if self._welcomed:  # results the broker has not acknowledged for a while: lost on the way?
             for entries, frames in self.unacked.take(now, older_than=self.heartbeat * self.liveness):
@@ -280,6 +291,8 @@ class AgentServer:
         if isinstance(msg, P.Result):
             self._check_memory(identity, now)
             self._to_workers(self.core.worker_results(identity, msg, frames[2:], now))
+        elif isinstance(msg, P.Items):
+            self.core.worker_items(identity, msg, frames[2:])
         elif isinstance(msg, P.Hello):
             self._backoff = 0.1  # workers start again: forget earlier failures
             self._to_workers(self.core.worker_ready(identity, msg.pid, now))
@@ -299,6 +312,8 @@ class AgentServer:
             self._to_workers(self.core.tasks(msg, frames, time.monotonic()))
         elif isinstance(msg, P.Ack):
             self.unacked.acked(msg.ids)
+        elif isinstance(msg, P.Feed):
+            self._to_workers(self.core.feed(msg, frames))
         elif isinstance(msg, P.Cancel):
             for identity in self.core.cancel(msg.ids):
                 self._kill(identity, "its task was cancelled")
@@ -308,6 +323,11 @@ class AgentServer:
             log.warning("broker: %s", msg.message)
             if "HELLO" in msg.message:
                 self._hello()
+        elif isinstance(msg, P.Bye) and msg.reason == "key revoked":
+            log.error("refused by the broker (AuthenticationError): this node's key was removed from its "
+                      "allow-list; stopping")
+            self.exit_code = 1
+            self._waker.wake()
         elif isinstance(msg, P.Bye):
             log.info("broker is stopping (%s); waiting for it to return", msg.reason)
             self._welcomed = False
@@ -316,7 +336,8 @@ class AgentServer:
         if self.epoch and msg.epoch != self.epoch:
             log.warning("the broker restarted (epoch %s, was %s); dropping the %d tasks of the old one",
                         msg.epoch[:8], self.epoch[:8], self.core.held())
-            self.core.forget_tasks()
+            for identity in self.core.forget_tasks():
+                self._kill(identity, "its stream was for a broker that is gone")
             self.unacked.clear()
         elif self.epoch:  # the same broker, after we registered anew: what it may not have
             for entries, frames in self.unacked.take(time.monotonic()):
@@ -329,8 +350,18 @@ class AgentServer:
         log.info("registered with broker %s (epoch %s)", self.config.broker, msg.epoch[:8])
 
     def _flush(self) -> None:
-        """Send what piled up: results to the collector, then credits to the broker."""
-        while (chunk := self.core.take_results()) is not None:
+        """Send what piled up: streams' items, then results to the collector, then credits to the broker."""
+        blocked = False
+        while (items := self.core.take_items()) is not None:
+            ientries, icredits, iframes = items
+            if not self.uplink.send_results(P.Items(tuple(ientries), tuple(icredits), self.identity, self.epoch),
+                                            iframes):
+                self.core.items[:0] = ientries  # not now: keep them, in order, and the results behind them
+                self.core.item_credits[:0] = icredits
+                self.core.item_frames[:0] = iframes
+                blocked = True
+                break
+        while not blocked and (chunk := self.core.take_results()) is not None:
             entries, frames = chunk
             if not self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch), frames):
                 self.core.results[:0] = entries  # not now: keep them, in order

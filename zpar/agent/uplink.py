@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import zmq
 
 from zpar import protocol as P
+from zpar import security
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,17 @@ class Uplink(Protocol):
     def send(self, msg: P.Message) -> None:
         """A control message (HELLO, READY, HEARTBEAT, BYE) to the broker."""
 
-    def send_results(self, msg: P.Result, frames: list[Any]) -> bool:
-        """Results for the collector; False when they cannot go now (keep them)."""
+    def send_results(self, msg: P.Result | P.Items, frames: list[Any]) -> bool:
+        """Results (or streams' items, ahead of them) for the collector; False when they cannot go now."""
 
     def welcomed(self, msg: P.Welcome) -> None:
         """The broker's WELCOME arrived: connect whatever it points at."""
 
     def socket(self) -> zmq.Socket | None:
         """The socket the agent's loop polls for the broker's messages, if any."""
+
+    def auth_failure(self) -> str | None:
+        """Why the broker refused our handshake, if it did since the last call; else None."""
 
     def close(self) -> None: ...
 
@@ -64,16 +68,26 @@ def collector_address(advertised: str, broker: str) -> str:
 
 
 class SocketUplink:
-    def __init__(self, ctx: zmq.Context, broker: str, identity: bytes, max_message_size: int) -> None:
-        self.ctx, self.address, self.max_message_size = ctx, broker, max_message_size
+    def __init__(self, ctx: zmq.Context, broker: str, identity: bytes, max_message_size: int,
+                 creds: security.Credentials | None = None) -> None:
+        self.ctx, self.address, self.max_message_size, self.creds = ctx, broker, max_message_size, creds
         self.dealer = configure(ctx.socket(zmq.DEALER), max_message_size)
         self.identity = identity
         self.dealer.setsockopt(zmq.IDENTITY, identity)
+        security.apply_client(self.dealer, creds)
+        self._monitors = [security.HandshakeMonitor(self.dealer, broker, creds)] if broker.startswith("tcp://") else []
         self.dealer.connect(broker)
         self.collector: zmq.Socket | None = None
 
     def socket(self) -> zmq.Socket:
         return self.dealer
+
+    def auth_failure(self) -> str | None:
+        for monitor in self._monitors:
+            failure = monitor.check()
+            if failure:
+                return failure
+        return None
 
     def send(self, msg: P.Message) -> None:
         if isinstance(msg, P.Bye) and self.collector is not None:
@@ -85,7 +99,7 @@ class SocketUplink:
         except zmq.Again:
             log.warning("broker %s is not reading; dropped a %s", self.address, msg.kind.name)
 
-    def send_results(self, msg: P.Result, frames: list[Any]) -> bool:
+    def send_results(self, msg: P.Result | P.Items, frames: list[Any]) -> bool:
         if self.collector is None:
             return False
         try:
@@ -101,9 +115,14 @@ class SocketUplink:
         if self.collector is not None:
             self.collector.close(linger=0)
         self.collector = configure(self.ctx.socket(zmq.PUSH), self.max_message_size)
+        security.apply_client(self.collector, self.creds)
+        if address.startswith("tcp://"):
+            self._monitors[1:] = [security.HandshakeMonitor(self.collector, address, self.creds)]
         self.collector.connect(address)
 
     def close(self) -> None:
+        for monitor in self._monitors:
+            monitor.close()
         for sock in (self.dealer, self.collector):
             if sock is not None:
                 sock.close(linger=500)
