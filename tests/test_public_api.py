@@ -14,14 +14,20 @@ import zpar
 
 PUBLIC = [
     "AuthenticationError",
+    "BrokenCluster",
     "BrokerUnavailable",
+    "Channel",
     "Client",
     "ConfigError",
+    "Executor",
     "Future",
     "MemoryLimitExceeded",
     "PayloadTooLarge",
+    "Pool",
+    "Process",
     "ProtocolError",
     "RemoteTraceback",
+    "ResultTimeout",
     "SerializationError",
     "TaskError",
     "TaskOptions",
@@ -29,6 +35,7 @@ PUBLIC = [
     "WorkerLost",
     "ZparError",
     "__version__",
+    "as_completed_async",
 ]
 
 
@@ -51,6 +58,8 @@ def test_public_names_are_pinned():
     (zpar.PayloadTooLarge, (zpar.SerializationError, TypeError)),
     (zpar.ConfigError, (zpar.ZparError, ValueError)),
     (zpar.ProtocolError, (zpar.ZparError,)),
+    (zpar.BrokenCluster, (zpar.BrokerUnavailable, concurrent.futures.BrokenExecutor)),
+    (zpar.ResultTimeout, (zpar.ZparError, TimeoutError)),
 ])
 def test_errors_subclass_the_root_and_the_standard_errors_they_mean(error, bases):
     assert all(issubclass(error, base) for base in bases)

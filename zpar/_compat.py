@@ -1,0 +1,196 @@
+"""What ``Executor`` and ``Pool`` share: the callables they ship, and their outstanding futures.
+
+Both are thin layers over a Client. They send workers two kinds of callable
+besides the user's function itself:
+
+- ``Call``: the function, after its pool's initializer;
+- ``Chunk``: many calls of the function as one task, ``list(map(fn, items))``
+  or ``list(starmap(fn, items))``, as multiprocessing's ``mapstar`` does.
+
+Workers are shared: on a cluster one worker process runs the tasks of many
+pools, one after another. A pool's initializer must run once in each worker
+before that worker runs the pool's first task, so each wrapper carries its
+pool's token and every worker process remembers, in ``_initialised``, the
+tokens whose initializer already ran there. A recycled worker is a new
+process, with an empty set, as a new multiprocessing child would be.
+
+One exception to "once": functions cloudpickle ships by value (those of the
+script being run, ``__main__``) arrive with their own copy of the module's
+globals, one copy per wrapper, and an initializer mostly exists to set
+globals. So "ran" is remembered per copy of the initializer's globals: an
+initializer of an importable module runs once per process; one defined in
+the script runs once per process for each function the pool ships, and every
+task sees what it set, as it would under multiprocessing.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .futures import Future
+
+#: In a worker process: (pool token, id of the initializer's globals) of the initializers that ran in it.
+#: Module state on purpose: it is what "once per process" means. The globals stay alive (the
+#: worker caches every function it loads), so their ids are not reused.
+_initialised: set[tuple[str, int]] = set()
+
+
+class Initializer:
+    """``fn(*args)``, run at most once per worker process for one pool (``token``)."""
+
+    __slots__ = ("args", "fn", "token")
+
+    def __init__(self, fn: Callable[..., Any], args: Iterable[Any] = ()) -> None:
+        if not callable(fn):
+            raise TypeError("initializer must be a callable")
+        self.token = uuid.uuid4().hex
+        self.fn = fn
+        self.args = tuple(args)
+
+    def ensure(self) -> None:
+        """Run the initializer here unless it already ran in this process.
+
+        If it raises, the task that called it fails with that exception and
+        the next task of the pool on this worker tries it again.
+        """
+        key = (self.token, id(getattr(self.fn, "__globals__", None)))
+        if key not in _initialised:
+            self.fn(*self.args)
+            _initialised.add(key)
+
+
+class Call:
+    """``fn(*args, **kwargs)`` in a worker, after the pool's initializer."""
+
+    __slots__ = ("fn", "init")
+
+    def __init__(self, fn: Callable[..., Any], init: Initializer) -> None:
+        self.fn, self.init = fn, init
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.init.ensure()
+        return self.fn(*args, **kwargs)
+
+
+class Chunk:
+    """A chunk of calls as one task: ``fn(x)`` for each item, or ``fn(*x)`` when ``star``."""
+
+    __slots__ = ("fn", "init", "star")
+
+    def __init__(self, fn: Callable[..., Any], star: bool, init: Initializer | None) -> None:
+        self.fn, self.star, self.init = fn, star, init
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        if self.init is not None:
+            self.init.ensure()
+        return list(itertools.starmap(self.fn, items) if self.star else map(self.fn, items))
+
+
+class Wrappers:
+    """A pool's wrappers, one per function and kind, reused so the client pickles each once.
+
+    The client caches a function's pickle by the function's identity: a new
+    wrapper for every task would be pickled again for every task.
+    """
+
+    def __init__(self, init: Initializer | None, size: int = 256) -> None:
+        self.init = init
+        self._size = size
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[tuple[int, int], tuple[Any, Any]] = collections.OrderedDict()
+
+    def call(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """What to submit for one call of ``fn``: ``fn`` itself when there is no initializer."""
+        if self.init is None:
+            return fn
+        init = self.init
+        return self._get(fn, 0, lambda: Call(fn, init))
+
+    def chunk(self, fn: Callable[..., Any], star: bool) -> Chunk:
+        """What to submit, with a list of items as its one argument, for a chunk of calls."""
+        return self._get(fn, 2 if star else 1, lambda: Chunk(fn, star, self.init))
+
+    def _get(self, fn: Callable[..., Any], kind: int, make: Callable[[], Any]) -> Any:
+        key = (id(fn), kind)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is fn:  # holding fn keeps its id from being reused
+                self._cache.move_to_end(key)
+                return hit[1]
+            wrapper = make()
+            self._cache[key] = (fn, wrapper)
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+            return wrapper
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter), read lazily."""
+    it = iter(items)
+    return iter(lambda: list(itertools.islice(it, size)), [])
+
+
+class Outstanding:
+    """The futures an Executor or Pool has in flight, so that shutdown and join can wait for them.
+
+    ``submit`` counts itself in while it runs (it may block on the client's
+    window), so ``drain`` cannot miss a future that was being submitted when
+    the facade closed. The lock is never held while blocking: a done-callback
+    (on the client's I/O thread) may submit more.
+    """
+
+    def __init__(self, client: Client, closed_error: Callable[[], Exception]) -> None:
+        self.client = client
+        self.futures: set[Future] = set()
+        self._closed_error = closed_error
+        self._cond = threading.Condition()
+        self._submitting = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """``client.submit``, tracked; raises ``closed_error()`` once ``close`` was called."""
+        with self._cond:
+            if self._closed:
+                raise self._closed_error()
+            self._submitting += 1
+        try:
+            fut = self.client.submit(fn, *args, **kwargs)
+            self.futures.add(fut)
+        finally:
+            with self._cond:
+                self._submitting -= 1
+                if not self._submitting:
+                    self._cond.notify_all()
+        fut.add_done_callback(self.futures.discard)  # after add(): a future already done is discarded now
+        return fut
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse further submits."""
+        with self._cond:
+            self._closed = True
+
+    def drain(self) -> None:
+        """Wait for submits in progress, then until no future is outstanding."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._submitting)
+        while True:  # again: a lazy imap may have added some meanwhile
+            pending = [f for f in list(self.futures) if not f.done()]
+            if not pending:
+                return
+            concurrent.futures.wait(pending)
+
+    def cancel(self, force: bool = False) -> None:
+        """Cancel every outstanding future (``force``: stop the tasks already running too)."""
+        self.client.cancel(list(self.futures), force=force)

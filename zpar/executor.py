@@ -1,0 +1,162 @@
+"""``zpar.Executor``: a ``concurrent.futures.Executor`` running on a zpar cluster.
+
+A thin layer over ``Client``: ``submit`` is ``Client.submit`` (the futures are
+zpar Futures, themselves ``concurrent.futures.Future`` objects), ``map`` sends
+chunks as single tasks the way ``ProcessPoolExecutor`` does, and ``shutdown``
+waits for what was submitted before it closes the client.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ._compat import Initializer, Outstanding, Wrappers, chunks
+from .client import Client
+from .errors import BrokenCluster, BrokerUnavailable, ConfigError
+from .futures import Future
+
+log = logging.getLogger(__name__)
+
+
+class Executor(concurrent.futures.Executor):
+    """``ProcessPoolExecutor`` on a zpar cluster: change the class name, keep the code.
+
+    ``Executor()`` starts a private cluster on this machine with
+    ``max_workers`` workers (default: one per core) and stops it on
+    ``shutdown``. ``Executor(address="tcp://host:5555")`` uses a running
+    cluster; its size is set by its agents, so ``max_workers`` is not used
+    there (pass ``window=N`` to bound how many of this executor's tasks are in
+    flight). ``secret`` and any other keyword (``window``, ``timeout``,
+    ``retries``, ``connect_timeout``, ``broker_timeout``) go to ``zpar.Client``.
+
+    ``initializer(*initargs)`` runs once in each worker process before it runs
+    this executor's first task there (if it raises, that task fails with its
+    exception and the next one tries again; one defined in the script being
+    run, shipped by value, runs once per worker for each function submitted,
+    so that each sees the globals it set). ``max_tasks_per_child`` replaces a
+    worker after that many tasks on the private cluster; on a remote one it is
+    the agents' setting (``zpar-agent --max-tasks-per-worker``) and is ignored
+    here with a warning.
+
+    Raises BrokenCluster (a ``concurrent.futures.BrokenExecutor`` and a
+    BrokerUnavailable) if no broker answers; pending futures fail with it if
+    the broker goes away for longer than ``broker_timeout``.
+    """
+
+    def __init__(self, max_workers: int | None = None, address: str | None = None, *, secret: Any = None,
+                 initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
+                 max_tasks_per_child: int | None = None, **client_kwargs: Any) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ConfigError(f"max_workers must be greater than 0, not {max_workers}")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ConfigError(f"max_tasks_per_child must be at least 1, not {max_tasks_per_child}")
+        init = Initializer(initializer, initargs) if initializer is not None else None
+        kwargs = dict(client_kwargs)
+        if secret is not None:  # only then: a Client without the secret= keyword still works
+            kwargs["secret"] = secret
+        if address is None:
+            kwargs["workers"] = max_workers
+            if max_tasks_per_child:
+                kwargs["max_tasks_per_worker"] = max_tasks_per_child
+        else:
+            if max_workers is not None:
+                log.debug("max_workers=%d not used: the agents of %s set the cluster's size", max_workers, address)
+            if max_tasks_per_child is not None:
+                warnings.warn(f"max_tasks_per_child is ignored on the cluster at {address}: its agents recycle "
+                              "workers (zpar-agent --max-tasks-per-worker N)", RuntimeWarning, stacklevel=2)
+        try:
+            self._client = Client(address, **kwargs)
+        except BrokerUnavailable as exc:
+            if isinstance(exc, BrokenCluster):
+                raise
+            raise BrokenCluster(str(exc)) from exc
+        self._calls = Wrappers(init)
+        self._tasks = Outstanding(self._client, lambda: RuntimeError("cannot schedule new futures after shutdown"))
+        self._closer: threading.Thread | None = None
+
+    @property
+    def client(self) -> Client:
+        """The Client this executor submits through (for ``status()``, ``wait_for_workers()``)."""
+        return self._client
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a worker; returns its Future.
+
+        Raises RuntimeError after ``shutdown``, SerializationError (a
+        TypeError) if the function or an argument does not pickle. Blocks
+        while the client's window of tasks in flight is full.
+        """
+        return self._tasks.submit(self._calls.call(fn), *args, **kwargs)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """``fn`` over the zipped iterables, results in order, as ``Executor.map``.
+
+        Every task is submitted now (``chunksize`` items to a task); the
+        iterator raises TimeoutError if a result is not in ``timeout`` seconds
+        after this call, and the task's exception where one raised. Leaving
+        it early cancels the tasks not yet done.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else time.monotonic() + timeout
+        if chunksize == 1:
+            futures = [self.submit(fn, *args) for args in zip(*iterables)]
+        else:
+            star = len(iterables) != 1
+            task = self._calls.chunk(fn, star)
+            items = zip(*iterables) if star else iterables[0]
+            futures = [self._tasks.submit(task, chunk) for chunk in chunks(items, chunksize)]
+        return _results(futures, end, chunked=chunksize > 1)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more tasks; close the client (and stop the private cluster) once every task is done.
+
+        ``wait``: return after that, else at once (the closing happens in a
+        thread, and the interpreter waits for it at exit, as for the stdlib's
+        executors). ``cancel_futures``: cancel every future not yet done;
+        unlike a process pool, zpar cannot tell a queued task from a running
+        one, so running tasks are cancelled too (and stopped as the client closes).
+        """
+        self._tasks.close()
+        if cancel_futures:
+            self._tasks.cancel()
+        if wait:
+            self._close()
+        elif self._closer is None:
+            self._closer = threading.Thread(target=self._close, name="zpar-executor-shutdown")
+            self._closer.start()
+
+    def _close(self) -> None:
+        self._tasks.drain()
+        self._client.close()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._tasks.closed else f"{len(self._tasks.futures)} pending"
+        return f"<zpar.Executor on {self._client!r}, {state}>"
+
+
+def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterator[Any]:
+    """The results of ``futures`` in order, each within the deadline ``end``; cancels the rest on exit."""
+    futures.reverse()  # pop() from the end: each future is let go once its result is out
+    try:
+        while futures:
+            fut = futures.pop()
+            try:
+                value = fut.result(None if end is None else end - time.monotonic())
+            except BaseException:
+                fut.cancel()
+                raise
+            if chunked:
+                yield from value
+            else:
+                yield value
+    finally:
+        for fut in futures:
+            fut.cancel()
