@@ -92,7 +92,10 @@ class SocketUplink:
     def send(self, msg: P.Message) -> None:
         if isinstance(msg, P.Bye) and self.collector is not None:
             # Behind our last results on the same pipe, so the broker sees them first.
-            self.collector.send(P.encode(P.Bye(msg.reason, self.identity)))
+            try:  # never block: a broker that refuses us (or is gone) must not hang the agent's exit
+                self.collector.send(P.encode(P.Bye(msg.reason, self.identity)), zmq.NOBLOCK)
+            except zmq.Again:
+                log.info("broker %s is not reading; left without saying BYE", self.address)
             return
         try:
             self.dealer.send(P.encode(msg), zmq.NOBLOCK)
