@@ -186,7 +186,8 @@ class Client(_Submitter):
             raise RuntimeError("this zpar Client is closed; create a new one")
         with self._funcs_lock:
             digest, blob = self._funcs.get(fn)
-        nframes, data, frames = P.pack_payload(serialize.dumps(payload, what=lambda: f"arguments of {_name(fn)}"))
+        nframes, data, frames = P.pack_payload(serialize.dumps(payload, what=lambda: f"arguments of {_name(fn)}",
+                                                               chunk=self._creds is not None))
         if nframes:
             serialize.check_payload(frames, lambda: f"arguments of {_name(fn)}")
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself

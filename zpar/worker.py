@@ -67,8 +67,9 @@ class _Stream:
 
 
 class Worker:
-    def __init__(self, endpoint: str, identity: bytes, parent: int) -> None:
+    def __init__(self, endpoint: str, identity: bytes, parent: int, chunk: bool = False) -> None:
         self.parent = parent
+        self.chunk = chunk  # results cross an encrypted link: send large buffers in chunks
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.funcs: dict[bytes, Callable[..., Any]] = {}
@@ -172,7 +173,7 @@ class Worker:
         if stream is not None and stream.sent:  # the producer checks it got every item
             status, value = P.Status.STREAMED, (stream.sent, value)
         try:
-            frames = serialize.dumps(value, what="result")
+            frames = serialize.dumps(value, what="result", chunk=self.chunk)
             serialize.check_payload(frames, "result")
             return status, frames
         except Exception as exc:
@@ -284,11 +285,12 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    endpoint, identity, parent = (argv or sys.argv[1:])[:3]
+    args = argv or sys.argv[1:]
+    endpoint, identity, parent = args[:3]
     # Ctrl-C in the agent's terminal is the agent's to handle; a task is not torn mid-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(int(parent))
-    worker = Worker(endpoint, identity.encode(), int(parent))
+    worker = Worker(endpoint, identity.encode(), int(parent), chunk="--chunk" in args[3:])
     try:
         worker.run()
     finally:

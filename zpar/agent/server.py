@@ -61,6 +61,7 @@ class AgentServer:
         self.identity = uuid.uuid4().bytes
         creds = security.client_credentials("agent", secret=config.secret or None, secret_file=config.secret_file or None,
                                             key_file=config.key_file or None, broker_key=config.broker_key or None)
+        self._creds = creds
         self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size, creds)
         self.exit_code = 0
         self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
@@ -101,7 +102,8 @@ class AgentServer:
         self._generation += 1
         identity = f"w{self._generation}".encode()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zpar.worker", self.pipe_endpoint, identity.decode(), str(os.getpid())],
+            [sys.executable, "-m", "zpar.worker", self.pipe_endpoint, identity.decode(), str(os.getpid()),
+             *(["--chunk"] if self._creds is not None else [])],
             stdin=subprocess.DEVNULL,
         )
         fd = os.pidfd_open(proc.pid)
