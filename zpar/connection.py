@@ -491,11 +491,18 @@ class Connection(threading.Thread):
             "this zpar Client's connection has stopped; create a new one"))
 
     def _cancel_all(self) -> None:
-        """On close: every future still open is cancelled, so nothing waits forever."""
+        """On close: every future still open is cancelled (or failed, if the loop failed), so nothing waits forever."""
         leftovers = [t.future for t in self.pending.values()]
         self.pending.clear()
         while self.submits:
             leftovers.append(self.submits.popleft().future)
+        if self.failure is not None:
+            for fut in leftovers:
+                try:
+                    fut.set_exception(self.failure)
+                except concurrent.futures.InvalidStateError:
+                    pass
+            return
         for fut in leftovers:
             fut._on_cancel = None
             fut.cancel()
