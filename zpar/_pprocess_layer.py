@@ -1,0 +1,135 @@
+"""Which cluster zpar.pprocess runs calls on: one client per process, chosen by ``use()``.
+
+pprocess's functions take no cluster argument, so the layer keeps one
+client, started on first need: a private embedded cluster by default, a
+cluster by address, or a client the user made. Forking (``create()``) is
+allowed only while that client is (or will be) the embedded cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from . import _pprocess_channels as _channels
+from ._pprocess_channels import Channel
+from .client import Client
+from .errors import ConfigError, ZparError
+
+log = logging.getLogger(__name__)
+
+
+class RemoteForkError(ZparError, RuntimeError):
+    """``create()`` was asked to fork for a cluster elsewhere: a fork cannot leave this machine."""
+
+
+class _Layer:
+    """The client the module-level API uses (see ``use``); one per process, started on first need."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.target: Client | str | None = None  # None: a private embedded cluster
+        self.options: dict[str, Any] = {}  # for the zpar.Client we start
+        self.client: Client | None = None
+        self.owned = False  # we started self.client, so we close it
+
+    def get(self) -> Client:
+        with self.lock:
+            if self.client is None or self.client._closed:
+                if isinstance(self.target, Client):
+                    self.client, self.owned = self.target, False
+                else:
+                    log.debug("pprocess layer: starting a client for %s", self.target or "an embedded cluster")
+                    self.client, self.owned = Client(self.target, **self.options), True
+            return self.client
+
+    def drop(self) -> None:
+        with self.lock:
+            client, owned = self.client, self.owned
+            self.client, self.owned = None, False
+        if client is not None and owned:
+            client.close()
+
+
+_layer = _Layer()
+
+
+def use(target: Client | str | None = None, **client_options: Any) -> None:
+    """Choose the cluster this module's calls run on from now on.
+
+    ``use()``: a private embedded cluster, started on first need
+    (``use(workers=4)`` sizes it; one worker per core by default).
+    ``use("tcp://host:5555", secret_file="secret")``: the cluster whose
+    broker's frontend is there. Options go to ``zpar.Client`` as they are.
+    ``use(client)``: that ``zpar.Client``, which stays yours to close. A
+    client this module started before is closed. Raises ConfigError for
+    options with a client, or ``workers`` with an address.
+    """
+    if isinstance(target, Client) and client_options:
+        raise ConfigError(f"use(client) takes no client options ({', '.join(client_options)}): "
+                          "give them to zpar.Client(...) when you make it")
+    if target is not None and client_options.get("workers") is not None:
+        raise ConfigError("workers= sizes the embedded cluster; a remote cluster's agents set its size")
+    _layer.drop()
+    with _layer.lock:
+        _layer.target, _layer.options = target, client_options
+
+
+def shutdown() -> None:
+    """Close the client this module started (the embedded cluster stops with it); the next call starts another."""
+    _layer.drop()
+
+
+def get_client() -> Client:
+    """The client this module's calls use now, started if it was not yet (see ``use``)."""
+    return _layer.get()
+
+
+def _is_embedded(client: Client) -> bool:
+    return client._cluster is not None
+
+
+def check_fork(client: Client | None) -> None:
+    """Raise RemoteForkError unless the calls in question run on this machine's embedded cluster."""
+    target: Client | str | None = client if client is not None else (_layer.client or _layer.target)
+    if target is None or (isinstance(target, Client) and _is_embedded(target)):
+        return
+    where = target if isinstance(target, str) else target.address
+    raise RemoteForkError(
+        f"create() forks this process and runs the code after it in the copy; a copy of a running program "
+        f"cannot move to the cluster at {where}. Put the work in a function and run it there with "
+        f"exchange.start(fn, ...) or exchange.manage(fn)(...) (pprocess.MakeParallel(fn) for a function that "
+        f"returns its result), or fork on this machine with zpar.pprocess.use() (no address).")
+
+
+def get_number_of_cores() -> int:
+    """How many calls can run at once on the cluster this module uses.
+
+    For the embedded cluster: the workers asked of ``use(workers=...)``, else
+    this machine's usable cores (without starting it). For a cluster given by
+    address or client: the workers its broker reports, at least 1.
+    """
+    with _layer.lock:
+        target, workers, client = _layer.target, _layer.options.get("workers"), _layer.client
+    if target is None:
+        return workers or _usable_cores()
+    if isinstance(target, Client) and _is_embedded(target):
+        return max(1, target.status()["workers"])
+    return max(1, (client or get_client()).status()["workers"])
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def fork() -> Channel:
+    """``create()``'s fork; in the child, forget the parent's client."""
+    channel = _channels.fork()
+    if channel.pid == 0:  # the parent's client is not ours to use, nor to close, in this copy
+        _layer.client, _layer.owned = None, False
+    return channel
