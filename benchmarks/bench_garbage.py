@@ -62,6 +62,7 @@ from typing import Any
 from _cluster import start_cluster  # benchmarks/ is on sys.path
 
 now = time.monotonic
+SECRET = "bench-garbage-" + "Lq2Vz8Xc4Nw7Rt1Yp6Ks"  # --secret: the good producer has it, attackers do not
 
 # ---------------------------------------------------------------------- what attackers send
 # (this part imports only the standard library, msgpack and zmq)
@@ -351,7 +352,7 @@ def attacker_main(spec_path: str) -> int:
             s = ctx.socket(kind)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 10_000)
-            s.setsockopt(zmq.SNDTIMEO, 2000)
+            s.setsockopt(zmq.SNDTIMEO, spec.get("sndtimeo", 2000))
             s.connect(address)
             deaf = role != "collector" and j == nsocks - 1  # never reads what the broker answers
             if role == "frontend" and j % 2 == 1:  # a "producer" that said HELLO before its garbage
@@ -485,7 +486,7 @@ def wait_backlog(cluster: Any, limit: float) -> float | None:
         except Exception:  # noqa: BLE001 - busy or dead; the caller looks at the process
             time.sleep(0.2)
             continue
-        seen = sum(v for k, v in c.items() if k.startswith(("protocol_errors", "unknown_")))
+        seen = sum(v for k, v in c.items() if k.startswith(("protocol_errors", "unknown_", "handshakes_failed")))
         if seen != last:
             last, still_since = seen, now()
         elif now() - still_since >= 1.0:
@@ -502,7 +503,6 @@ def probe_costly(cluster: Any, broker: Any, quick: bool) -> list[dict[str, Any]]
     """
     import zmq
 
-    from zpar.client import broker_status
 
     rng = random.Random(7)
     ctx = zmq.Context.instance()
@@ -522,7 +522,7 @@ def probe_costly(cluster: Any, broker: Any, quick: bool) -> list[dict[str, Any]]
                 while not stop.is_set() and len(rtts) < 1000:
                     t = time.perf_counter()
                     try:
-                        broker_status(cluster.frontend, 5.0)
+                        cluster.status(5.0)
                     except Exception:  # noqa: BLE001
                         rtts.append(5.0)
                         return
@@ -559,7 +559,8 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     watch = None
     t_end = now() + args.deadline
     try:
-        cluster = start_cluster(log_path, agents=1, workers=2, heartbeat=args.heartbeat, log_level=args.log_level)
+        cluster = start_cluster(log_path, agents=1, workers=2, heartbeat=args.heartbeat, log_level=args.log_level,
+                                secret=SECRET if args.secret else None)
         broker = psutil.Process(cluster.broker.pid)
         watch = RssWatch(broker.pid)
         watch.start()
@@ -603,7 +604,9 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
             spec = {"role": role, "seed": args.seed + i, "duration": duration, "hard_stop": hard,
                     "categories": args.categories.split(",") if args.categories else None,
                     "out": os.path.join(workdir, f"attacker-{role}.json"), "specials": specials,
-                    "max_message_size": BrokerConfig().max_message_size}
+                    "max_message_size": BrokerConfig().max_message_size,
+                    # refused at the handshake, a socket never connects: do not wait 2 s on each send
+                    "sndtimeo": 0 if args.secret else 2000}
             if role == "raw":
                 spec.update(messages=n_raw, held_per_port=held,
                             ports={"frontend": (ports["frontend"], "DEALER"), "backend": (ports["backend"], "DEALER"),
@@ -659,6 +662,9 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                 stats[role] = {"missing": f"exit code {proc.returncode}"}
         out["attackers"] = stats
         out["sent_total"] = sum(sum(s.get("sent", {}).values()) for s in stats.values())
+        out["attempted_total"] = out["sent_total"] + sum(sum(s.get("send_failed", {}).values())
+                                                         for s in stats.values())
+        out["secret"] = bool(args.secret)
         under = [r["s"] for r in reps if r["during_attack"]]
         out["attack_tps"] = args.map_tasks / min(under) if under else 0.0
         out["attack_tps_median"] = args.map_tasks / statistics.median(under) if under else 0.0
@@ -686,7 +692,8 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
             out["counters_delta"] = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before))
                                      if after.get(k, 0) != before.get(k, 0)}
             bad = sum(v for k, v in out["counters_delta"].items()
-                      if k in ("protocol_errors", "unknown_agent_messages", "unknown_producer_messages"))
+                      if k in ("protocol_errors", "unknown_agent_messages", "unknown_producer_messages",
+                               "handshakes_failed"))
             out["bad_messages_read"] = bad
             out["broker_cpu_per_bad_message_us"] = (round((out["broker_cpu_attack_s"] - expected_cpu) / bad * 1e6, 1)
                                                     if bad else None)
@@ -694,7 +701,7 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
             out["status_after"]["nodes"] = [nd["name"] for nd in status["nodes"]]
         else:
             out["broker_returncode"] = cluster.broker.returncode
-        if out["broker_alive"] and args.probe:
+        if out["broker_alive"] and args.probe and not args.secret:  # with a secret the probe cannot get in
             watch.phase = "probe"
             out["probe"] = probe_costly(cluster, broker, args.quick)
             out["broker_alive"] = cluster.broker.poll() is None
@@ -760,7 +767,16 @@ def verdicts(r: dict[str, Any], bar: float) -> list[tuple[str, bool, str]]:
     v.append(("no traceback in the cluster log", r["log_summary"].get("tracebacks", 0) == 0,
               str(r["log_summary"].get("tracebacks", 0))))
     sent, asked = r.get("sent_total", 0), r["messages"]
-    v.append(("the attack was sent", sent >= 0.95 * asked, f"{sent:,} of {asked:,}"))
+    if r.get("secret"):  # the attackers lack the secret: their sockets never get past the handshake
+        tried = r.get("attempted_total", 0)
+        v.append(("the attack was attempted", tried >= 0.95 * asked, f"{tried:,} of {asked:,} ({sent:,} queued)"))
+        bad = r.get("counters_delta", {})
+        v.append(("refused at the handshake, none read", bad.get("handshakes_failed", 0) > 0
+                  and bad.get("protocol_errors", 0) == 0,
+                  f"{bad.get('handshakes_failed', 0):,} handshakes failed, {bad.get('protocol_errors', 0)} "
+                  "bad messages read"))
+    else:
+        v.append(("the attack was sent", sent >= 0.95 * asked, f"{sent:,} of {asked:,}"))
     return v
 
 
@@ -855,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip timing one costly message at a time after the attack")
     ap.add_argument("--max-reps", type=int, default=60, help="most maps run under attack")
     ap.add_argument("--heartbeat", type=float, default=0.1, help="cluster heartbeat (LocalCluster's 0.1 s)")
+    ap.add_argument("--secret", action="store_true",
+                    help="run the cluster with a shared secret (CurveZMQ); the attackers do not have it, so "
+                         "their connections are refused at the handshake (counted as handshakes_failed)")
     ap.add_argument("--log-level", default="WARNING", help="of the broker and agent (their log goes to a file)")
     ap.add_argument("--deadline", type=float, help="seconds for the whole run (default 300; 150 with --quick)")
     ap.add_argument("--bar", type=float, default=0.8, help="throughput ratio bar (0.8)")
