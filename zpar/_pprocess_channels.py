@@ -309,6 +309,11 @@ class ForkChannel(Channel):
     def close(self) -> None:
         self._sock.close()
 
+    def __del__(self) -> None:  # a channel dropped unclosed (an exchange left unfinished) frees its socket
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
+
     def wait(self, options: int = 0) -> None:
         """At the parent's end, reap the child (``os.waitpid`` with ``options``)."""
         if self.pid:
