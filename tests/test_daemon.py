@@ -57,3 +57,43 @@ def test_a_handler_that_raises_drops_only_its_message(pair):
     while len(got) < 2:
         reader.drain()
     assert got == [b"one", b"two"] and errors == [1]
+
+
+def test_a_client_drops_an_oversized_message_from_its_broker_and_keeps_working():
+    """The producer's socket is bounded too: a broker (or anything posing as one) cannot make it build
+    a 20,000-part message; the next good message is read as usual."""
+    import threading
+
+    import zpar
+    from zpar import protocol as P
+    from zpar import serialize
+
+    ctx = zmq.Context.instance()
+    broker = ctx.socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    port = broker.bind_to_random_port("tcp://127.0.0.1")
+    made: list = []
+    thread = threading.Thread(target=lambda: made.append(zpar.Client(f"tcp://127.0.0.1:{port}", connect_timeout=10)))
+    thread.start()
+    try:
+        assert broker.poll(10_000)
+        peer, _hello = broker.recv_multipart()
+        broker.send_multipart([peer, P.encode(P.Welcome("e" * 32, 1.0, 3))])
+        thread.join(10)
+        client = made[0]
+        fut = client.submit(len, "abc")
+        while True:  # skip heartbeats until the SUBMIT
+            assert broker.poll(10_000)
+            peer, header, *rest = broker.recv_multipart()
+            msg = P.decode(header, len(rest))
+            if isinstance(msg, P.Submit):
+                break
+        broker.send_multipart([peer, P.encode(P.Heartbeat()), *([b""] * (P.MAX_FRAMES + 50))])
+        data = serialize.dumps(3)[0]
+        entry = P.ResultEntry(msg.tasks[0].id, int(P.Status.OK), 0, 5, data)
+        broker.send_multipart([peer, P.encode(P.Result((entry,)))])
+        assert fut.result(timeout=10) == 3
+        client.close()
+    finally:
+        thread.join(10)
+        broker.close(linger=0)

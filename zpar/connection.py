@@ -28,6 +28,7 @@ from . import protocol as P
 from . import security, serialize
 from .errors import (AuthenticationError, BrokenCluster, MemoryLimitExceeded, ProtocolError, SerializationError, TaskTimeout,
                      WorkerLost)
+from .daemon import Reader
 from .futures import Future
 from .options import TaskOptions
 from .streaming import FeedOp
@@ -122,6 +123,9 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
         self.sock = sock
+        self._reader = Reader(sock, lambda frames: None, log, max_frames=P.MAX_FRAMES + 1,
+                              on_oversized=lambda: log.error("dropped a message of more than %d frames from "
+                                                             "the broker at %s", P.MAX_FRAMES, self.address))
         security.apply_client(sock, self.creds)
         if self.address.startswith("tcp://"):  # a refused handshake must be an error, not a hang
             self._monitor = security.HandshakeMonitor(sock, self.address, self.creds)
@@ -273,10 +277,9 @@ class Connection(threading.Thread):
 
     def _receive(self) -> None:
         for _ in range(256):
-            events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-            if not events & zmq.POLLIN:
+            frames = self._reader.next()  # bounded in parts, as every socket of ours
+            if frames is None:
                 return
-            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             self._last_heard = time.monotonic()
             try:
                 msg = P.decode(frames[0].buffer, len(frames) - 1)

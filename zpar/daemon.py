@@ -65,25 +65,34 @@ class Reader:
         self.sock, self.handler, self.log, self.max_frames = sock, handler, log, max_frames
         self.on_error, self.on_oversized = on_error, on_oversized
         self._skipping = False
-        self._scratch = bytearray(4096)
+        self._scratch = bytearray()  # pyzmq discards a part received into an empty buffer
 
-    def drain(self) -> None:
+    def next(self) -> list[zmq.Frame] | None:
+        """The next message within the limits, or None if none is ready now (or one is still being skipped)."""
         if self._skipping and not self._skip():
-            return
+            return None
         sock = self.sock
-        for _ in range(DRAIN):
+        for _ in range(DRAIN):  # at most this many oversized ones skipped in one call
             events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
             if not events & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
-                return
+                return None
             frames = [sock.recv(zmq.NOBLOCK, copy=False)]
             while frames[-1].more and len(frames) <= self.max_frames:
                 frames.append(sock.recv(copy=False))
-            if frames[-1].more:  # over the limit
-                self._skipping = True
-                del frames
-                if not self._skip():
-                    return
-                continue
+            if not frames[-1].more:
+                return frames
+            self._skipping = True  # over the limit
+            del frames
+            if not self._skip():
+                return None
+        return None
+
+    def drain(self) -> None:
+        """Hand up to DRAIN waiting messages to the handler."""
+        for _ in range(DRAIN):
+            frames = self.next()
+            if frames is None:
+                return
             try:
                 self.handler(frames)
             except Exception:  # a bug must not take the daemon down; say so loudly
