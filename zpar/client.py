@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import zmq
 
-from . import protocol as P
 from . import aio, security, serialize
+from . import protocol as P
 from .connection import Connection, PendingTask
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future

@@ -26,9 +26,16 @@ import zmq
 
 from . import protocol as P
 from . import security, serialize
-from .errors import (AuthenticationError, BrokenCluster, MemoryLimitExceeded, ProtocolError, SerializationError, TaskTimeout,
-                     WorkerLost)
 from .daemon import Reader
+from .errors import (
+    AuthenticationError,
+    BrokenCluster,
+    MemoryLimitExceeded,
+    ProtocolError,
+    SerializationError,
+    TaskTimeout,
+    WorkerLost,
+)
 from .futures import Future
 from .options import TaskOptions
 from .streaming import FeedOp

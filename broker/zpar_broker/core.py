@@ -11,47 +11,31 @@ forwarded as they are. Task ids on the agent side are the broker's own global
 ids (``gid``), so two producers' ids never collide and a late result for a
 task that finished or moved can be recognised and dropped.
 
-Streams (zpar.streaming) route like results: ITEMS from the collector go to
-the task's producer, FEED from a producer to the agent holding the task (or
-wait with the task while it is queued). A task that has exchanged an item is
-never run again: re-running it could repeat an item or lose an input.
+Streams (zpar.streaming) are routed by ``streams.StreamRouting``, a part of
+this class kept in its own module; a task that has exchanged an item is never
+run again: re-running it could repeat an item or lose an input.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import math
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from zpar import protocol as P
 
-from .records import AgentRecord, Feed, ProducerRecord, TaskRecord, TaskState
+from .outgoing import Dest, Outgoing
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState
+from .streams import StreamRouting
 
 log = logging.getLogger(__name__)
 
 
-class Dest(enum.Enum):
-    FRONTEND = "frontend"  # producers
-    BACKEND = "backend"  # agents
-
-
-@dataclass(slots=True)
-class Outgoing:
-    """A message for the server loop to send: ``frames`` follow the header."""
-
-    dest: Dest
-    peer: bytes
-    msg: P.Message
-    frames: list[Any] = field(default_factory=list)
-
-
-class BrokerCore:
+class BrokerCore(StreamRouting):
     """Queues, credits, round-robin fairness, the assignment table, liveness."""
 
     def __init__(self, now: float, *, heartbeat: float = 1.0, liveness: int = 3, collector: str = "",
@@ -186,41 +170,6 @@ class BrokerCore:
         self._dispatch(out)
         return out
 
-    def items(self, now: float, msg: P.Items, frames: list[Any]) -> list[Outgoing]:
-        """Streams' items (and read credits) from the collector: to each task's producer, in order."""
-        out: list[Outgoing] = []
-        agent = self._agents.get(msg.agent)
-        if agent is not None:
-            agent.last_seen = now
-        if msg.epoch and msg.epoch != self.epoch:
-            self.counters["stale_epoch_items"] += len(msg.items)
-            return out
-        by_producer: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[Any]]] = {}
-        orphans: set[int] = set()
-        pos = 0
-        for entry in msg.items:
-            eframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
-            task = self._tasks.get(entry.id)
-            if (task is None or task.state is not TaskState.ASSIGNED
-                    or (msg.agent and task.agent is not None and task.agent.id != msg.agent)):
-                self.counters["late_items"] += 1
-                if task is None:
-                    orphans.add(entry.id)  # nobody will read them: stop the task, not leave it at its window
-                continue
-            task.streamed = True
-            entries, _, fr = by_producer.setdefault(task.producer.id, ([], [], []))
-            entries.append(entry._replace(id=task.ptid))
-            fr.extend(eframes)
-        for credit in msg.credits:
-            task = self._tasks.get(credit.id)
-            if task is not None and task.state is TaskState.ASSIGNED:
-                by_producer.setdefault(task.producer.id, ([], [], []))[1].append(P.Credit(task.ptid, credit.upto))
-        if orphans and msg.agent:
-            out.append(Outgoing(Dest.BACKEND, msg.agent, P.Cancel(tuple(sorted(orphans)), force=True)))
-        out += [Outgoing(Dest.FRONTEND, pid, P.Items(tuple(e), tuple(c)), fr) for pid, (e, c, fr) in by_producer.items()]
-        return out
-
     def tick(self, now: float, judge: bool = True) -> list[Outgoing]:
         """Timers: heartbeats to agents, and dropping agents and producers that went silent.
 
@@ -307,49 +256,6 @@ class BrokerCore:
             self.counters["cancelled"] += 1
         for aid, gids in stop.items():
             out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids), force=True)))
-
-    def _feed(self, prod: ProducerRecord, msg: P.Feed, frames: list[Any], out: list[Outgoing]) -> None:
-        """A producer's objects, credits and closes for its tasks: to their agents, or kept with them."""
-        by_agent: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int], list[Any]]] = {}
-        pos = 0
-        for entry in msg.items:
-            eframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
-            task = prod.tasks.get(entry.id)
-            if task is None:
-                self.counters["late_feed"] += 1
-                continue
-            gentry = entry._replace(id=task.gid)
-            if task.agent is None:  # queued: it goes with the task (a producer keeps to its window)
-                if task.feed is None:
-                    task.feed = Feed()
-                if len(task.feed.items) >= 2 * P.STREAM_WINDOW:
-                    self.counters["feed_over_window"] += 1
-                    continue
-                task.feed.items.append(gentry)
-                task.feed.frames.extend(eframes)
-                continue
-            task.streamed = True
-            items, _, _, fr = by_agent.setdefault(task.agent.id, ([], [], [], []))
-            items.append(gentry)
-            fr.extend(eframes)
-        for credit in msg.credits:
-            task = prod.tasks.get(credit.id)
-            if task is not None and task.agent is not None:
-                by_agent.setdefault(task.agent.id, ([], [], [], []))[1].append(P.Credit(task.gid, credit.upto))
-        for ptid in msg.closed:
-            task = prod.tasks.get(ptid)
-            if task is None:
-                continue
-            if task.agent is None:
-                if task.feed is None:
-                    task.feed = Feed()
-                task.feed.closed = True
-                continue
-            task.streamed = True
-            by_agent.setdefault(task.agent.id, ([], [], [], []))[2].append(task.gid)
-        for aid, (items, credits, closed, fr) in by_agent.items():
-            out.append(Outgoing(Dest.BACKEND, aid, P.Feed(tuple(items), tuple(credits), tuple(closed)), fr))
 
     def _lost(self, task: TaskRecord, why: str, out: list[Outgoing]) -> bool:
         """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""
@@ -487,21 +393,6 @@ class BrokerCore:
         out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), tuple(funcs)), frames))
         if fed:  # what producers sent them while queued, right behind them
             self._send_kept_feed(agent, fed, out)
-
-    @staticmethod
-    def _send_kept_feed(agent: AgentRecord, tasks: list[TaskRecord], out: list[Outgoing]) -> None:
-        items: list[P.ItemEntry] = []
-        closed: list[int] = []
-        frames: list[Any] = []
-        for task in tasks:
-            feed, task.feed = task.feed, None
-            assert feed is not None
-            task.streamed = True
-            items += feed.items
-            frames += feed.frames
-            if feed.closed:
-                closed.append(task.gid)
-        out.append(Outgoing(Dest.BACKEND, agent.id, P.Feed(tuple(items), (), tuple(closed)), frames))
 
     # ------------------------------------------------------------------ status
 

@@ -28,7 +28,8 @@ from zpar.config import BrokerConfig
 from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
-from .core import BrokerCore, Dest, Outgoing
+from .core import BrokerCore
+from .outgoing import Dest, Outgoing
 
 log = logging.getLogger(__name__)
 

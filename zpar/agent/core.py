@@ -10,23 +10,22 @@ tasks do not each pay a round trip, and a task estimated at 1 ms or more goes
 alone, so nothing waits behind a long task while another worker is idle.
 Credits are sized from the batch: ``workers x batch x 2``.
 
-Streams (zpar.streaming) pass through: a worker's ITEMS go on to the broker
-ahead of its results, and FEED from the broker goes to the worker holding the
-task (or waits with the task in the queue). A task that has exchanged an item
-is never re-run here: if its worker dies it is reported lost, and the broker
-fails it rather than run it again.
+Streams (zpar.streaming) pass through ``streams.StreamPassing``, a part of
+this class kept in its own module. A task that has exchanged an item is never
+re-run here: if its worker dies it is reported lost, and the broker fails it
+rather than run it again.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import logging
-import signal
-from dataclasses import dataclass, field
 from typing import Any
 
 from zpar import protocol as P
+
+from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState, describe_exit
+from .streams import StreamPassing
 
 log = logging.getLogger(__name__)
 
@@ -36,60 +35,7 @@ UNKNOWN_US = ALONE_US  # a function not measured yet is assumed long: it goes al
 _ALPHA = 0.3  # weight of the newest duration in the moving average
 
 
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    RETIRING = "retiring"  # told to exit between tasks (recycling); a new worker takes its place
-    EXITED = "exited"
-
-
-@dataclass(slots=True)
-class QueuedTask:
-    id: int
-    digest: bytes
-    flags: int
-    data: bytes  # the payload when inline (see protocol.INLINE_MAX), else b""
-    frames: list[Any]
-    timeout_ms: int = 0
-    alone: bool = False  # suspected of killing a worker: run it by itself
-    streamed: bool = False  # it sent or was given an item: never run it again
-    inbox: list[tuple[P.ItemEntry, list[Any]]] | None = None  # FEED for it before a worker had it
-    closed: bool = False  # ... and its producer closed its input
-
-
-@dataclass(slots=True)
-class WorkerSlot:
-    identity: bytes
-    state: WorkerState = WorkerState.STARTING
-    pid: int = 0
-    batch: list[QueuedTask] = field(default_factory=list)
-    known: set[bytes] = field(default_factory=set)  # function digests this worker has
-    deadline: float = 0.0  # when its task runs out of time (0: no timeout)
-    doomed: dict[int, tuple[int, str]] = field(default_factory=dict)  # task id -> (Status, reason): being killed
-    stale: bool = False  # its batch came from a broker that is gone: drop its results
-    tasks_done: int = 0
-    retire: bool = False  # recycle it once its batch is done
-
-
-@dataclass(slots=True)
-class ToWorker:
-    identity: bytes
-    msg: P.Tasks | P.Feed
-    frames: list[Any]
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"exited with code {returncode}"
-
-
-class AgentCore:
+class AgentCore(StreamPassing):
     def __init__(self, node: str, *, max_tasks_per_worker: int = 0) -> None:
         self.node = node
         self.max_tasks_per_worker = max_tasks_per_worker
@@ -243,125 +189,6 @@ class AgentCore:
             pos += t.nframes
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign(now)
-
-    # ------------------------------------------------------------------ streams
-
-    def worker_items(self, identity: bytes, msg: P.Items, frames: list[Any]) -> None:
-        """Items (and read credits) from a worker's streaming task: on to the broker."""
-        slot = self.workers.get(identity)
-        if slot is None or slot.state is not WorkerState.BUSY or slot.stale:
-            return
-        pos = 0
-        for entry in msg.items:
-            task = self._held_by(slot, entry.id)
-            if task is not None and entry.id not in slot.doomed:
-                task.streamed = True
-                self._streaming[entry.id] = slot
-                self.items.append(entry)
-                self.item_frames.extend(frames[pos:pos + entry.nframes])
-            pos += entry.nframes
-        for credit in msg.credits:
-            if self._held_by(slot, credit.id) is not None:
-                self.item_credits.append(credit)
-
-    @staticmethod
-    def _held_by(slot: WorkerSlot, tid: int) -> QueuedTask | None:
-        for task in slot.batch:
-            if task.id == tid:
-                return task
-        return None
-
-    def _find(self, tid: int) -> tuple[WorkerSlot | None, QueuedTask | None]:
-        """The worker running task ``tid`` and the task, or (None, the task in our queue), or (None, None)."""
-        slot = self._streaming.get(tid)
-        if slot is not None and slot.state is WorkerState.BUSY:
-            task = self._held_by(slot, tid)
-            if task is not None:
-                return slot, task
-        for slot in self.workers.values():
-            if slot.state is WorkerState.BUSY and not slot.stale:
-                task = self._held_by(slot, tid)
-                if task is not None:
-                    return slot, task
-        for task in self.queue:
-            if task.id == tid:
-                return None, task
-        return None, None
-
-    def feed(self, msg: P.Feed, frames: list[Any]) -> list[ToWorker]:
-        """Objects, credits and closes from a producer: to the workers holding the tasks, or kept with them."""
-        out: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int], list[Any]]] = {}
-        pos = 0
-        for entry in msg.items:
-            eframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
-            slot, task = self._find(entry.id)
-            if task is None:
-                continue  # ended, or cancelled
-            if slot is None:
-                if task.inbox is None:
-                    self._kept += not task.closed
-                    task.inbox = []
-                task.inbox.append((entry, eframes))
-                continue
-            task.streamed = True
-            items, _, _, fr = out.setdefault(slot.identity, ([], [], [], []))
-            items.append(entry)
-            fr.extend(eframes)
-        for credit in msg.credits:
-            slot, _task = self._find(credit.id)
-            if slot is not None:
-                out.setdefault(slot.identity, ([], [], [], []))[1].append(credit)
-        for tid in msg.closed:
-            slot, task = self._find(tid)
-            if task is None:
-                continue
-            if slot is None:
-                self._kept += task.inbox is None and not task.closed
-                task.closed = True
-                continue
-            task.streamed = True
-            out.setdefault(slot.identity, ([], [], [], []))[2].append(tid)
-        return [ToWorker(identity, P.Feed(tuple(i), tuple(c), tuple(x)), fr) for identity, (i, c, x, fr) in out.items()]
-
-    def _feed_kept(self, slot: WorkerSlot, batch: list[QueuedTask]) -> ToWorker | None:
-        """What producers sent the batch's tasks before a worker had them, to follow the TASKS."""
-        items: list[P.ItemEntry] = []
-        closed: list[int] = []
-        frames: list[Any] = []
-        for task in batch:
-            if task.inbox is not None or task.closed:
-                self._kept = max(0, self._kept - 1)
-            if task.inbox:
-                task.streamed = True
-                for entry, eframes in task.inbox:
-                    items.append(entry)
-                    frames.extend(eframes)
-                task.inbox = None
-            if task.closed:
-                task.streamed = True
-                closed.append(task.id)
-                task.closed = False
-        if not items and not closed:
-            return None
-        return ToWorker(slot.identity, P.Feed(tuple(items), (), tuple(closed)), frames)
-
-    def take_items(self) -> tuple[list[P.ItemEntry], list[P.Credit], list[Any]] | None:
-        """Pop the next chunk of streams' items (and credits) to send, or None."""
-        if not self.items and not self.item_credits:
-            return None
-        n = nframes = nbytes = 0
-        for entry in self.items:
-            if n and (n >= P.BATCH_MAX_TASKS or nbytes >= P.BATCH_MAX_BYTES
-                      or nframes + entry.nframes > P.MAX_FRAMES):
-                break
-            nbytes += len(entry.data) + sum(len(f) for f in self.item_frames[nframes:nframes + entry.nframes])
-            nframes += entry.nframes
-            n += 1
-        entries, self.items = self.items[:n], self.items[n:]
-        frames, self.item_frames = self.item_frames[:nframes], self.item_frames[nframes:]
-        credits, self.item_credits = self.item_credits[:P.BATCH_MAX_TASKS], self.item_credits[P.BATCH_MAX_TASKS:]
-        return entries, credits, frames
 
     # ------------------------------------------------------------------ cancel, timeouts
 

@@ -28,13 +28,14 @@ import psutil
 import zmq
 
 from zpar import protocol as P
-from zpar.config import AgentConfig
 from zpar import security
+from zpar.config import AgentConfig
 from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
-from .core import AgentCore, ToWorker, WorkerState
+from .core import AgentCore
 from .outbox import Unacked
+from .slots import ToWorker, WorkerState
 from .uplink import SocketUplink, Uplink, configure
 
 log = logging.getLogger(__name__)
