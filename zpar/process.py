@@ -155,8 +155,11 @@ class Process:
             # and a subclass defined in __main__ or in a module registered by value travel by value.
             _, blob = serialize.dump_function(self.run)
         except SerializationError as exc:
-            raise SerializationError(f"cannot pickle the process {self._name!r} (its target, arguments or "
-                                     f"attributes): {exc.__cause__ or exc}") from exc
+            raise SerializationError(
+                f"cannot pickle the process {self._name!r} (its target, arguments or attributes): "
+                f"{exc.__cause__ or exc}. It runs on a worker of the cluster, not in a child of this "
+                "process, so multiprocessing queues, pipes, locks and shared values cannot reach it: return "
+                "a value (zpar futures) or talk to it over a channel (client.start)") from exc
         client = self._client or _default_client()
         self._future = client.options(retries=0).start(_bootstrap, blob)
         _children.add(self)
