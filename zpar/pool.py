@@ -19,6 +19,7 @@ import concurrent.futures
 import enum
 import itertools
 import logging
+import multiprocessing
 import queue
 import threading
 import time
@@ -31,6 +32,10 @@ from .client import Client
 from .config import usable_cores
 from .errors import ConfigError, ResultTimeout
 from .futures import Future
+
+#: ``from zpar.pool import Pool, TimeoutError`` for ``from multiprocessing import Pool, TimeoutError``:
+#: ``get(timeout)`` raises ResultTimeout, a subclass of it.
+TimeoutError = multiprocessing.TimeoutError  # noqa: A001 - the name multiprocessing programs import
 
 log = logging.getLogger(__name__)
 

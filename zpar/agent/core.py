@@ -174,7 +174,8 @@ class AgentCore(StreamPassing):
 
     def _lost(self, slot: WorkerSlot, task: QueuedTask, how: str) -> None:
         reason = f"worker pid {slot.pid} on {self.node} {how} while running task {task.id}"
-        log.warning("%s", reason)
+        # While the agent stops (drain, shutdown) it stops its own workers: no surprise to warn about.
+        log.log(logging.WARNING if self.accepting else logging.INFO, "%s", reason)
         self.results.append(P.ResultEntry(task.id, P.Status.LOST, 0, 0, reason.encode()))
 
     # ------------------------------------------------------------------ tasks
