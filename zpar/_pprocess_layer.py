@@ -88,7 +88,7 @@ def get_client() -> Client:
 
 
 def _is_embedded(client: Client) -> bool:
-    return client._cluster is not None
+    return client.embedded
 
 
 def check_fork(client: Client | None) -> None:

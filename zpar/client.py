@@ -255,6 +255,16 @@ class Client(_Submitter):
                                    f"{timeout:g} s; are its agents running (zpar-agent --broker ...)?")
             time.sleep(0.02)  # polling the broker's status; nothing to wake us sooner
 
+    @property
+    def embedded(self) -> bool:
+        """True for the private cluster ``Client()`` started on this machine, False for a remote one."""
+        return self._cluster is not None
+
+    @property
+    def window(self) -> int:
+        """The most tasks in flight before ``submit`` blocks."""
+        return self._window_size
+
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: nodes, workers busy and idle, queued, running, done."""
         return broker_status(self.address, timeout, self._creds)

@@ -177,7 +177,7 @@ class Pool:
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         return IMapIterator(self._tasks, self._calls.chunk(func, False), chunks(iterable, chunksize),
-                            self._client._window_size, ordered)
+                            self._client.window, ordered)
 
     # ------------------------------------------------------------------ lifetime
 
