@@ -383,3 +383,23 @@ def test_after_a_broker_restart_the_agent_stops_workers_streaming_for_the_old_on
     core.worker_items(streaming_worker, P.Items((P.ItemEntry(5, 0, 0, b"i"),)), [])
     assert core.forget_tasks() == [streaming_worker]  # the plain task just finishes; its result is dropped
     assert core.take_items() is None
+
+
+def test_a_ready_callback_runs_for_each_item_and_at_the_end(client):
+    import threading
+
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def note() -> None:
+        with lock:
+            calls.append(1)
+
+    fut = client.submit(tasks.generator_reading_its_channel)  # yields only what we send it
+    fut.add_ready_callback(note)
+    for x in (1, 2, 3):
+        fut.send(x)
+    fut.close_input()
+    assert list(fut.stream(timeout=30)) == [2, 4, 6]
+    fut.result(timeout=30)
+    wait_for(lambda: len(calls) >= 4, 10, what="three items and the end noticed")

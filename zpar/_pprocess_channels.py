@@ -109,7 +109,7 @@ class TaskChannel(Channel):
         self._closed = False
         self._watchers: list[Callable[[Channel], None]] = []
         if streamed:
-            _watch_stream(future, self._notify)
+            future.add_ready_callback(self._notify)
         else:
             future.add_done_callback(self._task_done)
 
@@ -205,31 +205,6 @@ class TaskChannel(Channel):
     def wait(self, options: int = 0) -> None:
         """Wait until the call has ended (``options`` is accepted for pprocess's signature)."""
         concurrent.futures.wait([self.future])
-
-
-class _Wakeup:
-    """Stands where a StreamState keeps the ``threading.Event`` of a ``wait_ready``: its ``set()`` calls back.
-
-    The stream sets its listeners, under its lock, when an item arrives and
-    when the task ends; the callback only marks the channel and writes a byte.
-    """
-
-    __slots__ = ("callback",)
-
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
-
-    def set(self) -> None:
-        try:
-            self.callback()
-        except Exception:  # this runs in the client's I/O thread, which must go on
-            log.exception("zpar.pprocess: could not wake an exchange")
-
-
-def _watch_stream(future: Future, callback: Callable[[], None]) -> None:
-    state = future._stream_state()
-    with state.cond:
-        state.listeners.add(_Wakeup(callback))  # type: ignore[arg-type]
 
 
 class ForkChannel(Channel):

@@ -121,6 +121,14 @@ class Future(concurrent.futures.Future):
         """True when ``receive()`` would not block: an object waits, or the task has ended."""
         return self._stream_state().ready()
 
+    def add_ready_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` each time an object from the task arrives, and when it ends.
+
+        It runs in the client's I/O thread: keep it short and non-blocking
+        (set a flag, write to a pipe); what it raises is logged.
+        """
+        self._stream_state().add_callback(fn)
+
     def send(self, obj: Any, timeout: float | None = None) -> None:
         """Send ``obj`` to the task's ``channel.receive()``; blocks while WINDOW sent objects are unread."""
         self._stream_state().send(obj, timeout)

@@ -145,6 +145,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -153,6 +154,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import protocol as P
 from . import serialize
 from .errors import PayloadTooLarge
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .futures import Future
@@ -231,6 +234,25 @@ def channel() -> Channel:
 FeedOp = tuple
 
 
+class _Listener(Protocol):
+    def set(self) -> None: ...
+
+
+class _Callback:
+    """A listener that calls a function (Future.add_ready_callback); its errors are logged, never raised."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def set(self) -> None:
+        try:
+            self.fn()
+        except Exception:  # this runs in the client's I/O thread, which must go on
+            _log.exception("a ready callback of a zpar future raised")
+
+
 class StreamState:
     """The producer's end of one task's stream: items in, objects out, credits both ways.
 
@@ -260,8 +282,12 @@ class StreamState:
         self.out_unread = 0  # their sum
         self.input_closed = False
         self.exchanged = False  # an item arrived or an object went: the task cannot be run again
-        self.listeners: set[threading.Event] = set()
+        self.listeners: set[_Listener] = set()
         fut.add_done_callback(self._done)
+
+    def add_callback(self, fn: Callable[[], None]) -> None:
+        with self.cond:
+            self.listeners.add(_Callback(fn))
 
     # ------------------------------------------------------------------ I/O thread
 
