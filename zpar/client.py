@@ -186,10 +186,12 @@ class Client(_Submitter):
             raise RuntimeError("this zpar Client is closed; create a new one")
         with self._funcs_lock:
             digest, blob = self._funcs.get(fn)
-        nframes, data, frames = P.pack_payload(serialize.dumps(payload, what=lambda: f"arguments of {_name(fn)}",
-                                                               chunk=self._creds is not None))
+        def what() -> str:  # built only if something fails
+            return f"arguments of {_name(fn)}"
+
+        nframes, data, frames = P.pack_payload(serialize.dumps(payload, what, chunk=self._creds is not None))
         if nframes:
-            serialize.check_payload(frames, lambda: f"arguments of {_name(fn)}")
+            serialize.check_payload(frames, what)
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
             while not self._window.acquire(timeout=1.0):
                 if not self._io.is_alive():
@@ -254,6 +256,11 @@ class Client(_Submitter):
                 raise TimeoutError(f"the cluster at {self.address} has {workers} workers, not {n}, after "
                                    f"{timeout:g} s; are its agents running (zpar-agent --broker ...)?")
             time.sleep(0.02)  # polling the broker's status; nothing to wake us sooner
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
 
     @property
     def embedded(self) -> bool:

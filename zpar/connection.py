@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import socket
@@ -86,14 +87,13 @@ class Connection(threading.Thread):
         os.set_blocking(self._wake_w, False)
         self._woken = False
         self._stopping = False
-        self._done = False  # the loop has ended: wake() must not write any more
-        self.finished = False  # the loop is ending: nothing queued from now on will be sent
+        self.finished = False  # the loop is ending: nothing queued from now on is sent, no wake-up written
 
     # ------------------------------------------------------------------ other threads
 
     def wake(self) -> None:
         """Called from any thread; at most one byte in the pipe per wake-up."""
-        if not self._woken and not self._done:
+        if not self._woken and not self.finished:
             self._woken = True
             try:
                 os.write(self._wake_w, b"\0")
@@ -102,7 +102,7 @@ class Connection(threading.Thread):
 
     def stop(self) -> None:
         self._stopping = True
-        if not self._done:
+        if not self.finished:
             try:
                 os.write(self._wake_w, b"\0")
             except OSError:
@@ -130,7 +130,7 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
         self.sock = sock
-        self._reader = Reader(sock, lambda frames: None, log, max_frames=P.MAX_FRAMES + 1,
+        self._reader = Reader(sock, None, log, max_frames=P.MAX_FRAMES + 1,
                               on_oversized=lambda: log.error("dropped a message of more than %d frames from "
                                                              "the broker at %s", P.MAX_FRAMES, self.address))
         security.apply_client(sock, self.creds)
@@ -154,7 +154,6 @@ class Connection(threading.Thread):
             if self._monitor is not None:
                 self._monitor.close()
             sock.close()
-            self._done = True
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -335,7 +334,7 @@ class Connection(threading.Thread):
             fut = task.future
             try:
                 if entry.status == P.Status.OK:
-                    value = serialize.loads(rframes, what=lambda: f"result of task {entry.id}")
+                    value = serialize.loads(rframes, what=functools.partial("result of task {}".format, entry.id))
                     self.release()
                     fut.set_result(value)
                     continue

@@ -59,7 +59,7 @@ class Reader:
     is gone. A handler that raises is logged and the message dropped.
     """
 
-    def __init__(self, sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], Any], log: logging.Logger, *,
+    def __init__(self, sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], Any] | None, log: logging.Logger, *,
                  max_frames: int = P.MAX_FRAMES + 2, on_error: Callable[[], None] | None = None,
                  on_oversized: Callable[[], None] | None = None) -> None:
         self.sock, self.handler, self.log, self.max_frames = sock, handler, log, max_frames
@@ -88,7 +88,8 @@ class Reader:
         return None
 
     def drain(self) -> None:
-        """Hand up to DRAIN waiting messages to the handler."""
+        """Hand up to DRAIN waiting messages to the handler (a Reader made without one is read with next())."""
+        assert self.handler is not None  # noqa: S101 - a programming error, not input
         for _ in range(DRAIN):
             frames = self.next()
             if frames is None:

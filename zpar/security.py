@@ -30,6 +30,7 @@ from typing import Any
 
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from .errors import ConfigError
 
@@ -167,7 +168,7 @@ def client_credentials(role: str, *, secret: str | bytes | None = None, secret_f
         return Credentials(load_keypair(key_file, need_secret=True), load_keypair(broker_key, need_secret=False))
     if secret_file:
         secret = read_secret_file(secret_file)
-    if secret is None or secret == "":
+    if not secret:
         return None
     keys = derive_keys(secret)
     return Credentials(keys[role], KeyPair(keys["broker"].public))
@@ -186,7 +187,7 @@ def broker_credentials(*, secret: str | bytes | None = None, secret_file: str | 
         return Credentials(own, own, allow_dir=allow_dir)
     if secret_file:
         secret = read_secret_file(secret_file)
-    if secret is None or secret == "":
+    if not secret:
         return None
     keys = derive_keys(secret)
     agents = frozenset({keys["agent"].public})
@@ -352,8 +353,6 @@ class HandshakeMonitor:
         self.failed = 0
 
     def check(self) -> str | None:
-        from zmq.utils.monitor import recv_monitor_message
-
         failure = None
         while self.socket.poll(0):
             try:

@@ -202,6 +202,22 @@ class BrokerCore(StreamRouting):
     def next_deadline(self) -> float:
         return self._next_beat
 
+    def revoke(self, now: float, peer: bytes) -> list[Outgoing]:
+        """A connected peer's key was revoked: forget it as the agent or producer it is, and tell it why."""
+        bye = P.Bye("key revoked")
+        if peer in self._agents:
+            return [*self.agent_message(now, peer, bye, []), Outgoing(Dest.BACKEND, peer, bye)]
+        if peer in self._producers:
+            notice = P.Error("key revoked: this producer's key was removed from the broker's allow-list")
+            return [*self.producer_message(now, peer, bye, []), Outgoing(Dest.FRONTEND, peer, notice)]
+        return []
+
+    def farewells(self, reason: str) -> list[Outgoing]:
+        """A BYE for every agent and producer (the broker is stopping)."""
+        bye = P.Bye(reason)
+        return ([Outgoing(Dest.BACKEND, a, bye) for a in self._agents]
+                + [Outgoing(Dest.FRONTEND, p, bye) for p in self._producers])
+
     def protocol_error(self, source: str) -> None:
         self.counters["protocol_errors"] += 1
         self.counters[f"protocol_errors_{source}"] += 1

@@ -68,11 +68,11 @@ class BrokerServer:
         self._own_waker = waker is None
         self._waker = waker or Waker()
         self.creds = security.broker_credentials(
-            secret=config.secret or None, secret_file=config.secret_file or None,
-            key_file=config.key_file or None, allow_dir=config.allow_keys or None)
+            secret=config.secret, secret_file=config.secret_file, key_file=config.key_file,
+            allow_dir=config.allow_keys)  # "" is no setting
         self._zap: zmq.Socket | None = None
         self._zap_policy: security.ZapPolicy | None = None
-        self._monitors: dict[zmq.Socket, security.HandshakeMonitor] = {}
+        self._monitors: list[security.HandshakeMonitor] = []
         self.reload_requested = False  # SIGHUP: read the allow-list again
         self._peer_keys: security.PeerKeys | None = None  # key-file mode: who holds which key
         if self.creds is not None:
@@ -94,7 +94,7 @@ class BrokerServer:
             sock = self.sockets[name] = self._socket(kind)
             if address.startswith("tcp://") and self.creds is not None:
                 security.apply_server(sock, self.creds, name)
-                self._monitors[sock] = security.HandshakeMonitor(sock, name, self.creds)
+                self._monitors.append(security.HandshakeMonitor(sock, name, self.creds))
             try:
                 sock.bind(_ephemeral(address))
             except zmq.ZMQError as exc:
@@ -116,17 +116,13 @@ class BrokerServer:
         self.poller = poller or zmq.Poller()
         handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
         # Agents first: results and credits free work for what producers send next.
-        self._readers = [(self.sockets[name], Reader(self.sockets[name], handlers[name], log,
-                                                     on_error=self._internal_error,
-                                                     on_oversized=functools.partial(self._oversized, name)))
+        self._readers = [Reader(self.sockets[name], handlers[name], log, on_error=self._internal_error,
+                                on_oversized=functools.partial(self._oversized, name))
                          for name in ("backend", "collector", "frontend") if name in self.sockets]
         if self._zap is not None:
-            self._readers.insert(0, (self._zap, Reader(self._zap, self._on_zap, log, max_frames=64,
-                                                       on_error=self._internal_error)))
-        for sock in [*self.sockets.values(), *([self._zap] if self._zap else [])]:
+            self._readers.insert(0, Reader(self._zap, self._on_zap, log, max_frames=64, on_error=self._internal_error))
+        for sock in [r.sock for r in self._readers] + [m.socket for m in self._monitors]:
             self.poller.register(sock, zmq.POLLIN)
-        for monitor in self._monitors.values():
-            self.poller.register(monitor.socket, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
 
     def _socket(self, kind: int) -> zmq.Socket:
@@ -153,10 +149,10 @@ class BrokerServer:
                  ", ".join(f"{name} {ep}" for name, ep in self.endpoints.items()))
 
     def handle(self, events: dict[Any, int]) -> None:
-        for sock, reader in self._readers:
-            if sock in events:
+        for reader in self._readers:
+            if reader.sock in events:
                 reader.drain()
-        for monitor in self._monitors.values():
+        for monitor in self._monitors:
             if monitor.socket in events:
                 self._check_handshakes(monitor)
 
@@ -172,7 +168,9 @@ class BrokerServer:
             self._zap_policy.reload()
         if self._peer_keys is not None:
             for peer in self._peer_keys.sweep():
-                self._revoke(now, peer)
+                self.core.counters["peers_revoked"] += 1
+                log.warning("key of peer %s was removed from the allow-list: cutting it off", peer.hex())
+                self._send(self.core.revoke(now, peer))
         parent = self.config.parent_pid
         if parent and os.getppid() != parent:
             log.warning("parent process %d is gone; stopping", parent)
@@ -185,13 +183,10 @@ class BrokerServer:
 
     def shutdown(self) -> None:
         log.info("zpar-broker stopping")
-        for peer in list(self.core._agents):  # noqa: SLF001 - the loop owns the core
-            self._send_one(Outgoing(Dest.BACKEND, peer, P.Bye("broker stopping")))
-        for peer in list(self.core._producers):  # noqa: SLF001
-            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Bye("broker stopping")))
+        self._send(self.core.farewells("broker stopping"))
 
     def close(self) -> None:
-        for monitor in self._monitors.values():
+        for monitor in self._monitors:
             monitor.close()
         for sock in self.sockets.values():
             sock.close(linger=0)
@@ -242,23 +237,8 @@ class BrokerServer:
             self._bad_log.warn(log, "a peer failed the CurveZMQ handshake on the %s (no secret, a wrong "
                                "one, or not a zpar peer)", monitor.address)
 
-    def _revoke(self, now: float, peer: bytes) -> None:
-        """A connected peer's key left the allow-list: forget it, and tell it why."""
-        self.core.counters["peers_revoked"] += 1
-        log.warning("key of peer %s was removed from the allow-list: cutting it off", peer.hex())
-        if peer in self.core._agents:  # noqa: SLF001 - the loop owns the core
-            self._send(self.core.agent_message(now, peer, P.Bye("key revoked"), []))
-            self._send_one(Outgoing(Dest.BACKEND, peer, P.Bye("key revoked")))
-        elif peer in self.core._producers:  # noqa: SLF001
-            self._send(self.core.producer_message(now, peer, P.Bye("key revoked"), []))
-            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error("key revoked: this producer's key was removed "
-                                                                  "from the broker's allow-list")))
-
-    def _revoked(self, peer: bytes, frames: list[zmq.Frame], msg: P.Message) -> bool:
+    def _revoked(self, keys: security.PeerKeys, peer: bytes, frames: list[zmq.Frame], msg: P.Message) -> bool:
         """Key-file mode: drop what a revoked peer sends; note the key of each peer saying HELLO."""
-        keys = self._peer_keys
-        if keys is None:
-            return False
         if peer in keys.revoked:
             self.core.counters["revoked_messages"] += 1
             return True
@@ -283,7 +263,7 @@ class BrokerServer:
         if msg is None:
             self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error("malformed message dropped")))
             return
-        if self._peer_keys is not None and self._revoked(peer, frames, msg):
+        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames, msg):
             return
         self._send(self.core.producer_message(time.monotonic(), peer, msg, frames[2:]))
 
@@ -292,7 +272,7 @@ class BrokerServer:
         msg = self._decode(frames[1:], "backend")
         if msg is None:
             return
-        if self._peer_keys is not None and self._revoked(peer, frames, msg):
+        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames, msg):
             return
         self._send(self.core.agent_message(time.monotonic(), peer, msg, frames[2:]))
 
@@ -300,8 +280,7 @@ class BrokerServer:
         msg = self._decode(frames, "collector")
         if msg is None:
             return
-        agent = getattr(msg, "agent", b"")
-        if self._peer_keys is not None and agent in self._peer_keys.revoked:
+        if self._peer_keys is not None and getattr(msg, "agent", b"") in self._peer_keys.revoked:
             self.core.counters["revoked_messages"] += 1
             return
         if isinstance(msg, P.Bye) and msg.agent:  # an agent leaving, behind its last results

@@ -24,7 +24,7 @@ from typing import Any
 
 from zpar import protocol as P
 
-from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState, describe_exit
+from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState, chunk_end, describe_exit
 from .streams import StreamPassing
 
 log = logging.getLogger(__name__)
@@ -359,13 +359,12 @@ class AgentCore(StreamPassing):
         """Pop the next chunk of pending results to send, or None."""
         if not self.results:
             return None
-        n = nframes = nbytes = 0
-        for entry in self.results:
-            if n and (n >= max_tasks or nbytes >= max_bytes or nframes + entry.nframes > P.MAX_FRAMES):
-                break
-            nbytes += len(entry.data) + sum(len(f) for f in self.result_frames[nframes:nframes + entry.nframes])
-            nframes += entry.nframes
-            n += 1
+        n, nframes = chunk_end(self.results, self.result_frames, max_tasks, max_bytes)
         entries, self.results = self.results[:n], self.results[n:]
         frames, self.result_frames = self.result_frames[:nframes], self.result_frames[nframes:]
         return entries, frames
+
+    def put_back_results(self, entries: list[P.ResultEntry], frames: list[Any]) -> None:
+        """A chunk ``take_results`` gave that could not go now: first in line again."""
+        self.results[:0] = entries
+        self.result_frames[:0] = frames

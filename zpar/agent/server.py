@@ -60,15 +60,17 @@ class AgentServer:
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.identity = uuid.uuid4().bytes
-        creds = security.client_credentials("agent", secret=config.secret or None, secret_file=config.secret_file or None,
-                                            key_file=config.key_file or None, broker_key=config.broker_key or None)
-        self._creds = creds
-        self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size, creds)
+        # An empty setting is no setting: the credentials functions treat "" as None.
+        self._creds = security.client_credentials("agent", secret=config.secret, secret_file=config.secret_file,
+                                                  key_file=config.key_file, broker_key=config.broker_key)
+        self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size,
+                                             self._creds)
         self.exit_code = 0
         self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
         self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
         self._pipe_reader = Reader(self.pipe, self._on_worker, log)
-        self._uplink_reader: Reader | None = None
+        up = self.uplink.socket()
+        self._uplink_reader = Reader(up, self._on_broker_frames, log) if up is not None else None
         self.pipe.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pipe_endpoint = f"ipc://{self.rundir}/workers"
         self.pipe.bind(self.pipe_endpoint)
@@ -146,12 +148,10 @@ class AgentServer:
             except zmq.ZMQError:
                 pass
 
-    def _kill(self, identity: bytes, why: str) -> None:
+    def _kill(self, identity: bytes, why: str, level: int = logging.WARNING) -> None:
         """SIGTERM now, SIGKILL after a grace second if it is still there."""
         for ident, proc in self.procs.values():
             if ident == identity:
-                # a cancel is the user's own doing; a timeout or memory limit is worth a warning
-                level = logging.INFO if "cancelled" in why else logging.WARNING
                 log.log(level, "stopping worker pid %d: %s", proc.pid, why)
                 proc.terminate()
                 self._kill_at[identity] = time.monotonic() + 1.0
@@ -159,16 +159,13 @@ class AgentServer:
     def _check_memory(self, identity: bytes, now: float) -> None:
         """Recycle a worker whose RSS passed the limit (checked between tasks, at most 10 times a second)."""
         limit = self.config.max_memory_per_worker
-        if not limit or now - self._rss_checked.get(identity, 0.0) < 0.1:
+        if not limit or now - self._rss_checked.get(identity, 0.0) < _MEMORY_CHECK_S:
             return
         self._rss_checked[identity] = now
         slot = self.core.workers.get(identity)
         if slot is None or not slot.pid:
             return
-        try:
-            rss = psutil.Process(slot.pid).memory_info().rss
-        except psutil.Error:
-            return
+        rss = _rss(slot.pid)
         if rss > limit * 1024 * 1024:
             log.info("worker pid %d uses %d MiB, over the %d MiB limit: recycling it", slot.pid, rss >> 20, limit)
             self.core.retire(identity)
@@ -198,10 +195,7 @@ class AgentServer:
             self._reap(fd)
         if self.pipe in events:
             self._pipe_reader.drain()
-        sock = self.uplink.socket()
-        if sock is not None and sock in events:
-            if self._uplink_reader is None or self._uplink_reader.sock is not sock:  # a new one after a reconnect
-                self._uplink_reader = Reader(sock, self._on_broker_frames, log)
+        if self._uplink_reader is not None and self._uplink_reader.sock in events:
             self._uplink_reader.drain()
         self._flush()
 
@@ -216,10 +210,7 @@ class AgentServer:
         for slot in list(self.core.workers.values()):
             if slot.state is not WorkerState.BUSY or not slot.pid:
                 continue
-            try:
-                rss = psutil.Process(slot.pid).memory_info().rss
-            except psutil.Error:
-                continue
+            rss = _rss(slot.pid)
             if rss > hard:
                 reason = (f"worker pid {slot.pid} on {self.name} used {rss >> 20} MiB, past the hard limit of "
                           f"{hard >> 20} MiB (1.5 x --max-memory-per-worker); it was stopped")
@@ -273,9 +264,7 @@ class AgentServer:
             log.info("draining: finishing %d tasks within %.0f s (signal again to stop now)",
                      self.core.held(), self._drain_until - now)
             self.core.accepting = False
-        if self.core.held() == 0 or now >= self._drain_until:
-            return True
-        return False
+        return self.core.held() == 0 or now >= self._drain_until
 
     def _hello(self) -> None:
         self._welcomed = False
@@ -319,7 +308,7 @@ class AgentServer:
             self._to_workers(self.core.feed(msg, frames))
         elif isinstance(msg, P.Cancel):
             for identity in self.core.cancel(msg.ids):
-                self._kill(identity, "its task was cancelled")
+                self._kill(identity, "its task was cancelled", logging.INFO)  # the user's own doing
         elif isinstance(msg, P.Welcome):
             self._welcome(msg)
         elif isinstance(msg, P.Error):
@@ -359,16 +348,13 @@ class AgentServer:
             ientries, icredits, iframes = items
             if not self.uplink.send_results(P.Items(tuple(ientries), tuple(icredits), self.identity, self.epoch),
                                             iframes):
-                self.core.items[:0] = ientries  # not now: keep them, in order, and the results behind them
-                self.core.item_credits[:0] = icredits
-                self.core.item_frames[:0] = iframes
+                self.core.put_back_items(ientries, icredits, iframes)  # not now; the results wait behind them
                 blocked = True
                 break
         while not blocked and (chunk := self.core.take_results()) is not None:
             entries, frames = chunk
             if not self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch), frames):
-                self.core.results[:0] = entries  # not now: keep them, in order
-                self.core.result_frames[:0] = frames
+                self.core.put_back_results(entries, frames)  # not now: keep them, in order
                 break
             self.unacked.sent(entries, frames, time.monotonic())
         if self._welcomed and not self._stopping:
@@ -401,6 +387,14 @@ class AgentServer:
         if self._own_waker:
             self._waker.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of process ``pid``; 0 if it is gone."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
 
 def run(config: AgentConfig) -> int:

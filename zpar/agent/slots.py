@@ -53,6 +53,23 @@ class ToWorker:
     frames: list[Any]
 
 
+def chunk_end(entries: list[Any], frames: list[Any], max_tasks: int = P.BATCH_MAX_TASKS,
+              max_bytes: int = P.BATCH_MAX_BYTES) -> tuple[int, int]:
+    """How many of ``entries`` (and of the ``frames`` behind them) make the next message.
+
+    At least one entry; then up to ``max_tasks`` entries, about ``max_bytes``
+    of payload and protocol.MAX_FRAMES frames.
+    """
+    n = nframes = nbytes = 0
+    for entry in entries:
+        if n and (n >= max_tasks or nbytes >= max_bytes or nframes + entry.nframes > P.MAX_FRAMES):
+            break
+        nbytes += len(entry.data) + sum(len(f) for f in frames[nframes:nframes + entry.nframes])
+        nframes += entry.nframes
+        n += 1
+    return n, nframes
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:

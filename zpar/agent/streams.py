@@ -13,7 +13,7 @@ from typing import Any
 
 from zpar import protocol as P
 
-from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState
+from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState, chunk_end
 
 
 class StreamPassing:
@@ -131,15 +131,14 @@ class StreamPassing:
         """Pop the next chunk of streams' items (and credits) to send, or None."""
         if not self.items and not self.item_credits:
             return None
-        n = nframes = nbytes = 0
-        for entry in self.items:
-            if n and (n >= P.BATCH_MAX_TASKS or nbytes >= P.BATCH_MAX_BYTES
-                      or nframes + entry.nframes > P.MAX_FRAMES):
-                break
-            nbytes += len(entry.data) + sum(len(f) for f in self.item_frames[nframes:nframes + entry.nframes])
-            nframes += entry.nframes
-            n += 1
+        n, nframes = chunk_end(self.items, self.item_frames)
         entries, self.items = self.items[:n], self.items[n:]
         frames, self.item_frames = self.item_frames[:nframes], self.item_frames[nframes:]
         credits, self.item_credits = self.item_credits[:P.BATCH_MAX_TASKS], self.item_credits[P.BATCH_MAX_TASKS:]
         return entries, credits, frames
+
+    def put_back_items(self, entries: list[P.ItemEntry], credits: list[P.Credit], frames: list[Any]) -> None:
+        """A chunk ``take_items`` gave that could not go now: first in line again."""
+        self.items[:0] = entries
+        self.item_credits[:0] = credits
+        self.item_frames[:0] = frames
