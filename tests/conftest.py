@@ -139,6 +139,34 @@ def embedded_client():
         yield client
 
 
+#: The two topologies every behaviour suite runs on.
+TOPOLOGIES = ["embedded", "tcp"]
+
+
+@pytest.fixture(scope="session", params=TOPOLOGIES)
+def client(request):
+    """A shared client of each topology (``embedded_client``, ``cluster_client``).
+
+    Tests must leave its cluster as they found it. The session clusters start
+    here, before the leak check takes its baseline.
+    """
+    return request.getfixturevalue("embedded_client" if request.param == "embedded" else "cluster_client")
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def own_client(request):
+    """A client of a cluster of this test's own, for tests that stop workers (their replacements are new
+    processes). Its size: the test module's ``OWN_CLUSTER = (agents, workers)``, (1, 2) if it has none;
+    embedded, agents x workers workers."""
+    agents, workers = getattr(request.module, "OWN_CLUSTER", (1, 2))
+    if request.param == "embedded":
+        made = zpar.Client(workers=agents * workers)
+    else:
+        made = request.getfixturevalue("new_cluster")(agents=agents, workers=workers).client()
+    with made:
+        yield made
+
+
 @pytest.fixture
 def new_cluster():
     """A factory for clusters a test may break; each is stopped, and checked, at teardown."""

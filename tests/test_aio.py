@@ -12,12 +12,6 @@ import tasks
 from zpar.aio import as_completed_async
 
 
-@pytest.fixture(scope="module", params=["embedded", "tcp"])
-def client(request):
-    """The session's embedded client, or its client of the TCP cluster."""
-    return request.getfixturevalue("embedded_client" if request.param == "embedded" else "cluster_client")
-
-
 def run(coro, timeout=30):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 

@@ -16,16 +16,7 @@ import tasks
 import zpar
 from zpar.errors import RemoteTraceback
 
-TOPOLOGIES = ["embedded", "tcp"]
-
-
-@pytest.fixture(scope="session", params=TOPOLOGIES)
-def client(request):
-    """A shared client of each topology; tests must leave its cluster as they found it."""
-    return request.getfixturevalue("embedded_client" if request.param == "embedded" else "cluster_client")
-
-
-@pytest.fixture(params=TOPOLOGIES)
+@pytest.fixture(params=["embedded", "tcp"])
 def make_client(request, cluster):
     """New clients with options: a private embedded cluster, or another producer on the TCP cluster."""
     made: list[zpar.Client] = []

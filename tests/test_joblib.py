@@ -29,28 +29,12 @@ from zpar.joblib import ZparBackend
 from zpar.testing import wait_for
 
 
-@pytest.fixture(params=["embedded", "tcp"])
-def client(request, embedded_client, cluster_client) -> zpar.Client:
-    """The session's embedded client, or its client of the TCP cluster (2 agents x 1 worker).
-
-    Both are asked for by name, so they start before the leak check takes its baseline.
-    """
-    return embedded_client if request.param == "embedded" else cluster_client
-
-
 def zpar_config(client: zpar.Client, **kwargs):
     return joblib.parallel_config(backend="zpar", client=client, **kwargs)
 
 
-@pytest.fixture(params=["embedded", "tcp"])
-def own_client(request, new_cluster):
-    """A client of a cluster of this test's own: a forced cancel replaces workers, which shared clusters must not see."""
-    if request.param == "embedded":
-        with zpar.Client(workers=2) as client:
-            yield client
-    else:
-        with new_cluster(agents=2, workers=1).client() as client:
-            yield client
+#: conftest.own_client: a forced cancel replaces workers, which shared clusters must not see.
+OWN_CLUSTER = (2, 1)
 
 
 class RecordingBackend(ZparBackend):

@@ -16,38 +16,7 @@ import tasks
 import zpar
 import zpar._pprocess_layer
 from zpar import pprocess
-from zpar.testing import LocalCluster, wait_for
-
-
-@pytest.fixture(params=["embedded", "tcp"])
-def client(request, embedded_client, cluster_client) -> zpar.Client:
-    """The same tests on both topologies: ``zpar.Client()`` and a LocalCluster's broker over TCP.
-
-    Both session clusters are named here so that they start before the leak check's baseline.
-    """
-    return embedded_client if request.param == "embedded" else cluster_client
-
-
-@pytest.fixture(scope="module")
-def one_agent_cluster():
-    """A broker and ONE agent with 2 workers over TCP.
-
-    For tests where a quick call must overtake a blocked one: the broker may
-    hand a task to an agent whose only worker is busy (a prefetch credit)
-    while another agent idles, and it then waits behind the blocked call
-    (core scheduling, seen with plain ``Client.submit`` too). One agent gives
-    its tasks only to idle workers.
-    """
-    cluster = LocalCluster(agents=1, workers=2)
-    client = cluster.client()
-    yield client
-    cluster.stop()
-
-
-@pytest.fixture(params=["embedded", "tcp"])
-def roomy_client(request, embedded_client, one_agent_cluster) -> zpar.Client:
-    """Like ``client``, with the one-agent cluster for the TCP run."""
-    return embedded_client if request.param == "embedded" else one_agent_cluster
+from zpar.testing import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -108,8 +77,8 @@ def test_pmap_limit_bounds_the_calls_in_flight_and_the_rest_wait(client, gate):
     assert not results.unfinished()
 
 
-def test_map_iteration_yields_each_result_while_later_calls_still_run(roomy_client, gate):
-    results = pprocess.Map(client=roomy_client)
+def test_map_iteration_yields_each_result_while_later_calls_still_run(client, gate):
+    results = pprocess.Map(client=client)
     calc = results.manage(pprocess.MakeParallel(tasks.pp_gated))
     calc(gate, -1)
     running(gate, -1)
@@ -183,8 +152,8 @@ def test_map_with_reuse_and_make_reusable_gives_the_same_results(client):
 # ---------------------------------------------------------------------- Queue
 
 
-def test_queue_yields_results_in_arrival_order(roomy_client, gate):
-    queue = pprocess.Queue(client=roomy_client)
+def test_queue_yields_results_in_arrival_order(client, gate):
+    queue = pprocess.Queue(client=client)
     calc = queue.manage(pprocess.MakeParallel(tasks.pp_gated))
     calc(gate, -1)  # held at the gate
     running(gate, -1)

@@ -8,28 +8,11 @@ import psutil
 import pytest
 import tasks
 
-import zpar
 from zpar import process as zprocess
 from zpar.process import Process
 from zpar.testing import wait_for
 
-TOPOLOGIES = ["embedded", "tcp"]
-
-
-@pytest.fixture(scope="session", params=TOPOLOGIES)
-def client(request):
-    """A shared client of each topology; tests must leave its cluster as they found it."""
-    return request.getfixturevalue("embedded_client" if request.param == "embedded" else "cluster_client")
-
-
-@pytest.fixture(params=TOPOLOGIES)
-def own_client(request):
-    """A client on a cluster of its own, for tests that stop workers (their replacements are new processes)."""
-    if request.param == "embedded":
-        with zpar.Client(workers=1) as c:
-            yield c
-    else:
-        yield request.getfixturevalue("new_cluster")(agents=1, workers=1).client()
+OWN_CLUSTER = (1, 1)  # agents, workers (conftest.own_client)
 
 
 def alive(pid: int) -> bool:

@@ -24,24 +24,7 @@ from zpar import streaming
 from zpar.agent.core import AgentCore
 from zpar.testing import wait_for
 
-TOPOLOGIES = ["embedded", "tcp"]
 W = streaming.WINDOW
-
-
-@pytest.fixture(scope="session", params=TOPOLOGIES)
-def client(request):
-    """A shared client of each topology; tests must leave its cluster as they found it."""
-    return request.getfixturevalue("embedded_client" if request.param == "embedded" else "cluster_client")
-
-
-@pytest.fixture(params=TOPOLOGIES)
-def own_client(request):
-    """A client on a cluster of its own, for tests that stop workers (their replacements are new processes)."""
-    if request.param == "embedded":
-        with zpar.Client(workers=2) as c:
-            yield c
-    else:
-        yield request.getfixturevalue("new_cluster")(agents=1, workers=2).client()
 
 
 def gone(pid: int) -> bool:
