@@ -1,4 +1,4 @@
-"""What ``Executor`` and ``Pool`` share: the callables they ship, and their outstanding futures.
+"""What ``Executor`` and ``Pool`` share: the callables they ship, their outstanding futures, their Client's options.
 
 Both are thin layers over a Client. They send workers two kinds of callable
 besides the user's function itself:
@@ -30,6 +30,7 @@ import concurrent.futures
 import itertools
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,8 @@ class Wrappers:
     wrapper for every task would be pickled again for every task.
     """
 
-    def __init__(self, init: Initializer | None, size: int = 256) -> None:
-        self.init = init
+    def __init__(self, initializer: Callable[..., Any] | None, initargs: Iterable[Any] = (), size: int = 256) -> None:
+        self.init = Initializer(initializer, initargs) if initializer is not None else None
         self._size = size
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[tuple[int, int], tuple[Any, Any]] = collections.OrderedDict()
@@ -130,6 +131,25 @@ class Wrappers:
             if len(self._cache) > self._size:
                 self._cache.popitem(last=False)
             return wrapper
+
+
+def client_options(address: str | None, workers: int | None, max_tasks: int | None, max_tasks_name: str,
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of the Client an Executor or Pool makes, besides its address and secret.
+
+    ``workers`` and ``max_tasks`` size and recycle the private cluster; a
+    cluster at ``address`` is its agents' to size, and ``max_tasks`` (the
+    caller's keyword ``max_tasks_name``) is ignored there with a warning.
+    """
+    kwargs = dict(extra)
+    if address is None:
+        kwargs["workers"] = workers
+        if max_tasks:
+            kwargs["max_tasks_per_worker"] = max_tasks
+    elif max_tasks is not None:
+        warnings.warn(f"{max_tasks_name} is ignored on the cluster at {address}: its agents recycle "
+                      "workers (zpar-agent --max-tasks-per-worker N)", RuntimeWarning, stacklevel=3)
+    return kwargs
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

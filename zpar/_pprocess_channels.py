@@ -229,20 +229,21 @@ class ForkChannel(Channel):
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def _frame(self) -> bytes | None:
+    def _frame_end(self) -> int:
+        """Where the first whole message in the buffer ends; 0 while there is none."""
         size = self._HEADER.size
         if len(self._buf) < size:
-            return None
-        (n,) = self._HEADER.unpack_from(self._buf)
-        if len(self._buf) < size + n:
-            return None
-        frame = bytes(self._buf[size:size + n])
-        del self._buf[:size + n]
-        return frame
+            return 0
+        end = size + self._HEADER.unpack_from(self._buf)[0]
+        return end if len(self._buf) >= end else 0
 
-    def _complete(self) -> bool:
-        size = self._HEADER.size
-        return len(self._buf) >= size and len(self._buf) >= size + self._HEADER.unpack_from(self._buf)[0]
+    def _frame(self) -> bytes | None:
+        end = self._frame_end()
+        if not end:
+            return None
+        frame = bytes(self._buf[self._HEADER.size:end])
+        del self._buf[:end]
+        return frame
 
     def _fill(self, block: bool) -> None:
         """Read what the socket holds (at least something, if ``block``)."""
@@ -263,10 +264,10 @@ class ForkChannel(Channel):
 
     def _has_data(self) -> bool:
         self._fill(block=False)
-        return self._complete()
+        return bool(self._frame_end())
 
     def _ended(self) -> bool:
-        return self._eof and not self._complete()
+        return self._eof and not self._frame_end()
 
     def send(self, obj: Any) -> None:
         """Send ``obj`` to the other end (pickled)."""
@@ -383,12 +384,7 @@ def launch(client: Client, callable: Callable[..., Any], args: tuple[Any, ...], 
     fn = _plain(callable)
     if fn is not None:
         return TaskChannel(client.submit(fn, *args, **kw), callable, streamed=False)
-    return TaskChannel(_start_streamed(client, callable, args, kw), callable, streamed=True)
-
-
-def _start_streamed(client: Client, callable: Callable[..., Any], args: tuple[Any, ...],
-                    kw: dict[str, Any]) -> Future:
-    return client.start(_with_channel(callable), *args, **kw)
+    return TaskChannel(client.start(_with_channel(callable), *args, **kw), callable, streamed=True)
 
 
 # ---------------------------------------------------------------------- forking

@@ -9,13 +9,13 @@ allowed only while that client is (or will be) the embedded cluster.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
 from . import _pprocess_channels as _channels
 from ._pprocess_channels import Channel
 from .client import Client
+from .config import usable_cores
 from .errors import ConfigError, ZparError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class _Layer:
 
     def get(self) -> Client:
         with self.lock:
-            if self.client is None or self.client._closed:
+            if self.client is None or self.client.closed:
                 if isinstance(self.target, Client):
                     self.client, self.owned = self.target, False
                 else:
@@ -87,14 +87,10 @@ def get_client() -> Client:
     return _layer.get()
 
 
-def _is_embedded(client: Client) -> bool:
-    return client.embedded
-
-
 def check_fork(client: Client | None) -> None:
     """Raise RemoteForkError unless the calls in question run on this machine's embedded cluster."""
     target: Client | str | None = client if client is not None else (_layer.client or _layer.target)
-    if target is None or (isinstance(target, Client) and _is_embedded(target)):
+    if target is None or (isinstance(target, Client) and target.embedded):
         return
     where = target if isinstance(target, str) else target.address
     raise RemoteForkError(
@@ -114,17 +110,8 @@ def get_number_of_cores() -> int:
     with _layer.lock:
         target, workers, client = _layer.target, _layer.options.get("workers"), _layer.client
     if target is None:
-        return workers or _usable_cores()
-    if isinstance(target, Client) and _is_embedded(target):
-        return max(1, target.status()["workers"])
+        return workers or usable_cores()
     return max(1, (client or get_client()).status()["workers"])
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def fork() -> Channel:

@@ -12,11 +12,10 @@ import concurrent.futures
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._compat import Initializer, Outstanding, Wrappers, chunks
+from ._compat import Outstanding, Wrappers, chunks, client_options
 from .client import Client
 from .errors import BrokenCluster, BrokerUnavailable, ConfigError
 from .futures import Future
@@ -56,27 +55,16 @@ class Executor(concurrent.futures.Executor):
             raise ConfigError(f"max_workers must be greater than 0, not {max_workers}")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ConfigError(f"max_tasks_per_child must be at least 1, not {max_tasks_per_child}")
-        init = Initializer(initializer, initargs) if initializer is not None else None
-        kwargs = dict(client_kwargs)
-        if secret is not None:  # only then: a Client without the secret= keyword still works
-            kwargs["secret"] = secret
-        if address is None:
-            kwargs["workers"] = max_workers
-            if max_tasks_per_child:
-                kwargs["max_tasks_per_worker"] = max_tasks_per_child
-        else:
-            if max_workers is not None:
-                log.debug("max_workers=%d not used: the agents of %s set the cluster's size", max_workers, address)
-            if max_tasks_per_child is not None:
-                warnings.warn(f"max_tasks_per_child is ignored on the cluster at {address}: its agents recycle "
-                              "workers (zpar-agent --max-tasks-per-worker N)", RuntimeWarning, stacklevel=2)
+        self._calls = Wrappers(initializer, initargs)  # before the Client: a bad initializer starts nothing
+        kwargs = client_options(address, max_workers, max_tasks_per_child, "max_tasks_per_child", client_kwargs)
+        if address is not None and max_workers is not None:
+            log.debug("max_workers=%d not used: the agents of %s set the cluster's size", max_workers, address)
         try:
-            self._client = Client(address, **kwargs)
+            self._client = Client(address, secret=secret, **kwargs)
         except BrokerUnavailable as exc:
             if isinstance(exc, BrokenCluster):
                 raise
             raise BrokenCluster(str(exc)) from exc
-        self._calls = Wrappers(init)
         self._tasks = Outstanding(self._client, lambda: RuntimeError("cannot schedule new futures after shutdown"))
         self._closer: threading.Thread | None = None
 
@@ -107,11 +95,12 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else time.monotonic() + timeout
         if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in zip(*iterables)]
+            call = self._calls.call(fn)  # once, not per item
+            futures = [self._tasks.submit(call, *args) for args in zip(*iterables, strict=False)]
         else:
             star = len(iterables) != 1
             task = self._calls.chunk(fn, star)
-            items = zip(*iterables) if star else iterables[0]
+            items = zip(*iterables, strict=False) if star else iterables[0]
             futures = [self._tasks.submit(task, chunk) for chunk in chunks(items, chunksize)]
         return _results(futures, end, chunked=chunksize > 1)
 

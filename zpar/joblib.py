@@ -179,12 +179,7 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
             return self._client
 
     def _connect(self) -> Client:
-        kwargs: dict[str, Any] = {}
-        if self._secret is not None:
-            kwargs["secret"] = self._secret
-        if self._workers is not None:
-            kwargs["workers"] = self._workers
-        client = Client(self._address, **kwargs)
+        client = Client(self._address, secret=self._secret, workers=self._workers)
         self._closer = weakref.finalize(self, client.close)
         log.debug("zpar joblib backend: connected to %s", client.address)
         return client

@@ -23,11 +23,10 @@ import multiprocessing
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Self
 
-from ._compat import Initializer, Outstanding, Wrappers, chunks
+from ._compat import Outstanding, Wrappers, chunks, client_options
 from .client import Client
 from .config import usable_cores
 from .errors import ConfigError, ResultTimeout
@@ -83,25 +82,15 @@ class Pool:
             raise ConfigError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ConfigError("maxtasksperchild must be a positive int or None")
-        init = Initializer(initializer, initargs) if initializer is not None else None
-        kwargs = dict(client_kwargs)
-        if secret is not None:  # only then: a Client without the secret= keyword still works
-            kwargs["secret"] = secret
-        if address is None:
-            kwargs["workers"] = processes
-            if maxtasksperchild:
-                kwargs["max_tasks_per_worker"] = maxtasksperchild
-        elif maxtasksperchild is not None:
-            warnings.warn(f"maxtasksperchild is ignored on the cluster at {address}: its agents recycle "
-                          "workers (zpar-agent --max-tasks-per-worker N)", RuntimeWarning, stacklevel=2)
-        self._client = Client(address, **kwargs)
+        self._calls = Wrappers(initializer, initargs)  # before the Client: a bad initializer starts nothing
+        kwargs = client_options(address, processes, maxtasksperchild, "maxtasksperchild", client_kwargs)
+        self._client = Client(address, secret=secret, **kwargs)
         try:
             self._processes = processes or (usable_cores() if address is None else
                                             max(1, self._client.status()["workers"]))
         except BaseException:
             self._client.close()
             raise
-        self._calls = Wrappers(init)
         self._tasks = Outstanding(self._client, lambda: ValueError("Pool not running"))
         self._state = _State.RUN
 
@@ -382,7 +371,7 @@ class IMapIterator:
             if self._ordered:
                 self._pending.append(fut)
             else:
-                fut.add_done_callback(lambda f: self._finished.put(f))  # type: ignore[arg-type]
+                fut.add_done_callback(self._finished.put)  # type: ignore[arg-type]
 
     def __iter__(self) -> IMapIterator:
         return self

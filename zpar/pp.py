@@ -102,8 +102,7 @@ class Server:
         self._nodes: list[Node] = []  # local first: it wins ties, as pp preferred local workers
         self._retiring: list[Node] = []
         self._local: Node | None = None
-        self._stats: dict[str, Statistics] = {"local": Statistics(0)}
-        self._ncpus = 0
+        self._stats: dict[str, Statistics] = {"local": Statistics(0)}  # "local"'s ncpus: get_ncpus()
         self._tids = itertools.count()
         self._calls = CallCache()
         self._closing = self._warned_idle = False
@@ -134,7 +133,7 @@ class Server:
         except BaseException:
             self.destroy()
             raise
-        log.info("pp server started with %d local workers and %d zpar brokers", self._ncpus, len(remotes))
+        log.info("pp server started with %d local workers and %d zpar brokers", self.get_ncpus(), len(remotes))
 
     # ------------------------------------------------------------------ jobs
 
@@ -292,11 +291,10 @@ class Server:
         Other failures (a bad secret, refused credentials) go to ``errors`` if
         given (the constructor raises them), else they are logged once.
         """
-        kwargs: dict[str, Any] = {} if self._secret is None else {"secret": self._secret}
         assert node.address is not None
         try:
-            client = Client(node.address, connect_timeout=self._connect_timeout,
-                            broker_timeout=self._broker_timeout, **kwargs)
+            client = Client(node.address, secret=self._secret, connect_timeout=self._connect_timeout,
+                            broker_timeout=self._broker_timeout)
         except BrokerUnavailable as exc:
             if not node.warned:
                 log.warning("%s; its jobs go to other nodes meanwhile, and it is tried again every %g s",
@@ -348,7 +346,7 @@ class Server:
 
     def get_ncpus(self) -> int:
         """The number of local workers."""
-        return self._ncpus
+        return self._stats["local"].ncpus
 
     def set_ncpus(self, ncpus: int | str = "autodetect") -> None:
         """Resize the local pool ("autodetect": one worker per usable core; 0: remote nodes only).
@@ -363,7 +361,7 @@ class Server:
         if ncpus < 0:
             raise ConfigError(f"ncpus must be an integer >= 0, not {ncpus}")
         with self._resize_lock:
-            if self._closing or (ncpus == self._ncpus and (self._local is not None) == (ncpus > 0)):
+            if self._closing or ncpus == self.get_ncpus():  # (a local node exists iff ncpus > 0)
                 return
             recycle: dict[str, Any] = {"max_tasks_per_worker": 1} if self._restart else {}  # a worker per job
             new = Node("local", None, Client(workers=ncpus, **recycle), ncpus) if ncpus else None
@@ -379,7 +377,7 @@ class Server:
                         self._retiring.append(old)
                     if new is not None:
                         self._nodes.insert(0, new)
-                    self._ncpus = self._stats["local"].ncpus = ncpus
+                    self._stats["local"].ncpus = ncpus
                     self._cond.notify_all()
             if closing_new is not None and closing_new.client is not None:
                 closing_new.client.close()
@@ -387,7 +385,7 @@ class Server:
     def get_active_nodes(self) -> dict[str, int]:
         """``{node: workers}``: "local" always, and every remote broker that has workers."""
         with self._cond:
-            active = {"local": self._ncpus}
+            active = {"local": self.get_ncpus()}
             active.update({n.name: n.capacity for n in self._nodes
                            if n.address is not None and n.state is NodeState.READY and n.capacity})
             return active
@@ -451,7 +449,7 @@ class Server:
         self.destroy()
 
     def __repr__(self) -> str:
-        state = "destroyed" if self._closing else f"{self._ncpus} local workers"
+        state = "destroyed" if self._closing else f"{self.get_ncpus()} local workers"
         remotes = [n.name for n in self._nodes if n.address is not None]
         return f"<zpar.pp.Server {state}{', brokers ' + ', '.join(remotes) if remotes else ''}>"
 

@@ -81,7 +81,7 @@ def set_default_client(client: Client | None) -> None:
 def _default_client() -> Client:
     global _default
     with _lock:
-        if _default is None or _default._closed:
+        if _default is None or _default.closed:
             _default = Client()
         return _default
 
