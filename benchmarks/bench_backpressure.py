@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,7 +44,10 @@ from typing import Any
 
 import psutil
 
-from _cluster import start_cluster  # noqa: E402  (benchmarks/ is on sys.path)
+# benchmarks/ is on sys.path
+from _cluster import RssWatch, cluster_pids, start_cluster, stop_cluster, summarize_log
+from _common import count_zpar_logs, git_state, print_verdicts, write_json
+from _tasks import expected
 from zpar.testing import LocalCluster
 
 now = time.monotonic
@@ -56,111 +56,40 @@ ROLES = ("broker", "agent", "workers", "producer")
 BARRED = ("broker", "agent", "producer")  # the growth bar; workers are reported
 
 
-def expected(i: int) -> int:
-    return (i * 2654435761) % 1_000_003
-
-
 def make_task(sleep_s: float) -> Callable[[int], int]:
     """A task that sleeps ``sleep_s`` and returns ``expected(i)``; defined here, it travels by value."""
     def slow_task(i: int) -> int:
         if sleep_s > 0:
             time.sleep(sleep_s)
-        return (i * 2654435761) % 1_000_003
+        return expected(i)
     return slow_task
-
-
-# ---------------------------------------------------------------------- logs
-
-
-class CountingHandler(logging.Handler):
-    """Counts this process's zpar log records (a reconnect storm shows up here) and keeps a few."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.first: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        key = f"{record.levelname} {record.name}: {msg[:60]}"
-        self.counts[key] += 1
-        if len(self.first) < 20:
-            self.first.append(f"{record.levelname} {record.name}: {msg[:200]}")
-
-
-def summarize_log(path: str) -> dict[str, Any]:
-    try:
-        with open(path, errors="replace") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return {"lines": 0}
-    kinds: collections.Counter[str] = collections.Counter()
-    for line in lines:
-        for level in ("CRITICAL", "ERROR", "WARNING", "INFO"):
-            if f" {level} " in line:
-                rest = line.split(f" {level} ", 1)[1]
-                kinds[f"{level} {rest[:70]}"] += 1
-                break
-    return {
-        "lines": len(lines),
-        "tracebacks": sum(1 for line in lines if line.startswith("Traceback")),
-        "top": kinds.most_common(12),
-        "tail": lines[-15:],
-    }
 
 
 # ---------------------------------------------------------------------- sampling
 
 
-class Sampler(threading.Thread):
-    """RSS of broker, agent, workers and producer every ``interval`` s; broker status every second."""
+class Sampler(RssWatch):
+    """RSS of broker, agent, workers and producer every 0.2 s; broker status every second."""
 
-    def __init__(self, cluster: LocalCluster, progress: Callable[[], int], interval: float = 0.2) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self.cluster, self.progress, self.interval = cluster, progress, interval
-        self.stop_event = threading.Event()
-        self.samples: list[dict[str, Any]] = []
+    def __init__(self, cluster: LocalCluster, progress: Callable[[], int]) -> None:
+        super().__init__(lambda: cluster_pids(cluster), 0.2, extra=lambda: {"done": progress()})
+        self.cluster = cluster
         self.status: list[dict[str, Any]] = []
-        self.errors: list[str] = []
-        self.me = psutil.Process()
-        self._procs: dict[int, psutil.Process] = {}
+        self.next_status = 0.0
 
-    def _rss(self, pid: int) -> int | None:
-        proc = self._procs.get(pid)
-        try:
-            if proc is None:
-                proc = self._procs[pid] = psutil.Process(pid)
-            return proc.memory_info().rss
-        except psutil.Error:
-            return None
-
-    def sample(self, t0: float) -> None:
-        c = self.cluster
-        s: dict[str, Any] = {"t": round(now() - t0, 3), "done": self.progress()}
-        s["broker"] = self._rss(c.broker.pid) if c.broker is not None else None
-        s["agent"] = self._rss(c.agents[0].pid) if c.agents else None
-        wpids = c.worker_pids()
-        s["workers"] = sum(r for r in (self._rss(p) for p in wpids) if r) if wpids else None
-        s["nworkers"] = len(wpids)
-        s["producer"] = self.me.memory_info().rss
-        self.samples.append(s)
-
-    def run(self) -> None:
-        t0 = now()
-        next_status = t0
-        while not self.stop_event.is_set():
+    def sample(self) -> dict[str, Any]:
+        s = super().sample()
+        if now() >= self.next_status:
+            self.next_status = now() + 1.0
             try:
-                self.sample(t0)
-                if now() >= next_status:
-                    next_status = now() + 1.0
-                    st = self.cluster.status(2.0)
-                    self.status.append({"t": round(now() - t0, 3), "queued": st["queued"],
-                                        "running": st["running"], "producers": st["producers"],
-                                        "nodes": len(st["nodes"])})
-            except Exception as exc:  # noqa: BLE001 - a missed sample is reported, never fatal
+                st = self.cluster.status(2.0)
+                self.status.append({"t": round(now() - self.t0, 3), "queued": st["queued"],
+                                    "running": st["running"], "producers": st["producers"],
+                                    "nodes": len(st["nodes"])})
+            except Exception as exc:  # noqa: BLE001 - a missed status is reported, never fatal
                 if len(self.errors) < 10:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
-            self.stop_event.wait(self.interval)
+        return s
 
 
 def at_fraction(samples: list[dict[str, Any]], n: int, frac: float, role: str) -> int | None:
@@ -182,7 +111,7 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: str) -> dict[st
     seen = bytearray(n)
     tally = collections.Counter()  # done, wrong, dup, errors by type
     blocked = {"calls": 0, "blocked_calls": 0, "blocked_s": 0.0, "max_block_s": 0.0, "loop_s": 0.0}
-    state = {"phase": "starting", "deadline_hit": False}
+    state = {"deadline_hit": False}
     cluster = None
     sampler = None
     watchdog_stop = threading.Event()
@@ -224,7 +153,6 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: str) -> dict[st
                 tally["wrong"] += 1
             tally["done"] += 1
 
-        state["phase"] = "submitting"
         if variant == "submit":
             def callback(f: Any, i: int) -> None:
                 try:
@@ -245,7 +173,6 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: str) -> dict[st
                 out["submit_error"] = f"{type(exc).__name__}: {exc}"
             blocked["loop_s"] = now() - t0
             out["submitted"] = blocked["calls"]
-            state["phase"] = "draining"
             while tally["done"] + tally["errors"] + tally["dup"] < out["submitted"] and now() < t_deadline:
                 time.sleep(0.05)
         else:
@@ -268,10 +195,8 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: str) -> dict[st
             blocked["loop_s"] = now() - t0
             out["submitted"] = n  # the map consumes the whole generator unless it broke
         out["elapsed_s"] = round(now() - t0, 2)
-        state["phase"] = "done"
         watchdog_stop.set()
-        sampler.stop_event.set()
-        sampler.join(5)
+        sampler.stop()
         try:
             out["counters"] = cluster.status(5.0)["counters"]
         except Exception as exc:  # noqa: BLE001
@@ -283,23 +208,9 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: str) -> dict[st
     finally:
         watchdog_stop.set()
         if sampler is not None:
-            sampler.stop_event.set()
-            sampler.join(5)
+            sampler.stop()
         if cluster is not None:
-            procs = cluster.processes()
-            try:
-                leftover = cluster.stop(timeout=10)
-            except Exception as exc:  # noqa: BLE001
-                leftover = []
-                out["stop_error"] = str(exc)
-            still = [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-            for pid in still:
-                try:
-                    psutil.Process(pid).kill()
-                except psutil.Error:
-                    pass
-            out["killed_at_stop"] = [p.pid for p in leftover]
-            out["leaked"] = still
+            stop_cluster(cluster, out)
     out["deadline_hit"] = state["deadline_hit"]
     out.update({k: tally[k] for k in ("done", "wrong", "dup", "errors")})
     out["error_types"] = {k[6:]: v for k, v in tally.items() if k.startswith("error ")}
@@ -317,14 +228,13 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: str) -> dict[st
             at = {f: at_fraction(samples, n, f, role) for f in (0.1, 0.5, 1.0)}
             if at[1.0] is None and samples:  # the run stopped short: use the last sample
                 at[1.0] = samples[-1].get(role)
-            vals = [s[role] for s in samples if s.get(role)]
             growth = (at[1.0] - at[0.1]) / at[0.1] * 100 if at[0.1] and at[1.0] else None
-            rss[role] = {"at10": at[0.1], "at50": at[0.5], "at100": at[1.0], "peak": max(vals, default=None),
+            rss[role] = {"at10": at[0.1], "at50": at[0.5], "at100": at[1.0], "peak": sampler.peak(role),
                          "growth_pct": None if growth is None else round(growth, 2)}
         out["rss"] = rss
         step = max(1, len(samples) // 400)  # keep the JSON a sane size
         out["samples"] = samples[::step]
-    out["log_summary"] = summarize_log(log_path)
+    out["log_summary"] = summarize_log(log_path, 70)
     return out
 
 
@@ -377,8 +287,7 @@ def print_report(results: list[dict[str, Any]], bar: float) -> bool:
                 x = r["rss"][role]
                 g = "-" if x["growth_pct"] is None else f"{x['growth_pct']:+.1f}%"
                 print(f"{role:<10}{mib(x['at10']):>9}{mib(x['at50']):>9}{mib(x['at100']):>9}{g:>9}{mib(x['peak']):>9}")
-            interesting = {k: v for k, v in sorted(r.get("counters", {}).items())}
-            print(f"broker counters: {interesting}")
+            print(f"broker counters: {dict(sorted(r.get('counters', {}).items()))}")
             if r.get("client_log"):
                 print("producer-side zpar log records:")
                 for k, c in r["client_log"][:8]:
@@ -389,9 +298,7 @@ def print_report(results: list[dict[str, Any]], bar: float) -> bool:
             print(f"  {c:>6} x {k}")
         if r.get("leaked"):
             print(f"LEAKED processes after stop (killed): {r['leaked']}")
-        for name, good, detail in verdicts(r, bar):
-            ok &= good
-            print(f"  [{'PASS' if good else 'FAIL'}] {name}: {detail}")
+        ok = print_verdicts(verdicts(r, bar)) and ok
     return ok
 
 
@@ -416,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--variants takes submit and/or map")
 
     workdir = tempfile.mkdtemp(prefix="zpar-bench-bp-")
-    handler = CountingHandler()
-    zlog = logging.getLogger("zpar")
-    zlog.addHandler(handler)
-    zlog.setLevel(logging.INFO)
-    zlog.propagate = False  # counted, not printed (a reconnect storm would drown the report)
+    handler = count_zpar_logs(60)
     print(f"bench_backpressure: {args.tasks:,} tasks per variant, sleep {args.sleep_ms:g} ms, "
           f"LocalCluster(agents=1, workers=2, heartbeat={args.heartbeat:g}), window {args.window:,}; "
           f"{psutil.cpu_count()} cores, python {sys.version.split()[0]}", flush=True)
@@ -439,11 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             code = 1
     finally:
         if args.json:
-            commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
-                                    check=False, capture_output=True, text=True).stdout.strip()
-            with open(args.json, "w") as fh:
-                json.dump({"args": vars(args), "commit": commit, "results": results, "exit_code": code}, fh,
-                          indent=1, default=str)
+            write_json(args.json, {"args": vars(args), "commit": git_state()["commit"], "results": results,
+                                   "exit_code": code}, indent=1)
         if code == 0 and not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import random
 import shutil
@@ -40,6 +39,10 @@ from typing import Any
 
 import psutil
 
+# benchmarks/ is on sys.path
+from _cluster import RssWatch, cluster_pids, kill_leftovers
+from _common import write_json
+from _tasks import expected
 from zpar.errors import BrokerUnavailable
 from zpar.ledger import Execution, Ledger, Report, check, execution, read_executions
 from zpar.testing import LocalCluster
@@ -47,51 +50,11 @@ from zpar.testing import LocalCluster
 now = time.monotonic
 
 
-def expected(i: int) -> int:
-    return (i * 2654435761) % 1_000_003
-
-
 def chaos_task(i: int, exec_dir: str) -> int:
     """Defined in ``__main__``, so it travels by value."""
     with execution(exec_dir, i):
         time.sleep(random.random() * 0.005)
         return expected(i)
-
-
-class RssSampler(threading.Thread):
-    """Peak RSS of the producer and of every cluster process, sampled every ``interval`` s."""
-
-    def __init__(self, cluster: LocalCluster, interval: float = 0.1) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self.cluster, self.interval = cluster, interval
-        self.stop = threading.Event()
-        self.peaks: dict[tuple[int, float], dict[str, Any]] = {}  # (pid, create_time) -> role, pid, peak
-        self.procs: dict[tuple[int, float], psutil.Process] = {}
-
-    def sample(self) -> None:
-        c = self.cluster
-        seen: list[tuple[psutil.Process | int, str]] = [(psutil.Process(), "producer")]
-        if c.broker is not None:
-            seen.append((c.broker.pid, "broker"))
-        for agent in list(c.agents):
-            seen.append((agent.pid, "agent"))
-            seen += [(pid, "worker") for pid in c.worker_pids(agent)]
-        for p, role in seen:
-            try:
-                proc = p if isinstance(p, psutil.Process) else psutil.Process(p)
-                key = (proc.pid, proc.create_time())
-                rss = proc.memory_info().rss
-            except psutil.Error:
-                continue
-            if not rss:  # exiting, or a zombie
-                continue
-            self.procs.setdefault(key, proc)
-            entry = self.peaks.setdefault(key, {"role": role, "pid": proc.pid, "peak_mib": 0.0})
-            entry["peak_mib"] = max(entry["peak_mib"], rss / 2**20)
-
-    def run(self) -> None:
-        while not self.stop.wait(self.interval):
-            self.sample()
 
 
 class Chaos:
@@ -262,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     submitter: threading.Thread | None = None
     try:
         cluster = LocalCluster(agents=2, workers=2, heartbeat=args.heartbeat)
-        sampler = RssSampler(cluster)
+        sampler = RssWatch(lambda: cluster_pids(cluster), 0.1)  # for the peaks, and the processes seen
         sampler.start()
         client = cluster.client()
         ledger = Ledger()
@@ -333,10 +296,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if cluster is not None:
             cluster.stop()
         if sampler is not None:
-            sampler.stop.set()
-            sampler.join(5.0)
+            sampler.stop()
             out["rss"] = list(sampler.peaks.values())
-            out["leaked"] = _reap_leftovers(sampler.procs.values())
+            # every process of the cluster seen in the run, and any child of ours, still alive after stop()
+            left = kill_leftovers([*sampler.procs.values(), *psutil.Process().children(recursive=True)], grace=5.0)
+            out["leaked"] = [f"pid {pid}: {cmdline}" for pid, cmdline in left.items()]
         if args.keep_logs:
             out["exec_dir"] = exec_dir
         else:
@@ -344,29 +308,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _reap_leftovers(procs) -> list[str]:
-    """Processes of the cluster still alive after stop(): killed here, and reported."""
-    me = os.getpid()
-    left = []
-    for p in [*procs, *psutil.Process().children(recursive=True)]:
-        try:
-            if p.pid != me and p.is_running() and p.status() != psutil.STATUS_ZOMBIE and p not in left:
-                left.append(p)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(left, timeout=5.0)
-    names = []
-    for p in alive:
-        try:
-            names.append(f"pid {p.pid}: {' '.join(p.cmdline())[:120]}")
-            p.kill()
-        except psutil.Error:
-            pass
-    return names
-
-
-def _fmt(x: float | None, unit: str = " s", nd: int = 3) -> str:
-    return "never" if x is None else f"{x:.{nd}f}{unit}"
+def _fmt(x: float | None) -> str:
+    return "never" if x is None else f"{x:.3f} s"
 
 
 def print_report(out: dict[str, Any]) -> bool:
@@ -407,9 +350,9 @@ def print_report(out: dict[str, Any]) -> bool:
     p("  peak RSS (MiB)")
     rss = out.get("rss", [])
     for e in rss:
-        if e["role"] != "worker":
+        if e["role"] != "workers":
             p(f"      {e['role']:<9} pid {e['pid']:<8} {e['peak_mib']:7.1f}")
-    workers = sorted(e["peak_mib"] for e in rss if e["role"] == "worker")
+    workers = sorted(e["peak_mib"] for e in rss if e["role"] == "workers")
     if workers:
         p(f"      workers   {len(workers)} processes: max {workers[-1]:.1f}, median {statistics.median(workers):.1f},"
           f" min {workers[0]:.1f}")
@@ -456,10 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     passed = print_report(out)
     if args.json:
-        r: Report = out.pop("report")
-        out["report"] = {k: v for k, v in vars(r).items()}
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2, default=str)
+        write_json(args.json, {**out, "report": vars(out["report"])})
     return 0 if passed else 1
 
 

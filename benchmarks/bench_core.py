@@ -18,9 +18,10 @@ Measures (see benchmarks/README.md):
 5. numpy      a 50 MB array sent to a worker and returned (MB/s, both directions counted)
 6. start-up   pool/client creation to the first result back (seconds, fresh pools)
 
-Functions handed to the pools are top-level here: multiprocessing pickles them
-by reference, zpar ships them by value (cloudpickle) since they live in
-``__main__``.
+The tiny task and the CPU-bound one live in benchmarks/_tasks.py, which
+every tool's workers import: all of them get them by reference. ``echo`` lives
+here: multiprocessing pickles it by reference, zpar ships it by value
+(cloudpickle) since it lives in ``__main__``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import concurrent.futures as cf
 import gc
 import importlib.util
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -47,6 +47,9 @@ from typing import Any
 import numpy as np
 
 import zpar  # imported here, so its import time is not counted in the start-up figure
+# benchmarks/ is on sys.path
+from _common import git_state, rotated, write_json
+from _tasks import calibrate, noop, sum_primes
 
 try:
     from rich.console import Console
@@ -57,28 +60,7 @@ except ImportError:  # pragma: no cover - rich is a zpar dependency
 perf = time.perf_counter
 
 # ---------------------------------------------------------------------------
-# Task functions (top-level: picklable by reference for multiprocessing)
-
-
-def noop(x):
-    """The tiny task: returns its argument."""
-    return x
-
-
-def sum_primes(n):
-    """Sum of the primes below ``n`` by trial division: pure-Python CPU work."""
-    total = 0
-    for k in range(2, n):
-        is_prime = True
-        d = 2
-        while d * d <= k:
-            if k % d == 0:
-                is_prime = False
-                break
-            d += 1
-        if is_prime:
-            total += k
-    return total
+# Task functions (noop and sum_primes come from _tasks)
 
 
 def echo(arr):
@@ -151,20 +133,32 @@ class Tool:
     def call(self, fn: Callable, arg: Any) -> Any: raise NotImplementedError
 
 
-class ZparTool(Tool):
+class FuturesTool(Tool):
+    """A tool with ``submit(fn, arg)`` returning a future and ``map(fn, items, chunksize=)``."""
+
+    def first(self, h):
+        return h.submit(noop, 1).result()
+
+    def submit_all(self, fn, args):
+        submit = self.h.submit
+        futs = [submit(fn, a) for a in args]
+        return [f.result() for f in futs]
+
+    def map(self, fn, items, chunksize):
+        return list(self.h.map(fn, items, chunksize=chunksize))
+
+    def call(self, fn, arg):
+        return self.h.submit(fn, arg).result()
+
+
+class ZparTool(FuturesTool):
     name = "zpar"
 
     def start(self):
         return zpar.Client(workers=self.workers)
 
-    def first(self, h):
-        return h.submit(noop, 1).result()
-
     def stop(self, h):
-        h.close()
-
-    def abort(self, h):
-        h.close()  # cancels every pending future and stops the embedded cluster
+        h.close()  # also the abort: cancels every pending future and stops the embedded cluster
 
     def diagnose(self, h):
         """The client's I/O state, the broker's counters, and (BENCH_PYSPY=1) stack dumps."""
@@ -200,17 +194,6 @@ class ZparTool(Tool):
             info["py-spy"] = dumps
         return info
 
-    def submit_all(self, fn, args):
-        submit = self.h.submit
-        futs = [submit(fn, a) for a in args]
-        return [f.result() for f in futs]
-
-    def map(self, fn, items, chunksize):
-        return list(self.h.map(fn, items, chunksize=chunksize))
-
-    def call(self, fn, arg):
-        return self.h.submit(fn, arg).result()
-
 
 class PoolTool(Tool):
     name = "Pool"
@@ -244,7 +227,7 @@ class PoolTool(Tool):
         return self.h.apply(fn, (arg,))
 
 
-class ExecutorTool(Tool):
+class ExecutorTool(FuturesTool):
     name = "PPE"
 
     def __init__(self, workers, context=None):
@@ -254,9 +237,6 @@ class ExecutorTool(Tool):
     def start(self):
         return cf.ProcessPoolExecutor(self.workers, mp_context=self.ctx)
 
-    def first(self, h):
-        return h.submit(noop, 1).result()
-
     def stop(self, h):
         h.shutdown(wait=True)
 
@@ -265,17 +245,6 @@ class ExecutorTool(Tool):
         h.shutdown(wait=False, cancel_futures=True)
         for proc in procs:
             proc.kill()
-
-    def submit_all(self, fn, args):
-        submit = self.h.submit
-        futs = [submit(fn, a) for a in args]
-        return [f.result() for f in futs]
-
-    def map(self, fn, items, chunksize):
-        return list(self.h.map(fn, items, chunksize=chunksize))
-
-    def call(self, fn, arg):
-        return self.h.submit(fn, arg).result()
 
 
 class LokyTool(ExecutorTool):
@@ -410,11 +379,10 @@ class Bench:
         row = self.rows[key] = Row(key, **kw)
         return row
 
-    def rotations(self, tools: list[Tool], reps: int):
+    @staticmethod
+    def rotations(tools: list[Tool], reps: int):
         """Each repetition runs every tool once; the order rotates so none is always first."""
-        for rep in range(reps):
-            k = rep % len(tools)
-            yield rep, tools[k:] + tools[:k]
+        return (rotated(tools, rep) for rep in range(reps))
 
     def guarded(self, row: Row, tool: Tool, fn: Callable[[], Any], what: str = "measurement") -> Any:
         """Runs ``fn`` under a deadline; returns its value, or None if it failed or hung.
@@ -506,7 +474,7 @@ class Bench:
                                        "(fresh interpreters, as zpar's workers are)")
         closing: dict[str, list[float]] = {}
         every = [t for t in tools if t.has_startup] + spawn_tools
-        for _rep, order in self.rotations(every, s.startup_reps):
+        for order in self.rotations(every, s.startup_reps):
             for tool in order:
                 target = srow if tool in spawn_tools else row
 
@@ -551,7 +519,7 @@ class Bench:
         warm = args[: max(200, s.submit_n // 10)]
         for tool in tools:
             self.guarded(row, tool, lambda tool=tool: tool.submit_all(noop, warm), "warm-up")
-        for _rep, order in self.rotations(tools, s.reps):
+        for order in self.rotations(tools, s.reps):
             for tool in order:
                 def once(tool=tool):
                     gc.collect()
@@ -580,7 +548,7 @@ class Bench:
             for tool in tools:
                 self.guarded(row, tool, lambda tool=tool, warm=warm, cs=chunksize: tool.map(noop, warm, cs),
                              "warm-up")
-            for _rep, order in self.rotations(tools, s.reps):
+            for order in self.rotations(tools, s.reps):
                 for tool in order:
                     def once(tool=tool, items=items, chunksize=chunksize, n=n):
                         gc.collect()
@@ -612,7 +580,7 @@ class Bench:
             self.guarded(p50, tool, warm, "warm-up")
         samples: dict[str, list[float]] = {t.name: [] for t in tools}
         blocks = max(1, s.latency_n // s.latency_block)
-        for _rep, order in self.rotations(tools, blocks):
+        for order in self.rotations(tools, blocks):
             for tool in order:
                 def block(tool=tool):
                     out = []
@@ -638,28 +606,9 @@ class Bench:
 
     # ------------------------------------------------------------------ 4. cpu
 
-    def calibrate_cpu(self) -> tuple[int, float]:
-        """The ``n`` for which one ``sum_primes(n)`` takes about ``cpu_ms`` here."""
-        target = self.sizes.cpu_ms / 1e3
-        n = 20_000
-        while True:
-            t0 = perf()
-            sum_primes(n)
-            took = perf() - t0
-            if took >= target / 4 or n > 50_000_000:
-                break
-            n *= 2
-        # Cost grows a little faster than n (n^1.5 / log n); a couple of corrections do.
-        for _ in range(3):
-            n = max(1000, int(n * (target / took) ** (1 / 1.4)))
-            t0 = perf()
-            sum_primes(n)
-            took = perf() - t0
-        return n, took
-
     def bench_cpu(self, tools: list[Tool]) -> None:
         s = self.sizes
-        n, one = self.calibrate_cpu()
+        n, one = calibrate(s.cpu_ms / 1e3)
         calls = s.cpu_calls_per_worker * self.workers
         row = self.row("cpu", title="CPU-bound speed-up", unit="x", higher_is_better=True, fmt=times,
                        note=f"{calls} calls of sum_primes({n:,}) (~{one * 1e3:.0f} ms each serially); "
@@ -671,7 +620,7 @@ class Bench:
             self.guarded(row, tool, lambda tool=tool: tool.map(sum_primes, items[: self.workers], 1), "warm-up")
         serial: list[float] = []
         parallel: dict[str, list[float]] = {}
-        for _rep, order in self.rotations(tools, s.cpu_reps):
+        for order in self.rotations(tools, s.cpu_reps):
             gc.collect()
             t0 = perf()
             for x in items:
@@ -707,7 +656,7 @@ class Bench:
                        higher_is_better=True, fmt=mbps,
                        note=f"echo(arr) on a {s.array_mb} MB float64 array; {2 * s.array_mb} MB counted per call "
                             f"(there and back); median of {s.array_reps} (best in the JSON)")
-        tools = [t for t in tools if not isinstance(t, JoblibTool)] + [t for t in tools if isinstance(t, JoblibTool)]
+        tools = sorted(tools, key=lambda t: isinstance(t, JoblibTool))  # joblib last
 
         def check(out):
             if not (isinstance(out, np.ndarray) and out.shape == arr.shape and out[0] == arr[0]
@@ -716,7 +665,7 @@ class Bench:
 
         for tool in tools:
             self.guarded(row, tool, lambda tool=tool: check(tool.call(echo, arr)), "warm-up")
-        for _rep, order in self.rotations(tools, s.array_reps):
+        for order in self.rotations(tools, s.array_reps):
             for tool in order:
                 def once(tool=tool):
                     gc.collect()
@@ -853,20 +802,6 @@ def report(bench: Bench, tool_names: list[str], console: Any) -> list[dict[str, 
 # Main
 
 
-def git_state() -> dict[str, Any]:
-    """The commit benchmarked, and whether the working tree differs from it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(zpar.__file__)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip()
-        # Only the code under test: edits to the benchmarks themselves do not count.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "zpar", "broker"],
-                               cwd=root, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        return {"commit": commit or None, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -958,8 +893,7 @@ def main(argv: list[str] | None = None) -> int:
             "bars": verdicts,
             "hangs": bench.hangs,
         }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
+        write_json(args.json, doc)
     return 0
 
 

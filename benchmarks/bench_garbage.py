@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import logging
 import os
 import random
 import resource
@@ -59,7 +58,11 @@ import time
 import traceback
 from typing import Any
 
-from _cluster import start_cluster  # benchmarks/ is on sys.path
+import psutil
+
+# benchmarks/ is on sys.path
+from _cluster import RssWatch, start_cluster, stop_cluster, summarize_log
+from _common import count_zpar_logs, git_state, print_verdicts, write_json
 
 now = time.monotonic
 SECRET = "bench-garbage-" + "Lq2Vz8Xc4Nw7Rt1Yp6Ks"  # --secret: the good producer has it, attackers do not
@@ -412,61 +415,6 @@ def tiny(x: int) -> int:
     return x * 2 + 1
 
 
-class CountingHandler(logging.Handler):
-    """Counts this process's zpar log records (a reconnect storm shows up here) instead of printing them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.counts[f"{record.levelname} {record.name}: {record.getMessage()[:70]}"] += 1
-
-
-class RssWatch(threading.Thread):
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(name="broker-rss", daemon=True)
-        import psutil
-        self.proc = psutil.Process(pid)
-        self.interval = interval
-        self.samples: list[tuple[float, str, int]] = []
-        self.phase = "start"
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        t0 = now()
-        while not self.stop_event.is_set():
-            try:
-                self.samples.append((round(now() - t0, 2), self.phase, self.proc.memory_info().rss))
-            except Exception:  # noqa: BLE001 - the broker died: the report says so
-                return
-            self.stop_event.wait(self.interval)
-
-    def peak(self, phase: str | None = None) -> int | None:
-        vals = [r for _, p, r in self.samples if phase is None or p == phase]
-        return max(vals, default=None)
-
-
-def summarize_log(path: str) -> dict[str, Any]:
-    try:
-        size = os.path.getsize(path)
-        with open(path, errors="replace") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return {"lines": 0, "bytes": 0}
-    kinds: collections.Counter[str] = collections.Counter()
-    tracebacks: list[str] = []
-    for i, line in enumerate(lines):
-        if line.startswith("Traceback"):
-            tracebacks.append("\n".join(lines[max(0, i - 1):i + 25]))
-        for level in ("CRITICAL", "ERROR", "WARNING", "INFO"):
-            if f" {level} " in line:
-                kinds[f"{level} {line.split(f' {level} ', 1)[1][:60]}"] += 1
-                break
-    return {"lines": len(lines), "bytes": size, "top": kinds.most_common(15), "tracebacks": len(tracebacks),
-            "first_tracebacks": tracebacks[:3], "tail": lines[-10:]}
-
-
 def timed_map(client: Any, m: int, chunksize: int, timeout: float) -> tuple[float, bool]:
     """Seconds for one map of ``m`` tiny tasks, and whether every result was right."""
     t = time.perf_counter()
@@ -502,7 +450,6 @@ def probe_costly(cluster: Any, broker: Any, quick: bool) -> list[dict[str, Any]]
     round trip is how long the broker answered nobody (agents' heartbeats included).
     """
     import zmq
-
 
     rng = random.Random(7)
     ctx = zmq.Context.instance()
@@ -548,8 +495,6 @@ def probe_costly(cluster: Any, broker: Any, quick: bool) -> list[dict[str, Any]]
 
 
 def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
-    import psutil
-
     out: dict[str, Any] = {"messages": args.messages, "map_tasks": args.map_tasks, "chunksize": args.chunksize,
                            "liveness_window_s": args.heartbeat * 3}
     log_path = os.path.join(workdir, "cluster.log")
@@ -562,14 +507,15 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         cluster = start_cluster(log_path, agents=1, workers=2, heartbeat=args.heartbeat, log_level=args.log_level,
                                 secret=SECRET if args.secret else None)
         broker = psutil.Process(cluster.broker.pid)
-        watch = RssWatch(broker.pid)
+        phase = {"phase": "start"}  # of the run, in each RSS sample
+        watch = RssWatch(lambda: {"broker": [broker.pid]}, extra=phase.copy)
         watch.start()
         client = cluster.client()
         rep_timeout = max(30.0, min(120.0, t_end - now()))
         timed_map(client, min(5000, args.map_tasks), args.chunksize, rep_timeout)  # warm-up
 
         # -- baseline
-        watch.phase = "baseline"
+        phase["phase"] = "baseline"
         base_times, wrong = [], 0
         cpu0 = sum(broker.cpu_times()[:2])
         for _ in range(3):
@@ -598,7 +544,7 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         split["collector"] = n_zmq - split["frontend"] - split["backend"]
         specials = args.specials if args.specials is not None else (3 if args.quick else 10)
         held = 10 if args.quick else 30
-        watch.phase = "attack"
+        phase["phase"] = "attack"
         from zpar.config import BrokerConfig
         for i, role in enumerate(["frontend", "backend", "collector", *([] if args.no_raw else ["raw"])]):
             spec = {"role": role, "seed": args.seed + i, "duration": duration, "hard_stop": hard,
@@ -645,14 +591,14 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         expected_cpu = out["broker_cpu_baseline_s"] / 3 * len(reps)
         out["attack_reps"] = reps
         out["attack_rep_errors"] = rep_errors
-        for role, proc, _ in attackers:  # the attackers end by themselves; the hard stop is theirs
+        for _, proc, _ in attackers:  # the attackers end by themselves; the hard stop is theirs
             try:
                 proc.wait(max(1.0, min(hard, t_end - now())))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
         out["attack_s"] = round(now() - t_attack, 2)
-        watch.phase = "after"
+        phase["phase"] = "after"
         stats = {}
         for role, proc, path in attackers:
             try:
@@ -702,14 +648,14 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         else:
             out["broker_returncode"] = cluster.broker.returncode
         if out["broker_alive"] and args.probe and not args.secret:  # with a secret the probe cannot get in
-            watch.phase = "probe"
+            phase["phase"] = "probe"
             out["probe"] = probe_costly(cluster, broker, args.quick)
             out["broker_alive"] = cluster.broker.poll() is None
             out["counters_after_probe"] = cluster.status(5.0)["counters"] if out["broker_alive"] else None
             if out["broker_alive"]:
                 out["rss_end"] = broker.memory_info().rss
-        out["rss_peak_attack"] = watch.peak("attack")
-        out["rss_peak"] = watch.peak()
+        out["rss_peak_attack"] = watch.peak("broker", phase="attack")
+        out["rss_peak"] = watch.peak("broker")
         out["wrong_maps"] = wrong
     except Exception as exc:  # noqa: BLE001
         out["broken"] = f"{type(exc).__name__}: {exc}"
@@ -723,33 +669,15 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     pass
         if watch is not None:
-            watch.stop_event.set()
-            watch.join(2)
+            watch.stop(2)
             step = max(1, len(watch.samples) // 400)
             out["rss_samples"] = watch.samples[::step]
         if cluster is not None:
             if cluster.broker is not None and "broker_alive" not in out:
                 out["broker_alive"] = cluster.broker.poll() is None
-            procs = cluster.processes()
-            try:
-                cluster.stop(timeout=10)
-            except Exception as exc:  # noqa: BLE001
-                out["stop_error"] = str(exc)
-            leaked = []
-            for p in procs:
-                try:
-                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                        leaked.append(p.pid)
-                        p.kill()
-                except psutil.Error:
-                    pass
-            out["leaked"] = leaked
-        out["log_summary"] = summarize_log(log_path)
+            stop_cluster(cluster, out)
+        out["log_summary"] = summarize_log(log_path, 60)
     return out
-
-
-def psutil_cores() -> int:
-    return os.cpu_count() or 1
 
 
 def mib(x: int | None) -> str:
@@ -798,7 +726,7 @@ def print_report(r: dict[str, Any], bar: float) -> bool:
               f"{len(r['attack_reps'])} under attack: the extra is {r.get('broker_cpu_per_bad_message_us')} us per bad "
               f"message read ({r.get('bad_messages_read')}; costly ones and reconnects included)")
         cpu = sum(s.get("cpu_s", 0) for s in r["attackers"].values())
-        print(f"  the attackers used {cpu:.1f} s of CPU over {r['attack_s']} s ({psutil_cores()} cores here)")
+        print(f"  the attackers used {cpu:.1f} s of CPU over {r['attack_s']} s ({os.cpu_count() or 1} cores here)")
         drain = r.get("backlog_drain_s")
         print(f"attack: {r['sent_total']:,} messages sent in {r['attack_s']} s (paced over "
               f"{r['attack_paced_over_s']} s; 0 = flood); the broker was still reading them "
@@ -845,11 +773,7 @@ def print_report(r: dict[str, Any], bar: float) -> bool:
         print(tb)
     if r.get("leaked"):
         print(f"LEAKED processes after stop (killed): {r['leaked']}")
-    ok = True
-    for name, good, detail in verdicts(r, bar):
-        ok &= good
-        print(f"  [{'PASS' if good else 'FAIL'}] {name}: {detail}")
-    return ok
+    return print_verdicts(verdicts(r, bar))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -887,15 +811,10 @@ def main(argv: list[str] | None = None) -> int:
     args.messages = args.messages or (10_000 if args.quick else 100_000)
     args.map_tasks = args.map_tasks or (20_000 if args.quick else 50_000)
     args.deadline = args.deadline or (150.0 if args.quick else 300.0)
-    import psutil
     print(f"bench_garbage: {args.messages:,} malformed messages against LocalCluster(agents=1, workers=2, "
           f"heartbeat={args.heartbeat:g}); good producer maps {args.map_tasks:,} tasks, chunksize {args.chunksize}; "
           f"{psutil.cpu_count()} cores, python {sys.version.split()[0]}", flush=True)
-    handler = CountingHandler()
-    zlog = logging.getLogger("zpar")
-    zlog.addHandler(handler)
-    zlog.setLevel(logging.INFO)
-    zlog.propagate = False  # counted, not printed: a reconnect storm would drown the report
+    handler = count_zpar_logs(70)
     workdir = tempfile.mkdtemp(prefix="zpar-bench-garbage-")
     code = 2
     r: dict[str, Any] = {}
@@ -906,11 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 2 if "broken" in r else (0 if ok else 1)
     finally:
         if args.json:
-            commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
-                                    check=False, capture_output=True, text=True).stdout.strip()
-            with open(args.json, "w") as fh:
-                json.dump({"args": vars(args), "commit": commit, "result": r, "exit_code": code}, fh, indent=1,
-                          default=str)
+            write_json(args.json, {"args": vars(args), "commit": git_state()["commit"], "result": r,
+                                   "exit_code": code}, indent=1)
         if code == 0 and not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

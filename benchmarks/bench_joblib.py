@@ -29,7 +29,6 @@ missed, 2 when the benchmark broke.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -42,7 +41,9 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import joblib
-from _cluster import start_cluster  # benchmarks/ is on sys.path when this script runs
+# benchmarks/ is on sys.path when this script runs
+from _cluster import start_cluster
+from _common import rotated, write_json
 from joblib.externals.loky import get_reusable_executor
 from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         fitted: dict[str, list[GridSearchCV]] = {name: [] for name in tools}
         names = list(tools)
         for rep in range(repeat):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
+            for name in rotated(names, rep):
                 took, result = search(tools[name], X, y, grid, folds)
                 times[name].append(took)
                 fitted[name].append(result)
@@ -161,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if cluster is not None:
             cluster.stop()
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2, default=str)
+        write_json(args.json, report)
     return 0 if ok else 1
 
 

@@ -22,15 +22,15 @@ started before the clock runs: start-up is bench_core.py's business.
    adding a second machine buys.
    bar: zpar on 2 nodes faster than Pool(1).
 
-The functions live in this script (``__main__``): multiprocessing pickles them
-by reference; zpar ships them by value.
+The functions live in benchmarks/_tasks.py, which every worker imports (the
+cluster's daemons get benchmarks/ on their PYTHONPATH): both tools pickle them
+by reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -40,57 +40,19 @@ from collections.abc import Callable
 from typing import Any
 
 import zpar.pool
+# benchmarks/ is on sys.path
+from _common import rotated, write_json
+from _tasks import calibrate, noop, sum_primes
 from zpar.testing import LocalCluster
 
 perf = time.perf_counter
-
-
-def noop(x):
-    return x
-
-
-def sum_primes(n):
-    """Sum of the primes below ``n`` by trial division: pure-Python CPU work."""
-    total = 0
-    for k in range(2, n):
-        d = 2
-        while d * d <= k:
-            if k % d == 0:
-                break
-            d += 1
-        else:
-            total += k
-    return total
-
-
-def calibrate(target_s: float) -> int:
-    """An ``n`` for which ``sum_primes(n)`` takes about ``target_s`` here."""
-    n = 5000
-    while True:
-        t0 = perf()
-        sum_primes(n)
-        took = perf() - t0
-        if took >= target_s / 4:
-            break
-        n *= 2
-    for _ in range(3):  # cost grows a little faster than n: a few corrections
-        n = max(1000, int(n * (target_s / took) ** (1 / 1.4)))
-        t0 = perf()
-        sum_primes(n)
-        took = perf() - t0
-    return n
-
-
-def rotate(tools: list[str], rep: int) -> list[str]:
-    k = rep % len(tools)
-    return tools[k:] + tools[:k]
 
 
 def measure(pools: dict[str, Any], reps: int, run: Callable[[Any], float]) -> dict[str, float]:
     """Each tool's best figure over ``reps`` interleaved repetitions (``run`` returns seconds)."""
     best: dict[str, float] = {}
     for rep in range(reps):
-        for name in rotate(list(pools), rep):
+        for name in rotated(list(pools), rep):
             gc.collect()
             took = run(pools[name])
             best[name] = min(took, best.get(name, float("inf")))
@@ -148,7 +110,7 @@ def main() -> int:
         row("apply_async", "apply_async one by one, tiny tasks", n_apply,
             measure(pools, reps, timed(lambda p: [r.get() for r in [p.apply_async(noop, (x,)) for x in few]], few)))
 
-    n = calibrate(0.03 if args.quick else 0.08)
+    n, _ = calibrate(0.03 if args.quick else 0.08)
     calls = 8 if args.quick else 16
     expected = [sum_primes(n)] * calls
     print(f"\nCPU-bound: {calls} calls of sum_primes({n:,}) (~{0.03 if args.quick else 0.08:g} s each), "
@@ -178,8 +140,7 @@ def main() -> int:
                          "speedup_vs_pool1": best["Pool(1)"] / best["zpar"],
                          "speedup_vs_pool2": best["Pool(2)"] / best["zpar"]}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.json, report)
     return 0
 
 

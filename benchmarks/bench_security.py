@@ -18,20 +18,18 @@ Bars (issue 4): curve/plain >= 0.85 for tiny tasks; the 64 MB argument at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-from _cluster import start_cluster  # benchmarks/ is on sys.path
+# benchmarks/ is on sys.path
+from _cluster import start_cluster
+from _common import print_verdicts, write_json
+from _tasks import noop
 
 SECRET = "bench-" + "Xq4vN8sLr2Tz7Wm1Kp5Yc0Hd"
-
-
-def noop(x):
-    return x
 
 
 def nbytes(array):
@@ -63,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     big = np.random.default_rng(4).random((64 << 20) // 8)
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"zpar-bench-security-{os.getpid()}.log")
-    clusters = {"plain": start_cluster(log, agents=1, workers=2, heartbeat=1.0),
-                "curve": start_cluster(log, agents=1, workers=2, heartbeat=1.0, secret=SECRET)}
-    best: dict[str, dict[str, float]] = {name: {} for name in clusters}
-    try:
+    clusters = {}
+    best: dict[str, dict[str, float]] = {"plain": {}, "curve": {}}
+    try:  # started inside: if the second fails to start, the first is still stopped
+        clusters["plain"] = start_cluster(log, agents=1, workers=2, heartbeat=1.0)
+        clusters["curve"] = start_cluster(log, agents=1, workers=2, heartbeat=1.0, secret=SECRET)
         clients = {name: c.client() for name, c in clusters.items()}
         for client in clients.values():
             client.wait_for_workers(2)
@@ -86,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         p, c = best["plain"][key], best["curve"][key]
         print(f"{label:24}{p:>14,.0f}{c:>14,.0f}{c / p:>13.2f}")
     tiny = min(best["curve"][k] / best["plain"][k] for k in ("map_tasks_s", "submit_tasks_s"))
-    ok_tiny, ok_big = tiny >= 0.85, best["curve"]["arg_64mb_MB_s"] >= 300
-    print(f"  [{'PASS' if ok_tiny else 'FAIL'}] tiny tasks with curve >= 0.85 of plain: {tiny:.2f}")
-    print(f"  [{'PASS' if ok_big else 'FAIL'}] 64 MB argument with curve >= 300 MB/s: "
-          f"{best['curve']['arg_64mb_MB_s']:,.0f}")
+    ok = print_verdicts([
+        ("tiny tasks with curve >= 0.85 of plain", tiny >= 0.85, f"{tiny:.2f}"),
+        ("64 MB argument with curve >= 300 MB/s", best["curve"]["arg_64mb_MB_s"] >= 300,
+         f"{best['curve']['arg_64mb_MB_s']:,.0f}"),
+    ])
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"tasks": n, "repeats": repeats, "best": best, "tiny_ratio": tiny}, fh, indent=2)
-    return 0 if ok_tiny and ok_big else 1
+        write_json(args.json, {"tasks": n, "repeats": repeats, "best": best, "tiny_ratio": tiny})
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
