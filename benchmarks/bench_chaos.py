@@ -13,8 +13,8 @@ advance, while chaos threads:
 - SIGKILL the broker once half of the outcomes are in, wait 2 s, and restart
   it on the same ports; recovery = restart to the first new result.
 
-The producer records every id and outcome in a ``zpar.ledger.Ledger``; every
-execution is logged by the task itself; ``zpar.ledger.check`` judges. Futures
+The producer records every id and outcome in a ``zpar.testing.ledger.Ledger``; every
+execution is logged by the task itself; ``zpar.testing.ledger.check`` judges. Futures
 still pending at the deadline (120 s; 60 s with ``--quick``) are stragglers,
 and lost. Exit code 0 when the bars hold (lost = 0, duplicates = 0, wrong = 0,
 every task submitted), 1 when one is missed, 2 when the benchmark itself broke.
@@ -44,7 +44,7 @@ from _cluster import RssWatch, cluster_pids, kill_leftovers
 from _common import write_json
 from _tasks import expected
 from zpar.errors import BrokerUnavailable
-from zpar.ledger import Execution, Ledger, Report, check, execution, read_executions
+from zpar.testing.ledger import Execution, Ledger, Report, check, execution, read_executions
 from zpar.testing import LocalCluster
 
 now = time.monotonic

@@ -117,7 +117,7 @@ def hog_memory(mib, seconds=5.0):
 
 def logged_square(exec_dir, i, seconds=0.0):
     """``i * i``, its run logged in ``exec_dir`` for the ledger's executions histogram."""
-    from zpar.ledger import execution
+    from zpar.testing.ledger import execution
 
     with execution(exec_dir, i):
         if seconds:

@@ -70,7 +70,7 @@ def test_embedded_client_closes_cleanly_leaving_no_process():
         assert client.submit(tasks.square, 4).result(timeout=20) == 16
         ours = [p for p in me.children(recursive=True) if p.pid not in before]
         names = " ".join(" ".join(p.cmdline()) for p in ours)
-        assert "zpar_broker.embedded" in names and "zpar.worker" in names  # broker and agent share a process
+        assert "zpar_broker.embedded" in names and "zpar.agent.worker" in names  # broker and agent share a process
         ipc_dir = os.path.dirname(client.address.removeprefix("ipc://"))
         assert os.path.isdir(ipc_dir)
     finally:

@@ -1,4 +1,4 @@
-"""The ledger and checker (zpar.ledger): hand-made ledgers first, then one fault-free cluster run."""
+"""The ledger and checker (zpar.testing.ledger): hand-made ledgers first, then one fault-free cluster run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 import zpar
-from zpar.ledger import Ledger, check, execution, log_execution, read_executions
+from zpar.testing.ledger import Ledger, check, execution, log_execution, read_executions
 
 # ---------------------------------------------------------------------- the producer side
 
@@ -144,7 +144,7 @@ def test_worker_processes_append_concurrently_to_their_own_files(tmp_path):
     """Several processes (as workers of several nodes would), each logging many runs at once."""
     script = textwrap.dedent("""
         import os, sys
-        from zpar.ledger import execution
+        from zpar.testing.ledger import execution
         base, exec_dir = int(sys.argv[1]), sys.argv[2]
         for i in range(base, base + 200):
             with execution(exec_dir, i):

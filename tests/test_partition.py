@@ -13,7 +13,7 @@ import pytest
 
 import tasks
 from proxy import PartitionProxy
-from zpar.ledger import Ledger, check
+from zpar.testing.ledger import Ledger, check
 from zpar.testing import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

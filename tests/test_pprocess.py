@@ -14,7 +14,7 @@ import pytest
 import tasks
 
 import zpar
-import zpar._pprocess_layer
+import zpar.pprocess._layer
 from zpar import pprocess
 from zpar.testing import wait_for
 
@@ -389,7 +389,7 @@ def test_waitall_reaps_children_an_exchange_left_unreaped():
 def test_default_is_an_embedded_cluster_started_on_first_need_and_stopped_by_shutdown():
     pprocess.use(workers=1)
     assert pprocess.get_number_of_cores() == 1  # without starting it
-    assert zpar._pprocess_layer._layer.client is None
+    assert zpar.pprocess._layer._layer.client is None
     assert list(pprocess.pmap(tasks.square, range(3))) == [0, 1, 4]
     client = pprocess.get_client()
     assert client._cluster is not None

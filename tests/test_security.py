@@ -22,7 +22,7 @@ import zpar
 from zpar import security
 from zpar.config import BrokerConfig
 from zpar.errors import ConfigError
-from zpar.local import spawn_daemon, stop_processes
+from zpar._embedded import spawn_daemon, stop_processes
 from zpar.testing import LocalCluster, free_port, wait_for
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -1,6 +1,6 @@
 """The producer API: ``zpar.Client``.
 
-User threads pickle their tasks and hand them to one I/O thread (connection.py)
+User threads pickle their tasks and hand them to one I/O thread (_connection.py)
 through a deque and a wake-up pipe; only that thread touches the ZeroMQ
 socket. It batches whatever piled up into SUBMIT messages, resolves futures as
 RESULT batches come back, and sends unfinished tasks again if the broker
@@ -26,11 +26,11 @@ import zmq
 
 from . import aio, security, serialize
 from . import protocol as P
-from .connection import Connection, PendingTask
+from ._connection import Connection, PendingTask
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
-from .local import EmbeddedCluster
-from .mapping import ordered, unordered
+from ._embedded import EmbeddedCluster
+from ._maps import ordered, unordered
 from .options import TaskOptions
 from .streaming import FeedOp
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._compat import Outstanding, Wrappers, chunks, client_options
+from ._wrappers import Outstanding, Wrappers, chunks, client_options
 from .client import Client
 from .errors import BrokenCluster, BrokerUnavailable, ConfigError
 from .futures import Future

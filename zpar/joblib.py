@@ -76,9 +76,9 @@ def _discard(pending: set[concurrent.futures.Future], lock: threading.Lock,
 
 
 def _in_zpar_worker() -> bool:
-    """True in a zpar worker process (``python -m zpar.worker``)."""
+    """True in a zpar worker process (``python -m zpar.agent.worker``)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "zpar.worker"
+    return getattr(spec, "name", None) == "zpar.agent.worker"
 
 
 def _run_callbacks(jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], concurrent.futures.Future] | None]) -> None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Self
 
-from ._compat import Outstanding, Wrappers, chunks, client_options
+from ._wrappers import Outstanding, Wrappers, chunks, client_options
 from .client import Client
 from .config import usable_cores
 from .errors import ConfigError, ResultTimeout

@@ -173,7 +173,7 @@ WINDOW_BYTES = P.STREAM_BYTES
 
 
 class _Port(Protocol):
-    """What a Channel needs of the worker it runs in (zpar.worker.Worker)."""
+    """What a Channel needs of the worker it runs in (zpar.agent.worker.Worker)."""
 
     current: int | None
 

@@ -19,7 +19,7 @@ import zmq
 from zpar import protocol as P
 from zpar.agent.server import AgentServer
 from zpar.config import AgentConfig, BrokerConfig
-from zpar.daemon import Waker, run_loop, run_until_signalled
+from zpar._loop import Waker, run_loop, run_until_signalled
 
 from .server import BrokerServer
 

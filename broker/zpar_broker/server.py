@@ -25,7 +25,7 @@ import zmq
 from zpar import protocol as P
 from zpar import security
 from zpar.config import BrokerConfig
-from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
+from zpar._loop import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import BrokerCore

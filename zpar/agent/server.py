@@ -7,7 +7,7 @@
     pidfd of each worker ─────────────────────────────┘  its death, at once
     timers: heartbeat, parent check, respawn back-off
 
-Workers are fresh interpreters (``python -m zpar.worker``): the agent holds a
+Workers are fresh interpreters (``python -m zpar.agent.worker``): the agent holds a
 ZeroMQ context and so never forks.
 """
 
@@ -30,7 +30,7 @@ import zmq
 from zpar import protocol as P
 from zpar import security
 from zpar.config import AgentConfig
-from zpar.daemon import Reader, Waker, run_loop, run_until_signalled
+from zpar._loop import Reader, Waker, run_loop, run_until_signalled
 from zpar.errors import ProtocolError
 
 from .core import AgentCore
@@ -105,7 +105,7 @@ class AgentServer:
         self._generation += 1
         identity = f"w{self._generation}".encode()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zpar.worker", self.pipe_endpoint, identity.decode(), str(os.getpid()),
+            [sys.executable, "-m", "zpar.agent.worker", self.pipe_endpoint, identity.decode(), str(os.getpid()),
              *(["--chunk"] if self._creds is not None else [])],
             stdin=subprocess.DEVNULL,
         )

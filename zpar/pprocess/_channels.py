@@ -30,11 +30,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import client as _client_module
+from .. import client as _client_module
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .futures import Future
+    from ..client import Client
+    from ..futures import Future
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Optional
 
 import typer
 
-from . import config as cfg
-from .errors import ConfigError, ZparError
+from .. import config as cfg
+from ..errors import ConfigError, ZparError
 
 app = typer.Typer(help="zpar: run Python functions on every core of a machine or a cluster.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -127,7 +127,7 @@ def agent(
                  config_file)
     _setup_logging(conf.log_level)
     _warn_argv_secret(secret)
-    from .agent.server import run
+    from ..agent.server import run
 
     try:
         raise typer.Exit(run(conf))
@@ -148,7 +148,7 @@ def status(
                                              "[env ZPAR_BROKER_KEY]."),
 ) -> None:
     """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
-    from .client import _credentials, broker_status
+    from ..client import _credentials, broker_status
 
     _warn_argv_secret(secret)
     try:
@@ -160,7 +160,7 @@ def status(
     if as_json:
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
         return
-    from .status_view import render
+    from ._status import render
 
     render(info, broker)
 
@@ -190,7 +190,7 @@ def keygen(
     and one named broker; put the nodes' NODE.key files in the broker's
     --allow-keys directory and give each node broker.key.
     """
-    from . import security
+    from .. import security
 
     if keys is None:
         typer.echo(security.generate_secret())

@@ -1,6 +1,6 @@
 """pprocess's exchanges on zpar: ``Exchange``, and its ``Map`` and ``Queue``.
 
-An exchange watches channels (zpar._pprocess_channels): task channels tell
+An exchange watches channels (zpar.pprocess._channels): task channels tell
 it through a callback from the client's I/O thread, which writes a byte to
 the exchange's wake-up pipe; fork channels it polls by file descriptor. So
 ``ready()`` blocks in one ``poll`` for both kinds, and costs nothing per
@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _pprocess_channels as _channels
-from . import _pprocess_layer as _layer
-from ._pprocess_channels import Channel, Failure, ForkChannel, MakeParallel, TaskChannel
-from .client import Client
-from .errors import ConfigError
+from . import _channels
+from . import _layer
+from ._channels import Channel, Failure, ForkChannel, MakeParallel, TaskChannel
+from ..client import Client
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -91,10 +91,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
-from . import _pprocess_channels as _channels
-from ._pprocess_channels import Channel, MakeParallel, MakeReusable
-from ._pprocess_exchange import Exchange, ManagedCallable, Map, Queue, Undefined
-from ._pprocess_layer import (
+from . import _channels
+from ._channels import Channel, MakeParallel, MakeReusable
+from ._exchange import Exchange, ManagedCallable, Map, Queue, Undefined
+from ._layer import (
     RemoteForkError,
     check_fork,
     fork,
@@ -103,7 +103,7 @@ from ._pprocess_layer import (
     shutdown,
     use,
 )
-from .client import Client
+from ..client import Client
 
 __all__ = [
     "Channel",

@@ -31,7 +31,7 @@ def _progress(console: Console) -> Progress:
 
 
 def run_demo(workers: int | None = None, jobs: int = 32, size: int = 100_000) -> int:
-    from .client import Client
+    from ..client import Client
 
     console = Console()
     inputs = [size + 1000 * i for i in range(jobs)]

@@ -7,7 +7,7 @@ import logging
 import pytest
 import zmq
 
-from zpar import daemon
+from zpar import _loop as daemon
 
 
 @pytest.fixture

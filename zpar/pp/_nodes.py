@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from .client import Client
-from .errors import ConfigError
+from ..client import Client
+from ..errors import ConfigError
 
 #: A node is handed at most this many jobs per worker: one running, one queued behind it.
 PREFETCH = 2

@@ -48,13 +48,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Self
 
-from . import __version__ as _zpar_version
-from ._ppcall import CallCache, pack
-from ._ppjob import DestroyedServerError, Job, Statistics
-from ._ppnodes import REFRESH_INTERVAL, Node, NodeState, broker_address, least_loaded
-from .client import Client
-from .config import usable_cores
-from .errors import BrokerUnavailable, ConfigError
+from .. import __version__ as _zpar_version
+from ._call import CallCache, pack
+from ._job import DestroyedServerError, Job, Statistics
+from ._nodes import REFRESH_INTERVAL, Node, NodeState, broker_address, least_loaded
+from ..client import Client
+from ..config import usable_cores
+from ..errors import BrokerUnavailable, ConfigError
 
 __all__ = ["DestroyedServerError", "Job", "Server", "Statistics", "Template", "version"]
 

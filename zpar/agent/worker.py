@@ -1,6 +1,6 @@
 """The worker loop: receive a batch, run each task, send the batch's results.
 
-Started by the agent as ``python -m zpar.worker ENDPOINT IDENTITY PARENT_PID``.
+Started by the agent as ``python -m zpar.agent.worker ENDPOINT IDENTITY PARENT_PID``.
 A worker talks only to its agent, over one DEALER socket on an ipc pipe of its
 own; the agent sends it work only while it is idle, so the agent always knows
 which tasks a worker holds.
@@ -27,9 +27,9 @@ from typing import Any, Callable, Sequence
 
 import zmq
 
-from . import protocol as P
-from . import serialize, streaming
-from .errors import SerializationError, TaskError
+from .. import protocol as P
+from .. import serialize, streaming
+from ..errors import SerializationError, TaskError
 
 _PR_SET_PDEATHSIG = 1
 

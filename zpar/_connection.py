@@ -27,7 +27,7 @@ import zmq
 
 from . import protocol as P
 from . import security, serialize
-from .daemon import Reader
+from ._loop import Reader
 from .errors import (
     AuthenticationError,
     BrokenCluster,

@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 
 import psutil
 
-from .client import Client, broker_status
-from . import security
-from .errors import BrokerUnavailable
-from .local import spawn_daemon, stop_processes
+from ..client import Client, broker_status
+from .. import security
+from ..errors import BrokerUnavailable
+from .._embedded import spawn_daemon, stop_processes
 
 
 def free_port() -> int:

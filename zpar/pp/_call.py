@@ -24,7 +24,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from . import serialize
+from .. import serialize
 
 
 def pack(args: tuple[Any, ...]) -> tuple[bytes, ...]:

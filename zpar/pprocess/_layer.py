@@ -12,11 +12,11 @@ import logging
 import threading
 from typing import Any
 
-from . import _pprocess_channels as _channels
-from ._pprocess_channels import Channel
-from .client import Client
-from .config import usable_cores
-from .errors import ConfigError, ZparError
+from . import _channels
+from ._channels import Channel
+from ..client import Client
+from ..config import usable_cores
+from ..errors import ConfigError, ZparError
 
 log = logging.getLogger(__name__)
 
