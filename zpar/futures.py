@@ -12,7 +12,7 @@ from .streaming import FeedOp, StreamState
 _CANCELLED = "CANCELLED"  # concurrent.futures' state before waiters are told
 
 
-class Future(concurrent.futures.Future):
+class Future(concurrent.futures.Future[Any]):
     """A ``concurrent.futures.Future`` for a zpar task; also awaitable from asyncio.
 
     ``concurrent.futures.wait`` and ``as_completed`` accept it as they are.
@@ -84,7 +84,7 @@ class Future(concurrent.futures.Future):
         if st is None:
             with self._condition:
                 if self._stream is None:
-                    self._stream = StreamState(self, self._feed)
+                    self._stream = StreamState(self, self.task_id, self._feed)
                 st = self._stream
             if self._unwanted and not self._claimed:  # result() was called before the first item
                 st.discard()

@@ -149,16 +149,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from . import protocol as P
 from . import serialize
+from ._flow import Arrival, ReceiveWindow, SendWindow
 from .errors import PayloadTooLarge
 
 _log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from .futures import Future
 
 __all__ = ["WINDOW", "WINDOW_BYTES", "Channel", "channel", "wait_ready"]
 
@@ -231,7 +229,7 @@ def channel() -> Channel:
 
 #: What a stream hands the client's I/O thread: ("item", tid, seq, frames), ("credit", tid, upto),
 #: or ("close", tid).
-FeedOp = tuple
+FeedOp: TypeAlias = tuple[Any, ...]
 
 
 class _Listener(Protocol):
@@ -249,12 +247,17 @@ class _Callback:
     def set(self) -> None:
         try:
             self.fn()
-        except Exception:  # this runs in the client's I/O thread, which must go on
+        except Exception:  # noqa: BLE001 -- this runs in the client's I/O thread, which must go on
             _log.exception("a ready callback of a zpar future raised")
 
 
 class StreamState:
     """The producer's end of one task's stream: items in, objects out, credits both ways.
+
+    ``fut`` is the task's future (zpar.Future): the stream ends when it is
+    done, with its exception if it failed. The flow-control rule is
+    zpar._flow's, one window each way; this class adds the lock, the queue
+    of items and the waiting.
 
     The client's I/O thread calls ``arrived`` and ``granted``; user threads the
     rest. ``feed`` hands an operation to the I/O thread (it wakes it up).
@@ -264,26 +267,24 @@ class StreamState:
     ``cond``, and keep ``set()`` short and non-blocking.
     """
 
-    def __init__(self, fut: Future, feed: Callable[[FeedOp], None]) -> None:
+    def __init__(self, fut: concurrent.futures.Future[Any], tid: int, feed: Callable[[FeedOp], None]) -> None:
         self.fut = fut
-        self.tid = fut.task_id
+        self.tid = tid
         self.feed = feed
         self.cond = threading.Condition(threading.Lock())
         self.items: collections.deque[Sequence[Any]] = collections.deque()
-        self.next_seq = 0  # the task's items that arrived (the next one's seq)
-        self.taken = 0  # items the reader took, or that were discarded
-        self.credited = WINDOW  # the credit last granted to the task
-        self.credit_bytes = 0  # bytes of the items taken since then
+        self.inbound = ReceiveWindow()  # the task's items to us
+        self.outbound = SendWindow()  # our objects to the task
         self.discarding = False
-        self.out_seq = 0  # objects sent to the task
-        self.out_granted = WINDOW  # objects with seq below this may be sent now
-        self.out_read = 0  # objects the task has received, as far as we know
-        self.out_sizes: collections.deque[int] = collections.deque()  # bytes of those sent and not known read
-        self.out_unread = 0  # their sum
         self.input_closed = False
         self.exchanged = False  # an item arrived or an object went: the task cannot be run again
         self.listeners: set[_Listener] = set()
         fut.add_done_callback(self._done)
+
+    @property
+    def next_seq(self) -> int:
+        """The task's items that arrived in order (the next one's seq)."""
+        return self.inbound.next_seq
 
     def add_callback(self, fn: Callable[[], None]) -> None:
         with self.cond:
@@ -292,17 +293,17 @@ class StreamState:
     # ------------------------------------------------------------------ I/O thread
 
     def arrived(self, seq: int, frames: Sequence[Any]) -> tuple[str, int] | None:
-        """An item from the task; returns a loss reason and the item, or None. Credits go by ``feed``."""
+        """An item from the task. None, or ``("lost", seq)`` when one before it was lost (fail the stream).
+
+        Credits go by ``feed``.
+        """
         with self.cond:
-            if seq < self.next_seq:
-                return None  # a repeat
-            if seq > self.next_seq:
-                return ("lost", seq)
-            self.next_seq += 1
+            arrival = self.inbound.arrived(seq)
+            if arrival is not Arrival.NEW:
+                return None if arrival is Arrival.REPEAT else ("lost", seq)
             self.exchanged = True
             if self.discarding:
-                self.taken += 1
-                self._credit(_nbytes(frames))
+                self._taken(_nbytes(frames))
             else:
                 self.items.append(frames)
             self._notify()
@@ -311,12 +312,7 @@ class StreamState:
     def granted(self, upto: int) -> None:
         """The task has room for our objects with seq < ``upto``."""
         with self.cond:
-            if upto > self.out_granted:
-                self.out_granted = upto
-                read = min(upto - WINDOW, self.out_seq)
-                while self.out_read < read:
-                    self.out_unread -= self.out_sizes.popleft()
-                    self.out_read += 1
+            if self.outbound.granted(upto):
                 self.cond.notify_all()
 
     def _done(self, _fut: Any) -> None:
@@ -328,12 +324,10 @@ class StreamState:
         for event in self.listeners:
             event.set()
 
-    def _credit(self, nbytes: int) -> None:
-        """Under the lock: tell the task it may go on, every half window (or quarter byte budget) taken."""
-        self.credit_bytes += nbytes
-        upto = self.taken + WINDOW
-        if upto - self.credited >= WINDOW // 2 or self.credit_bytes >= P.STREAM_BYTES // 4:
-            self.credited, self.credit_bytes = upto, 0
+    def _taken(self, nbytes: int, count: int = 1) -> None:
+        """Under the lock: ``count`` items were taken or discarded; grant the task credit when due."""
+        upto = self.inbound.taken(nbytes, count)
+        if upto is not None:
             self.feed(("credit", self.tid, upto))
 
     # ------------------------------------------------------------------ user threads
@@ -344,10 +338,9 @@ class StreamState:
             if self.discarding:
                 return
             self.discarding = True
-            self.taken += len(self.items)
             nbytes = sum(_nbytes(frames) for frames in self.items)
+            self._taken(nbytes, len(self.items))
             self.items.clear()
-            self._credit(nbytes)
 
     def _end(self) -> None:
         """Under the lock, no item left and the future done: raise what ended the stream."""
@@ -369,8 +362,7 @@ class StreamState:
                     raise TimeoutError(f"task {self.tid} sent nothing within {timeout:g} s")
                 self.cond.wait(left)
             frames = self.items.popleft()
-            self.taken += 1
-            self._credit(_nbytes(frames))
+            self._taken(_nbytes(frames))
         return serialize.loads(frames, what=lambda: f"object task {self.tid} sent")
 
     def ready(self) -> bool:
@@ -382,6 +374,7 @@ class StreamState:
         if len(frames) > P.MAX_TASK_FRAMES:
             raise PayloadTooLarge(f"the object holds {len(frames) - 1} large buffers; at most "
                                   f"{P.MAX_TASK_FRAMES - 1} fit: send fewer, bigger arrays")
+        size = _nbytes(frames)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while True:
@@ -389,17 +382,13 @@ class StreamState:
                     raise EOFError(f"the input of task {self.tid} was closed (close_input)")
                 if self.fut.done():
                     self._end()
-                if self.out_seq < self.out_granted and (self.out_unread < P.STREAM_BYTES or not self.out_sizes):
+                if self.outbound.may_send():
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"task {self.tid} has not taken what was sent for {timeout:g} s")
                 self.cond.wait(left)
-            seq = self.out_seq
-            self.out_seq += 1
-            size = _nbytes(frames)
-            self.out_sizes.append(size)
-            self.out_unread += size
+            seq = self.outbound.sent(size)
             self.exchanged = True
             self.feed(("item", self.tid, seq, frames))  # under the lock: in seq order across threads
 
@@ -416,7 +405,16 @@ def _nbytes(frames: Sequence[Any]) -> int:
     return sum(len(f) for f in frames)  # bytes, zmq Frames and pickle's raw buffers: len is bytes
 
 
-def wait_ready(futures: Iterable[Future], timeout: float | None = None) -> list[Future]:
+class _Streaming(Protocol):
+    """What ``wait_ready`` needs of a zpar.Future (named so, this module does not import zpar.futures)."""
+
+    def _stream_state(self) -> StreamState: ...
+
+
+_F = TypeVar("_F", bound=_Streaming)
+
+
+def wait_ready(futures: Iterable[_F], timeout: float | None = None) -> list[_F]:
     """Block until one of ``futures`` is ``ready()``; the ready ones, or [] after ``timeout`` seconds."""
     futures = list(futures)
     states = [f._stream_state() for f in futures]
