@@ -111,14 +111,17 @@ class LocalCluster:
 
     def worker_pids(self, agent: subprocess.Popen[bytes] | None = None) -> list[int]:
         """The worker processes of one agent, or of all."""
+        return [w.pid for w in self._workers(agent)]
+
+    def _workers(self, agent: subprocess.Popen[bytes] | None = None) -> list[psutil.Process]:
         agents = [agent] if agent else self.agents
-        pids = []
+        workers: list[psutil.Process] = []
         for a in agents:
             try:
-                pids += [c.pid for c in psutil.Process(a.pid).children()]
+                workers += psutil.Process(a.pid).children()
             except psutil.NoSuchProcess:
                 pass
-        return pids
+        return workers
 
     # ------------------------------------------------------------------ queries
 
@@ -161,7 +164,7 @@ class LocalCluster:
         """Stop everything; returns the processes that had to be killed after ``timeout``."""
         for client in self._clients:
             client.close()
-        workers = [psutil.Process(pid) for pid in self.worker_pids()]
+        workers = self._workers()  # kept as Process objects: one that exits meanwhile is no error
         daemons = [p for p in [*self.agents, self.broker] if p is not None]
         stop_processes(daemons, timeout)
         _, alive = psutil.wait_procs(workers, timeout=timeout)
