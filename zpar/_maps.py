@@ -1,99 +1,273 @@
-"""The maps behind ``Client.map``, ``imap`` and ``imap_unordered``: lazy input, a bounded window."""
+"""The one mapping implementation: ``Client.map``/``imap``/``imap_unordered``, ``Executor.map``, ``Pool``'s maps.
+
+A map is a function over a stream of calls. ``plan`` turns the function and
+its items into ``Work``: one task per call, or, with a ``chunksize``, one task
+per list of calls (``_wrappers.Chunk``, cached per function by ``Wrappers``,
+as multiprocessing's ``mapstar``). ``Results`` submits that work through any
+``submit(fn, *args) -> Future`` and hands out the results::
+
+    items ──plan──▶ Work(task, calls) ──Results: submit a window ahead──▶ futures ──next()──▶ values
+                                                                          (chunks flattened)
+
+``MapOptions`` holds what differs between the callers: the order, the window
+(``None``: everything now, as ``Executor.map`` must), a deadline for the whole
+call and the error a timeout raises, and what an error or an early exit does
+(a generator's contract: the iteration ends and what is pending is cancelled;
+or multiprocessing's: ``next`` goes on past it).
+
+This module knows nothing of the Client: no import cycle, and a plain
+``concurrent.futures.Future`` is enough to test it.
+"""
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
+import dataclasses
 import itertools
 import queue
+import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn, Protocol
 
-from . import protocol as P
-from .futures import Future
-from .options import TaskOptions
+#: ``submit(fn, *args)``: start ``fn(*args)`` somewhere, return its future.
+Submit = Callable[..., cf.Future[Any]]
 
-if TYPE_CHECKING:
-    from .client import Client
+_END = object()
 
 
-def _task_stream(iterables: tuple[Iterable[Any], ...], chunksize: int | None) -> Iterator[tuple[Any, int]]:
-    args = zip(*iterables)
-    if not chunksize or chunksize <= 1:
-        return (((a, {}), 0) for a in args)
-    chunks = iter(lambda: list(itertools.islice(args, chunksize)), [])
-    return ((chunk, P.FLAG_CHUNK) for chunk in chunks)
+class Wrapping(Protocol):
+    """What a map submits for a function (``_wrappers.Wrappers``)."""
 
-def ordered(client: "Client", opts: TaskOptions, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
-            chunksize: int | None, timeout: float | None) -> Iterator[Any]:
-    """Submit a window ahead now; yield results in input order (Client.map)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    stream = _task_stream(iterables, chunksize)
-    pending: collections.deque[tuple[Future, int]] = collections.deque()
+    def call(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """What to submit for one call of ``fn``."""
 
-    def fill() -> None:
-        while len(pending) < client._window_size:
-            item = next(stream, None)
-            if item is None:
-                return
-            pending.append((client._submit(fn, item[0], item[1], opts), item[1]))
+    def chunk(self, fn: Callable[..., Any], star: bool) -> Callable[[list[Any]], list[Any]]:
+        """What to submit, with a list of items as its one argument, for a chunk of calls."""
 
-    fill()  # start now, as Executor.map does
 
-    def results() -> Iterator[Any]:
-        try:
-            while pending:
-                fut, flags = pending[0]
-                left = None if deadline is None else deadline - time.monotonic()
-                value = fut.result(left)
-                pending.popleft()
-                fill()
-                if flags & P.FLAG_CHUNK:
-                    yield from value
-                else:
-                    yield value
-        finally:
-            for fut, _ in pending:
-                fut.cancel()
+@dataclasses.dataclass(frozen=True, slots=True)
+class Work:
+    """``submit(task, *args)`` for each ``args`` of ``calls``; ``chunked``: each result is a list to flatten."""
 
-    return results()
+    task: Callable[..., Any]
+    calls: Iterator[Any]
+    chunked: bool
 
-def unordered(client: "Client", opts: TaskOptions, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
-              chunksize: int | None, timeout: float | None) -> Iterator[Any]:
-    """Submit a window ahead now; yield results as they complete (Client.imap_unordered)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    stream = _task_stream(iterables, chunksize)
-    done: queue.SimpleQueue[tuple[Future, int]] = queue.SimpleQueue()
-    pending: set[Future] = set()
 
-    def fill() -> None:
-        while len(pending) < client._window_size:
-            item = next(stream, None)
-            if item is None:
-                return
-            fut = client._submit(fn, item[0], item[1], opts)
-            pending.add(fut)
-            flags: int = item[1]
-            fut.add_done_callback(lambda f, flags=flags: done.put((f, flags)))  # type: ignore[misc]
+def plan(fn: Callable[..., Any], items: Iterable[Any], *, star: bool, chunksize: int | None,
+         wrappers: Wrapping) -> Work:
+    """``fn(x)`` for each item (``fn(*x)`` when ``star``), as tasks; the items are read lazily.
 
-    fill()
+    ``chunksize`` None: one call per task. A number: lists of that many calls
+    (the last shorter) as one task each, even lists of one (as ``Pool.map``).
+    """
+    if chunksize is None:
+        return Work(wrappers.call(fn), iter(items) if star else zip(items), False)
+    if chunksize < 1:  # lists of none would end the map at once, silently
+        raise ValueError(f"chunksize must be at least 1, not {chunksize}")
+    it = iter(items)
+    chunks = iter(lambda: list(itertools.islice(it, chunksize)), [])
+    return Work(wrappers.chunk(fn, star), zip(chunks), True)  # zip(): (chunk,), the task's one argument
 
-    def results() -> Iterator[Any]:
-        try:
-            while pending:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+
+def over(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], chunksize: int | None,
+         wrappers: Wrapping) -> Work:
+    """``fn`` over the zipped ``iterables``, as the stdlib's ``map``; a ``chunksize`` of 1 or less is no chunking."""
+    if len(iterables) == 1:
+        items, star = iterables[0], False  # no 1-tuple per item: chunks pickle smaller, Chunk calls fn(x)
+    else:
+        items, star = zip(*iterables, strict=False), True  # the shortest ends it, as map()
+    return plan(fn, items, star=star, chunksize=chunksize if chunksize and chunksize > 1 else None, wrappers=wrappers)
+
+
+def submit_all(submit: Submit, work: Work) -> list[cf.Future[Any]]:
+    """Every task of ``work`` submitted now; their futures in input order."""
+    task = work.task
+    return [submit(task, *args) for args in work.calls]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MapOptions:
+    """How ``Results`` submits and hands out.
+
+    ``ordered``: results in input order, else as they complete. ``window``:
+    the most tasks in flight, input read lazily; None submits every task at
+    once. ``timeout``: seconds from the call by which every result must be in
+    (``next(timeout)`` can also bound each wait); ``timeout_error``: the
+    exception either raises. ``errors_end``: a task's exception or a timeout
+    ends the iteration, as in a generator; else ``next`` goes on past it.
+    ``cancel_on_exit``: what is still pending is cancelled when the iteration
+    ends early (an error with ``errors_end``, ``close()``, or the iterator
+    being dropped). ``clock``: where the deadline is read (monotonic seconds).
+    """
+
+    ordered: bool = True
+    window: int | None = None
+    timeout: float | None = None
+    timeout_error: type[Exception] = TimeoutError
+    errors_end: bool = True
+    cancel_on_exit: bool = True
+    clock: Callable[[], float] = time.monotonic
+
+
+class Results:
+    """The results of a ``Work``, submitted through ``submit`` as ``options`` say; an iterator.
+
+    The first window (or every task) is submitted when it is made; each
+    result taken lets one more task go. Not thread-safe, except ``ready``:
+    one consumer at a time (Pool's iterator holds a lock).
+    """
+
+    _cancel, _count = False, 0  # for __del__ if __init__ failed early
+
+    def __init__(self, submit: Submit, work: Work, options: MapOptions) -> None:
+        # Everything set before the first submit: close() and __del__ may run on a half-made map.
+        self._submit, self._task, self._calls, self._chunked = submit, work.task, work.calls, work.chunked
+        self._ordered, self._errors_end, self._cancel = options.ordered, options.errors_end, options.cancel_on_exit
+        self._window = sys.maxsize if options.window is None else options.window
+        self._timeout, self._timeout_error = options.timeout, options.timeout_error
+        self._clock = options.clock
+        self._deadline = None if options.timeout is None else self._clock() + options.timeout
+        #: Values of a chunk already in, not handed out yet. ``popleft()`` is safe from any thread.
+        self.ready: collections.deque[Any] = collections.deque()
+        self._count = 0  # tasks submitted, not yet taken
+        self._more = True  # the input may have more
+        self._in_order: collections.deque[cf.Future[Any]] = collections.deque()  # ordered: pending, in order
+        self._flying: set[cf.Future[Any]] = set()  # unordered: pending
+        self._done: queue.SimpleQueue[cf.Future[Any]] = queue.SimpleQueue()  # unordered: as they complete
+        self._fill()
+
+    def __iter__(self) -> Results:
+        return self
+
+    def next(self, timeout: float | None = None) -> Any:
+        """The next result; StopIteration after the last.
+
+        Raises the task's exception in its place, and ``timeout_error`` if no
+        result is in within ``timeout`` seconds or by the map's deadline
+        (nothing is taken then). With ``errors_end`` either ends the iteration.
+        """
+        ready = self.ready
+        while True:
+            if ready:
                 try:
-                    fut, flags = done.get(timeout=left)
-                except queue.Empty:
-                    raise TimeoutError(f"{len(pending)} results not in within the timeout") from None
-                pending.discard(fut)
-                fill()
-                value = fut.result()
-                if flags & P.FLAG_CHUNK:
-                    yield from value
-                else:
-                    yield value
-        finally:
+                    return ready.popleft()
+                except IndexError:  # another thread took it (Pool's unlocked fast path)
+                    pass
+            if not self._count:
+                raise StopIteration
+            fut = self._take(timeout)
+            try:
+                value = fut.result()  # in order and without a timeout, the wait is here
+            except BaseException:
+                waiting = not fut.done()  # interrupted while it waited (KeyboardInterrupt): still pending
+                if waiting:
+                    self._put_back(fut)
+                if self._errors_end:
+                    self.close()
+                elif self._more and not waiting:
+                    self._fill(fut)
+                raise
+            if self._more:  # not once the input has ended (always, when every task went at once)
+                self._fill(fut)
+            if not self._chunked:
+                return value
+            ready.extend(value)
+
+    __next__ = next  # no call deeper per item
+
+    def close(self) -> None:
+        """Read no more input and let go of what is pending, cancelled if ``cancel_on_exit``."""
+        self._more = False
+        pending = [*self._in_order, *self._flying]
+        self._in_order.clear()
+        self._flying.clear()
+        self._count = 0
+        self.ready.clear()
+        if self._cancel:
             for fut in pending:
                 fut.cancel()
 
-    return results()
+    def __del__(self) -> None:
+        # A consumer that leaves a for loop early drops its iterator: as a generator's finally would.
+        if self._cancel and self._count:
+            self.close()
+
+    # ------------------------------------------------------------------ inside
+
+    def _fill(self, taken: cf.Future[Any] | None = None) -> None:
+        """Submit until the window is full or the input ends.
+
+        If reading the input or a submit fails, the map ends when it ends on
+        errors or had not started (``taken`` None: nothing of it should run);
+        else ``taken``, the future just taken, goes back: its result comes with
+        the next call instead of being lost.
+        """
+        submit, task = self._submit, self._task
+        try:
+            while self._more and self._count < self._window:
+                args: Any = next(self._calls, _END)
+                if args is _END:
+                    self._more = False  # never read an ended input again
+                    return
+                fut = submit(task, *args)
+                self._count += 1
+                if self._ordered:
+                    self._in_order.append(fut)
+                else:
+                    self._flying.add(fut)
+                    fut.add_done_callback(self._done.put)
+        except BaseException:
+            if self._errors_end or taken is None:
+                self.close()
+            else:
+                self._put_back(taken)
+            raise
+
+    def _put_back(self, taken: cf.Future[Any]) -> None:
+        self._count += 1
+        if self._ordered:
+            self._in_order.appendleft(taken)
+        else:
+            self._flying.add(taken)
+            self._done.put(taken)
+
+    def _take(self, timeout: float | None) -> cf.Future[Any]:
+        """The next future, taken off what is pending: done, or, in order without a timeout, to wait for.
+
+        Nothing is taken if it times out.
+        """
+        wait = timeout
+        if self._deadline is not None:
+            left = max(0.0, self._deadline - self._clock())
+            wait = left if timeout is None else min(left, timeout)
+        if self._ordered:
+            fut = self._in_order[0]
+            if wait is not None and not fut.done():  # result() could not tell its timeout from the task's
+                try:
+                    fut.exception(wait)  # waits; only the wait raises TimeoutError here
+                except cf.CancelledError:
+                    pass
+                except cf.TimeoutError:
+                    self._timed_out(timeout)
+            self._in_order.popleft()
+        else:
+            try:
+                fut = self._done.get(timeout=wait)
+            except queue.Empty:
+                self._timed_out(timeout)
+            self._flying.discard(fut)
+        self._count -= 1
+        return fut
+
+    def _timed_out(self, timeout: float | None) -> NoReturn:
+        late = self._count
+        if timeout is None or (self._deadline is not None and self._clock() >= self._deadline):
+            message = f"{late} results not in within {self._timeout:g} s of the map call"
+        else:
+            message = f"no result within {timeout:g} s"
+        if self._errors_end:
+            self.close()
+        raise self._timeout_error(message)

@@ -6,6 +6,7 @@ besides the user's function itself:
 - ``Call``: the function, after its pool's initializer;
 - ``Chunk``: many calls of the function as one task, ``list(map(fn, items))``
   or ``list(starmap(fn, items))``, as multiprocessing's ``mapstar`` does.
+  Every map chunks this way, ``Client.map`` too (``_maps.plan``).
 
 Workers are shared: on a cluster one worker process runs the tasks of many
 pools, one after another. A pool's initializer must run once in each worker
@@ -31,17 +32,19 @@ import itertools
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
-    from .client import Client
     from .futures import Future
 
 #: In a worker process: (pool token, id of the initializer's globals) of the initializers that ran in it.
 #: Module state on purpose: it is what "once per process" means. The globals stay alive (the
 #: worker caches every function it loads), so their ids are not reused.
 _initialised: set[tuple[str, int]] = set()
+
+
+_W = TypeVar("_W", bound=Callable[..., Any])
 
 
 class Initializer:
@@ -119,13 +122,13 @@ class Wrappers:
         """What to submit, with a list of items as its one argument, for a chunk of calls."""
         return self._get(fn, 2 if star else 1, lambda: Chunk(fn, star, self.init))
 
-    def _get(self, fn: Callable[..., Any], kind: int, make: Callable[[], Any]) -> Any:
+    def _get(self, fn: Callable[..., Any], kind: int, make: Callable[[], _W]) -> _W:
         key = (id(fn), kind)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[0] is fn:  # holding fn keeps its id from being reused
                 self._cache.move_to_end(key)
-                return hit[1]
+                return cast("_W", hit[1])  # made by the same make() for this kind
             wrapper = make()
             self._cache[key] = (fn, wrapper)
             if len(self._cache) > self._size:
@@ -152,10 +155,14 @@ def client_options(address: str | None, workers: int | None, max_tasks: int | No
     return kwargs
 
 
-def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """``items`` in lists of ``size`` (the last one shorter), read lazily."""
-    it = iter(items)
-    return iter(lambda: list(itertools.islice(it, size)), [])
+class ClientLike(Protocol):
+    """What ``Outstanding`` submits through: a ``Client`` (typed here so that this module need not import it)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)``; its future."""
+
+    def cancel(self, futures: Iterable[concurrent.futures.Future[Any]], *, force: bool = False) -> int:
+        """Cancel ``futures``; how many were."""
 
 
 class Outstanding:
@@ -167,7 +174,7 @@ class Outstanding:
     (on the client's I/O thread) may submit more.
     """
 
-    def __init__(self, client: Client, closed_error: Callable[[], Exception]) -> None:
+    def __init__(self, client: ClientLike, closed_error: Callable[[], Exception]) -> None:
         self.client = client
         self.futures: set[Future] = set()
         self._closed_error = closed_error

@@ -27,10 +27,11 @@ import zmq
 from . import aio, security, serialize
 from . import protocol as P
 from ._connection import Connection, PendingTask
+from ._embedded import EmbeddedCluster
+from ._maps import MapOptions, Results, over
+from ._wrappers import Wrappers
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
-from ._embedded import EmbeddedCluster
-from ._maps import ordered, unordered
 from .options import TaskOptions
 from .streaming import FeedOp
 
@@ -94,14 +95,16 @@ class _Submitter:
         ``timeout`` seconds after the call, and the task's own exception if
         one raised. Leaving the loop early cancels what is still pending.
         """
-        return ordered(self._client, self._opts, fn, iterables, chunksize, timeout)
+        work = over(fn, iterables, chunksize, Wrappers(None))  # chunks: one Chunk of fn, pickled once per call
+        return Results(self.submit, work, MapOptions(window=self._client.window, timeout=timeout))
 
     imap = map
 
     def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any],
                        chunksize: int | None = None, timeout: float | None = None) -> Iterator[Any]:
         """Like ``map``, but yields each result as soon as it is in."""
-        return unordered(self._client, self._opts, fn, iterables, chunksize, timeout)
+        work = over(fn, iterables, chunksize, Wrappers(None))
+        return Results(self.submit, work, MapOptions(ordered=False, window=self._client.window, timeout=timeout))
 
 
 class _Options(_Submitter):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._wrappers import Outstanding, Wrappers, chunks, client_options
+from ._maps import MapOptions, Results, over
+from ._wrappers import Outstanding, Wrappers, client_options
 from .client import Client
 from .errors import BrokenCluster, BrokerUnavailable, ConfigError
 from .futures import Future
@@ -93,16 +93,8 @@ class Executor(concurrent.futures.Executor):
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        end = None if timeout is None else time.monotonic() + timeout
-        if chunksize == 1:
-            call = self._calls.call(fn)  # once, not per item
-            futures = [self._tasks.submit(call, *args) for args in zip(*iterables, strict=False)]
-        else:
-            star = len(iterables) != 1
-            task = self._calls.chunk(fn, star)
-            items = zip(*iterables, strict=False) if star else iterables[0]
-            futures = [self._tasks.submit(task, chunk) for chunk in chunks(items, chunksize)]
-        return _results(futures, end, chunked=chunksize > 1)
+        # Eager, as the stdlib's: every task is in before map returns, and shutdown waits for them all.
+        return Results(self._tasks.submit, over(fn, iterables, chunksize, self._calls), MapOptions(timeout=timeout))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more tasks; close the client (and stop the private cluster) once every task is done.
@@ -130,22 +122,3 @@ class Executor(concurrent.futures.Executor):
         state = "shut down" if self._tasks.closed else f"{len(self._tasks.futures)} pending"
         return f"<zpar.Executor on {self._client!r}, {state}>"
 
-
-def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterator[Any]:
-    """The results of ``futures`` in order, each within the deadline ``end``; cancels the rest on exit."""
-    futures.reverse()  # pop() from the end: each future is let go once its result is out
-    try:
-        while futures:
-            fut = futures.pop()
-            try:
-                value = fut.result(None if end is None else end - time.monotonic())
-            except BaseException:
-                fut.cancel()
-                raise
-            if chunked:
-                yield from value
-            else:
-                yield value
-    finally:
-        for fut in futures:
-            fut.cancel()

@@ -14,23 +14,21 @@ State, as multiprocessing's::
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import enum
 import itertools
 import logging
 import multiprocessing
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Self
 
-from ._wrappers import Outstanding, Wrappers, chunks, client_options
+from ._maps import MapOptions, Results, plan, submit_all
+from ._wrappers import Outstanding, Wrappers, client_options
 from .client import Client
 from .config import usable_cores
 from .errors import ConfigError, ResultTimeout
-from .futures import Future
 
 #: ``from zpar.pool import Pool, TimeoutError`` for ``from multiprocessing import Pool, TimeoutError``:
 #: ``get(timeout)`` raises ResultTimeout, a subclass of it.
@@ -107,12 +105,14 @@ class Pool:
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None) -> list[Any]:
         """``[func(x) for x in iterable]``, run in chunks on the workers."""
-        return self._map_async(func, iterable, False, chunksize, None, None).get()
+        values: list[Any] = self._map_async(func, iterable, False, chunksize, None, None).get()
+        return values
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                 chunksize: int | None = None) -> list[Any]:
         """``[func(*args) for args in iterable]``, run in chunks on the workers."""
-        return self._map_async(func, iterable, True, chunksize, None, None).get()
+        values: list[Any] = self._map_async(func, iterable, True, chunksize, None, None).get()
+        return values
 
     # ------------------------------------------------------------------ asynchronous
 
@@ -147,9 +147,9 @@ class Pool:
                 chunksize += 1
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
-        task = self._calls.chunk(func, star)
-        futures = [self._tasks.submit(task, chunk) for chunk in chunks(items, max(1, chunksize))]
-        return _result(futures, True, callback, error_callback)
+        # Always chunks, even of one item, as multiprocessing's mapstar: AsyncResult flattens them.
+        work = plan(func, items, star=star, chunksize=max(1, chunksize), wrappers=self._calls)
+        return _result(submit_all(self._tasks.submit, work), True, callback, error_callback)
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
         """``func`` over ``iterable``, results in order as they come; ``next(timeout)`` as multiprocessing's."""
@@ -165,8 +165,11 @@ class Pool:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        return IMapIterator(self._tasks, self._calls.chunk(func, False), chunks(iterable, chunksize),
-                            self._client.window, ordered)
+        work = plan(func, iterable, star=False, chunksize=chunksize if chunksize > 1 else None, wrappers=self._calls)
+        # multiprocessing's contract: next() goes on past an error or a timeout; tasks are not cancelled.
+        options = MapOptions(ordered=ordered, window=self._client.window, timeout_error=ResultTimeout,
+                             errors_end=False, cancel_on_exit=False)
+        return IMapIterator(Results(self._tasks.submit, work, options))
 
     # ------------------------------------------------------------------ lifetime
 
@@ -218,7 +221,7 @@ class AsyncResult:
     caller's thread collects the results.
     """
 
-    def __init__(self, futures: list[Future], chunked: bool) -> None:
+    def __init__(self, futures: list[concurrent.futures.Future[Any]], chunked: bool) -> None:
         self._futures, self._chunked = futures, chunked
 
     def _wait_all(self, timeout: float | None) -> bool:
@@ -272,8 +275,8 @@ class _CallbackResult(AsyncResult):
     as in multiprocessing, where ``get()`` returns after it.
     """
 
-    def __init__(self, futures: list[Future], chunked: bool, callback: Callable[[Any], Any] | None,
-                 error_callback: Callable[[BaseException], Any] | None) -> None:
+    def __init__(self, futures: list[concurrent.futures.Future[Any]], chunked: bool,
+                 callback: Callable[[Any], Any] | None, error_callback: Callable[[BaseException], Any] | None) -> None:
         super().__init__([], chunked)
         self._callback, self._error_callback = callback, error_callback
         self._event = threading.Event()
@@ -287,7 +290,7 @@ class _CallbackResult(AsyncResult):
         for i, fut in enumerate(futures):
             fut.add_done_callback(lambda f, i=i: self._done(i, f))  # type: ignore[misc]
 
-    def _done(self, i: int, fut: concurrent.futures.Future) -> None:
+    def _done(self, i: int, fut: concurrent.futures.Future[Any]) -> None:
         try:
             exc = fut.exception()
         except concurrent.futures.CancelledError as cancelled:
@@ -335,7 +338,7 @@ class _CallbackResult(AsyncResult):
         return self._value
 
 
-def _result(futures: list[Future], chunked: bool, callback: Callable[[Any], Any] | None,
+def _result(futures: list[concurrent.futures.Future[Any]], chunked: bool, callback: Callable[[Any], Any] | None,
             error_callback: Callable[[BaseException], Any] | None) -> AsyncResult:
     if callback is None and error_callback is None:
         return AsyncResult(futures, chunked)
@@ -345,67 +348,29 @@ def _result(futures: list[Future], chunked: bool, callback: Callable[[Any], Any]
 class IMapIterator:
     """The iterator of ``imap`` and ``imap_unordered``: ``next(timeout)`` as multiprocessing's.
 
-    Keeps up to ``window`` chunks in flight, submitting more as results come
-    in. A task's exception is raised by ``next`` in its place; iteration can
-    go on past it.
+    Keeps up to the client's window of tasks in flight, submitting more as
+    results come in. A task's exception is raised by ``next`` in its place,
+    and a timeout raises ResultTimeout; iteration can go on past either.
+    Several threads may read it.
     """
 
-    def __init__(self, tasks: Outstanding, chunk: Callable[[list[Any]], list[Any]], stream: Iterator[list[Any]],
-                 window: int, ordered: bool) -> None:
-        self._tasks, self._chunk, self._stream = tasks, chunk, stream
-        self._window, self._ordered = window, ordered
+    def __init__(self, results: Results) -> None:
+        self._results = results
+        self._ready = results.ready
         self._lock = threading.Lock()
-        self._pending: collections.deque[Future] = collections.deque()  # ordered: in input order
-        self._finished: queue.SimpleQueue[Future] = queue.SimpleQueue()  # unordered: as they complete
-        self._in_flight = 0
-        self._ready: collections.deque[Any] = collections.deque()  # values of a chunk, not yet handed out
-        self._fill()
-
-    def _fill(self) -> None:
-        while self._in_flight < self._window:
-            chunk = next(self._stream, None)
-            if chunk is None:
-                return
-            fut = self._tasks.submit(self._chunk, chunk)
-            self._in_flight += 1
-            if self._ordered:
-                self._pending.append(fut)
-            else:
-                fut.add_done_callback(self._finished.put)  # type: ignore[arg-type]
 
     def __iter__(self) -> IMapIterator:
         return self
 
     def __next__(self) -> Any:
-        try:
-            return self._ready.popleft()  # the fast path: the rest of a chunk already in
-        except IndexError:
-            return self.next()
+        if self._ready:  # the fast path, without the lock: the rest of a chunk already in
+            try:
+                return self._ready.popleft()
+            except IndexError:  # another thread took it
+                pass
+        return self.next()
 
     def next(self, timeout: float | None = None) -> Any:
         """The next result; ResultTimeout (a multiprocessing.TimeoutError) if none within ``timeout``."""
         with self._lock:
-            while True:
-                try:
-                    return self._ready.popleft()
-                except IndexError:  # (another thread may have taken what was there)
-                    pass
-                if not self._in_flight:
-                    raise StopIteration
-                fut = self._wait(timeout)
-                self._in_flight -= 1
-                self._fill()
-                self._ready.extend(fut.result())  # raises the task's exception (or CancelledError)
-
-    def _wait(self, timeout: float | None) -> Future:
-        """The next finished chunk's future, taken off; nothing is taken if it times out."""
-        if self._ordered:
-            head = self._pending[0]
-            if head.done() or concurrent.futures.wait([head], timeout).done:  # done(): cancelled ones too
-                return self._pending.popleft()
-        else:
-            try:
-                return self._finished.get(timeout=timeout)
-            except queue.Empty:
-                pass
-        raise ResultTimeout(f"no result within {timeout:g} s")
+            return self._results.next(timeout)
