@@ -49,7 +49,6 @@ import concurrent.futures
 import itertools
 import os
 import pickle
-import re
 import signal
 import sys
 import threading
@@ -110,9 +109,6 @@ def _bootstrap(channel: Channel, blob: bytes) -> int:
         sys.stderr.flush()
         raise
     return 0
-
-
-_LOST = re.compile(r"(?:killed by (SIG[A-Z0-9]+)|exited with code (-?\d+))")
 
 
 class Process:
@@ -252,7 +248,7 @@ class Process:
             elif isinstance(exc, TaskTimeout):
                 code = -signal.SIGTERM
             elif isinstance(exc, WorkerLost):
-                code = _lost_code(str(exc))
+                code = _lost_code(exc)
             else:
                 self.exception = exc
                 code = 1
@@ -277,17 +273,13 @@ class Process:
         return f"<{type(self).__name__} name={self._name!r} pid={self._pid} {status}{daemon}>"
 
 
-def _lost_code(reason: str) -> int:
-    """``-N`` for a worker killed by signal N, its exit code, or 1."""
-    match = _LOST.search(reason)
-    if match is None:
-        return 1
-    if match.group(1):
-        try:
-            return -int(signal.Signals[match.group(1)])
-        except KeyError:
-            return 1
-    return int(match.group(2))
+def _lost_code(exc: WorkerLost) -> int:
+    """``-N`` for a worker killed by signal N, its exit code, or 1 (a node lost, say)."""
+    if exc.signal is not None:
+        return -exc.signal
+    if exc.exitcode is not None:
+        return exc.exitcode
+    return 1
 
 
 @atexit.register
