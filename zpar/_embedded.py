@@ -16,12 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
 
-def spawn_daemon(args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn_daemon(args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``python -m ...`` as a daemon child in its own process group."""
     return subprocess.Popen(
         [sys.executable, "-m", *args],
@@ -46,7 +46,7 @@ def _inherited_path_env() -> dict[str, str]:
     return env
 
 
-def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 5.0) -> None:
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
     """SIGTERM each, wait up to ``timeout`` in all, then SIGKILL what is left."""
     for proc in procs:
         if proc.poll() is None:
@@ -80,7 +80,7 @@ class EmbeddedCluster:
             args += ["--workers", str(workers)]
         if max_tasks_per_worker:
             args += ["--max-tasks-per-worker", str(max_tasks_per_worker)]
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
         try:
             self.procs.append(spawn_daemon(args, env=_inherited_path_env()))
         except BaseException:

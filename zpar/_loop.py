@@ -12,7 +12,8 @@ import logging
 import signal
 import socket
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import zmq
 
@@ -59,8 +60,8 @@ class Reader:
     is gone. A handler that raises is logged and the message dropped.
     """
 
-    def __init__(self, sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], Any] | None, log: logging.Logger, *,
-                 max_frames: int = P.MAX_FRAMES + 2, on_error: Callable[[], None] | None = None,
+    def __init__(self, sock: zmq.Socket[bytes], handler: Callable[[list[zmq.Frame]], Any] | None,
+                 log: logging.Logger, *, max_frames: int = P.MAX_FRAMES + 2, on_error: Callable[[], None] | None = None,
                  on_oversized: Callable[[], None] | None = None) -> None:
         self.sock, self.handler, self.log, self.max_frames = sock, handler, log, max_frames
         self.on_error, self.on_oversized = on_error, on_oversized
@@ -138,7 +139,8 @@ def run_loop(parts: list[LoopPart], poller: zmq.Poller, waker: Waker) -> None:
             for part in parts:
                 part.handle(events)
             now = time.monotonic()
-            if any([part.on_timers(now) for part in parts]):  # a list: every part's timers fire
+            stops = [part.on_timers(now) for part in parts]  # every part's timers fire, whoever asks to stop
+            if any(stops):
                 return
     finally:
         for part in parts:

@@ -17,12 +17,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import AsyncIterator, Iterable
+from typing import TypeVar
 
 __all__ = ["as_completed_async"]
 
+T = TypeVar("T")
 
-async def as_completed_async(futures: Iterable[concurrent.futures.Future], timeout: float | None = None,
-                             ) -> AsyncIterator[concurrent.futures.Future]:
+
+async def as_completed_async(
+    futures: Iterable[concurrent.futures.Future[T]],
+    timeout: float | None = None,  # noqa: ASYNC109 - concurrent.futures.as_completed's signature
+) -> AsyncIterator[concurrent.futures.Future[T]]:
     """Yield each of ``futures`` once it is done (result, exception or cancelled), in that order.
 
     Any ``concurrent.futures.Future`` works, zpar's or not; duplicates are
@@ -35,9 +40,9 @@ async def as_completed_async(futures: Iterable[concurrent.futures.Future], timeo
     if not fs:
         return
     loop = asyncio.get_running_loop()
-    done: asyncio.Queue[concurrent.futures.Future] = asyncio.Queue()
+    done: asyncio.Queue[concurrent.futures.Future[T]] = asyncio.Queue()
 
-    def on_done(fut: concurrent.futures.Future) -> None:  # on whichever thread completed it
+    def on_done(fut: concurrent.futures.Future[T]) -> None:  # on whichever thread completed it
         try:
             loop.call_soon_threadsafe(done.put_nowait, fut)
         except RuntimeError:  # the loop was closed: nobody is iterating any more

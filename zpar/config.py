@@ -13,8 +13,9 @@ import ipaddress
 import os
 import tomllib
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .protocol import MAX_MESSAGE_SIZE

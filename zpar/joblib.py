@@ -38,8 +38,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import joblib  # type: ignore[import-untyped]
-from joblib._parallel_backends import (  # type: ignore[import-untyped]  # no public base for backends
+import joblib
+from joblib._parallel_backends import (  # no public base for backends
     AutoBatchingMixin,
     FallbackToBackend,
     ParallelBackendBase,
@@ -58,6 +58,11 @@ WORKERS_TIMEOUT = 30.0
 #: How long a worker count read from the broker is trusted.
 _STATUS_TTL = 1.0
 
+#: A batch on the cluster: its result is the list of the batch's results.
+_Batch = concurrent.futures.Future[list[Any]]
+#: joblib's completion callback, given the batch's future.
+_Callback = Callable[[_Batch], object]
+
 
 def register() -> None:
     """Register ``ZparBackend`` with joblib as ``"zpar"`` (done on import of ``zpar.joblib``)."""
@@ -69,8 +74,7 @@ def _run_batch(batch: Callable[[], list[Any]]) -> list[Any]:
     return batch()
 
 
-def _discard(pending: set[concurrent.futures.Future], lock: threading.Lock,
-             future: concurrent.futures.Future) -> None:
+def _discard(pending: set[_Batch], lock: threading.Lock, future: _Batch) -> None:
     with lock:
         pending.discard(future)
 
@@ -81,7 +85,7 @@ def _in_zpar_worker() -> bool:
     return getattr(spec, "name", None) == "zpar.agent.worker"
 
 
-def _run_callbacks(jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], concurrent.futures.Future] | None]) -> None:
+def _run_callbacks(jobs: queue.SimpleQueue[tuple[_Callback, _Batch] | None]) -> None:
     while (job := jobs.get()) is not None:
         callback, future = job
         try:
@@ -101,13 +105,12 @@ class _Completions:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], concurrent.futures.Future] | None] = \
-            queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[_Callback, _Batch] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=_run_callbacks, args=(self._jobs,), name="zpar-joblib-callbacks",
                                         daemon=True)  # holds no reference to the backend, so it can be collected
         self._thread.start()
 
-    def watch(self, future: concurrent.futures.Future, callback: Callable[[Any], Any]) -> None:
+    def watch(self, future: _Batch, callback: _Callback) -> None:
         jobs = self._jobs
         future.add_done_callback(lambda f: jobs.put((callback, f)))
 
@@ -151,21 +154,22 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
         self._client = client
         self._client_lock = threading.Lock()
         self._worker_count, self._counted_at = 0, -_STATUS_TTL
-        self._pending: set[concurrent.futures.Future] = set()  # submitted and not done, for abort_everything
+        self._pending: set[_Batch] = set()  # submitted and not done, for abort_everything
         self._pending_lock = threading.Lock()
         self._completions: _Completions | None = None
-        self._parallel_ref: weakref.ref[Any] | None = None
-        self._closer: weakref.finalize | None = None
+        self._parallel_ref: weakref.ref[joblib.Parallel] | None = None
+        self._closer: weakref.finalize[[], ZparBackend] | None = None
 
     # joblib sets and reads ``backend.parallel``. Held weakly: a Parallel holds
     # its backend, and the cycle would keep an embedded cluster alive until the
     # garbage collector ran, rather than until the backend is dropped.
-    @property
-    def parallel(self) -> Any:
+    # (joblib's own configure() stores None here; joblib-stubs declare it never None.)
+    @property  # type: ignore[override]
+    def parallel(self) -> joblib.Parallel | None:
         return None if self._parallel_ref is None else self._parallel_ref()
 
     @parallel.setter
-    def parallel(self, parallel: Any) -> None:
+    def parallel(self, parallel: joblib.Parallel | None) -> None:
         self._parallel_ref = None if parallel is None else weakref.ref(parallel)
 
     # ------------------------------------------------------------------ the cluster
@@ -231,14 +235,14 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
         self._counted_at = -_STATUS_TTL  # a fresh worker count for each call
         return self.effective_n_jobs(n_jobs)
 
-    def submit(self, func: Callable[[], Any], callback: Callable[[Any], Any] | None = None) -> Any:
+    def submit(self, func: Callable[[], Any], callback: _Callback | None = None) -> _Batch:
         """Run a batch on the cluster; ``callback(future)`` runs on the callbacks thread once it is done.
 
         A batch that cannot be submitted (it does not pickle, say) comes back
         as a failed future, so joblib raises its error in the caller's thread.
         """
         try:
-            future: concurrent.futures.Future = self.client.submit(_run_batch, func)
+            future: _Batch = self.client.submit(_run_batch, func)
         except Exception as exc:  # noqa: BLE001  (any error: joblib raises it in the caller's thread)
             future = concurrent.futures.Future()
             future.set_exception(exc)
@@ -254,15 +258,16 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
             self._completions.watch(future, callback)
         return future
 
-    def apply_async(self, func: Callable[[], Any], callback: Callable[[Any], Any] | None = None) -> Any:
+    def apply_async(self, func: Callable[[], Any], callback: _Callback | None = None) -> _Batch:
         """joblib < 1.5 calls this; joblib >= 1.5 calls ``submit``."""
         return self.submit(func, callback)
 
-    def retrieve_result_callback(self, out: concurrent.futures.Future) -> Any:
+    # joblib hands back what our submit() returned; the stubs' base also takes a pool's AsyncResult.
+    def retrieve_result_callback(self, out: _Batch) -> list[Any]:  # type: ignore[override]
         """The batch's results, or its task's exception raised as itself."""
         return out.result()
 
-    def retrieve_result(self, out: concurrent.futures.Future, timeout: float | None = None) -> Any:
+    def retrieve_result(self, out: _Batch, timeout: float | None = None) -> list[Any]:  # type: ignore[override]
         return out.result(timeout)
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
@@ -283,7 +288,7 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
             self._completions = None
         self.reset_batch_stats()
 
-    def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
+    def get_nested_backend(self) -> tuple[SequentialBackend, int | None]:
         """Parallel calls inside a task run sequentially in its worker."""
         return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
 

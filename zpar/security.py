@@ -196,7 +196,7 @@ def broker_credentials(*, secret: str | bytes | None = None, secret_file: str | 
                               "collector": agents})
 
 
-def apply_client(sock: zmq.Socket, creds: Credentials | None) -> None:
+def apply_client(sock: zmq.Socket[bytes], creds: Credentials | None) -> None:
     """Make ``sock`` a CurveZMQ client of the broker (before it connects)."""
     if creds is None:
         return
@@ -206,7 +206,7 @@ def apply_client(sock: zmq.Socket, creds: Credentials | None) -> None:
     sock.curve_serverkey = creds.broker.public
 
 
-def apply_server(sock: zmq.Socket, creds: Credentials | None, name: str) -> None:
+def apply_server(sock: zmq.Socket[bytes], creds: Credentials | None, name: str) -> None:
     """Make ``sock`` a CurveZMQ server that our ZAP handler must approve (before it binds).
 
     ``name`` (frontend, backend, collector) rides in the ZAP domain so the
@@ -344,11 +344,12 @@ class HandshakeMonitor:
     returns the reason of the last failed handshake, or None.
     """
 
-    def __init__(self, sock: zmq.Socket, address: str, creds: Credentials | None) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], address: str, creds: Credentials | None) -> None:
         self.address, self.creds = address, creds
         self._watched = sock
         # A unique endpoint: pyzmq's default is named after the fd, which a later socket may reuse.
-        self.socket: zmq.Socket = sock.get_monitor_socket(_HANDSHAKE_EVENTS, f"inproc://zpar-monitor-{os.urandom(8).hex()}")
+        self.socket: zmq.Socket[bytes] = sock.get_monitor_socket(
+            _HANDSHAKE_EVENTS, f"inproc://zpar-monitor-{os.urandom(8).hex()}")
         self.succeeded = 0
         self.failed = 0
 

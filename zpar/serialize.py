@@ -13,7 +13,8 @@ import hashlib
 import pickle
 import struct
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import cloudpickle
 
@@ -77,7 +78,7 @@ def _lift(obj: Any, depth: int = 2, max_items: int = 1 << 62) -> Any:
         return _LargeBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
     if depth and (t is tuple or t is list) and len(obj) <= max_items:
         lifted = [_lift(x, depth - 1, max_items) for x in obj]
-        if any(a is not b for a, b in zip(lifted, obj)):
+        if any(a is not b for a, b in zip(lifted, obj, strict=True)):
             return t(lifted)
     elif depth and t is dict and len(obj) <= max_items:
         lifted_d = {k: _lift(v, depth - 1, max_items) for k, v in obj.items()}
@@ -125,7 +126,7 @@ def _dumps(obj: Any, what: Label) -> list[Any]:
             # by reference to the producer's script, or to a module the user asked cloudpickle to
             # ship by value: workers may not be able to import either
             raise pickle.PicklingError("refers to __main__ or to a module pickled by value")
-    except Exception:
+    except Exception:  # noqa: BLE001 - pickle fails in many types (TypeError, AttributeError...): cloudpickle's turn
         buffers.clear()
         try:
             head = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_large)
@@ -252,7 +253,7 @@ def dump_exception(exc: BaseException, host: str, pid: int) -> list[Any]:
         frames = dumps((exc, tb, host, pid), what="exception")
         pickle.loads(frames[0], buffers=frames[1:])  # some pickle but do not unpickle
         return frames
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever the round trip raised, a stand-in travels instead
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         stand_in = TaskError(f"{name}: {exc}", name, tb)
         return dumps((stand_in, tb, host, pid), what="exception")
@@ -260,11 +261,12 @@ def dump_exception(exc: BaseException, host: str, pid: int) -> list[Any]:
 
 def load_exception(frames: Sequence[Any]) -> BaseException:
     """The exception a task raised, with ``remote_traceback``, ``host`` and ``pid`` set."""
-    exc, tb, host, pid = loads(frames, what="exception")
+    loaded: tuple[BaseException, str, str, int] = loads(frames, what="exception")  # as dump_exception made it
+    exc, tb, host, pid = loaded
     exc.__cause__ = RemoteTraceback(tb)
     for name, value in (("remote_traceback", tb), ("host", host), ("pid", pid)):
         try:
             setattr(exc, name, value)
-        except Exception:  # some exception types refuse new attributes
+        except Exception:  # noqa: BLE001, S110 - some exception types refuse new attributes
             pass
     return exc

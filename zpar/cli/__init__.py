@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Optional
 
 import typer
@@ -48,7 +49,7 @@ def _setup_logging(level: str) -> None:
                         stream=sys.stderr)
 
 
-def _load(cls, flags: dict, config_file: Optional[str]):
+def _load(cls: type[cfg.C], flags: dict[str, object], config_file: str | None) -> cfg.C:
     try:
         return cfg.load(cls, flags, os.environ, config_file)
     except ConfigError as exc:
@@ -57,12 +58,16 @@ def _load(cls, flags: dict, config_file: Optional[str]):
 
 
 def broker(
-    frontend: Optional[str] = typer.Option(None, help=f"Address for producers [default: {cfg.DEFAULT_FRONTEND}; env ZPAR_FRONTEND]."),
-    backend: Optional[str] = typer.Option(None, help=f"Address for agents [default: {cfg.DEFAULT_BACKEND}; env ZPAR_BACKEND]."),
-    collector: Optional[str] = typer.Option(None, help=f"Address for results [default: {cfg.DEFAULT_COLLECTOR}; env ZPAR_COLLECTOR]."),
+    frontend: Optional[str] = typer.Option(
+        None, help=f"Address for producers [default: {cfg.DEFAULT_FRONTEND}; env ZPAR_FRONTEND]."),
+    backend: Optional[str] = typer.Option(
+        None, help=f"Address for agents [default: {cfg.DEFAULT_BACKEND}; env ZPAR_BACKEND]."),
+    collector: Optional[str] = typer.Option(
+        None, help=f"Address for results [default: {cfg.DEFAULT_COLLECTOR}; env ZPAR_COLLECTOR]."),
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
-    insecure: Optional[bool] = typer.Option(None, "--insecure", help="Allow binding beyond loopback with no authentication."),
+    insecure: Optional[bool] = typer.Option(
+        None, "--insecure", help="Allow binding beyond loopback with no authentication."),
     secret: Optional[str] = _SECRET,
     secret_file: Optional[str] = _SECRET_FILE,
     key_file: Optional[str] = _KEY_FILE,
@@ -96,8 +101,10 @@ def broker(
 
 
 def agent(
-    broker: Optional[str] = typer.Option(None, help=f"The broker's backend address [default: {cfg.DEFAULT_BACKEND}; env ZPAR_BROKER]."),
-    workers: Optional[int] = typer.Option(None, help="Worker processes [default: one per usable core; env ZPAR_WORKERS]."),
+    broker: Optional[str] = typer.Option(
+        None, help=f"The broker's backend address [default: {cfg.DEFAULT_BACKEND}; env ZPAR_BROKER]."),
+    workers: Optional[int] = typer.Option(
+        None, help="Worker processes [default: one per usable core; env ZPAR_WORKERS]."),
     name: Optional[str] = typer.Option(None, help="Node name shown in status [default: host:pid]."),
     max_tasks_per_worker: Optional[int] = typer.Option(
         None, help="Recycle a worker after this many tasks [default: 0, never; env ZPAR_MAX_TASKS_PER_WORKER]."),
@@ -205,7 +212,7 @@ app.command("broker")(broker)
 app.command("agent")(agent)
 
 
-def _single(command) -> typer.Typer:
+def _single(command: Callable[..., None]) -> typer.Typer:
     one = typer.Typer(add_completion=False, rich_markup_mode=None)
     one.command()(command)
     return one

@@ -49,12 +49,12 @@ from collections.abc import Callable
 from typing import Any, Self
 
 from .. import __version__ as _zpar_version
-from ._call import CallCache, pack
-from ._job import DestroyedServerError, Job, Statistics
-from ._nodes import REFRESH_INTERVAL, Node, NodeState, broker_address, least_loaded
 from ..client import Client
 from ..config import usable_cores
 from ..errors import BrokerUnavailable, ConfigError
+from ._call import CallCache, pack
+from ._job import DestroyedServerError, Job, Statistics
+from ._nodes import REFRESH_INTERVAL, Node, NodeState, broker_address, least_loaded
 
 __all__ = ["DestroyedServerError", "Job", "Server", "Statistics", "Template", "version"]
 
@@ -215,7 +215,7 @@ class Server:
                         break
                     self._cond.wait()
             for node in drained:
-                assert node.client is not None
+                assert node.client is not None  # noqa: S101 - only local nodes retire, and they have a client
                 node.client.close()
                 log.info("a replaced local cluster finished its jobs and stopped")
             for job, node in work:
@@ -236,7 +236,7 @@ class Server:
 
     def _send(self, job: Job, node: Node) -> None:
         call, frames = job.call, job.frames
-        assert node.client is not None and call is not None  # only destroy() settles a queued job
+        assert node.client is not None and call is not None  # noqa: S101 - only destroy() settles a queued job
         job.sent = time.monotonic()
         try:
             future = node.client.submit(call, *frames)
@@ -249,7 +249,7 @@ class Server:
             return
         future.add_done_callback(functools.partial(self._on_done, job, node))
 
-    def _on_done(self, job: Job, node: Node, future: concurrent.futures.Future) -> None:
+    def _on_done(self, job: Job, node: Node, future: concurrent.futures.Future[tuple[Any, str, float]]) -> None:
         """Runs in the client's I/O thread: record, requeue a job lost with its broker, settle the rest."""
         try:
             if future.cancelled():  # only destroy() cancels (a retiring node is closed once empty)
@@ -291,7 +291,7 @@ class Server:
         Other failures (a bad secret, refused credentials) go to ``errors`` if
         given (the constructor raises them), else they are logged once.
         """
-        assert node.address is not None
+        assert node.address is not None  # noqa: S101 - only remote nodes connect
         try:
             client = Client(node.address, secret=self._secret, connect_timeout=self._connect_timeout,
                             broker_timeout=self._broker_timeout)

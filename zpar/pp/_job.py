@@ -9,8 +9,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ._call import PPCall
 from ..errors import ZparError
+from ._call import PPCall
 
 log = logging.getLogger("zpar.pp")
 

@@ -38,7 +38,7 @@ def least_loaded(nodes: Sequence[Node]) -> Node | None:
     """The ready node with room and the fewest jobs per worker; the first of equals (local goes first, as in pp)."""
     best: Node | None = None
     for node in nodes:
-        has_room = node.state is NodeState.READY and 0 < node.capacity and node.inflight < PREFETCH * node.capacity
+        has_room = node.state is NodeState.READY and node.capacity > 0 and node.inflight < PREFETCH * node.capacity
         if has_room and (best is None or node.inflight * best.capacity < best.inflight * node.capacity):
             best = node
     return best

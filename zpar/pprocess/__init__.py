@@ -91,6 +91,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
+from ..client import Client
 from . import _channels
 from ._channels import Channel, MakeParallel, MakeReusable
 from ._exchange import Exchange, ManagedCallable, Map, Queue, Undefined
@@ -103,7 +104,6 @@ from ._layer import (
     shutdown,
     use,
 )
-from ..client import Client
 
 __all__ = [
     "Channel",
@@ -152,7 +152,7 @@ def create() -> Channel:
     return fork()
 
 
-def exit(channel: Channel) -> NoReturn:
+def exit(channel: Channel) -> NoReturn:  # noqa: A001 - pprocess's name
     """End the created side: a forked child exits at once (``os._exit``); a call running as a task returns.
 
     Raises RuntimeError at the creating end (which pprocess would have ended).

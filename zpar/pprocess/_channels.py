@@ -118,7 +118,7 @@ class TaskChannel(Channel):
 
     # -- events, from the client's I/O thread (or at once if already so)
 
-    def _task_done(self, fut: concurrent.futures.Future) -> None:
+    def _task_done(self, fut: concurrent.futures.Future[Any]) -> None:
         if fut.cancelled():
             item: Any = Failure(concurrent.futures.CancelledError(f"{self!r} was cancelled"))
         else:

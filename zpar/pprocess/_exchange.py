@@ -20,11 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channels
-from . import _layer
-from ._channels import Channel, Failure, ForkChannel, MakeParallel, TaskChannel
 from ..client import Client
 from ..errors import ConfigError
+from . import _channels, _layer
+from ._channels import Channel, Failure, ForkChannel, MakeParallel, TaskChannel
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +390,7 @@ class Map(Exchange):
             raise IndexError(i)
         while True:
             values = self.results[i]
-            if not (values is Undefined or isinstance(i, slice) and any(v is Undefined for v in values)):
+            if not (values is Undefined or (isinstance(i, slice) and any(v is Undefined for v in values))):
                 if isinstance(i, slice):
                     return [_deliver_result(v) for v in values]
                 return _deliver_result(values)

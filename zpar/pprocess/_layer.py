@@ -12,11 +12,11 @@ import logging
 import threading
 from typing import Any
 
-from . import _channels
-from ._channels import Channel
 from ..client import Client
 from ..config import usable_cores
 from ..errors import ConfigError, ZparError
+from . import _channels
+from ._channels import Channel
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def get_number_of_cores() -> int:
         target, workers, client = _layer.target, _layer.options.get("workers"), _layer.client
     if target is None:
         return workers or usable_cores()
-    return max(1, (client or get_client()).status()["workers"])
+    reported: int = (client or get_client()).status()["workers"]
+    return max(1, reported)
 
 
 def fork() -> Channel:

@@ -20,24 +20,28 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Self, TypeVar
 
 import psutil
 
-from ..client import Client, broker_status
 from .. import security
-from ..errors import BrokerUnavailable
 from .._embedded import spawn_daemon, stop_processes
+from ..client import Client, broker_status
+from ..errors import BrokerUnavailable
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> Any:
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> T:
     """Poll ``condition`` until it returns something true; its value, or TimeoutError at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -65,8 +69,8 @@ class LocalCluster:
         ports = [free_port() for _ in range(3)]
         self.ports = ports
         self.frontend, self.backend, self.collector = (f"tcp://127.0.0.1:{p}" for p in ports)
-        self.broker: subprocess.Popen | None = None
-        self.agents: list[subprocess.Popen] = []
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.agents: list[subprocess.Popen[bytes]] = []
         self._clients: list[Client] = []
         try:
             self.start_broker()
@@ -79,7 +83,7 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
 
-    def start_broker(self) -> subprocess.Popen:
+    def start_broker(self) -> subprocess.Popen[bytes]:
         self.broker = spawn_daemon(["zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
                                     "--collector", self.collector, "--heartbeat", str(self.heartbeat),
                                     "--liveness", str(self.liveness), "--log-level", self.log_level],
@@ -87,7 +91,7 @@ class LocalCluster:
         return self.broker
 
     def add_agent(self, workers: int | None = None, *, wait: bool = True, name: str | None = None,
-                  host: str = "127.0.0.1") -> subprocess.Popen:
+                  host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
         """Start another agent; ``host`` is where it looks for the broker (a proxy's address, say)."""
         n = workers or self.workers
         backend = f"tcp://{host}:{self.ports[1]}"
@@ -101,11 +105,11 @@ class LocalCluster:
             self.wait_for_workers(self.status()["workers"] + n)
         return proc
 
-    def kill_agent(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    def kill_agent(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the agent alone (its workers die with it by their death signal)."""
         proc.send_signal(sig)
 
-    def worker_pids(self, agent: subprocess.Popen | None = None) -> list[int]:
+    def worker_pids(self, agent: subprocess.Popen[bytes] | None = None) -> list[int]:
         """The worker processes of one agent, or of all."""
         agents = [agent] if agent else self.agents
         pids = []
@@ -124,9 +128,10 @@ class LocalCluster:
     def wait_for_workers(self, n: int, timeout: float = 20.0) -> None:
         def enough() -> bool:
             try:
-                return self.status(1.0)["workers"] >= n
+                workers: int = self.status(1.0)["workers"]
             except BrokerUnavailable:
                 return False
+            return workers >= n
         wait_for(enough, timeout, 0.02, f"{n} workers registered")
 
     def client(self, **kwargs: Any) -> Client:
@@ -170,8 +175,8 @@ class LocalCluster:
         self.agents, self.broker = [], None
         return alive
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
