@@ -51,12 +51,11 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import serialize
+from . import _default, serialize
 from .client import Client
 from .errors import SerializationError, TaskTimeout, WorkerLost, ZparError
 from .futures import Future
@@ -64,25 +63,16 @@ from .streaming import Channel
 
 __all__ = ["Process", "active_children", "set_default_client"]
 
-_lock = threading.Lock()
-_default: Client | None = None
 _counter = itertools.count(1)
 _children: set[Process] = set()  # started and not known to be finished (joined at exit)
 
 
 def set_default_client(client: Client | None) -> None:
-    """Run Processes started without ``client=`` on ``client`` (None: an embedded cluster, made when needed)."""
-    global _default
-    with _lock:
-        _default = client
+    """Run Processes started without ``client=`` on ``client`` (None: an embedded cluster, made when needed).
 
-
-def _default_client() -> Client:
-    global _default
-    with _lock:
-        if _default is None or _default.closed:
-            _default = Client()
-        return _default
+    This is the drop-in layers' one default (zpar.pprocess uses it too).
+    """
+    _default.shared.use(client)
 
 
 def active_children() -> list[Process]:
@@ -156,7 +146,7 @@ class Process:
                 f"{exc.__cause__ or exc}. It runs on a worker of the cluster, not in a child of this "
                 "process, so multiprocessing queues, pipes, locks and shared values cannot reach it: return "
                 "a value (zpar futures) or talk to it over a channel (client.start)") from exc
-        client = self._client or _default_client()
+        client = self._client or _default.shared.get()
         self._future = client.options(retries=0).start(_bootstrap, blob)
         _children.add(self)
 
