@@ -257,7 +257,7 @@ class BrokerCore(StreamRouting):
                 continue
             if task.state is TaskState.QUEUED:
                 prod.queue.remove(task)
-            elif (force or task.streamed or task.flags & P.FLAG_CHANNEL) and task.agent is not None:
+            elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL) and task.agent is not None:
                 # A stream left running would wait at its window for ever: stopped too.
                 stop.setdefault(task.agent.id, []).append(task.gid)
             else:
