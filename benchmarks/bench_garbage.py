@@ -70,7 +70,7 @@ SECRET = "bench-garbage-" + "Lq2Vz8Xc4Nw7Rt1Yp6Ks"  # --secret: the good produce
 # ---------------------------------------------------------------------- what attackers send
 # (this part imports only the standard library, msgpack and zmq)
 
-V, SUBMIT, TASKS, READY, HEARTBEAT, RESULT, CANCEL, STATUS, BYE, ERROR = 1, 3, 4, 5, 6, 7, 8, 9, 10, 11
+V, SUBMIT, TASKS, READY, HEARTBEAT, RESULT, CANCEL, STATUS, BYE, ERROR = 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 HELLO, WELCOME = 1, 2
 MAX_HEADER_BYTES = 8 * 1024 * 1024  # zpar.protocol's limits, repeated so attackers need no zpar import
 MAX_FRAMES = 100_000
@@ -93,7 +93,7 @@ def _valid_headers(rng: random.Random) -> list[bytes]:
     d = rng.randbytes(8)
     return [
         _pack({"v": V, "k": SUBMIT, "t": [[i, d, 0, 0, rng.randbytes(rng.randint(1, 40)), 3, 0] for i in range(rng.randint(1, 30))], "f": [d]}),
-        _pack({"v": V, "k": RESULT, "r": [[i, 0, 0, 5, rng.randbytes(8)] for i in range(rng.randint(1, 30))], "a": rng.randbytes(16), "e": "x" * 32}),
+        _pack({"v": V, "k": RESULT, "r": [[i, 0, 0, 5, rng.randbytes(8), None] for i in range(rng.randint(1, 30))], "a": rng.randbytes(16), "e": "x" * 32}),
         _pack({"v": V, "k": HELLO, "role": "producer", "name": "n" * rng.randint(0, 50), "host": "h", "pid": 1, "workers": 0}),
         _pack({"v": V, "k": TASKS, "t": [[1, d, 0, 0, b"xx", 0, 0]], "f": []}),
         _pack({"v": V, "k": CANCEL, "ids": list(range(rng.randint(0, 50))), "force": True}),
@@ -164,7 +164,7 @@ def _lying(rng: random.Random, kinds: tuple[int, ...]) -> list[bytes]:
     declared = [rng.choice([1, 2, 3, 1000, 2**31, 2**62, 2**64 - 1]) for _ in range(n)]
     nf = 0
     if k == RESULT:
-        header = {"v": V, "k": RESULT, "r": [[i, rng.choice([0, 1, 2, 3, 4]), declared[i], 7, b""] for i in range(n)]}
+        header = {"v": V, "k": RESULT, "r": [[i, rng.choice([0, 1, 6]), declared[i], 7, b"", None] for i in range(n)]}
     else:
         nf = rng.randint(0, 3)  # function blobs are payload frames too
         header = {"v": V, "k": k, "t": [[i, d, declared[i], rng.randint(0, 1), b"", 1, 0] for i in range(n)],
@@ -182,12 +182,12 @@ def _kind_not_for_socket(rng: random.Random, target: str) -> list[bytes]:
     if target == "frontend":
         options = [{"v": V, "k": WELCOME, "epoch": "e", "heartbeat": 1.0, "liveness": 3},
                    {"v": V, "k": TASKS, "t": [[1, d, 0, 0, b"x", 0, 0]], "f": []}, {"v": V, "k": READY, "n": 5},
-                   {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b"x"]]}, {"v": V, "k": ERROR, "message": "boo", "ids": [1]}]
+                   {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b"x", None]]}, {"v": V, "k": ERROR, "code": 1, "ids": [1]}]
     elif target == "backend":
         options = [{"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 0, 0]], "f": []}, {"v": V, "k": READY, "n": 5},
                    {"v": V, "k": HEARTBEAT, "busy": 1}, {"v": V, "k": CANCEL, "ids": [1]},
                    {"v": V, "k": WELCOME, "epoch": "e", "heartbeat": 1.0, "liveness": 3},
-                   {"v": V, "k": ERROR, "message": "boo"}, {"v": V, "k": BYE, "reason": "x"}]
+                   {"v": V, "k": ERROR, "code": 2}, {"v": V, "k": BYE, "reason": 0}]
     else:  # collector: anything but RESULT (or BYE naming an agent)
         options = [{"v": V, "k": HELLO, "role": "agent", "name": "x", "workers": 9}, {"v": V, "k": READY, "n": 5},
                    {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 0, 0]], "f": []}, {"v": V, "k": HEARTBEAT},
@@ -224,7 +224,7 @@ def make_message(category: str, rng: random.Random, target: str) -> list[bytes]:
         d = rng.randbytes(8)
         k = RESULT if target == "collector" else SUBMIT
         if k == RESULT:
-            return [_pack({"v": V, "k": RESULT, "r": [[i, 0, 1, 1, b""] for i in range(100_000)]})]
+            return [_pack({"v": V, "k": RESULT, "r": [[i, 0, 1, 1, b"", None] for i in range(100_000)]})]
         return [_pack({"v": V, "k": SUBMIT, "t": [[i, d, 1, 0, b"", 0, 0] for i in range(100_000)], "f": []})]
     raise ValueError(category)
 
@@ -486,8 +486,8 @@ def probe_costly(cluster: Any, broker: Any, quick: bool) -> list[dict[str, Any]]
             cpu = sum(broker.cpu_times()[:2]) - cpu0
             s.close()
             after = cluster.status(5.0)["counters"]
-            delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("agents_silent", "agents_re-registered",
-                                                                      "producers_silent", "protocol_errors")}
+            delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("agents_silent", "producers_silent",
+                                                                      "protocol_errors")}
             rows.append({"target": target, "category": cat, "frames": len(frames),
                          "bytes": sum(len(f) for f in frames), "max_status_rtt_ms": round(max(rtts) * 1000, 1),
                          "broker_cpu_ms": round(cpu * 1000), "counters": delta})

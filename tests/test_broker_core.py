@@ -18,18 +18,18 @@ class Broker:
         self.now = 0.0
         self.core = BrokerCore(self.now, heartbeat=heartbeat, liveness=liveness, collector="tcp://127.0.0.1:9")
 
-    def producer(self, peer: bytes, msg, frames=()):
+    def producer(self, peer: bytes, msg):
         """A producer's message; a producer not yet known says HELLO first, as clients do."""
         if peer not in self.core._producers and isinstance(msg, (P.Submit, P.Cancel, P.Heartbeat)):
-            self.core.producer_message(self.now, peer, P.Hello(P.Role.PRODUCER), [])
-        return self.core.producer_message(self.now, peer, msg, list(frames))
+            self.core.producer_message(self.now, peer, P.Hello(P.Role.PRODUCER))
+        return self.core.producer_message(self.now, peer, msg)
 
     def agent(self, peer: bytes, msg):
-        return self.core.agent_message(self.now, peer, msg, [])
+        return self.core.agent_message(self.now, peer, msg)
 
     def submit(self, peer: bytes, ids, digest: bytes = D, ship: bool = True, retries: int = 3):
-        entries = tuple(P.TaskEntry(i, digest, 0, 0, b"%s:%d" % (peer, i), retries) for i in ids)
-        return self.producer(peer, P.Submit(entries, (digest,) if ship else ()), [BLOB] if ship else [])
+        entries = tuple(P.TaskEntry(i, digest, (b"%s:%d" % (peer, i),), 0, retries) for i in ids)
+        return self.producer(peer, P.Submit(entries, (P.Function(digest, BLOB),) if ship else ()))
 
     def join(self, peer: bytes, workers: int = 1):
         return self.agent(peer, P.Hello(P.Role.AGENT, peer.decode(), "host", 1, workers))
@@ -38,9 +38,13 @@ class Broker:
         return self.agent(peer, P.Ready(n))
 
     def finish(self, agent: bytes, gids, status=P.Status.OK):
-        """Results from ``agent``; the broker's ACK to it is checked and left out of what is returned."""
-        entries = tuple(P.ResultEntry(g, status, 0, 10, b"result %d" % g) for g in gids)
-        out = self.core.results(self.now, P.Result(entries, agent), [])
+        """Results from ``agent`` (a lost run's: its worker killed by SIGKILL); the broker's ACK to it is
+        checked and left out of what is returned."""
+        if status in P.VALUE_STATUSES:
+            entries = tuple(P.ResultEntry(g, status, (b"result %d" % g,), 10) for g in gids)
+        else:
+            entries = tuple(P.ResultEntry(g, status, cause=P.Cause(agent.decode(), 99, None, 9)) for g in gids)
+        out = self.core.results(self.now, P.Result(entries, agent))
         acks = [o for o in out if isinstance(o.msg, P.Ack)]
         assert [(o.peer, o.msg.ids) for o in acks] == [(agent, tuple(gids))], "every result is acknowledged"
         return [o for o in out if not isinstance(o.msg, P.Ack)]
@@ -56,14 +60,19 @@ class Broker:
         return self.core.tick(self.now)
 
 
+def data(payload) -> bytes:
+    return b"".join(bytes(f) for f in payload)
+
+
 def dispatched(out):
     """``[(agent, gid, payload)]`` in the TASKS messages of ``out``."""
-    return [(o.peer, t.id, t.data) for o in out if isinstance(o.msg, P.Tasks) for t in o.msg.tasks]
+    return [(o.peer, t.id, data(t.payload)) for o in out if isinstance(o.msg, P.Tasks) for t in o.msg.tasks]
 
 
 def delivered(out):
-    """``[(producer, task id, payload)]`` in the RESULT messages of ``out``."""
-    return [(o.peer, r.id, r.data) for o in out if isinstance(o.msg, P.Result) for r in o.msg.results]
+    """``[(producer, task id, payload or cause)]`` in the RESULT messages of ``out``."""
+    return [(o.peer, r.id, data(r.payload) if r.status in P.VALUE_STATUSES else r.cause)
+            for o in out if isinstance(o.msg, P.Result) for r in o.msg.results]
 
 
 @pytest.fixture
@@ -83,8 +92,8 @@ def test_tasks_wait_for_credit_then_go_with_their_function(b):
     assert dispatched(b.submit(b"p", [1, 2, 3])) == []
     b.join(b"a")
     (out,) = b.ready(b"a", 2)
-    assert out.msg.funcs == (D,) and out.frames == [BLOB]
-    assert [t.data for t in out.msg.tasks] == [b"p:1", b"p:2"]
+    assert out.msg.funcs == (P.Function(D, BLOB),)
+    assert [t.payload for t in out.msg.tasks] == [(b"p:1",), (b"p:2",)]
     assert len({t.id for t in out.msg.tasks}) == 2
 
 
@@ -92,17 +101,20 @@ def test_function_blob_is_shipped_once_per_agent(b):
     b.submit(b"p", range(1, 7))
     b.join(b"a1"), b.join(b"a2")
     first, second = b.ready(b"a1", 2), b.ready(b"a1", 2)
-    assert first[0].msg.funcs == (D,) and second[0].msg.funcs == () and second[0].frames == []
+    assert first[0].msg.funcs == (P.Function(D, BLOB),) and second[0].msg.funcs == ()
+    assert len(P.encode(second[0].msg)) == 1  # the tasks' payloads ride inline: no frame at all
     (other,) = b.ready(b"a2", 2)
-    assert other.msg.funcs == (D,) and other.frames == [BLOB]
+    assert other.msg.funcs == (P.Function(D, BLOB),)
 
 
 def test_payload_frames_are_forwarded_untouched(b):
-    entry = P.TaskEntry(1, D, 2)
-    b.producer(b"p", P.Submit((entry,), (D,)), [BLOB, b"args", b"buffer"])
+    blob, payload = bytearray(BLOB), (bytearray(b"args"), memoryview(b"buffer"))  # as a socket gave them
+    b.producer(b"p", P.Submit((P.TaskEntry(1, D, payload),), (P.Function(D, blob),)))
     b.join(b"a")
     (out,) = b.ready(b"a", 1)
-    assert out.frames == [BLOB, b"args", b"buffer"] and out.msg.tasks[0].nframes == 2
+    (task,) = out.msg.tasks
+    assert task.payload is payload and out.msg.funcs[0].blob is blob  # the very frames: no copy
+    assert P.encode(out.msg)[1:] == [BLOB, b"args", b"buffer"]
 
 
 def test_an_agent_never_gets_more_tasks_than_its_credits(b):
@@ -196,7 +208,7 @@ def test_the_dropped_agent_is_told_to_say_hello_again(b):
     b.advance(10.0)
     b.advance(1.0)
     (out,) = b.ready(b"a", 1)
-    assert isinstance(out.msg, P.Error) and "HELLO" in out.msg.message
+    assert out.msg == P.Error(P.ErrorCode.UNKNOWN_PEER)
 
 
 def test_late_result_from_a_dropped_agent_is_delivered_once_and_not_run_again(b):
@@ -216,7 +228,7 @@ def test_agent_bye_puts_its_tasks_back_at_the_front(b):
     b.join(b"a1"), b.join(b"a2")
     assert [d for _, _, d in dispatched(b.ready(b"a1", 2))] == [b"p:1", b"p:2"]
     b.ready(b"a2", 0)
-    assert dispatched(b.agent(b"a1", P.Bye("stopping"))) == []
+    assert dispatched(b.agent(b"a1", P.Bye(P.ByeReason.LEAVING))) == []
     assert [d for _, _, d in dispatched(b.ready(b"a2", 3))] == [b"p:1", b"p:2", b"p:3"]
     assert b.core.counters["agents_left"] == 1
 
@@ -245,7 +257,7 @@ def test_producer_bye_forgets_its_queued_and_running_tasks(b):
     b.join(b"a")
     sent = {d: g for _, g, d in dispatched(b.ready(b"a", 2))}
     assert set(sent) == {b"p:1", b"other:1"}  # one each: round-robin
-    b.producer(b"p", P.Bye("closing"))
+    b.producer(b"p", P.Bye())
     status = b.core.status(b.now)
     assert (status["producers"], status["queued"], status["running"]) == (1, 0, 1)
     assert b.finish(b"a", [sent[b"p:1"]]) == [] and b.core.counters["late_results"] == 1
@@ -276,18 +288,17 @@ def test_a_status_request_is_answered_without_registering_a_producer(b):
 
 def test_tasks_of_an_unknown_function_are_refused_by_id(b):
     out = b.submit(b"p", [1, 2], digest=b"\x02" * 16, ship=False)
-    assert [o.msg for o in out] == [P.Error("unknown function digest: send these tasks again with their function",
-                                            (1, 2))]
+    assert [o.msg for o in out] == [P.Error(P.ErrorCode.UNKNOWN_FUNCTION, (1, 2))]
     assert b.core.status(b.now)["queued"] == 0
 
 
 def test_a_message_of_the_wrong_role_is_refused_and_counted(b):
     b.producer(b"p", P.Hello(P.Role.PRODUCER))
     (out,) = b.producer(b"p", P.Ready(5))
-    assert isinstance(out.msg, P.Error)
+    assert isinstance(out.msg, P.Error) and out.msg.code is P.ErrorCode.NOT_ALLOWED
     b.join(b"a")
     (out,) = b.agent(b"a", P.Submit(()))
-    assert isinstance(out.msg, P.Error)
+    assert isinstance(out.msg, P.Error) and out.msg.code is P.ErrorCode.NOT_ALLOWED
     assert b.core.counters["protocol_errors"] == 2
 
 
@@ -312,8 +323,9 @@ def test_a_lost_run_is_queued_again_until_its_retries_are_used(b):
         out = b.finish(b"a", [gid], status=P.Status.LOST)
         if attempt < 2:
             assert delivered(out) == [] and b.core.counters["retried"] == attempt + 1
-    ((peer, tid, reason),) = delivered(out)
-    assert (peer, tid) == (b"p", 1) and b"gave up after 3 attempts" in reason
+    ((peer, tid, cause),) = delivered(out)
+    assert (peer, tid) == (b"p", 1) and cause.attempts == 3
+    assert (cause.node, cause.pid, cause.signal, cause.exitcode) == ("a", 99, 9, None)  # how the last run ended
 
 
 def test_a_dead_agent_fails_tasks_that_have_no_retries_left(b):
@@ -322,8 +334,9 @@ def test_a_dead_agent_fails_tasks_that_have_no_retries_left(b):
     b.join(b"a")
     b.ready(b"a", 2)
     out = b.advance(4.0)  # the agent went silent
-    ((peer, tid, reason),) = delivered(out)
-    assert (peer, tid) == (b"p", 1) and b"went silent" in reason and b"gave up after 1 attempt" in reason
+    ((peer, tid, cause),) = delivered(out)
+    assert (peer, tid) == (b"p", 1) and cause.attempts == 1
+    assert cause.node == "a" and "went silent" in cause.detail and (cause.signal, cause.exitcode) == (None, None)
     assert b.core.status(b.now)["queued"] == 1
 
 
@@ -364,8 +377,8 @@ def test_a_silent_producer_is_forgotten_and_its_running_tasks_stopped(b):
     out = b.advance(3.0, alive=[b"a"], producers_alive=False)
     assert [o.peer for o in out if isinstance(o.msg, P.Cancel)] == [b"a"]
     assert b.core.status(b.now)["producers"] == 0 and b.core.counters["producers_silent"] == 1
-    (err,) = b.core.producer_message(b.now, b"p", P.Heartbeat(), [])
-    assert err.msg == P.Error("unknown producer: send HELLO")
+    (err,) = b.core.producer_message(b.now, b"p", P.Heartbeat())
+    assert err.msg == P.Error(P.ErrorCode.UNKNOWN_PEER)
 
 
 def test_a_heartbeat_from_a_producer_is_answered(b):
@@ -377,10 +390,10 @@ def test_results_from_a_previous_broker_epoch_are_dropped(b):
     b.submit(b"p", [1])
     b.join(b"a")
     (gid,) = [g for _, g, _ in dispatched(b.ready(b"a", 1))]
-    stale = P.Result((P.ResultEntry(gid, P.Status.OK, 0, 1, b"old"),), b"a", "some-older-epoch")
-    assert [o.msg for o in b.core.results(b.now, stale, [])] == [P.Ack((gid,))]  # acknowledged, not delivered
-    fresh = P.Result((P.ResultEntry(gid, P.Status.OK, 0, 1, b"new"),), b"a", b.core.epoch)
-    assert delivered(b.core.results(b.now, fresh, [])) == [(b"p", 1, b"new")]
+    stale = P.Result((P.ResultEntry(gid, P.Status.OK, (b"old",), 1),), b"a", "some-older-epoch")
+    assert [o.msg for o in b.core.results(b.now, stale)] == [P.Ack((gid,))]  # acknowledged, not delivered
+    fresh = P.Result((P.ResultEntry(gid, P.Status.OK, (b"new",), 1),), b"a", b.core.epoch)
+    assert delivered(b.core.results(b.now, fresh)) == [(b"p", 1, b"new")]
 
 
 def test_a_hello_again_from_a_registered_agent_keeps_its_tasks(b):

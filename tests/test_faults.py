@@ -6,6 +6,7 @@ Tests that kill processes get a cluster of their own (``new_cluster``).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import socket
@@ -47,19 +48,19 @@ def test_worker_killed_mid_task_with_no_retries_gives_worker_lost_and_is_replace
     wait_for(lambda: cluster.status()["busy"] >= 1, 10, what="the task running")
     os.kill(old, signal.SIGKILL)
     killed_at = time.monotonic()
-    with pytest.raises(zpar.WorkerLost, match="SIGKILL") as info:
+    with pytest.raises(zpar.WorkerLost) as info:
         fut.result(timeout=10)
     assert time.monotonic() - killed_at < 2.0, "the loss was reported late"
-    assert str(old) in str(info.value)
+    assert (info.value.signal, info.value.exitcode, info.value.pid) == (signal.SIGKILL, None, old)
     (new,) = wait_for(lambda: [p for p in cluster.worker_pids() if p != old] or None, 10, what="a new worker")
     assert cluster.worker_pids() == [new]
     assert client.submit(tasks.worker_pid).result(timeout=10) == new
     assert cluster.status()["workers"] == 1
 
 
-@pytest.mark.parametrize("how,text", [("exit3", "exited with code 3"), ("segv", "killed by SIGSEGV"),
-                                      ("kill", "killed by SIGKILL")])
-def test_task_that_kills_its_worker_gives_worker_lost_while_the_others_complete(new_cluster, how, text):
+@pytest.mark.parametrize("how,ended", [("exit3", (3, None)), ("segv", (None, signal.SIGSEGV)),
+                                       ("kill", (None, signal.SIGKILL))])
+def test_task_that_kills_its_worker_gives_worker_lost_while_the_others_complete(new_cluster, how, ended):
     cluster = new_cluster(agents=1, workers=2)
     client = cluster.client()
     warm = client.map(tasks.die_at, range(200), [-1] * 200, ["exit3"] * 200)
@@ -67,15 +68,31 @@ def test_task_that_kills_its_worker_gives_worker_lost_while_the_others_complete(
     futures = [client.submit(tasks.die_at, i, 25, how) for i in range(50)]
     for i, fut in enumerate(futures):
         if i == 25:
-            with pytest.raises(zpar.WorkerLost, match=text):
+            with pytest.raises(zpar.WorkerLost) as info:
                 fut.result(timeout=30)
+            assert (info.value.exitcode, info.value.signal) == ended
         else:
             assert fut.result(timeout=30) == i * i
     results = client.map(tasks.die_at, range(30), [10] * 30, [how] * 30, timeout=30)
     assert [next(results) for _ in range(10)] == [i * i for i in range(10)]
-    with pytest.raises(zpar.WorkerLost, match=text):
+    with pytest.raises(zpar.WorkerLost) as info:
         next(results)
+    assert (info.value.exitcode, info.value.signal) == ended
     wait_for(lambda: len(cluster.worker_pids()) == 2, 10, what="both workers replaced")
+
+
+@pytest.mark.parametrize("target,arg,exitcode,sig", [(tasks.kill_self, signal.SIGKILL, None, 9),
+                                                     (tasks.os_exit, 3, 3, None)], ids=["sigkill", "os_exit_3"])
+def test_worker_lost_says_how_the_worker_ended_as_data(own_client, target, arg, exitcode, sig):
+    with pytest.raises(zpar.WorkerLost) as info:
+        own_client.options(retries=0).submit(target, arg).result(timeout=30)
+    exc = info.value
+    assert (exc.exitcode, exc.signal) == (exitcode, sig)
+    assert exc.attempts == 1 and exc.pid > 0 and exc.node
+    copy = pickle.loads(pickle.dumps(exc))  # as it crosses a process boundary (Process, pools)
+    assert (type(copy), str(copy)) == (zpar.WorkerLost, str(exc))
+    assert (copy.node, copy.pid, copy.exitcode, copy.signal, copy.attempts) == \
+        (exc.node, exc.pid, exc.exitcode, exc.signal, exc.attempts)
 
 
 def test_task_calling_sys_exit_gives_task_error_and_the_worker_survives(cluster, cluster_client):
@@ -127,10 +144,12 @@ BAD_MESSAGES = [
     [b"\xc1"],
     [b""],
     [msgpack.packb([1, 6])],
-    [msgpack.packb({"v": 1, "k": 99})],
-    [msgpack.packb({"v": 2, "k": 6})],
-    [P.encode(P.Heartbeat()), b"an undeclared frame"],
-    [P.encode(P.Hello(P.Role.AGENT))[:-2]],
+    [msgpack.packb({"v": P.VERSION, "k": 99})],
+    [msgpack.packb({"v": 1, "k": 6})],  # an older version
+    [msgpack.packb({"v": P.VERSION + 1, "k": 6})],
+    [*P.encode(P.Heartbeat()), b"an undeclared frame"],
+    [P.encode(P.Hello(P.Role.AGENT))[0][:-2]],
+    [msgpack.packb({"v": P.VERSION, "k": int(P.Kind.RESULT), "r": [[1, 0, 0, 0, b"x", ["n", 1, None, 9, 0, ""]]]})],
     [b"\xdd\xff\xff\xff\xff"],
 ]
 
@@ -169,7 +188,7 @@ def test_a_result_with_a_list_as_status_is_dropped_as_a_protocol_error(new_clust
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 2000)
     push.connect(cluster.collector)
-    push.send(msgpack.packb({"v": P.VERSION, "k": int(P.Kind.RESULT), "r": [[1, [0], 0, 0, b"x"]]}))
+    push.send(msgpack.packb({"v": P.VERSION, "k": int(P.Kind.RESULT), "r": [[1, [0], 0, 0, b"x", None]]}))
     push.close()
 
     def handled():

@@ -79,21 +79,20 @@ def test_a_client_drops_an_oversized_message_from_its_broker_and_keeps_working()
     thread.start()
     try:
         assert broker.poll(10_000)
-        peer, _hello = broker.recv_multipart()
-        broker.send_multipart([peer, P.encode(P.Welcome("e" * 32, 1.0, 3))])
+        peer, hello = P.decode_routed(broker.recv_multipart())
+        assert isinstance(hello, P.Hello)
+        broker.send_multipart(P.encode_routed(peer, P.Welcome("e" * 32, 1.0, 3)))
         thread.join(10)
         client = made[0]
         fut = client.submit(len, "abc")
         while True:  # skip heartbeats until the SUBMIT
             assert broker.poll(10_000)
-            peer, header, *rest = broker.recv_multipart()
-            msg = P.decode(header, len(rest))
+            peer, msg = P.decode_routed(broker.recv_multipart())
             if isinstance(msg, P.Submit):
                 break
-        broker.send_multipart([peer, P.encode(P.Heartbeat()), *([b""] * (P.MAX_FRAMES + 50))])
-        data = serialize.dumps(3)[0]
-        entry = P.ResultEntry(msg.tasks[0].id, int(P.Status.OK), 0, 5, data)
-        broker.send_multipart([peer, P.encode(P.Result((entry,)))])
+        broker.send_multipart([*P.encode_routed(peer, P.Heartbeat()), *([b""] * (P.MAX_FRAMES + 50))])
+        entry = P.ResultEntry(msg.tasks[0].id, P.Status.OK, serialize.dumps(3), 5)
+        broker.send_multipart(P.encode_routed(peer, P.Result((entry,))))
         assert fut.result(timeout=10) == 3
         client.close()
     finally:

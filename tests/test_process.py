@@ -8,6 +8,8 @@ import psutil
 import pytest
 import tasks
 
+import zpar._default
+import zpar.pprocess
 from zpar import process as zprocess
 from zpar.process import Process
 from zpar.testing import wait_for
@@ -117,12 +119,12 @@ def test_without_a_client_processes_share_a_default_embedded_cluster(tmp_path):
         for p in (first, second):
             p.join(timeout=30)
             assert p.exitcode == 0
-        assert first._future is not None and zprocess._default is not None
+        assert first._future is not None and zpar._default.shared.client is not None
         assert zprocess.active_children() == []
+        # One default per program: zpar.pprocess runs on the same embedded cluster.
+        assert zpar.pprocess.get_client() is zpar._default.shared.client
     finally:
-        if zprocess._default is not None:
-            zprocess._default.close()
-        zprocess.set_default_client(None)
+        zprocess.set_default_client(None)  # closes the default client started here
 
 
 def test_a_process_repr_and_name():

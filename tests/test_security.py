@@ -135,8 +135,8 @@ def test_a_plain_zeromq_peer_reaches_nothing_on_any_port(secured, port):
         sock.connect(getattr(secured, port))
         for _ in range(5):
             try:
-                sock.send(zpar.protocol.encode(zpar.protocol.Hello(zpar.protocol.Role.AGENT, "intruder", "h", 1, 9)),
-                          zmq.NOBLOCK)
+                sock.send_multipart(zpar.protocol.encode(zpar.protocol.Hello(zpar.protocol.Role.AGENT, "intruder",
+                                                                             "h", 1, 9)), zmq.NOBLOCK)
             except zmq.Again:
                 pass
         failure = wait_for(lambda: monitor.socket.poll(50) and monitor.check(), REFUSAL_BAR, what="a refusal")

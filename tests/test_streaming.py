@@ -147,8 +147,9 @@ def test_a_worker_killed_mid_stream_fails_it_with_worker_lost_and_no_item_comes_
     first = [fut.receive(timeout=10) for _ in range(50)]
     os.kill(pid, signal.SIGKILL)
     rest = []
-    with pytest.raises(zpar.WorkerLost, match="not run again"):
+    with pytest.raises(zpar.WorkerLost, match="not run again") as info:
         rest.extend(fut.stream(timeout=20))
+    assert (info.value.pid, info.value.signal, info.value.exitcode, info.value.attempts) == (pid, 9, None, 1)
     seen = first + rest
     assert seen == list(range(len(seen))), "every item once, in order"
     assert own_client.submit(tasks.square, 4).result(timeout=20) == 16
@@ -254,101 +255,107 @@ D = b"\x01" * 16
 
 def stream_broker():
     core = BrokerCore(0.0)
-    core.producer_message(0.0, b"p", P.Hello(P.Role.PRODUCER), [])
-    core.agent_message(0.0, b"a", P.Hello(P.Role.AGENT, "a", "host", 1, 1), [])
+    core.producer_message(0.0, b"p", P.Hello(P.Role.PRODUCER))
+    core.agent_message(0.0, b"a", P.Hello(P.Role.AGENT, "a", "host", 1, 1))
     return core
 
 
 def submit(core, ptid, flags=0, retries=3):
-    return core.producer_message(0.0, b"p", P.Submit((P.TaskEntry(ptid, D, 0, flags, b"args", retries),), (D,)),
-                                 [b"blob"])
+    return core.producer_message(0.0, b"p", P.Submit((P.TaskEntry(ptid, D, (b"args",), flags, retries),),
+                                                     (P.Function(D, b"blob"),)))
 
 
 def test_the_broker_routes_items_to_the_producer_and_feed_to_the_agent():
     core = stream_broker()
     submit(core, 7)
-    (tasks_out,) = core.agent_message(0.0, b"a", P.Ready(1), [])
+    (tasks_out,) = core.agent_message(0.0, b"a", P.Ready(1))
     gid = tasks_out.msg.tasks[0].id
-    (out,) = core.items(0.0, P.Items((P.ItemEntry(gid, 0, 1),), (P.Credit(gid, 9),), b"a"), [b"item"])
-    assert (out.dest, out.peer, out.frames) == (Dest.FRONTEND, b"p", [b"item"])
-    assert out.msg == P.Items((P.ItemEntry(7, 0, 1),), (P.Credit(7, 9),))
-    (out,) = core.producer_message(0.0, b"p", P.Feed((P.ItemEntry(7, 0, 0, b"x"),), (P.Credit(7, 300),), (7,)), [])
+    item = (b"item", b"buffer")
+    (out,) = core.items(0.0, P.Items((P.ItemEntry(gid, 0, item),), (P.Credit(gid, 9),), b"a"))
+    assert (out.dest, out.peer) == (Dest.FRONTEND, b"p") and out.msg.items[0].payload is item
+    assert out.msg == P.Items((P.ItemEntry(7, 0, item),), (P.Credit(7, 9),))
+    (out,) = core.producer_message(0.0, b"p", P.Feed((P.ItemEntry(7, 0, (b"x",)),), (P.Credit(7, 300),), (7,)))
     assert (out.dest, out.peer) == (Dest.BACKEND, b"a")
-    assert out.msg == P.Feed((P.ItemEntry(gid, 0, 0, b"x"),), (P.Credit(gid, 300),), (gid,))
+    assert out.msg == P.Feed((P.ItemEntry(gid, 0, (b"x",)),), (P.Credit(gid, 300),), (gid,))
 
 
 def test_the_broker_keeps_feed_for_a_queued_task_and_sends_it_behind_the_task():
     core = stream_broker()
     submit(core, 7, P.FLAG_CHANNEL)
-    assert core.producer_message(0.0, b"p", P.Feed((P.ItemEntry(7, 0, 1),), (), (7,)), [b"obj"]) == []
-    tasks_out, feed_out = core.agent_message(0.0, b"a", P.Ready(1), [])
+    obj = (b"obj", b"buffer")
+    assert core.producer_message(0.0, b"p", P.Feed((P.ItemEntry(7, 0, obj),), (), (7,))) == []
+    tasks_out, feed_out = core.agent_message(0.0, b"a", P.Ready(1))
     gid = tasks_out.msg.tasks[0].id
     assert isinstance(tasks_out.msg, P.Tasks) and feed_out.peer == b"a"
-    assert feed_out.msg == P.Feed((P.ItemEntry(gid, 0, 1),), (), (gid,)) and feed_out.frames == [b"obj"]
+    assert feed_out.msg == P.Feed((P.ItemEntry(gid, 0, obj),), (), (gid,))
 
 
 def test_a_task_that_streamed_is_not_run_again_when_its_worker_dies():
     core = stream_broker()
     submit(core, 7)
-    (tasks_out,) = core.agent_message(0.0, b"a", P.Ready(1), [])
+    (tasks_out,) = core.agent_message(0.0, b"a", P.Ready(1))
     gid = tasks_out.msg.tasks[0].id
-    core.items(0.0, P.Items((P.ItemEntry(gid, 0, 0, b"i"),), (), b"a"), [])
-    out = core.results(0.0, P.Result((P.ResultEntry(gid, P.Status.LOST, 0, 0, b"worker killed by SIGKILL"),), b"a"), [])
+    core.items(0.0, P.Items((P.ItemEntry(gid, 0, (b"i",)),), (), b"a"))
+    killed = P.Cause("a", 4242, None, 9)
+    out = core.results(0.0, P.Result((P.ResultEntry(gid, P.Status.LOST, cause=killed),), b"a"))
     (failed,) = [o for o in out if isinstance(o.msg, P.Result)]
     (entry,) = failed.msg.results
-    assert entry.status == P.Status.LOST and b"not run again" in entry.data
+    assert entry.status == P.Status.LOST and "not run again" in entry.cause.detail
+    assert (entry.cause.node, entry.cause.pid, entry.cause.signal, entry.cause.attempts) == ("a", 4242, 9, 1)
     assert core.counters["retried"] == 0
 
 
 def test_a_plain_cancel_of_a_streaming_task_stops_it_on_its_agent():
     core = stream_broker()
     submit(core, 7)
-    (tasks_out,) = core.agent_message(0.0, b"a", P.Ready(1), [])
+    (tasks_out,) = core.agent_message(0.0, b"a", P.Ready(1))
     gid = tasks_out.msg.tasks[0].id
-    core.items(0.0, P.Items((P.ItemEntry(gid, 0, 0, b"i"),), (), b"a"), [])
-    (out,) = core.producer_message(0.0, b"p", P.Cancel((7,)), [])
+    core.items(0.0, P.Items((P.ItemEntry(gid, 0, (b"i",)),), (), b"a"))
+    (out,) = core.producer_message(0.0, b"p", P.Cancel((7,)))
     assert (out.peer, out.msg) == (b"a", P.Cancel((gid,), force=True))
 
 
 def test_items_of_a_task_nobody_waits_for_stop_it():
     core = stream_broker()
-    (out,) = core.items(0.0, P.Items((P.ItemEntry(99, 3, 0, b"i"),), (), b"a"), [])
+    (out,) = core.items(0.0, P.Items((P.ItemEntry(99, 3, (b"i",)),), (), b"a"))
     assert (out.peer, out.msg) == (b"a", P.Cancel((99,), force=True))
 
 
 def agent_with_worker():
     core = AgentCore("node")
     core.add_worker(b"w1")
-    core.worker_ready(b"w1", 101)
+    core.worker_ready(b"w1", 101, 0.0)
     return core
 
 
 def test_the_agent_forwards_items_and_sends_feed_to_the_worker_holding_the_task():
     core = agent_with_worker()
-    assert len(core.tasks(P.Tasks((P.TaskEntry(5, D, 0, 0, b"args"),), (D,)), [b"blob"])) == 1
-    core.worker_items(b"w1", P.Items((P.ItemEntry(5, 0, 1),), (P.Credit(5, 300),)), [b"item"])
-    assert core.take_items() == ([P.ItemEntry(5, 0, 1)], [P.Credit(5, 300)], [b"item"])
-    (fed,) = core.feed(P.Feed((P.ItemEntry(5, 0, 0, b"x"),), (P.Credit(5, 256),)), [])
-    assert fed.identity == b"w1" and fed.msg == P.Feed((P.ItemEntry(5, 0, 0, b"x"),), (P.Credit(5, 256),))
+    assert len(core.tasks(P.Tasks((P.TaskEntry(5, D, (b"args",)),), (P.Function(D, b"blob"),)), 0.0)) == 1
+    item = (b"item", b"buffer")
+    core.worker_items(b"w1", P.Items((P.ItemEntry(5, 0, item),), (P.Credit(5, 300),)))
+    assert core.take_items() == ([P.ItemEntry(5, 0, item)], [P.Credit(5, 300)])
+    (fed,) = core.feed(P.Feed((P.ItemEntry(5, 0, (b"x",)),), (P.Credit(5, 256),)))
+    assert fed.identity == b"w1" and fed.msg == P.Feed((P.ItemEntry(5, 0, (b"x",)),), (P.Credit(5, 256),))
 
 
 def test_the_agent_keeps_feed_for_a_queued_task_and_sends_it_behind_the_task():
     core = AgentCore("node")
     core.add_worker(b"w1")
-    core.tasks(P.Tasks((P.TaskEntry(5, D, 0, P.FLAG_CHANNEL, b"args"),), (D,)), [b"blob"])
-    assert core.feed(P.Feed((P.ItemEntry(5, 0, 1),), (), (5,)), [b"obj"]) == []
-    send, fed = core.worker_ready(b"w1", 101)
-    assert isinstance(send.msg, P.Tasks) and fed.msg == P.Feed((P.ItemEntry(5, 0, 1),), (), (5,))
-    assert fed.frames == [b"obj"]
+    core.tasks(P.Tasks((P.TaskEntry(5, D, (b"args",), P.FLAG_CHANNEL),), (P.Function(D, b"blob"),)), 0.0)
+    obj = (b"obj", b"buffer")
+    assert core.feed(P.Feed((P.ItemEntry(5, 0, obj),), (), (5,))) == []
+    send, fed = core.worker_ready(b"w1", 101, 0.0)
+    assert isinstance(send.msg, P.Tasks) and fed.msg == P.Feed((P.ItemEntry(5, 0, obj),), (), (5,))
 
 
 def test_a_streams_result_ahead_of_its_batch_leaves_the_worker_busy_with_the_rest():
     core = agent_with_worker()
     core.durations[D] = 10.0  # short: the three go as one batch
-    (send,) = core.tasks(P.Tasks(tuple(P.TaskEntry(i, D, 0, 0, b"a") for i in (1, 2, 3)), (D,)), [b"blob"])
+    (send,) = core.tasks(P.Tasks(tuple(P.TaskEntry(i, D, (b"a",)) for i in (1, 2, 3)), (P.Function(D, b"blob"),)),
+                         0.0)
     assert [t.id for t in send.msg.tasks] == [1, 2, 3]
-    core.worker_items(b"w1", P.Items((P.ItemEntry(2, 0, 0, b"i"),)), [])
-    core.worker_results(b"w1", P.Result((P.ResultEntry(1, P.Status.OK, 0, 5, b"r1"),)), [])
+    core.worker_items(b"w1", P.Items((P.ItemEntry(2, 0, (b"i",)),)))
+    core.worker_results(b"w1", P.Result((P.ResultEntry(1, P.Status.OK, (b"r1",), 5),)), 0.0)
     assert [t.id for t in core.workers[b"w1"].batch] == [2, 3] and core.busy() == 1
     # The worker dies in task 3: task 2 streamed, so it is reported lost, not run again; 3 runs again.
     core.worker_exited(b"w1", -9)
@@ -360,10 +367,10 @@ def test_after_a_broker_restart_the_agent_stops_workers_streaming_for_the_old_on
     core = AgentCore("node")
     for w in (b"w1", b"w2"):
         core.add_worker(w)
-        core.worker_ready(w, 101)
-    core.tasks(P.Tasks((P.TaskEntry(5, D, 0, 0, b"args"), P.TaskEntry(6, D, 0, 0, b"args")), (D,)), [b"blob"])
+        core.worker_ready(w, 101, 0.0)
+    core.tasks(P.Tasks((P.TaskEntry(5, D, (b"args",)), P.TaskEntry(6, D, (b"args",))), (P.Function(D, b"blob"),)), 0.0)
     streaming_worker = next(s.identity for s in core.workers.values() if s.batch[0].id == 5)
-    core.worker_items(streaming_worker, P.Items((P.ItemEntry(5, 0, 0, b"i"),)), [])
+    core.worker_items(streaming_worker, P.Items((P.ItemEntry(5, 0, (b"i",)),)))
     assert core.forget_tasks() == [streaming_worker]  # the plain task just finishes; its result is dropped
     assert core.take_items() is None
 

@@ -45,20 +45,14 @@ log = logging.getLogger(__name__)
 
 
 class PendingTask:
-    """A task the producer has not seen finish; kept whole so it can be sent again."""
+    """A task the producer has not seen finish; kept whole (its entry, payload attached) so it can be sent again."""
 
-    __slots__ = ("id", "digest", "blob", "nframes", "data", "frames", "flags", "opts", "future", "reruns")
+    __slots__ = ("blob", "entry", "future", "id", "opts", "reruns")
 
-    def __init__(self, tid: int, digest: bytes, blob: bytes, nframes: int, data: bytes, frames: Any, flags: int,
-                 opts: TaskOptions, future: Future) -> None:
-        self.id, self.digest, self.blob = tid, digest, blob
-        self.nframes, self.data, self.frames, self.flags = nframes, data, frames, flags
+    def __init__(self, entry: P.TaskEntry, blob: bytes, opts: TaskOptions, future: Future) -> None:
+        self.id, self.entry, self.blob = entry.id, entry, blob
         self.opts, self.future = opts, future
         self.reruns = 0  # runs asked again because the task raised one of opts.retry_on
-
-    def entry(self) -> P.TaskEntry:
-        return P.TaskEntry(self.id, self.digest, self.nframes, self.flags, self.data, self.opts.retries,
-                           self.opts.timeout_ms)
 
 
 class Connection(threading.Thread):
@@ -75,7 +69,7 @@ class Connection(threading.Thread):
         self.failure: BaseException | None = None
         self.pending: dict[int, PendingTask] = {}
         self.feeds: collections.deque[FeedOp] = collections.deque()  # from streams: objects, credits, closes
-        self.sent_funcs: set[bytes] = set()
+        self.shipped = P.Shipped()  # the function blobs the broker has from us
         self.epoch: str | None = None
         self.heartbeat, self.liveness = 1.0, 3
         self.connected = False
@@ -148,7 +142,7 @@ class Connection(threading.Thread):
             self.finished = True  # before the last sweep: a submit after it sees the flag (Client._submit)
             self._cancel_all()
             try:
-                sock.send(P.encode(P.Bye("client closing")), zmq.NOBLOCK)
+                sock.send_multipart(P.encode(P.Bye(P.ByeReason.LEAVING)), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             if self._monitor is not None:
@@ -223,8 +217,8 @@ class Connection(threading.Thread):
         self.connected = False
         self._lost_since = since
 
-    def _send(self, msg: P.Message, frames: list[Any] | None = None) -> None:
-        self.sock.send_multipart([P.encode(msg), *(frames or ())], copy=False)
+    def _send(self, msg: P.Message) -> None:
+        self.sock.send_multipart(P.encode(msg), copy=False)
 
     # ------------------------------------------------------------------ outgoing
 
@@ -242,29 +236,12 @@ class Connection(threading.Thread):
             self._send_tasks(batch)
 
     def _send_tasks(self, tasks: list[PendingTask]) -> None:
-        """SUBMIT in batches of at most BATCH_MAX_TASKS tasks and about BATCH_MAX_BYTES."""
-        i = 0
-        while i < len(tasks):
-            entries: list[P.TaskEntry] = []
-            funcs: list[bytes] = []
-            blobs: list[Any] = []
-            frames: list[Any] = []
-            nbytes = 0
-            while (i < len(tasks) and len(entries) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES
-                   and len(frames) + len(blobs) + P.MAX_TASK_FRAMES < P.MAX_FRAMES):
-                task = tasks[i]
-                i += 1
-                if task.digest not in self.sent_funcs:
-                    self.sent_funcs.add(task.digest)
-                    funcs.append(task.digest)
-                    blobs.append(task.blob)
-                entries.append(task.entry())
-                if task.nframes:
-                    frames.extend(task.frames)
-                    nbytes += sum(len(f) for f in task.frames)
-                else:
-                    nbytes += len(task.data)
-            self._send(P.Submit(tuple(entries), tuple(funcs)), [*blobs, *frames])
+        """SUBMIT in batches that fit a message, each function blob once per connection."""
+        entries = [task.entry for task in tasks]
+        blobs = {task.entry.digest: task.blob for task in tasks}
+        # A blob for every task at worst: keep room for them in each message.
+        for batch in P.batches(entries, reserved_frames=min(len(blobs), P.BATCH_MAX_TASKS)):
+            self._send(P.Submit(tuple(batch), self.shipped.functions(batch, blobs.__getitem__)))
 
     def _send_cancels(self) -> None:
         ids: list[int] = []
@@ -288,20 +265,21 @@ class Connection(threading.Thread):
                 return
             self._last_heard = time.monotonic()
             try:
-                msg = P.decode(frames[0].buffer, len(frames) - 1)
+                msg = P.decode(frames)
             except ProtocolError as exc:
                 log.error("dropped a bad message from the broker at %s: %s", self.address, exc)
                 continue
             if isinstance(msg, P.Result):
-                self._results(msg, frames[1:])
+                self._results(msg)
             elif isinstance(msg, P.Items):
-                self._items(msg, frames[1:])
+                self._items(msg)
             elif isinstance(msg, P.Welcome):
                 self._welcome(msg)
             elif isinstance(msg, P.Error):
                 self._error(msg)
             elif isinstance(msg, P.Bye):
-                log.warning("the broker at %s is stopping (%s); waiting for it to return", self.address, msg.reason)
+                log.warning("the broker at %s is stopping (%s); waiting for it to return", self.address,
+                            msg.reason.name.lower())
                 self._lose(time.monotonic())
 
     def _welcome(self, msg: P.Welcome) -> None:
@@ -319,31 +297,29 @@ class Connection(threading.Thread):
         # Results already on their way are deduplicated here; tasks it still has, there.
         log.warning("%s broker at %s; sending its %d unfinished tasks again",
                     "a restarted" if restarted else "reconnected to the", self.address, len(self.pending))
-        self.sent_funcs.clear()
+        self.shipped.forget()
         self._fail_streams()
         if self.pending:
             self._send_tasks(list(self.pending.values()))
 
-    def _results(self, msg: P.Result, frames: list[Any]) -> None:
-        pos = 0
+    def _results(self, msg: P.Result) -> None:
         for entry in msg.results:
-            rframes, pos = P.unpack_payload(entry, frames, pos)
             task = self.pending.pop(entry.id, None)
             if task is None:
                 continue  # cancelled, or a duplicate after a resubmission
             fut = task.future
             try:
                 if entry.status == P.Status.OK:
-                    value = serialize.loads(rframes, what=functools.partial("result of task {}".format, entry.id))
+                    value = serialize.loads(entry.payload, what=functools.partial("result of task {}".format, entry.id))
                     self.release()
                     fut.set_result(value)
                     continue
                 if entry.status == P.Status.STREAMED:
                     self.release()
-                    self._stream_ended(task, rframes)
+                    self._stream_ended(task, entry.payload)
                     continue
                 if entry.status == P.Status.RAISED:
-                    exc: BaseException = serialize.load_exception(rframes)
+                    exc: BaseException = serialize.load_exception(entry.payload)
                     if (isinstance(exc, task.opts.retry_on) and task.reruns < task.opts.retries
                             and not _exchanged(fut)):
                         task.reruns += 1
@@ -353,11 +329,7 @@ class Connection(threading.Thread):
                         self._send_tasks([task])
                         continue
                 else:
-                    reason = bytes(rframes[0]).decode(errors="replace")
-                    kind: dict[int, type[Exception]] = {P.Status.TIMEOUT: TaskTimeout,
-                                                         P.Status.CANCELLED: concurrent.futures.CancelledError,
-                                                         P.Status.MEMORY: MemoryLimitExceeded}
-                    exc = kind.get(entry.status, WorkerLost)(reason)
+                    exc = _ended_without_value(entry)
                 self.release()
                 fut.set_exception(exc)
             except SerializationError as err:
@@ -368,14 +340,12 @@ class Connection(threading.Thread):
 
     # ------------------------------------------------------------------ streams (zpar.streaming)
 
-    def _items(self, msg: P.Items, frames: list[Any]) -> None:
-        pos = 0
+    def _items(self, msg: P.Items) -> None:
         for entry in msg.items:
-            iframes, pos = P.unpack_payload(entry, frames, pos)
             task = self.pending.get(entry.id)
             if task is None:
                 continue  # cancelled, failed, or done
-            if task.future._stream_state().arrived(entry.seq, iframes) is not None:
+            if task.future._stream_state().arrived(entry.seq, entry.payload) is not None:
                 self._stream_broken(task, f"item {task.future._stream_state().next_seq} of task {task.id} "
                                           "was lost on the way (a connection broke)")
         for credit in msg.credits:
@@ -383,7 +353,7 @@ class Connection(threading.Thread):
             if task is not None:
                 task.future._stream_state().granted(credit.upto)
 
-    def _stream_ended(self, task: PendingTask, rframes: Any) -> None:
+    def _stream_ended(self, task: PendingTask, rframes: P.Payload) -> None:
         """A task that sent items returned: its result, once every item it counted is here."""
         fut = task.future
         try:
@@ -426,54 +396,52 @@ class Connection(threading.Thread):
         items: list[P.ItemEntry] = []
         credits: list[P.Credit] = []
         closed: list[int] = []
-        frames: list[Any] = []
-        nbytes = 0
+        nframes = nbytes = 0
         for op in ops:
             if op[1] not in self.pending:
                 continue
             if op[0] == "item":
                 _, tid, seq, oframes = op
-                nframes, data, payload = P.pack_payload(oframes)
-                items.append(P.ItemEntry(tid, seq, nframes, data))
-                frames.extend(payload)
-                nbytes += len(data) + sum(len(f) for f in payload)
+                items.append(P.ItemEntry(tid, seq, oframes))
+                nframes += len(oframes)
+                nbytes += P.payload_bytes(oframes)
             elif op[0] == "credit":
                 credits.append(P.Credit(op[1], op[2]))
             else:
                 closed.append(op[1])
             if (len(items) + len(credits) + len(closed) >= P.BATCH_MAX_TASKS or nbytes >= P.BATCH_MAX_BYTES
-                    or len(frames) + P.MAX_TASK_FRAMES >= P.MAX_FRAMES):
-                self._send(P.Feed(tuple(items), tuple(credits), tuple(closed)), frames)
-                items, credits, closed, frames, nbytes = [], [], [], [], 0
+                    or nframes + P.MAX_TASK_FRAMES >= P.MAX_FRAMES):
+                self._send(P.Feed(tuple(items), tuple(credits), tuple(closed)))
+                items, credits, closed, nframes, nbytes = [], [], [], 0, 0
         if items or credits or closed:
-            self._send(P.Feed(tuple(items), tuple(credits), tuple(closed)), frames)
+            self._send(P.Feed(tuple(items), tuple(credits), tuple(closed)))
 
     def _error(self, msg: P.Error) -> None:
-        if "send HELLO" in msg.message:  # the broker does not know us (any more)
+        if msg.code is P.ErrorCode.UNKNOWN_PEER:  # the broker does not know us (any more)
             self._lose(time.monotonic())
             self._hello()
             return
-        if "unknown function" in msg.message:  # it lost a function blob: send those tasks with it
+        if msg.code is P.ErrorCode.UNKNOWN_FUNCTION:  # it lost a function blob: send those tasks with it
             retry = [self.pending[tid] for tid in msg.ids if tid in self.pending]
-            for task in retry:
-                self.sent_funcs.discard(task.digest)
+            self.shipped.forget(task.entry.digest for task in retry)
             if retry:
                 self._send_tasks(retry)
             return
-        if msg.message.startswith("key revoked"):  # for good: fail what is pending, stop
-            exc = AuthenticationError(f"the broker at {self.address} cut us off: {msg.message}")
+        if msg.code is P.ErrorCode.KEY_REVOKED:  # for good: fail what is pending, stop
+            exc = AuthenticationError(f"the broker at {self.address} cut us off: this producer's key was "
+                                      "removed from the broker's allow-list")
             self.failure = exc
             self._fail_all(exc)
             self._stopping = True
             return
-        log.error("broker at %s refused: %s", self.address, msg.message)
+        detail = f"{msg.code.name}{': ' + msg.detail if msg.detail else ''}"
+        log.error("broker at %s refused a message (%s)", self.address, detail)
         for tid in msg.ids:
             refused = self.pending.pop(tid, None)
             if refused is not None:
-                task = refused
                 self.release()
                 try:
-                    task.future.set_exception(ProtocolError(f"the broker refused task {tid}: {msg.message}"))
+                    refused.future.set_exception(ProtocolError(f"the broker refused task {tid} ({detail})"))
                 except concurrent.futures.InvalidStateError:
                     pass
 
@@ -520,3 +488,25 @@ class Connection(threading.Thread):
 def _exchanged(fut: Future) -> bool:
     """The task has sent or been sent an item: running it again could repeat or lose one."""
     return fut._stream is not None and fut._stream.exchanged
+
+
+def _ended_without_value(entry: P.ResultEntry) -> BaseException:
+    """The error for a task that ended without a value (LOST, TIMEOUT, CANCELLED, MEMORY), from its cause."""
+    cause = entry.cause or P.Cause()
+    worker = f"worker pid {cause.pid} on {cause.node}"
+    if entry.status == P.Status.TIMEOUT:
+        return TaskTimeout(f"task {entry.id} {cause.detail} on {cause.node}; {worker} was stopped")
+    if entry.status == P.Status.CANCELLED:
+        return concurrent.futures.CancelledError(f"task {entry.id} was cancelled on {cause.node}")
+    fields: dict[str, Any] = {"node": cause.node, "pid": cause.pid, "exitcode": cause.exitcode,
+                              "signal": cause.signal, "attempts": cause.attempts}
+    if entry.status == P.Status.MEMORY:
+        return MemoryLimitExceeded(f"task {entry.id}: {worker} {cause.detail}; it was stopped", **fields)
+    ended = cause.ended()
+    if ended:
+        text = f"task {entry.id} was lost: {worker} {ended}" + (f" ({cause.detail})" if cause.detail else "")
+    else:
+        text = f"task {entry.id} was lost on {cause.node or 'its node'}" + (f": {cause.detail}" if cause.detail else "")
+    if cause.attempts:
+        text += f"; gave up after {cause.attempts} attempt{'s' if cause.attempts != 1 else ''}"
+    return WorkerLost(text, **fields)

@@ -192,8 +192,8 @@ class Client(_Submitter):
         def what() -> str:  # built only if something fails
             return f"arguments of {_name(fn)}"
 
-        nframes, data, frames = P.pack_payload(serialize.dumps(payload, what, chunk=self._creds is not None))
-        if nframes:
+        frames = serialize.dumps(payload, what, chunk=self._creds is not None)
+        if len(frames) > 1:
             serialize.check_payload(frames, what)
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
             while not self._window.acquire(timeout=1.0):
@@ -201,7 +201,7 @@ class Client(_Submitter):
                     raise RuntimeError("this zpar Client's connection has stopped; create a new one")
         tid = next(self._ids)
         fut = Future(tid, self._cancel_one, self._feed)
-        task = PendingTask(tid, digest, blob, nframes, data, frames, flags, opts, fut)
+        task = PendingTask(P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms), blob, opts, fut)
         self._submits.append(task)
         self._wake()
         if self._io.finished:  # the I/O thread ended (refused, or failed): nothing would send it
@@ -336,7 +336,7 @@ def broker_status(address: str, timeout: float = 5.0, creds: security.Credential
     monitor = security.HandshakeMonitor(sock, address, creds) if address.startswith("tcp://") else None
     try:
         sock.connect(address)
-        sock.send(P.encode(P.StatusMsg()))
+        sock.send_multipart(P.encode(P.StatusMsg()))
         deadline = time.monotonic() + timeout
         while not sock.poll(50):
             failure = monitor.check() if monitor else None
@@ -346,7 +346,7 @@ def broker_status(address: str, timeout: float = 5.0, creds: security.Credential
                 raise BrokerUnavailable(f"no zpar broker answered at {address} within {timeout:g} s; "
                                         "is `zpar-broker` running, and is this its frontend address?")
         frames = sock.recv_multipart()
-        msg = P.decode(frames[0], len(frames) - 1)
+        msg = P.decode(frames)
         if not isinstance(msg, P.StatusMsg):
             raise ProtocolError(f"expected STATUS from the broker, got {msg.kind.name}")
         return msg.info

@@ -61,7 +61,26 @@ class TaskError(ZparError):
 
 
 class WorkerLost(ZparError):
-    """The process running the task died (a signal or exit code says how)."""
+    """The process or node running the task died, and its retries (if any) ran out.
+
+    ``exitcode`` or ``signal`` says how the worker process ended, when it is
+    known (None otherwise: a node that went silent, say); ``node`` names the
+    agent, ``pid`` the worker process, ``attempts`` the runs lost.
+    """
+
+    def __init__(self, message: str, *, node: str = "", pid: int = 0, exitcode: int | None = None,
+                 signal: int | None = None, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.node, self.pid, self.exitcode, self.signal, self.attempts = node, pid, exitcode, signal, attempts
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep the fields across pickling
+        return (_rebuild, (type(self), self.args[0], self.node, self.pid, self.exitcode, self.signal,
+                           self.attempts))
+
+
+def _rebuild(cls: type[WorkerLost], message: str, node: str, pid: int, exitcode: int | None, signal: int | None,
+             attempts: int) -> WorkerLost:
+    return cls(message, node=node, pid=pid, exitcode=exitcode, signal=signal, attempts=attempts)
 
 
 class MemoryLimitExceeded(WorkerLost):

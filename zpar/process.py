@@ -49,15 +49,13 @@ import concurrent.futures
 import itertools
 import os
 import pickle
-import re
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import serialize
+from . import _default, serialize
 from .client import Client
 from .errors import SerializationError, TaskTimeout, WorkerLost, ZparError
 from .futures import Future
@@ -65,25 +63,16 @@ from .streaming import Channel
 
 __all__ = ["Process", "active_children", "set_default_client"]
 
-_lock = threading.Lock()
-_default: Client | None = None
 _counter = itertools.count(1)
 _children: set[Process] = set()  # started and not known to be finished (joined at exit)
 
 
 def set_default_client(client: Client | None) -> None:
-    """Run Processes started without ``client=`` on ``client`` (None: an embedded cluster, made when needed)."""
-    global _default
-    with _lock:
-        _default = client
+    """Run Processes started without ``client=`` on ``client`` (None: an embedded cluster, made when needed).
 
-
-def _default_client() -> Client:
-    global _default
-    with _lock:
-        if _default is None or _default.closed:
-            _default = Client()
-        return _default
+    This is the drop-in layers' one default (zpar.pprocess uses it too).
+    """
+    _default.shared.use(client)
 
 
 def active_children() -> list[Process]:
@@ -110,9 +99,6 @@ def _bootstrap(channel: Channel, blob: bytes) -> int:
         sys.stderr.flush()
         raise
     return 0
-
-
-_LOST = re.compile(r"(?:killed by (SIG[A-Z0-9]+)|exited with code (-?\d+))")
 
 
 class Process:
@@ -160,7 +146,7 @@ class Process:
                 f"{exc.__cause__ or exc}. It runs on a worker of the cluster, not in a child of this "
                 "process, so multiprocessing queues, pipes, locks and shared values cannot reach it: return "
                 "a value (zpar futures) or talk to it over a channel (client.start)") from exc
-        client = self._client or _default_client()
+        client = self._client or _default.shared.get()
         self._future = client.options(retries=0).start(_bootstrap, blob)
         _children.add(self)
 
@@ -252,7 +238,7 @@ class Process:
             elif isinstance(exc, TaskTimeout):
                 code = -signal.SIGTERM
             elif isinstance(exc, WorkerLost):
-                code = _lost_code(str(exc))
+                code = _lost_code(exc)
             else:
                 self.exception = exc
                 code = 1
@@ -277,17 +263,13 @@ class Process:
         return f"<{type(self).__name__} name={self._name!r} pid={self._pid} {status}{daemon}>"
 
 
-def _lost_code(reason: str) -> int:
-    """``-N`` for a worker killed by signal N, its exit code, or 1."""
-    match = _LOST.search(reason)
-    if match is None:
-        return 1
-    if match.group(1):
-        try:
-            return -int(signal.Signals[match.group(1)])
-        except KeyError:
-            return 1
-    return int(match.group(2))
+def _lost_code(exc: WorkerLost) -> int:
+    """``-N`` for a worker killed by signal N, its exit code, or 1 (a node lost, say)."""
+    if exc.signal is not None:
+        return -exc.signal
+    if exc.exitcode is not None:
+        return exc.exitcode
+    return 1
 
 
 @atexit.register

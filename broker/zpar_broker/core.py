@@ -27,12 +27,17 @@ import uuid
 from typing import Any, Iterable
 
 from zpar import protocol as P
+from zpar._liveness import PRODUCER_SLACK, Liveness
 
 from .outgoing import Dest, Outgoing
-from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, status_of
 from .streams import StreamRouting
 
 log = logging.getLogger(__name__)
+
+#: A TASKS message stops taking tasks past this many payload frames (MAX_FRAMES, less room
+#: for function blobs and one more task of the most frames a task may have).
+_FRAMES_PER_BATCH = P.MAX_FRAMES - P.MAX_TASK_FRAMES - P.BATCH_MAX_TASKS
 
 
 class BrokerCore(StreamRouting):
@@ -44,6 +49,7 @@ class BrokerCore(StreamRouting):
         self.security = security  # shown in status: how peers are authenticated
         self.heartbeat = heartbeat
         self.liveness = liveness
+        self._rule = Liveness(heartbeat, liveness)
         self.collector = collector
         self.max_message_size = max_message_size
         self.started = now
@@ -57,7 +63,7 @@ class BrokerCore(StreamRouting):
 
     # ------------------------------------------------------------------ events
 
-    def producer_message(self, now: float, peer: bytes, msg: P.Message, frames: list[Any]) -> list[Outgoing]:
+    def producer_message(self, now: float, peer: bytes, msg: P.Message) -> list[Outgoing]:
         prod = self._producers.get(peer)
         if prod is None:
             if isinstance(msg, P.StatusMsg):  # `zpar status` is not a producer
@@ -68,12 +74,12 @@ class BrokerCore(StreamRouting):
                 # Forgotten (silent too long), or from before a broker restart: it must
                 # say HELLO and send its unfinished tasks again.
                 self.counters["unknown_producer_messages"] += 1
-                return [Outgoing(Dest.FRONTEND, peer, P.Error("unknown producer: send HELLO"))]
+                return [Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.UNKNOWN_PEER))]
             prod = self._producers[peer] = ProducerRecord(peer, now)
         prod.last_seen = now
         out: list[Outgoing] = []
         if isinstance(msg, P.Submit):
-            self._accept(prod, msg, frames, out)
+            self._accept(prod, msg, out)
             self._dispatch(out)
         elif isinstance(msg, P.Hello):
             prod.name, prod.host = msg.name, msg.host
@@ -81,7 +87,7 @@ class BrokerCore(StreamRouting):
         elif isinstance(msg, P.Cancel):
             self._cancel(prod, msg.ids, msg.force, out)
         elif isinstance(msg, P.Feed):
-            self._feed(prod, msg, frames, out)
+            self._feed(prod, msg, out)
         elif isinstance(msg, P.StatusMsg):
             out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now))))
         elif isinstance(msg, P.Bye):
@@ -90,10 +96,10 @@ class BrokerCore(StreamRouting):
             out.append(Outgoing(Dest.FRONTEND, peer, P.Heartbeat()))  # so the producer knows we live
         else:
             self.counters["protocol_errors"] += 1
-            out.append(Outgoing(Dest.FRONTEND, peer, P.Error(f"a producer may not send {msg.kind.name}")))
+            out.append(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.NOT_ALLOWED, (), msg.kind.name)))
         return out
 
-    def agent_message(self, now: float, peer: bytes, msg: P.Message, frames: list[Any]) -> list[Outgoing]:
+    def agent_message(self, now: float, peer: bytes, msg: P.Message) -> list[Outgoing]:
         out: list[Outgoing] = []
         agent = self._agents.get(peer)
         if isinstance(msg, P.Hello):
@@ -111,7 +117,7 @@ class BrokerCore(StreamRouting):
         if agent is None:
             # Dropped as silent, or from before a broker restart: it must register anew.
             self.counters["unknown_agent_messages"] += 1
-            out.append(Outgoing(Dest.BACKEND, peer, P.Error("unknown agent: send HELLO")))
+            out.append(Outgoing(Dest.BACKEND, peer, P.Error(P.ErrorCode.UNKNOWN_PEER)))
             return out
         agent.last_seen = now
         if isinstance(msg, P.Ready):
@@ -120,15 +126,15 @@ class BrokerCore(StreamRouting):
         elif isinstance(msg, P.Heartbeat):
             agent.busy = msg.busy
         elif isinstance(msg, P.Bye):
-            log.info("agent %s left: %s", agent.name, msg.reason or "bye")
+            log.info("agent %s left (%s)", agent.name, msg.reason.name.lower())
             self._drop_agent(agent, "left", out)
             self._dispatch(out)
         else:
             self.counters["protocol_errors"] += 1
-            out.append(Outgoing(Dest.BACKEND, peer, P.Error(f"an agent may not send {msg.kind.name}")))
+            out.append(Outgoing(Dest.BACKEND, peer, P.Error(P.ErrorCode.NOT_ALLOWED, (), msg.kind.name)))
         return out
 
-    def results(self, now: float, msg: P.Result, frames: list[Any]) -> list[Outgoing]:
+    def results(self, now: float, msg: P.Result) -> list[Outgoing]:
         """Results from the collector: route each to its producer, once; retry lost runs."""
         out: list[Outgoing] = []
         if msg.agent:  # the agent keeps results until we say we have them
@@ -140,11 +146,8 @@ class BrokerCore(StreamRouting):
         agent = self._agents.get(msg.agent)
         if agent is not None:
             agent.last_seen = now
-        by_producer: dict[bytes, tuple[list[P.ResultEntry], list[Any]]] = {}
-        pos = 0
+        by_producer: dict[bytes, list[P.ResultEntry]] = {}
         for entry in msg.results:
-            rframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
             task = self._tasks.get(entry.id)
             if task is None:
                 self.counters["late_results"] += 1  # finished elsewhere, cancelled, or its producer left
@@ -153,20 +156,18 @@ class BrokerCore(StreamRouting):
                 if task.state is not TaskState.ASSIGNED or (msg.agent and task.agent and task.agent.id != msg.agent):
                     self.counters["stale_loss_reports"] += 1  # the task has moved on already
                     continue
-                why = bytes(entry.data).decode(errors="replace")
-                if self._lost(task, why, out):
+                cause = entry.cause or P.Cause()
+                if self._lost(task, cause, out):
                     continue  # queued again
-                entry = entry._replace(data=self._gave_up(task, why))
+                entry = entry._replace(cause=self._gave_up(task, cause))
             del self._tasks[entry.id]
             if task.state is TaskState.QUEUED:  # a dropped agent's late result: accepted, so not run again
                 task.producer.queue.remove(task)
                 self.counters["late_results_accepted"] += 1
             self._unlink(task)
             self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
-            entries, fr = by_producer.setdefault(task.producer.id, ([], []))
-            entries.append(entry._replace(id=task.ptid))
-            fr.extend(rframes)
-        out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e)), fr) for pid, (e, fr) in by_producer.items()]
+            by_producer.setdefault(task.producer.id, []).append(entry._replace(id=task.ptid))
+        out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e))) for pid, e in by_producer.items()]
         self._dispatch(out)
         return out
 
@@ -180,9 +181,8 @@ class BrokerCore(StreamRouting):
         if now < self._next_beat:
             return out
         self._next_beat = now + self.heartbeat
-        deadline = now - self.heartbeat * self.liveness if judge else float("-inf")
-        # Producers get twice as long: their I/O thread shares the GIL with the user's code.
-        producer_deadline = now - 2 * self.heartbeat * self.liveness if judge else float("-inf")
+        deadline = self._rule.cutoff(now) if judge else float("-inf")
+        producer_deadline = self._rule.cutoff(now, PRODUCER_SLACK) if judge else float("-inf")
         for agent in list(self._agents.values()):
             if agent.last_seen < deadline:
                 log.warning("agent %s silent for %.1f s; re-queueing its %d tasks",
@@ -193,7 +193,7 @@ class BrokerCore(StreamRouting):
         for prod in list(self._producers.values()):
             if prod.last_seen < producer_deadline:
                 log.warning("producer %s on %s silent for %.1f s; dropping its %d tasks",
-                            prod.name or prod.id.hex(), prod.host, now - prod.last_seen, len(prod.tasks))
+                            prod.label(), prod.host, now - prod.last_seen, len(prod.tasks))
                 self._forget_producer(prod, out)
                 self.counters["producers_silent"] += 1
         self._dispatch(out)
@@ -204,17 +204,17 @@ class BrokerCore(StreamRouting):
 
     def revoke(self, now: float, peer: bytes) -> list[Outgoing]:
         """A connected peer's key was revoked: forget it as the agent or producer it is, and tell it why."""
-        bye = P.Bye("key revoked")
+        bye = P.Bye(P.ByeReason.KEY_REVOKED)
         if peer in self._agents:
-            return [*self.agent_message(now, peer, bye, []), Outgoing(Dest.BACKEND, peer, bye)]
+            return [*self.agent_message(now, peer, bye), Outgoing(Dest.BACKEND, peer, bye)]
         if peer in self._producers:
-            notice = P.Error("key revoked: this producer's key was removed from the broker's allow-list")
-            return [*self.producer_message(now, peer, bye, []), Outgoing(Dest.FRONTEND, peer, notice)]
+            notice = P.Error(P.ErrorCode.KEY_REVOKED)
+            return [*self.producer_message(now, peer, bye), Outgoing(Dest.FRONTEND, peer, notice)]
         return []
 
-    def farewells(self, reason: str) -> list[Outgoing]:
+    def farewells(self) -> list[Outgoing]:
         """A BYE for every agent and producer (the broker is stopping)."""
-        bye = P.Bye(reason)
+        bye = P.Bye(P.ByeReason.STOPPING)
         return ([Outgoing(Dest.BACKEND, a, bye) for a in self._agents]
                 + [Outgoing(Dest.FRONTEND, p, bye) for p in self._producers])
 
@@ -227,30 +227,25 @@ class BrokerCore(StreamRouting):
     def _welcome(self) -> P.Welcome:
         return P.Welcome(self.epoch, self.heartbeat, self.liveness, self.collector, self.max_message_size)
 
-    def _accept(self, prod: ProducerRecord, msg: P.Submit, frames: list[Any], out: list[Outgoing]) -> None:
-        nfuncs = len(msg.funcs)
-        for d, blob in zip(msg.funcs, frames[:nfuncs]):
-            prod.funcs[d] = blob
-        pos = nfuncs
+    def _accept(self, prod: ProducerRecord, msg: P.Submit, out: list[Outgoing]) -> None:
+        for func in msg.funcs:
+            prod.funcs[func.digest] = func.blob
         missing: list[int] = []
         for entry in msg.tasks:
-            tframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
             if entry.id in prod.tasks:  # sent again (after a reconnect): we have it already
                 self.counters["duplicate_submits"] += 1
                 continue
             if entry.digest not in prod.funcs:
                 missing.append(entry.id)
                 continue
-            task = TaskRecord(self._next_gid, prod, entry, tframes)
+            task = TaskRecord(self._next_gid, prod, entry)
             self._next_gid += 1
             self._tasks[task.gid] = task
-            prod.tasks[task.ptid] = task
+            prod.tasks[entry.id] = task
             prod.queue.append(task)
             self.counters["submitted"] += 1
         if missing:
-            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
-                "unknown function digest: send these tasks again with their function", tuple(missing))))
+            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.UNKNOWN_FUNCTION, tuple(missing))))
         self._activate(prod)
 
     def _cancel(self, prod: ProducerRecord, ids: Iterable[int], force: bool, out: list[Outgoing]) -> None:
@@ -262,7 +257,7 @@ class BrokerCore(StreamRouting):
                 continue
             if task.state is TaskState.QUEUED:
                 prod.queue.remove(task)
-            elif (force or task.streamed or task.flags & P.FLAG_CHANNEL) and task.agent is not None:
+            elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL) and task.agent is not None:
                 # A stream left running would wait at its window for ever: stopped too.
                 stop.setdefault(task.agent.id, []).append(task.gid)
             else:
@@ -273,13 +268,13 @@ class BrokerCore(StreamRouting):
         for aid, gids in stop.items():
             out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids), force=True)))
 
-    def _lost(self, task: TaskRecord, why: str, out: list[Outgoing]) -> bool:
+    def _lost(self, task: TaskRecord, cause: P.Cause, out: list[Outgoing]) -> bool:
         """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""
         task.attempts += 1
-        if task.attempts > task.retries or task.streamed:
+        if task.attempts > task.entry.retries or task.streamed:
             return False
-        log.info("task %d of %s lost (%s); running it again (attempt %d of %d)", task.ptid,
-                 task.producer.name or task.producer.id.hex(), why, task.attempts + 1, task.retries + 1)
+        log.info("task %d of %s lost on %s; running it again (attempt %d of %d)", task.ptid,
+                 task.producer.label(), cause.node, task.attempts + 1, task.entry.retries + 1)
         if task.agent is not None:
             task.agent.assigned.pop(task.gid, None)
             task.agent = None
@@ -290,11 +285,12 @@ class BrokerCore(StreamRouting):
         return True
 
     @staticmethod
-    def _gave_up(task: TaskRecord, why: str) -> bytes:
+    def _gave_up(task: TaskRecord, cause: P.Cause) -> P.Cause:
+        """The cause the producer gets: how many runs were lost, and why no more."""
         if task.streamed:
-            return f"{why}; not run again: it had exchanged stream items (see zpar.streaming)".encode()
-        runs = task.attempts
-        return f"{why}; gave up after {runs} attempt{'s' if runs != 1 else ''}".encode()
+            note = "not run again: it had exchanged stream items (see zpar.streaming)"
+            return cause._replace(attempts=task.attempts, detail=f"{cause.detail}; {note}" if cause.detail else note)
+        return cause._replace(attempts=task.attempts)
 
     def _activate(self, prod: ProducerRecord) -> None:
         if prod.queue and not prod.active:
@@ -327,19 +323,19 @@ class BrokerCore(StreamRouting):
     def _drop_agent(self, agent: AgentRecord, why: str, out: list[Outgoing]) -> None:
         """The agent is gone: its tasks go back to the front of their queues, or fail past their retries."""
         del self._agents[agent.id]
-        reason = f"node {agent.name} " + {"silent": "went silent", "re-registered": "restarted"}.get(why, why)
+        cause = P.Cause(agent.name, agent.pid, detail="the node went silent" if why == "silent" else "the node left")
         failed: dict[bytes, list[P.ResultEntry]] = {}
         # Oldest first at the front: they were taken first.
         for task in sorted(agent.assigned.values(), key=lambda t: t.gid, reverse=True):
             task.agent = None
-            if self._lost(task, reason, out):
+            if self._lost(task, cause, out):
                 self.counters["requeued"] += 1
                 continue
             del self._tasks[task.gid]
             self._unlink(task)
             self.counters["failed"] += 1
             failed.setdefault(task.producer.id, []).append(
-                P.ResultEntry(task.ptid, P.Status.LOST, 0, 0, self._gave_up(task, reason)))
+                P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
         agent.assigned.clear()
         for pid, entries in failed.items():
             out.append(Outgoing(Dest.FRONTEND, pid, P.Result(tuple(entries))))
@@ -367,7 +363,7 @@ class BrokerCore(StreamRouting):
 
     def _send_batch(self, agent: AgentRecord, limit: int, out: list[Outgoing]) -> None:
         batch: list[TaskRecord] = []
-        nbytes = 0
+        nbytes = nframes = 0
         # Round-robin: in each round, every active producer gives an even share of what is left.
         while len(batch) < limit and nbytes < P.BATCH_MAX_BYTES and self._active:
             in_round = len(self._active)
@@ -376,10 +372,11 @@ class BrokerCore(StreamRouting):
                     break
                 prod = self._active.popleft()
                 share = max(1, (limit - len(batch)) // (in_round - served))
-                while share and prod.queue and nbytes < P.BATCH_MAX_BYTES:
+                while share and prod.queue and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
                     task = prod.queue.popleft()
                     batch.append(task)
                     nbytes += task.nbytes
+                    nframes += len(task.entry.payload)
                     share -= 1
                 if prod.queue:
                     self._active.append(prod)
@@ -387,26 +384,21 @@ class BrokerCore(StreamRouting):
                     prod.active = False
         if not batch:
             return
-        funcs: list[bytes] = []
-        frames: list[Any] = []
-        for task in batch:
-            if task.digest not in agent.known:
-                agent.known.add(task.digest)
-                funcs.append(task.digest)
-                frames.append(task.producer.funcs[task.digest])
-        entries = []
+        entries: list[P.TaskEntry] = []
         fed: list[TaskRecord] = []
+        blobs: dict[bytes, P.Frame] = {}
         for task in batch:
+            entry = task.entry
+            blobs.setdefault(entry.digest, task.producer.funcs[entry.digest])
             task.state = TaskState.ASSIGNED
             task.agent = agent
             agent.assigned[task.gid] = task
-            entries.append(P.TaskEntry(task.gid, task.digest, len(task.frames), task.flags, task.data,
-                                       0, task.timeout_ms))
-            frames.extend(task.frames)
+            entries.append(entry._replace(id=task.gid))  # the payload goes on as it came
             if task.feed is not None:
                 fed.append(task)
         agent.credits -= len(batch)
-        out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), tuple(funcs)), frames))
+        funcs = agent.shipped.functions(entries, blobs.__getitem__)
+        out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), funcs)))
         if fed:  # what producers sent them while queued, right behind them
             self._send_kept_feed(agent, fed, out)
 
@@ -414,20 +406,7 @@ class BrokerCore(StreamRouting):
 
     def status(self, now: float) -> dict[str, Any]:
         queued = sum(len(p.queue) for p in self._producers.values())
-        nodes = [
-            {
-                "name": a.name,
-                "host": a.host,
-                "pid": a.pid,
-                "workers": a.workers,
-                "busy": min(a.busy, a.workers),
-                "idle": max(0, a.workers - a.busy),
-                "running": len(a.assigned),
-                "credits": a.credits,
-                "last_seen_s": round(now - a.last_seen, 3),
-            }
-            for a in self._agents.values()
-        ]
+        nodes = [status_of(a, now) for a in self._agents.values()]
         return {
             "epoch": self.epoch,
             "broker": {"host": socket.gethostname(), "pid": os.getpid()},

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
-
 import zmq
 
 from zpar import protocol as P
@@ -31,10 +29,10 @@ class _LocalUplink:
         self.broker, self.identity = broker, identity
 
     def send(self, msg: P.Message) -> None:
-        self.broker.from_local_agent(self.identity, msg, [])
+        self.broker.from_local_agent(self.identity, msg)
 
-    def send_results(self, msg: P.Result | P.Items, frames: list[Any]) -> bool:
-        self.broker.from_local_agent(self.identity, msg, frames)
+    def send_results(self, msg: P.Result | P.Items) -> bool:
+        self.broker.from_local_agent(self.identity, msg)
         return True
 
     def welcomed(self, msg: P.Welcome) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from zpar import protocol as P
 
@@ -16,9 +15,8 @@ class Dest(enum.Enum):
 
 @dataclass(slots=True)
 class Outgoing:
-    """A message for the server loop to send: ``frames`` follow the header."""
+    """A message for the server loop to send to ``peer``."""
 
     dest: Dest
     peer: bytes
     msg: P.Message
-    frames: list[Any] = field(default_factory=list)

@@ -15,54 +15,56 @@ class TaskState(enum.Enum):
 
 
 class TaskRecord:
-    __slots__ = ("gid", "producer", "ptid", "digest", "flags", "data", "frames", "nbytes", "state", "agent",
-                 "retries", "timeout_ms", "attempts", "streamed", "feed")
+    """A task as its producer sent it (``entry``, payload attached, forwarded as it is) and where it is."""
 
-    def __init__(self, gid: int, producer: "ProducerRecord", entry: P.TaskEntry, frames: list[Any]) -> None:
+    __slots__ = ("agent", "attempts", "entry", "feed", "gid", "nbytes", "producer", "state", "streamed")
+
+    def __init__(self, gid: int, producer: ProducerRecord, entry: P.TaskEntry) -> None:
         self.gid = gid
         self.producer = producer
-        self.ptid = entry.id
-        self.digest = entry.digest
-        self.flags = entry.flags
-        self.data = entry.data  # the payload, when small enough to ride in the header
-        self.frames = frames
-        self.nbytes = len(entry.data) + sum(len(f) for f in frames) if frames else len(entry.data)
+        self.entry = entry  # its id is the producer's; the agent sees it under ``gid``
+        self.nbytes = P.payload_bytes(entry.payload)
         self.state = TaskState.QUEUED
         self.agent: AgentRecord | None = None
-        self.retries = entry.retries  # re-runs allowed after losing it to a dead worker or node
-        self.timeout_ms = entry.timeout_ms
         self.attempts = 0  # runs lost so far
         self.streamed = False  # it exchanged stream items (zpar.streaming): never run it again
         self.feed: Feed | None = None  # what its producer sent it before an agent had it
+
+    @property
+    def ptid(self) -> int:
+        """The producer's id for the task."""
+        return self.entry.id
 
 
 class Feed:
     """FEED for a task still queued here: it follows the task to its agent."""
 
-    __slots__ = ("closed", "frames", "items")
+    __slots__ = ("closed", "items")
 
     def __init__(self) -> None:
         self.items: list[P.ItemEntry] = []  # already renumbered with the task's gid
-        self.frames: list[Any] = []
         self.closed = False
 
 
 class ProducerRecord:
-    __slots__ = ("id", "name", "host", "funcs", "queue", "tasks", "last_seen", "active")
+    __slots__ = ("active", "funcs", "host", "id", "last_seen", "name", "queue", "tasks")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
         self.name = ""
         self.host = ""
-        self.funcs: dict[bytes, Any] = {}  # digest -> function blob frame
+        self.funcs: dict[bytes, P.Frame] = {}  # digest -> function blob frame
         self.queue: collections.deque[TaskRecord] = collections.deque()
         self.tasks: dict[int, TaskRecord] = {}  # producer task id -> task, queued or assigned
         self.last_seen = now
         self.active = False  # in the broker's round-robin of producers with queued tasks
 
+    def label(self) -> str:
+        return self.name or self.id.hex()
+
 
 class AgentRecord:
-    __slots__ = ("id", "name", "host", "pid", "workers", "busy", "credits", "known", "assigned", "last_seen")
+    __slots__ = ("assigned", "busy", "credits", "host", "id", "last_seen", "name", "pid", "shipped", "workers")
 
     def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
         self.id = aid
@@ -72,6 +74,21 @@ class AgentRecord:
         self.workers = hello.workers
         self.busy = 0
         self.credits = 0
-        self.known: set[bytes] = set()  # function digests this agent already has
+        self.shipped = P.Shipped()  # the function blobs this agent already has
         self.assigned: dict[int, TaskRecord] = {}
         self.last_seen = now
+
+
+def status_of(agent: AgentRecord, now: float) -> dict[str, Any]:
+    """One node's line in the broker's status."""
+    return {
+        "name": agent.name,
+        "host": agent.host,
+        "pid": agent.pid,
+        "workers": agent.workers,
+        "busy": min(agent.busy, agent.workers),
+        "idle": max(0, agent.workers - agent.busy),
+        "running": len(agent.assigned),
+        "credits": agent.credits,
+        "last_seen_s": round(now - agent.last_seen, 3),
+    }

@@ -111,7 +111,7 @@ class BrokerServer:
             security=_describe_security(config, self.creds),
         )
         #: Agents in this same process: their messages are calls, not frames.
-        self.local_agents: dict[bytes, Callable[[P.Message, list[Any]], None]] = {}
+        self.local_agents: dict[bytes, Callable[[P.Message], None]] = {}
         self._bad_log = RateLimitedLog()  # a flood of garbage must not become a flood of log lines
         self.poller = poller or zmq.Poller()
         handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
@@ -183,7 +183,7 @@ class BrokerServer:
 
     def shutdown(self) -> None:
         log.info("zpar-broker stopping")
-        self._send(self.core.farewells("broker stopping"))
+        self._send(self.core.farewells())
 
     def close(self) -> None:
         for monitor in self._monitors:
@@ -195,15 +195,15 @@ class BrokerServer:
         if self._own_waker:
             self._waker.close()
 
-    def from_local_agent(self, peer: bytes, msg: P.Message, frames: list[Any]) -> None:
+    def from_local_agent(self, peer: bytes, msg: P.Message) -> None:
         """A message from an agent in this process (see zpar_broker.embedded)."""
         now = time.monotonic()
         if isinstance(msg, P.Result):
-            self._send(self.core.results(now, msg, frames))
+            self._send(self.core.results(now, msg))
         elif isinstance(msg, P.Items):
-            self._send(self.core.items(now, msg, frames))
+            self._send(self.core.items(now, msg))
         else:
-            self._send(self.core.agent_message(now, peer, msg, frames))
+            self._send(self.core.agent_message(now, peer, msg))
 
     def _oversized(self, source: str) -> None:
         self.core.protocol_error(source)
@@ -237,62 +237,66 @@ class BrokerServer:
             self._bad_log.warn(log, "a peer failed the CurveZMQ handshake on the %s (no secret, a wrong "
                                "one, or not a zpar peer)", monitor.address)
 
-    def _revoked(self, keys: security.PeerKeys, peer: bytes, frames: list[zmq.Frame], msg: P.Message) -> bool:
-        """Key-file mode: drop what a revoked peer sends; note the key of each peer saying HELLO."""
+    def _revoked(self, keys: security.PeerKeys, peer: bytes, header: zmq.Frame, msg: P.Message) -> bool:
+        """Key-file mode: drop what a revoked peer sends; note the key of each peer saying HELLO.
+
+        ``header`` is the message's first frame, which carries the ZAP user id (the peer's key).
+        """
         if peer in keys.revoked:
             self.core.counters["revoked_messages"] += 1
             return True
         if isinstance(msg, P.Hello):
-            keys.note(peer, frames[1])
+            keys.note(peer, header)
         return False
 
     # ------------------------------------------------------------------ handlers
 
-    def _decode(self, frames: list[zmq.Frame], source: str) -> P.Message | None:
+    def _decode(self, frames: list[zmq.Frame], source: str, routed: bool) -> tuple[bytes, P.Message | None]:
+        """``(peer, message)``; the message None (counted, logged at a bounded rate) if it is bad."""
         self.core.counters[f"messages_{source}"] += 1
         try:
-            return P.decode(frames[0].buffer, len(frames) - 1)
+            if routed:
+                return P.decode_routed(frames)
+            return b"", P.decode(frames)
         except ProtocolError as exc:
             self.core.protocol_error(source)
             self._bad_log.warn(log, "dropped a bad message on the %s: %s", source, exc)
-            return None
+            return (frames[0].bytes if routed else b""), None
 
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
-        peer = frames[0].bytes
-        msg = self._decode(frames[1:], "frontend")
+        peer, msg = self._decode(frames, "frontend", routed=True)
         if msg is None:
-            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error("malformed message dropped")))
+            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.MALFORMED)))
             return
-        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames, msg):
+        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames[1], msg):
             return
-        self._send(self.core.producer_message(time.monotonic(), peer, msg, frames[2:]))
+        self._send(self.core.producer_message(time.monotonic(), peer, msg))
 
     def _on_backend(self, frames: list[zmq.Frame]) -> None:
-        peer = frames[0].bytes
-        msg = self._decode(frames[1:], "backend")
+        peer, msg = self._decode(frames, "backend", routed=True)
         if msg is None:
             return
-        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames, msg):
+        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames[1], msg):
             return
-        self._send(self.core.agent_message(time.monotonic(), peer, msg, frames[2:]))
+        self._send(self.core.agent_message(time.monotonic(), peer, msg))
 
     def _on_collector(self, frames: list[zmq.Frame]) -> None:
-        msg = self._decode(frames, "collector")
+        _, msg = self._decode(frames, "collector", routed=False)
         if msg is None:
             return
-        if self._peer_keys is not None and getattr(msg, "agent", b"") in self._peer_keys.revoked:
+        if not isinstance(msg, P.Result | P.Items | P.Bye) or not msg.agent:
+            self.core.protocol_error("collector")  # only an agent's results, items or goodbye come here
+            return
+        if self._peer_keys is not None and msg.agent in self._peer_keys.revoked:
             self.core.counters["revoked_messages"] += 1
             return
-        if isinstance(msg, P.Bye) and msg.agent:  # an agent leaving, behind its last results
-            self._send(self.core.agent_message(time.monotonic(), msg.agent, msg, []))
-            return
-        if isinstance(msg, P.Items):  # a stream's items, ahead of its result on the same pipe
-            self._send(self.core.items(time.monotonic(), msg, frames[1:]))
-            return
-        if not isinstance(msg, P.Result):
-            self.core.protocol_error("collector")
-            return
-        self._send(self.core.results(time.monotonic(), msg, frames[1:]))
+        now = time.monotonic()
+        if isinstance(msg, P.Bye):  # an agent leaving, behind its last results
+            self._send(self.core.agent_message(now, msg.agent, msg))
+        elif isinstance(msg, P.Items):  # a stream's items, ahead of its result on the same pipe
+            self._send(self.core.items(now, msg))
+        else:
+            self._send(self.core.results(now, msg))
 
     # ------------------------------------------------------------------ sending
 
@@ -302,12 +306,12 @@ class BrokerServer:
 
     def _send_one(self, item: Outgoing) -> None:
         if item.dest is Dest.BACKEND and item.peer in self.local_agents:
-            self.local_agents[item.peer](item.msg, item.frames)
+            self.local_agents[item.peer](item.msg)
             return
         sock = self.sockets["frontend" if item.dest is Dest.FRONTEND else "backend"]
         self.core.counters[f"sent_{item.dest.value}"] += 1
         try:
-            sock.send_multipart([item.peer, P.encode(item.msg), *item.frames], zmq.NOBLOCK, copy=False)
+            sock.send_multipart(P.encode_routed(item.peer, item.msg), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.core.counters["send_dropped_hwm"] += 1
             log.warning("%s peer %s is not reading; dropped a %s", item.dest.value, item.peer.hex(), item.msg.kind.name)

@@ -9,8 +9,6 @@ right behind its TASKS. A task that has exchanged an item is marked
 from __future__ import annotations
 
 import collections
-from typing import Any
-
 from zpar import protocol as P
 
 from .outgoing import Dest, Outgoing
@@ -25,7 +23,7 @@ class StreamRouting:
     _tasks: dict[int, TaskRecord]
     _agents: dict[bytes, AgentRecord]
 
-    def items(self, now: float, msg: P.Items, frames: list[Any]) -> list[Outgoing]:
+    def items(self, now: float, msg: P.Items) -> list[Outgoing]:
         """Streams' items (and read credits) from the collector: to each task's producer, in order."""
         out: list[Outgoing] = []
         agent = self._agents.get(msg.agent)
@@ -34,12 +32,9 @@ class StreamRouting:
         if msg.epoch and msg.epoch != self.epoch:
             self.counters["stale_epoch_items"] += len(msg.items)
             return out
-        by_producer: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[Any]]] = {}
+        by_producer: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit]]] = {}
         orphans: set[int] = set()
-        pos = 0
         for entry in msg.items:
-            eframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
             task = self._tasks.get(entry.id)
             if (task is None or task.state is not TaskState.ASSIGNED
                     or (msg.agent and task.agent is not None and task.agent.id != msg.agent)):
@@ -48,25 +43,20 @@ class StreamRouting:
                     orphans.add(entry.id)  # nobody will read them: stop the task, not leave it at its window
                 continue
             task.streamed = True
-            entries, _, fr = by_producer.setdefault(task.producer.id, ([], [], []))
-            entries.append(entry._replace(id=task.ptid))
-            fr.extend(eframes)
+            by_producer.setdefault(task.producer.id, ([], []))[0].append(entry._replace(id=task.ptid))
         for credit in msg.credits:
             task = self._tasks.get(credit.id)
             if task is not None and task.state is TaskState.ASSIGNED:
-                by_producer.setdefault(task.producer.id, ([], [], []))[1].append(P.Credit(task.ptid, credit.upto))
+                by_producer.setdefault(task.producer.id, ([], []))[1].append(P.Credit(task.ptid, credit.upto))
         if orphans and msg.agent:
             out.append(Outgoing(Dest.BACKEND, msg.agent, P.Cancel(tuple(sorted(orphans)), force=True)))
-        out += [Outgoing(Dest.FRONTEND, pid, P.Items(tuple(e), tuple(c)), fr) for pid, (e, c, fr) in by_producer.items()]
+        out += [Outgoing(Dest.FRONTEND, pid, P.Items(tuple(e), tuple(c))) for pid, (e, c) in by_producer.items()]
         return out
 
-    def _feed(self, prod: ProducerRecord, msg: P.Feed, frames: list[Any], out: list[Outgoing]) -> None:
+    def _feed(self, prod: ProducerRecord, msg: P.Feed, out: list[Outgoing]) -> None:
         """A producer's objects, credits and closes for its tasks: to their agents, or kept with them."""
-        by_agent: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int], list[Any]]] = {}
-        pos = 0
+        by_agent: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int]]] = {}
         for entry in msg.items:
-            eframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
             task = prod.tasks.get(entry.id)
             if task is None:
                 self.counters["late_feed"] += 1
@@ -79,16 +69,13 @@ class StreamRouting:
                     self.counters["feed_over_window"] += 1
                     continue
                 task.feed.items.append(gentry)
-                task.feed.frames.extend(eframes)
                 continue
             task.streamed = True
-            items, _, _, fr = by_agent.setdefault(task.agent.id, ([], [], [], []))
-            items.append(gentry)
-            fr.extend(eframes)
+            by_agent.setdefault(task.agent.id, ([], [], []))[0].append(gentry)
         for credit in msg.credits:
             task = prod.tasks.get(credit.id)
             if task is not None and task.agent is not None:
-                by_agent.setdefault(task.agent.id, ([], [], [], []))[1].append(P.Credit(task.gid, credit.upto))
+                by_agent.setdefault(task.agent.id, ([], [], []))[1].append(P.Credit(task.gid, credit.upto))
         for ptid in msg.closed:
             task = prod.tasks.get(ptid)
             if task is None:
@@ -99,21 +86,20 @@ class StreamRouting:
                 task.feed.closed = True
                 continue
             task.streamed = True
-            by_agent.setdefault(task.agent.id, ([], [], [], []))[2].append(task.gid)
-        for aid, (items, credits, closed, fr) in by_agent.items():
-            out.append(Outgoing(Dest.BACKEND, aid, P.Feed(tuple(items), tuple(credits), tuple(closed)), fr))
+            by_agent.setdefault(task.agent.id, ([], [], []))[2].append(task.gid)
+        for aid, (items, credits, closed) in by_agent.items():
+            out.append(Outgoing(Dest.BACKEND, aid, P.Feed(tuple(items), tuple(credits), tuple(closed))))
 
     @staticmethod
     def _send_kept_feed(agent: AgentRecord, tasks: list[TaskRecord], out: list[Outgoing]) -> None:
         items: list[P.ItemEntry] = []
         closed: list[int] = []
-        frames: list[Any] = []
         for task in tasks:
             feed, task.feed = task.feed, None
-            assert feed is not None
+            if feed is None:
+                continue
             task.streamed = True
             items += feed.items
-            frames += feed.frames
             if feed.closed:
                 closed.append(task.gid)
-        out.append(Outgoing(Dest.BACKEND, agent.id, P.Feed(tuple(items), (), tuple(closed)), frames))
+        out.append(Outgoing(Dest.BACKEND, agent.id, P.Feed(tuple(items), (), tuple(closed))))

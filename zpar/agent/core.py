@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any
-
 from zpar import protocol as P
 
-from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState, chunk_end, describe_exit
+from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState
 from .streams import StreamPassing
 
 log = logging.getLogger(__name__)
@@ -41,15 +39,13 @@ class AgentCore(StreamPassing):
         self.max_tasks_per_worker = max_tasks_per_worker
         self.workers: dict[bytes, WorkerSlot] = {}
         self.queue: collections.deque[QueuedTask] = collections.deque()
-        self.funcs: dict[bytes, Any] = {}  # digest -> blob frame, shipped once per agent
+        self.funcs: dict[bytes, P.Frame] = {}  # digest -> blob frame, shipped once per agent
         self.requested = 0  # credits asked of the broker and not yet used by TASKS
         self.durations: dict[bytes, float] = {}  # digest -> moving average of one call, in us
         self._recent_us = float(UNKNOWN_US)  # across functions: sizes the credit
         self.results: list[P.ResultEntry] = []  # to send to the collector
-        self.result_frames: list[Any] = []
         self.items: list[P.ItemEntry] = []  # streams' items to send, ahead of the results
         self.item_credits: list[P.Credit] = []
-        self.item_frames: list[Any] = []
         self._streaming: dict[int, WorkerSlot] = {}  # task id -> the worker streaming it
         self._kept = 0  # queued tasks holding FEED (cancelled ones stay counted: a look too many)
         self.accepting = True
@@ -60,15 +56,14 @@ class AgentCore(StreamPassing):
     def add_worker(self, identity: bytes) -> None:
         self.workers[identity] = WorkerSlot(identity)
 
-    def worker_ready(self, identity: bytes, pid: int, now: float = 0.0) -> list[ToWorker]:
+    def worker_ready(self, identity: bytes, pid: int, now: float) -> list[ToWorker]:
         slot = self.workers.get(identity)
         if slot is None or slot.state is not WorkerState.STARTING:
             return []
         slot.state, slot.pid = WorkerState.IDLE, pid
         return self.assign(now)
 
-    def worker_results(self, identity: bytes, msg: P.Result, frames: list[Any], now: float = 0.0,
-                       ) -> list[ToWorker]:
+    def worker_results(self, identity: bytes, msg: P.Result, now: float) -> list[ToWorker]:
         slot = self.workers.get(identity)
         if slot is None or slot.state is not WorkerState.BUSY:
             return []
@@ -76,7 +71,7 @@ class AgentCore(StreamPassing):
             for entry in msg.results:
                 self._streaming.pop(entry.id, None)
         if len(msg.results) < len(slot.batch):  # a stream's result, sent ahead of the rest of its batch
-            return self._some_results(slot, msg, frames)
+            return self._some_results(slot, msg)
         if slot.doomed:
             return []  # it is being killed; its death reports the batch
         if not slot.stale:
@@ -84,9 +79,8 @@ class AgentCore(StreamPassing):
             for entry in msg.results:
                 task = by_id.get(entry.id)
                 if task is not None:
-                    self._measure(task.digest, entry.duration_us, task.flags)
+                    self._measure(task.entry.digest, entry.duration_us)
             self.results.extend(msg.results)
-            self.result_frames.extend(frames)
         slot.tasks_done += len(slot.batch)
         slot.batch, slot.deadline, slot.stale = [], 0.0, False
         if slot.retire or (self.max_tasks_per_worker and slot.tasks_done >= self.max_tasks_per_worker):
@@ -95,7 +89,7 @@ class AgentCore(StreamPassing):
             slot.state = WorkerState.IDLE
         return self.assign(now)
 
-    def _some_results(self, slot: WorkerSlot, msg: P.Result, frames: list[Any]) -> list[ToWorker]:
+    def _some_results(self, slot: WorkerSlot, msg: P.Result) -> list[ToWorker]:
         """Part of a batch is done; the worker is still busy with the rest."""
         done = {entry.id for entry in msg.results}
         finished = [t for t in slot.batch if t.id in done and t.id not in slot.doomed]
@@ -104,12 +98,7 @@ class AgentCore(StreamPassing):
         if slot.stale:
             return []
         ok = {t.id for t in finished}
-        pos = 0
-        for entry in msg.results:
-            if entry.id in ok:
-                self.results.append(entry)
-                self.result_frames.extend(frames[pos:pos + entry.nframes])
-            pos += entry.nframes
+        self.results.extend(entry for entry in msg.results if entry.id in ok)
         return []
 
     def _retire_now(self, slot: WorkerSlot) -> None:
@@ -142,7 +131,7 @@ class AgentCore(StreamPassing):
             return []
         for task in slot.batch:
             self._streaming.pop(task.id, None)
-        how = describe_exit(returncode)
+        cause = P.Cause.from_returncode(self.node, slot.pid, returncode)
         batch, slot.batch, slot.state = slot.batch, [], WorkerState.EXITED
         if slot.stale:
             return []  # tasks of a broker that is gone: nobody is waiting for them
@@ -152,42 +141,38 @@ class AgentCore(StreamPassing):
                     self.queue.appendleft(task)
             for task in batch:
                 if task.id in slot.doomed:
-                    status, reason = slot.doomed[task.id]
-                    self.results.append(P.ResultEntry(task.id, status, 0, 0, reason.encode()))
+                    status, why = slot.doomed[task.id]
+                    self.results.append(P.ResultEntry(task.id, status, cause=why))
                 elif task.streamed:
-                    reason = f"worker pid {slot.pid} on {self.node} was stopped in the middle of task {task.id}'s stream"
-                    self.results.append(P.ResultEntry(task.id, P.Status.LOST, 0, 0, reason.encode()))
+                    self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=cause._replace(
+                        detail="stopped in the middle of the task's stream")))
             return batch
         if len(batch) == 1 or any(t.alone for t in batch):
             for task in batch:
-                self._lost(slot, task, how)
+                self._lost(task, cause)
         elif batch:
             log.warning("worker pid %d on %s %s with a batch of %d; re-running them one by one",
-                        slot.pid, self.node, how, len(batch))
+                        slot.pid, self.node, cause.ended(), len(batch))
             for task in reversed(batch):
                 if task.streamed:  # it exchanged items: the broker decides (it will not run it again)
-                    self._lost(slot, task, how)
+                    self._lost(task, cause)
                 else:
                     task.alone = True
                     self.queue.appendleft(task)
         return batch
 
-    def _lost(self, slot: WorkerSlot, task: QueuedTask, how: str) -> None:
-        reason = f"worker pid {slot.pid} on {self.node} {how} while running task {task.id}"
+    def _lost(self, task: QueuedTask, cause: P.Cause) -> None:
         # While the agent stops (drain, shutdown) it stops its own workers: no surprise to warn about.
-        log.log(logging.WARNING if self.accepting else logging.INFO, "%s", reason)
-        self.results.append(P.ResultEntry(task.id, P.Status.LOST, 0, 0, reason.encode()))
+        log.log(logging.WARNING if self.accepting else logging.INFO, "worker pid %d on %s %s while running task %d",
+                cause.pid, self.node, cause.ended(), task.id)
+        self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=cause))
 
     # ------------------------------------------------------------------ tasks
 
-    def tasks(self, msg: P.Tasks, frames: list[Any], now: float = 0.0) -> list[ToWorker]:
-        nf = len(msg.funcs)
-        for d, blob in zip(msg.funcs, frames[:nf]):
-            self.funcs[d] = blob
-        pos = nf
-        for t in msg.tasks:
-            self.queue.append(QueuedTask(t.id, t.digest, t.flags, t.data, frames[pos:pos + t.nframes], t.timeout_ms))
-            pos += t.nframes
+    def tasks(self, msg: P.Tasks, now: float) -> list[ToWorker]:
+        for func in msg.funcs:
+            self.funcs[func.digest] = func.blob
+        self.queue.extend(QueuedTask(entry) for entry in msg.tasks)
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign(now)
 
@@ -202,7 +187,7 @@ class AgentCore(StreamPassing):
             hit = [t.id for t in slot.batch if t.id in wanted and t.id not in slot.doomed]
             if slot.state is WorkerState.BUSY and hit:
                 for tid in hit:
-                    slot.doomed[tid] = (P.Status.CANCELLED, f"task {tid} cancelled on {self.node}")
+                    slot.doomed[tid] = (P.Status.CANCELLED, P.Cause(self.node, slot.pid, detail="cancelled"))
                 kill.append(slot.identity)
         return kill
 
@@ -212,19 +197,18 @@ class AgentCore(StreamPassing):
         for slot in self.workers.values():
             if slot.state is WorkerState.BUSY and slot.deadline and slot.deadline <= now and not slot.doomed:
                 for task in slot.batch:
-                    secs = task.timeout_ms / 1000
-                    slot.doomed[task.id] = (P.Status.TIMEOUT, f"task {task.id} ran past its timeout of {secs:g} s "
-                                                              f"on {self.node}; worker pid {slot.pid} stopped")
+                    detail = f"ran past its timeout of {task.entry.timeout_ms / 1000:g} s"
+                    slot.doomed[task.id] = (P.Status.TIMEOUT, P.Cause(self.node, slot.pid, detail=detail))
                 kill.append(slot.identity)
         return kill
 
-    def over_memory(self, identity: bytes, reason: str) -> bool:
+    def over_memory(self, identity: bytes, detail: str) -> bool:
         """The worker went past the hard memory limit mid-task: doom its batch; True if it must be killed."""
         slot = self.workers.get(identity)
         if slot is None or slot.state is not WorkerState.BUSY or slot.doomed:
             return False
         for task in slot.batch:
-            slot.doomed[task.id] = (P.Status.MEMORY, f"task {task.id}: {reason}")
+            slot.doomed[task.id] = (P.Status.MEMORY, P.Cause(self.node, slot.pid, detail=detail))
         return True
 
     def next_deadline(self) -> float:
@@ -242,10 +226,8 @@ class AgentCore(StreamPassing):
         """
         self.queue.clear()
         self.results.clear()
-        self.result_frames.clear()
         self.items.clear()
         self.item_credits.clear()
-        self.item_frames.clear()
         self._streaming.clear()
         self._kept = 0
         for slot in self.workers.values():
@@ -253,17 +235,17 @@ class AgentCore(StreamPassing):
                 slot.stale = True
         self.requested = 0
         return [slot.identity for slot in self.workers.values()
-                if slot.stale and any(t.streamed or t.flags & P.FLAG_CHANNEL for t in slot.batch)]
+                if slot.stale and any(t.streamed or t.entry.flags & P.FLAG_CHANNEL for t in slot.batch)]
 
     def _estimate(self, task: QueuedTask) -> float:
-        return self.durations.get(task.digest, UNKNOWN_US)
+        return self.durations.get(task.entry.digest, UNKNOWN_US)
 
-    def _measure(self, digest: bytes, us: int, flags: int) -> None:
+    def _measure(self, digest: bytes, us: int) -> None:
         old = self.durations.get(digest)
         self.durations[digest] = float(us) if old is None else old + _ALPHA * (us - old)
         self._recent_us += _ALPHA * (us - self._recent_us)
 
-    def assign(self, now: float = 0.0) -> list[ToWorker]:
+    def assign(self, now: float) -> list[ToWorker]:
         """Give each idle worker a batch from the queue."""
         out: list[ToWorker] = []
         if not self.queue:
@@ -279,8 +261,8 @@ class AgentCore(StreamPassing):
                 kept = self._feed_kept(slot, batch)
                 if kept is not None:
                     out.append(kept)
-            if batch[0].timeout_ms:  # tasks with a timeout go alone
-                slot.deadline = now + batch[0].timeout_ms / 1000
+            if batch[0].entry.timeout_ms:  # tasks with a timeout go alone
+                slot.deadline = now + batch[0].entry.timeout_ms / 1000
             if not self.queue:
                 break
         return out
@@ -292,32 +274,22 @@ class AgentCore(StreamPassing):
         while self.queue and len(batch) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
             task = self.queue[0]
             cost = self._estimate(task)
-            alone = task.alone or task.timeout_ms or cost >= ALONE_US
+            alone = task.alone or task.entry.timeout_ms or cost >= ALONE_US
             if batch and (alone or cost > budget):
                 break
             self.queue.popleft()
             batch.append(task)
-            nbytes += len(task.data) + sum(len(f) for f in task.frames)
+            nbytes += P.payload_bytes(task.entry.payload)
             budget -= cost
             if alone:
                 break
         return batch
 
     def _to_worker(self, slot: WorkerSlot, batch: list[QueuedTask]) -> ToWorker:
-        funcs: list[bytes] = []
-        frames: list[Any] = []
-        for task in batch:
-            if task.digest not in slot.known:
-                slot.known.add(task.digest)
-                funcs.append(task.digest)
-                frames.append(self.funcs[task.digest])
-        entries = []
-        for task in batch:
-            entries.append(P.TaskEntry(task.id, task.digest, len(task.frames), task.flags, task.data, 0, task.timeout_ms))
-            frames.extend(task.frames)
+        entries = tuple(t.entry for t in batch)
         slot.batch = batch
         slot.state = WorkerState.BUSY
-        return ToWorker(slot.identity, P.Tasks(tuple(entries), tuple(funcs)), frames)
+        return ToWorker(slot.identity, P.Tasks(entries, slot.shipped.functions(entries, self.funcs.__getitem__)))
 
     # ------------------------------------------------------------------ credits
 
@@ -354,17 +326,14 @@ class AgentCore(StreamPassing):
     def busy(self) -> int:
         return sum(1 for s in self.workers.values() if s.state is WorkerState.BUSY)
 
-    def take_results(self, max_tasks: int = P.BATCH_MAX_TASKS, max_bytes: int = P.BATCH_MAX_BYTES,
-                     ) -> tuple[list[P.ResultEntry], list[Any]] | None:
-        """Pop the next chunk of pending results to send, or None."""
+    def take_results(self) -> list[P.ResultEntry] | None:
+        """Pop the next run of pending results that fits one message, or None."""
         if not self.results:
             return None
-        n, nframes = chunk_end(self.results, self.result_frames, max_tasks, max_bytes)
-        entries, self.results = self.results[:n], self.results[n:]
-        frames, self.result_frames = self.result_frames[:nframes], self.result_frames[nframes:]
-        return entries, frames
+        entries = next(P.batches(self.results))
+        self.results = self.results[len(entries):]
+        return list(entries)
 
-    def put_back_results(self, entries: list[P.ResultEntry], frames: list[Any]) -> None:
-        """A chunk ``take_results`` gave that could not go now: first in line again."""
+    def put_back_results(self, entries: list[P.ResultEntry]) -> None:
+        """A run ``take_results`` gave that could not go now: first in line again."""
         self.results[:0] = entries
-        self.result_frames[:0] = frames

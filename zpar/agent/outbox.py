@@ -9,7 +9,7 @@ delivers a task's result at most once, so repeats are harmless.
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator
+from collections.abc import Iterator, Sequence
 
 from zpar import protocol as P
 
@@ -17,16 +17,14 @@ from zpar import protocol as P
 class Unacked:
     def __init__(self, limit: int = 10_000) -> None:
         self.limit = limit  # past it the oldest are dropped: their producers resubmit after a restart
-        self._items: collections.OrderedDict[int, tuple[P.ResultEntry, list[Any], float]] = collections.OrderedDict()
+        self._items: collections.OrderedDict[int, tuple[P.ResultEntry, float]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def sent(self, entries: list[P.ResultEntry], frames: list[Any], now: float) -> None:
-        pos = 0
+    def sent(self, entries: list[P.ResultEntry], now: float) -> None:
         for entry in entries:
-            self._items[entry.id] = (entry, frames[pos:pos + entry.nframes], now)
-            pos += entry.nframes
+            self._items[entry.id] = (entry, now)
         while len(self._items) > self.limit:
             self._items.popitem(last=False)
 
@@ -37,15 +35,9 @@ class Unacked:
     def clear(self) -> None:
         self._items.clear()
 
-    def take(self, now: float, older_than: float = 0.0) -> Iterator[tuple[list[P.ResultEntry], list[Any]]]:
-        """Batches of results sent at least ``older_than`` seconds ago, to send again (marked sent now)."""
-        due = [tid for tid, (_, _, at) in self._items.items() if now - at >= older_than]
-        for i in range(0, len(due), P.BATCH_MAX_TASKS):
-            entries: list[P.ResultEntry] = []
-            frames: list[Any] = []
-            for tid in due[i:i + P.BATCH_MAX_TASKS]:
-                entry, fr, _ = self._items[tid]
-                self._items[tid] = (entry, fr, now)
-                entries.append(entry)
-                frames.extend(fr)
-            yield entries, frames
+    def take(self, now: float, older_than: float = 0.0) -> Iterator[Sequence[P.ResultEntry]]:
+        """Runs of results sent at least ``older_than`` seconds ago, to send again (marked sent now)."""
+        due = [entry for entry, at in self._items.values() if now - at >= older_than]
+        for entry in due:
+            self._items[entry.id] = (entry, now)
+        yield from P.batches(due) if due else ()

@@ -138,13 +138,13 @@ class AgentServer:
     def _to_workers(self, sends: list[ToWorker]) -> None:
         for s in sends:
             try:
-                self.pipe.send_multipart([s.identity, P.encode(s.msg), *s.frames], copy=False)
+                self.pipe.send_multipart(P.encode_routed(s.identity, s.msg), copy=False)
             except zmq.ZMQError as exc:  # it died just now; its pidfd will report the batch
                 log.warning("could not reach worker %s: %s", s.identity.decode(), exc)
         for identity in self.core.retiring():
             log.info("recycling worker %s", identity.decode())
             try:
-                self.pipe.send_multipart([identity, P.encode(P.Bye("recycled"))])
+                self.pipe.send_multipart(P.encode_routed(identity, P.Bye(P.ByeReason.RECYCLED)))
             except zmq.ZMQError:
                 pass
 
@@ -212,9 +212,9 @@ class AgentServer:
                 continue
             rss = _rss(slot.pid)
             if rss > hard:
-                reason = (f"worker pid {slot.pid} on {self.name} used {rss >> 20} MiB, past the hard limit of "
-                          f"{hard >> 20} MiB (1.5 x --max-memory-per-worker); it was stopped")
-                if self.core.over_memory(slot.identity, reason):
+                detail = (f"used {rss >> 20} MiB, past the hard limit of {hard >> 20} MiB "
+                          "(1.5 x --max-memory-per-worker)")
+                if self.core.over_memory(slot.identity, detail):
                     self._kill(slot.identity, "over the memory limit")
 
     def on_timers(self, now: float) -> bool:
@@ -245,8 +245,8 @@ class AgentServer:
             return True
         self.uplink.send(P.Heartbeat(self.core.busy()))
         if self._welcomed:  # results the broker has not acknowledged for a while: lost on the way?
-            for entries, frames in self.unacked.take(now, older_than=self.heartbeat * self.liveness):
-                self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch), frames)
+            for entries in self.unacked.take(now, older_than=self.heartbeat * self.liveness):
+                self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch))
         if now - self._last_broker > self.heartbeat * self.liveness:
             # The broker went quiet (restarting?): introduce ourselves again.
             log.warning("no word from the broker for %.1f s; saying HELLO again", now - self._last_broker)
@@ -273,55 +273,54 @@ class AgentServer:
         self.uplink.send(P.Hello(P.Role.AGENT, self.name, socket.gethostname(), os.getpid(), workers))
 
     def _on_worker(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
         try:
-            msg = P.decode(frames[1].buffer, len(frames) - 2)
+            identity, msg = P.decode_routed(frames)
         except ProtocolError as exc:
-            log.error("worker %s sent a bad message: %s", identity.decode(errors="replace"), exc)
+            log.error("worker %s sent a bad message: %s", frames[0].bytes.decode(errors="replace"), exc)
             return
         now = time.monotonic()
         if isinstance(msg, P.Result):
             self._check_memory(identity, now)
-            self._to_workers(self.core.worker_results(identity, msg, frames[2:], now))
+            self._to_workers(self.core.worker_results(identity, msg, now))
         elif isinstance(msg, P.Items):
-            self.core.worker_items(identity, msg, frames[2:])
+            self.core.worker_items(identity, msg)
         elif isinstance(msg, P.Hello):
             self._backoff = 0.1  # workers start again: forget earlier failures
             self._to_workers(self.core.worker_ready(identity, msg.pid, now))
 
     def _on_broker_frames(self, frames: list[zmq.Frame]) -> None:
         try:
-            msg = P.decode(frames[0].buffer, len(frames) - 1)
+            msg = P.decode(frames)
         except ProtocolError as exc:
             log.error("dropped a bad message from the broker: %s", exc)
             return
-        self.from_broker(msg, frames[1:])
+        self.from_broker(msg)
 
-    def from_broker(self, msg: P.Message, frames: list[Any]) -> None:
+    def from_broker(self, msg: P.Message) -> None:
         """A message from the broker, decoded (called directly by an in-process broker)."""
         self._last_broker = time.monotonic()
         if isinstance(msg, P.Tasks):
-            self._to_workers(self.core.tasks(msg, frames, time.monotonic()))
+            self._to_workers(self.core.tasks(msg, time.monotonic()))
         elif isinstance(msg, P.Ack):
             self.unacked.acked(msg.ids)
         elif isinstance(msg, P.Feed):
-            self._to_workers(self.core.feed(msg, frames))
+            self._to_workers(self.core.feed(msg))
         elif isinstance(msg, P.Cancel):
             for identity in self.core.cancel(msg.ids):
                 self._kill(identity, "its task was cancelled", logging.INFO)  # the user's own doing
         elif isinstance(msg, P.Welcome):
             self._welcome(msg)
         elif isinstance(msg, P.Error):
-            log.warning("broker: %s", msg.message)
-            if "HELLO" in msg.message:
+            log.warning("the broker refused a message (%s%s)", msg.code.name, f": {msg.detail}" if msg.detail else "")
+            if msg.code is P.ErrorCode.UNKNOWN_PEER:
                 self._hello()
-        elif isinstance(msg, P.Bye) and msg.reason == "key revoked":
+        elif isinstance(msg, P.Bye) and msg.reason is P.ByeReason.KEY_REVOKED:
             log.error("refused by the broker (AuthenticationError): this node's key was removed from its "
                       "allow-list; stopping")
             self.exit_code = 1
             self._waker.wake()
         elif isinstance(msg, P.Bye):
-            log.info("broker is stopping (%s); waiting for it to return", msg.reason)
+            log.info("broker is stopping (%s); waiting for it to return", msg.reason.name.lower())
             self._welcomed = False
 
     def _welcome(self, msg: P.Welcome) -> None:
@@ -332,8 +331,8 @@ class AgentServer:
                 self._kill(identity, "its stream was for a broker that is gone")
             self.unacked.clear()
         elif self.epoch:  # the same broker, after we registered anew: what it may not have
-            for entries, frames in self.unacked.take(time.monotonic()):
-                self.uplink.send_results(P.Result(tuple(entries), self.identity, msg.epoch), frames)
+            for entries in self.unacked.take(time.monotonic()):
+                self.uplink.send_results(P.Result(tuple(entries), self.identity, msg.epoch))
         self.epoch = msg.epoch
         self.heartbeat, self.liveness = msg.heartbeat, msg.liveness  # the broker's pace wins
         self._next_beat = min(self._next_beat, time.monotonic() + self.heartbeat)
@@ -345,18 +344,16 @@ class AgentServer:
         """Send what piled up: streams' items, then results to the collector, then credits to the broker."""
         blocked = False
         while (items := self.core.take_items()) is not None:
-            ientries, icredits, iframes = items
-            if not self.uplink.send_results(P.Items(tuple(ientries), tuple(icredits), self.identity, self.epoch),
-                                            iframes):
-                self.core.put_back_items(ientries, icredits, iframes)  # not now; the results wait behind them
+            ientries, icredits = items
+            if not self.uplink.send_results(P.Items(tuple(ientries), tuple(icredits), self.identity, self.epoch)):
+                self.core.put_back_items(ientries, icredits)  # not now; the results wait behind them
                 blocked = True
                 break
-        while not blocked and (chunk := self.core.take_results()) is not None:
-            entries, frames = chunk
-            if not self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch), frames):
-                self.core.put_back_results(entries, frames)  # not now: keep them, in order
+        while not blocked and (entries := self.core.take_results()) is not None:
+            if not self.uplink.send_results(P.Result(tuple(entries), self.identity, self.epoch)):
+                self.core.put_back_results(entries)  # not now: keep them, in order
                 break
-            self.unacked.sent(entries, frames, time.monotonic())
+            self.unacked.sent(entries, time.monotonic())
         if self._welcomed and not self._stopping:
             n = self.core.credits_to_ask()
             if n:
@@ -367,7 +364,7 @@ class AgentServer:
         self._stopping = True
         self.core.accepting = False
         log.info("zpar-agent %s stopping", self.name)
-        self.uplink.send(P.Bye("agent stopping"))
+        self.uplink.send(P.Bye(P.ByeReason.LEAVING))
         for _identity, proc in self.procs.values():
             proc.terminate()
         deadline = time.monotonic() + _GRACE

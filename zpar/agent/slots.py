@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import enum
-import signal
 from dataclasses import dataclass, field
-from typing import Any
 
 from zpar import protocol as P
 
@@ -20,16 +18,17 @@ class WorkerState(enum.Enum):
 
 @dataclass(slots=True)
 class QueuedTask:
-    id: int
-    digest: bytes
-    flags: int
-    data: bytes  # the payload when inline (see protocol.INLINE_MAX), else b""
-    frames: list[Any]
-    timeout_ms: int = 0
+    """A task from the broker (``entry``, passed on to a worker as it came) and what the agent knows of it."""
+
+    entry: P.TaskEntry
     alone: bool = False  # suspected of killing a worker: run it by itself
     streamed: bool = False  # it sent or was given an item: never run it again
-    inbox: list[tuple[P.ItemEntry, list[Any]]] | None = None  # FEED for it before a worker had it
+    inbox: list[P.ItemEntry] | None = None  # FEED for it before a worker had it
     closed: bool = False  # ... and its producer closed its input
+
+    @property
+    def id(self) -> int:
+        return self.entry.id
 
 
 @dataclass(slots=True)
@@ -38,43 +37,16 @@ class WorkerSlot:
     state: WorkerState = WorkerState.STARTING
     pid: int = 0
     batch: list[QueuedTask] = field(default_factory=list)
-    known: set[bytes] = field(default_factory=set)  # function digests this worker has
+    shipped: P.Shipped = field(default_factory=P.Shipped)  # the function blobs this worker has
     deadline: float = 0.0  # when its task runs out of time (0: no timeout)
-    doomed: dict[int, tuple[int, str]] = field(default_factory=dict)  # task id -> (Status, reason): being killed
+    doomed: dict[int, tuple[P.Status, P.Cause]] = field(default_factory=dict)  # task id -> why: being killed
     stale: bool = False  # its batch came from a broker that is gone: drop its results
     tasks_done: int = 0
     retire: bool = False  # recycle it once its batch is done
+    kill_at: float = 0.0  # SIGTERM was sent: SIGKILL at this time if it is still there (0: not asked)
 
 
 @dataclass(slots=True)
 class ToWorker:
     identity: bytes
-    msg: P.Tasks | P.Feed
-    frames: list[Any]
-
-
-def chunk_end(entries: list[Any], frames: list[Any], max_tasks: int = P.BATCH_MAX_TASKS,
-              max_bytes: int = P.BATCH_MAX_BYTES) -> tuple[int, int]:
-    """How many of ``entries`` (and of the ``frames`` behind them) make the next message.
-
-    At least one entry; then up to ``max_tasks`` entries, about ``max_bytes``
-    of payload and protocol.MAX_FRAMES frames.
-    """
-    n = nframes = nbytes = 0
-    for entry in entries:
-        if n and (n >= max_tasks or nbytes >= max_bytes or nframes + entry.nframes > P.MAX_FRAMES):
-            break
-        nbytes += len(entry.data) + sum(len(f) for f in frames[nframes:nframes + entry.nframes])
-        nframes += entry.nframes
-        n += 1
-    return n, nframes
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"exited with code {returncode}"
+    msg: P.Tasks | P.Feed | P.Bye

@@ -9,11 +9,9 @@ inbox and follows its TASKS. A task that exchanged an item is marked
 from __future__ import annotations
 
 import collections
-from typing import Any
-
 from zpar import protocol as P
 
-from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState, chunk_end
+from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState
 
 
 class StreamPassing:
@@ -23,24 +21,20 @@ class StreamPassing:
     queue: collections.deque[QueuedTask]
     items: list[P.ItemEntry]
     item_credits: list[P.Credit]
-    item_frames: list[Any]
     _streaming: dict[int, WorkerSlot]
     _kept: int
 
-    def worker_items(self, identity: bytes, msg: P.Items, frames: list[Any]) -> None:
+    def worker_items(self, identity: bytes, msg: P.Items) -> None:
         """Items (and read credits) from a worker's streaming task: on to the broker."""
         slot = self.workers.get(identity)
         if slot is None or slot.state is not WorkerState.BUSY or slot.stale:
             return
-        pos = 0
         for entry in msg.items:
             task = self._held_by(slot, entry.id)
             if task is not None and entry.id not in slot.doomed:
                 task.streamed = True
                 self._streaming[entry.id] = slot
                 self.items.append(entry)
-                self.item_frames.extend(frames[pos:pos + entry.nframes])
-            pos += entry.nframes
         for credit in msg.credits:
             if self._held_by(slot, credit.id) is not None:
                 self.item_credits.append(credit)
@@ -69,13 +63,10 @@ class StreamPassing:
                 return None, task
         return None, None
 
-    def feed(self, msg: P.Feed, frames: list[Any]) -> list[ToWorker]:
+    def feed(self, msg: P.Feed) -> list[ToWorker]:
         """Objects, credits and closes from a producer: to the workers holding the tasks, or kept with them."""
-        out: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int], list[Any]]] = {}
-        pos = 0
+        out: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int]]] = {}
         for entry in msg.items:
-            eframes = frames[pos:pos + entry.nframes]
-            pos += entry.nframes
             slot, task = self._find(entry.id)
             if task is None:
                 continue  # ended, or cancelled
@@ -83,16 +74,14 @@ class StreamPassing:
                 if task.inbox is None:
                     self._kept += not task.closed
                     task.inbox = []
-                task.inbox.append((entry, eframes))
+                task.inbox.append(entry)
                 continue
             task.streamed = True
-            items, _, _, fr = out.setdefault(slot.identity, ([], [], [], []))
-            items.append(entry)
-            fr.extend(eframes)
+            out.setdefault(slot.identity, ([], [], []))[0].append(entry)
         for credit in msg.credits:
             slot, _task = self._find(credit.id)
             if slot is not None:
-                out.setdefault(slot.identity, ([], [], [], []))[1].append(credit)
+                out.setdefault(slot.identity, ([], [], []))[1].append(credit)
         for tid in msg.closed:
             slot, task = self._find(tid)
             if task is None:
@@ -102,22 +91,19 @@ class StreamPassing:
                 task.closed = True
                 continue
             task.streamed = True
-            out.setdefault(slot.identity, ([], [], [], []))[2].append(tid)
-        return [ToWorker(identity, P.Feed(tuple(i), tuple(c), tuple(x)), fr) for identity, (i, c, x, fr) in out.items()]
+            out.setdefault(slot.identity, ([], [], []))[2].append(tid)
+        return [ToWorker(identity, P.Feed(tuple(i), tuple(c), tuple(x))) for identity, (i, c, x) in out.items()]
 
     def _feed_kept(self, slot: WorkerSlot, batch: list[QueuedTask]) -> ToWorker | None:
         """What producers sent the batch's tasks before a worker had them, to follow the TASKS."""
         items: list[P.ItemEntry] = []
         closed: list[int] = []
-        frames: list[Any] = []
         for task in batch:
             if task.inbox is not None or task.closed:
                 self._kept = max(0, self._kept - 1)
             if task.inbox:
                 task.streamed = True
-                for entry, eframes in task.inbox:
-                    items.append(entry)
-                    frames.extend(eframes)
+                items.extend(task.inbox)
                 task.inbox = None
             if task.closed:
                 task.streamed = True
@@ -125,20 +111,18 @@ class StreamPassing:
                 task.closed = False
         if not items and not closed:
             return None
-        return ToWorker(slot.identity, P.Feed(tuple(items), (), tuple(closed)), frames)
+        return ToWorker(slot.identity, P.Feed(tuple(items), (), tuple(closed)))
 
-    def take_items(self) -> tuple[list[P.ItemEntry], list[P.Credit], list[Any]] | None:
-        """Pop the next chunk of streams' items (and credits) to send, or None."""
+    def take_items(self) -> tuple[list[P.ItemEntry], list[P.Credit]] | None:
+        """Pop the next run of streams' items (and credits) to send, or None."""
         if not self.items and not self.item_credits:
             return None
-        n, nframes = chunk_end(self.items, self.item_frames)
-        entries, self.items = self.items[:n], self.items[n:]
-        frames, self.item_frames = self.item_frames[:nframes], self.item_frames[nframes:]
+        entries = list(next(P.batches(self.items))) if self.items else []
+        self.items = self.items[len(entries):]
         credits, self.item_credits = self.item_credits[:P.BATCH_MAX_TASKS], self.item_credits[P.BATCH_MAX_TASKS:]
-        return entries, credits, frames
+        return entries, credits
 
-    def put_back_items(self, entries: list[P.ItemEntry], credits: list[P.Credit], frames: list[Any]) -> None:
-        """A chunk ``take_items`` gave that could not go now: first in line again."""
+    def put_back_items(self, entries: list[P.ItemEntry], credits: list[P.Credit]) -> None:
+        """A run ``take_items`` gave that could not go now: first in line again."""
         self.items[:0] = entries
         self.item_credits[:0] = credits
-        self.item_frames[:0] = frames

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from typing import Any, Protocol
+from typing import Protocol
 
 import zmq
 
@@ -26,7 +26,7 @@ class Uplink(Protocol):
     def send(self, msg: P.Message) -> None:
         """A control message (HELLO, READY, HEARTBEAT, BYE) to the broker."""
 
-    def send_results(self, msg: P.Result | P.Items, frames: list[Any]) -> bool:
+    def send_results(self, msg: P.Result | P.Items) -> bool:
         """Results (or streams' items, ahead of them) for the collector; False when they cannot go now."""
 
     def welcomed(self, msg: P.Welcome) -> None:
@@ -93,20 +93,20 @@ class SocketUplink:
         if isinstance(msg, P.Bye) and self.collector is not None:
             # Behind our last results on the same pipe, so the broker sees them first.
             try:  # never block: a broker that refuses us (or is gone) must not hang the agent's exit
-                self.collector.send(P.encode(P.Bye(msg.reason, self.identity)), zmq.NOBLOCK)
+                self.collector.send_multipart(P.encode(P.Bye(msg.reason, self.identity)), zmq.NOBLOCK)
             except zmq.Again:
                 log.info("broker %s is not reading; left without saying BYE", self.address)
             return
         try:
-            self.dealer.send(P.encode(msg), zmq.NOBLOCK)
+            self.dealer.send_multipart(P.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("broker %s is not reading; dropped a %s", self.address, msg.kind.name)
 
-    def send_results(self, msg: P.Result | P.Items, frames: list[Any]) -> bool:
+    def send_results(self, msg: P.Result | P.Items) -> bool:
         if self.collector is None:
             return False
         try:
-            self.collector.send_multipart([P.encode(msg), *frames], zmq.NOBLOCK, copy=False)
+            self.collector.send_multipart(P.encode(msg), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
         return True

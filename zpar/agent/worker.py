@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import zmq
 
 from .. import protocol as P
-from .. import serialize, streaming
+from .. import _flow, serialize, streaming
 from ..errors import SerializationError, TaskError
 
 _PR_SET_PDEATHSIG = 1
@@ -46,24 +46,15 @@ def _die_with_parent(parent: int) -> None:
 
 
 class _Stream:
-    """One task's stream state in this worker: its items out, the producer's objects in."""
+    """One task's stream state in this worker: its items out, the producer's objects in (zpar._flow's rule)."""
 
-    __slots__ = ("closed", "credit_bytes", "credited", "gap", "granted", "inbox", "next_in", "read", "sent",
-                 "sizes", "taken", "unread")
+    __slots__ = ("closed", "inbound", "inbox", "outbound")
 
     def __init__(self) -> None:
-        self.sent = 0  # items sent to the producer (the next one's seq)
-        self.granted = P.STREAM_WINDOW  # items with seq < granted may be sent now
-        self.read = 0  # items the producer has taken, as far as we know
-        self.sizes: collections.deque[int] = collections.deque()  # bytes of each item sent and not known read
-        self.unread = 0  # their sum
-        self.credit_bytes = 0  # bytes received since we last granted credit
-        self.inbox: collections.deque[Sequence[Any]] = collections.deque()  # objects from the producer
-        self.next_in = 0  # the seq expected next from the producer
-        self.taken = 0  # inbox objects the task has received
-        self.credited = P.STREAM_WINDOW  # the credit last granted to the producer
+        self.outbound = _flow.SendWindow()  # our items to the producer
+        self.inbound = _flow.ReceiveWindow()  # its objects to us
+        self.inbox: collections.deque[P.Payload] = collections.deque()
         self.closed = False  # the producer will send nothing more
-        self.gap = False  # an object from the producer was lost on the way
 
 
 class Worker:
@@ -82,51 +73,45 @@ class Worker:
         self.current: int | None = None  # the id of the task running now (zpar.streaming.channel())
         self.streams: dict[int, _Stream] = {}  # tasks of this batch that stream or were sent objects
         self._entries: list[P.ResultEntry] = []  # results of this batch not sent yet
-        self._out: list[Any] = []
         self._bye = False  # the agent asked us to exit while a task ran
         streaming._port = self
 
     def run(self) -> None:
-        self.sock.send(P.encode(P.Hello(P.Role.WORKER, pid=self.pid, host=self.host)))
+        self.sock.send_multipart(P.encode(P.Hello(P.Role.WORKER, pid=self.pid, host=self.host)))
         while not self._bye:
             if not self.sock.poll(1000):
                 if os.getppid() != self.parent:
                     return  # the agent is gone; nobody wants our results
                 continue
             frames = self.sock.recv_multipart(copy=False)
-            msg = P.decode(frames[0].buffer, len(frames) - 1)  # the agent is trusted
+            msg = P.decode(frames)  # the agent is trusted
             if isinstance(msg, P.Bye):
                 return
             if isinstance(msg, P.Tasks):
-                self.run_batch(msg, frames[1:])
+                self.run_batch(msg)
                 self._send_results()
                 self.streams.clear()
             # A FEED now is for a task that has ended: nobody will read it.
 
-    def run_batch(self, msg: P.Tasks, frames: list[Any]) -> None:
+    def run_batch(self, msg: P.Tasks) -> None:
         """Run the batch; its results (those not sent ahead for a stream) are left to ``_send_results``."""
-        nf = len(msg.funcs)
-        for d, blob in zip(msg.funcs, frames[:nf]):
-            self._load_function(d, blob)
-        pos = nf
+        for func in msg.funcs:
+            self._load_function(func.digest, func.blob)
         for task in msg.tasks:
-            tframes, pos = P.unpack_payload(task, frames, pos)
             start = time.perf_counter_ns()
             self.current = task.id
-            status, rframes = self._run_one(task, tframes)
+            status, rframes = self._run_one(task)
             self.current = None
             took = (time.perf_counter_ns() - start) // 1000
-            nframes, data, payload = P.pack_payload(rframes)
-            # Not cached in locals: a stream sends (and replaces) these lists mid-batch.
-            self._entries.append(P.ResultEntry(task.id, status, nframes, took, data))
-            self._out.extend(payload)
+            # Not cached in a local: a stream sends (and replaces) this list mid-batch.
+            self._entries.append(P.ResultEntry(task.id, status, rframes, took))
             if self.streams and task.id in self.streams:  # a stream's result goes at once, behind its items
                 self._send_results()
 
     def _send_results(self) -> None:
         if self._entries:
-            self.sock.send_multipart([P.encode(P.Result(tuple(self._entries))), *self._out], copy=False)
-            self._entries, self._out = [], []
+            self.sock.send_multipart(P.encode(P.Result(tuple(self._entries))), copy=False)
+            self._entries = []
 
     def _load_function(self, d: bytes, blob: Any) -> None:
         if d in self.funcs:
@@ -141,10 +126,10 @@ class Worker:
 
             self.funcs[d] = unloadable
 
-    def _run_one(self, task: P.TaskEntry, tframes: Sequence[Any]) -> tuple[P.Status, list[Any]]:
+    def _run_one(self, task: P.TaskEntry) -> tuple[P.Status, list[Any]]:
         try:
             fn = self.funcs[task.digest]
-            payload = serialize.loads(tframes, what="task arguments")
+            payload = serialize.loads(task.payload, what="task arguments")
             if task.flags & P.FLAG_CHUNK:
                 value = [fn(*a) for a in payload]
             else:
@@ -170,8 +155,8 @@ class Worker:
     def _result(self, tid: int, value: Any) -> tuple[P.Status, list[Any]]:
         stream = self.streams.get(tid) if self.streams else None
         status = P.Status.OK
-        if stream is not None and stream.sent:  # the producer checks it got every item
-            status, value = P.Status.STREAMED, (stream.sent, value)
+        if stream is not None and stream.outbound.next_seq:  # the producer checks it got every item
+            status, value = P.Status.STREAMED, (stream.outbound.next_seq, value)
         try:
             frames = serialize.dumps(value, what="result", chunk=self.chunk)
             serialize.check_payload(frames, "result")
@@ -208,23 +193,18 @@ class Worker:
         """Send one object to the producer; blocks (reading credits) while the window is full."""
         serialize.check_payload(frames, "object sent")
         stream = self._stream(tid)
-        while stream.sent >= stream.granted or stream.unread >= P.STREAM_BYTES:
+        while not stream.outbound.may_send():
             self._pump(None)
-        nframes, data, payload = P.pack_payload(frames)
-        msg = P.Items((P.ItemEntry(tid, stream.sent, nframes, data),))
-        self.sock.send_multipart([P.encode(msg), *payload], copy=False)
-        stream.sent += 1
-        size = sum(len(f) for f in frames)
-        stream.sizes.append(size)
-        stream.unread += size
+        seq = stream.outbound.sent(P.payload_bytes(frames))
+        self.sock.send_multipart(P.encode(P.Items((P.ItemEntry(tid, seq, frames),))), copy=False)
 
-    def receive_item(self, tid: int, timeout: float | None) -> Sequence[Any]:
+    def receive_item(self, tid: int, timeout: float | None) -> P.Payload:
         """The frames of the next object the producer sent; EOFError at its end, TimeoutError."""
         stream = self._stream(tid)
         deadline = None if timeout is None else time.monotonic() + timeout
         looked = False
         while not stream.inbox:
-            if stream.gap:
+            if stream.inbound.broken:
                 raise ConnectionError(f"an object sent to task {tid} was lost on the way")
             if stream.closed:
                 raise EOFError(f"the producer closed the input of task {tid}")
@@ -234,12 +214,9 @@ class Worker:
             self._pump(left)
             looked = True
         frames = stream.inbox.popleft()
-        stream.taken += 1
-        stream.credit_bytes += sum(len(f) for f in frames)
-        upto = stream.taken + P.STREAM_WINDOW
-        if upto - stream.credited >= P.STREAM_WINDOW // 2 or stream.credit_bytes >= P.STREAM_BYTES // 4:
-            stream.credited, stream.credit_bytes = upto, 0
-            self.sock.send(P.encode(P.Items((), (P.Credit(tid, upto),))))
+        upto = stream.inbound.taken(P.payload_bytes(frames))
+        if upto is not None:
+            self.sock.send_multipart(P.encode(P.Items((), (P.Credit(tid, upto),))))
         return frames
 
     def _pump(self, timeout: float | None) -> None:
@@ -251,31 +228,21 @@ class Worker:
             if not events & zmq.POLLIN:
                 return
             frames = self.sock.recv_multipart(copy=False)
-            msg = P.decode(frames[0].buffer, len(frames) - 1)
+            msg = P.decode(frames)
             if isinstance(msg, P.Feed):
-                self._feed(msg, frames[1:])
+                self._feed(msg)
             elif isinstance(msg, P.Bye):
                 self._bye = True  # after this batch
 
-    def _feed(self, msg: P.Feed, frames: list[Any]) -> None:
-        pos = 0
+    def _feed(self, msg: P.Feed) -> None:
         for entry in msg.items:
-            iframes, pos = P.unpack_payload(entry, frames, pos)
             stream = self.streams.setdefault(entry.id, _Stream())
-            if entry.seq < stream.next_in:
-                continue  # a repeat
-            if entry.seq > stream.next_in:
-                stream.gap = True
-            stream.next_in = entry.seq + 1
-            stream.inbox.append(iframes)
+            if stream.inbound.arrived(entry.seq) is _flow.Arrival.NEW:
+                stream.inbox.append(entry.payload)  # a repeat is dropped; a gap breaks the stream
         for credit in msg.credits:
             held = self.streams.get(credit.id)
-            if held is not None and credit.upto > held.granted:
-                held.granted = credit.upto
-                read = min(credit.upto - P.STREAM_WINDOW, held.sent)
-                while held.read < read:
-                    held.unread -= held.sizes.popleft()
-                    held.read += 1
+            if held is not None:
+                held.outbound.granted(credit.upto)
         for tid in msg.closed:
             self.streams.setdefault(tid, _Stream()).closed = True
 

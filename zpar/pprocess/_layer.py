@@ -1,17 +1,18 @@
 """Which cluster zpar.pprocess runs calls on: one client per process, chosen by ``use()``.
 
-pprocess's functions take no cluster argument, so the layer keeps one
-client, started on first need: a private embedded cluster by default, a
-cluster by address, or a client the user made. Forking (``create()``) is
+pprocess's functions take no cluster argument, so the layer uses the
+drop-in layers' one default client (zpar._default, shared with
+zpar.Process), started on first need: a private embedded cluster by default,
+a cluster by address, or a client the user made. Forking (``create()``) is
 allowed only while that client is (or will be) the embedded cluster.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
+from .. import _default
 from ..client import Client
 from ..config import usable_cores
 from ..errors import ConfigError, ZparError
@@ -25,35 +26,8 @@ class RemoteForkError(ZparError, RuntimeError):
     """``create()`` was asked to fork for a cluster elsewhere: a fork cannot leave this machine."""
 
 
-class _Layer:
-    """The client the module-level API uses (see ``use``); one per process, started on first need."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.target: Client | str | None = None  # None: a private embedded cluster
-        self.options: dict[str, Any] = {}  # for the zpar.Client we start
-        self.client: Client | None = None
-        self.owned = False  # we started self.client, so we close it
-
-    def get(self) -> Client:
-        with self.lock:
-            if self.client is None or self.client.closed:
-                if isinstance(self.target, Client):
-                    self.client, self.owned = self.target, False
-                else:
-                    log.debug("pprocess layer: starting a client for %s", self.target or "an embedded cluster")
-                    self.client, self.owned = Client(self.target, **self.options), True
-            return self.client
-
-    def drop(self) -> None:
-        with self.lock:
-            client, owned = self.client, self.owned
-            self.client, self.owned = None, False
-        if client is not None and owned:
-            client.close()
-
-
-_layer = _Layer()
+#: The client the module-level API uses: the drop-in layers' shared default (see zpar._default).
+_layer = _default.shared
 
 
 def use(target: Client | str | None = None, **client_options: Any) -> None:
@@ -72,9 +46,7 @@ def use(target: Client | str | None = None, **client_options: Any) -> None:
                           "give them to zpar.Client(...) when you make it")
     if target is not None and client_options.get("workers") is not None:
         raise ConfigError("workers= sizes the embedded cluster; a remote cluster's agents set its size")
-    _layer.drop()
-    with _layer.lock:
-        _layer.target, _layer.options = target, client_options
+    _layer.use(target, **client_options)
 
 
 def shutdown() -> None:
@@ -119,5 +91,5 @@ def fork() -> Channel:
     """``create()``'s fork; in the child, forget the parent's client."""
     channel = _channels.fork()
     if channel.pid == 0:  # the parent's client is not ours to use, nor to close, in this copy
-        _layer.client, _layer.owned = None, False
+        _layer.forget()
     return channel

@@ -1,0 +1,131 @@
+"""The zpar wire: every message kind, its header fields and its frame layout.
+
+Nothing else in zpar builds or parses frames: other modules hand ``encode`` a
+message and get the frames to send; ``decode`` gives them back a message with
+each entry's payload frames attached. A message is a ZeroMQ multipart: one
+msgpack header frame, then payload frames the broker forwards untouched::
+
+    producer                broker                      agent            worker
+       | HELLO ------------->  |                          |                 |
+       | <----------- WELCOME  | <------------------ HELLO|                 |
+       |                       | WELCOME ---------------> |                 |
+       |                       | <----------- READY(n)    |   <------ HELLO |
+       | SUBMIT(funcs,tasks) ->| TASKS(funcs,tasks) ----> | TASKS --------> |
+       |                       | <- RESULT (collector) -- | <------- RESULT |
+       | <-------------- RESULT|  ACK ------------------> |                 |
+       | <--- ITEMS (streams)  | <- ITEMS (collector) --- | <-------- ITEMS |
+       | FEED (sends, credits)>| FEED ------------------> | FEED ---------> |
+       | STATUS ------------>  |                          |                 |
+       | <------------ STATUS  | <-> HEARTBEAT            |                 |
+       | BYE ----------------> | <------------------- BYE |                 |
+
+Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
+function blobs named in ``f`` first, then each task's frames in order (its
+pickled arguments, then its out-of-band buffers). RESULT, ITEMS and FEED carry
+each entry's frames in order. A payload of one small frame rides inside the
+header instead (see INLINE_MAX), so a batch of tiny tasks is one frame on
+every hop. A message of the wrong version, kind, shape or frame count raises
+ProtocolError; callers drop and count it. Refusals carry an ErrorCode, and a
+lost task's cause travels as data (Cause): no peer acts on English text.
+"""
+
+from ._codec import batches, decode, decode_routed, encode, encode_routed, payload_bytes
+from ._messages import (
+    BATCH_MAX_BYTES,
+    BATCH_MAX_TASKS,
+    FLAG_CHANNEL,
+    FLAG_CHUNK,
+    INLINE_MAX,
+    MAX_ENTRIES,
+    MAX_FRAMES,
+    MAX_HEADER_BYTES,
+    MAX_MESSAGE_SIZE,
+    MAX_RETRIES,
+    MAX_TASK_FRAMES,
+    STREAM_BYTES,
+    STREAM_WINDOW,
+    VALUE_STATUSES,
+    VERSION,
+    Ack,
+    Bye,
+    ByeReason,
+    Cancel,
+    Cause,
+    Credit,
+    Error,
+    ErrorCode,
+    Feed,
+    Frame,
+    Function,
+    Heartbeat,
+    Hello,
+    ItemEntry,
+    Items,
+    Kind,
+    Message,
+    Payload,
+    Ready,
+    Result,
+    ResultEntry,
+    Role,
+    Shipped,
+    Status,
+    StatusMsg,
+    Submit,
+    TaskEntry,
+    Tasks,
+    Welcome,
+)
+
+__all__ = [
+    "Ack",
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_TASKS",
+    "Bye",
+    "ByeReason",
+    "Cancel",
+    "Cause",
+    "Credit",
+    "Error",
+    "ErrorCode",
+    "FLAG_CHANNEL",
+    "FLAG_CHUNK",
+    "Feed",
+    "Frame",
+    "Function",
+    "Heartbeat",
+    "Hello",
+    "INLINE_MAX",
+    "ItemEntry",
+    "Items",
+    "Kind",
+    "MAX_ENTRIES",
+    "MAX_FRAMES",
+    "MAX_HEADER_BYTES",
+    "MAX_MESSAGE_SIZE",
+    "MAX_RETRIES",
+    "MAX_TASK_FRAMES",
+    "Message",
+    "Payload",
+    "Ready",
+    "Result",
+    "ResultEntry",
+    "Role",
+    "Shipped",
+    "STREAM_BYTES",
+    "STREAM_WINDOW",
+    "Status",
+    "StatusMsg",
+    "Submit",
+    "TaskEntry",
+    "Tasks",
+    "VALUE_STATUSES",
+    "VERSION",
+    "Welcome",
+    "batches",
+    "decode",
+    "decode_routed",
+    "encode",
+    "encode_routed",
+    "payload_bytes",
+]

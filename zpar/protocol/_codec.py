@@ -1,0 +1,413 @@
+"""The wire's grammar: messages to frames and back, and the one batching rule (see zpar.protocol)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+import zmq
+
+from ..errors import ProtocolError
+from ._messages import (
+    BATCH_MAX_BYTES,
+    BATCH_MAX_TASKS,
+    INLINE_MAX,
+    MAX_ENTRIES,
+    MAX_FRAMES,
+    MAX_HEADER_BYTES,
+    MAX_RETRIES,
+    VALUE_STATUSES,
+    VERSION,
+    Ack,
+    Bye,
+    ByeReason,
+    Cancel,
+    Cause,
+    Credit,
+    Error,
+    ErrorCode,
+    Feed,
+    Frame,
+    Function,
+    Heartbeat,
+    Hello,
+    ItemEntry,
+    Items,
+    Kind,
+    Message,
+    Payload,
+    Ready,
+    Result,
+    ResultEntry,
+    Role,
+    Status,
+    StatusMsg,
+    Submit,
+    TaskEntry,
+    Tasks,
+    Welcome,
+)
+
+# --------------------------------------------------------------------------
+# Sizes and batches: one rule for every sender
+
+
+def payload_bytes(payload: Payload) -> int:
+    """Bytes of a payload (zmq Frames, bytes and 1-D byte views: ``len`` is bytes)."""
+    return sum(len(f) for f in payload)
+
+
+def _wire_frames(payload: Payload) -> int:
+    """Frames a payload takes beside the header (0 when it rides inline)."""
+    n = len(payload)
+    return 0 if n == 1 and len(payload[0]) <= INLINE_MAX else n
+
+
+E = TypeVar("E", TaskEntry, ResultEntry, ItemEntry)
+
+
+def batches(entries: Sequence[E], max_entries: int = BATCH_MAX_TASKS, max_bytes: int = BATCH_MAX_BYTES,
+            reserved_frames: int = 0) -> Iterator[Sequence[E]]:
+    """``entries`` in runs that each fit one message: at least one entry, then up to
+    ``max_entries`` entries, about ``max_bytes`` of payload and MAX_FRAMES frames
+    (``reserved_frames`` of those kept for function blobs)."""
+    start, total = 0, len(entries)
+    if total <= max_entries and total and _fits(entries, max_bytes, MAX_FRAMES - reserved_frames):
+        yield entries  # the common case: a small batch, checked in one pass
+        return
+    while start < total:
+        end = start
+        nbytes = nframes = 0
+        limit = MAX_FRAMES - reserved_frames
+        while end < total:
+            payload = entries[end].payload
+            frames = _wire_frames(payload)
+            if end > start and (end - start >= max_entries or nbytes >= max_bytes or nframes + frames > limit):
+                break
+            nbytes += payload_bytes(payload)
+            nframes += frames
+            end += 1
+        yield entries[start:end]
+        start = end
+
+
+def _fits(entries: Sequence[E], max_bytes: int, max_frames: int) -> bool:
+    nbytes = nframes = 0
+    for entry in entries:
+        payload = entry.payload
+        nbytes += payload_bytes(payload)
+        nframes += _wire_frames(payload)
+    return nbytes < max_bytes + payload_bytes(entries[-1].payload) and nframes <= max_frames
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def _place(payload: Payload, frames: list[Frame]) -> tuple[int, bytes]:
+    """``(nframes, data)`` for an entry's row; its frames (if not inline) appended to ``frames``."""
+    if len(payload) == 1:
+        head = payload[0]
+        if len(head) <= INLINE_MAX:
+            if type(head) is bytes:
+                return 0, head
+            return 0, head.bytes if isinstance(head, zmq.Frame) else bytes(head)
+    frames.extend(payload)
+    return len(payload), b""
+
+
+def encode(msg: Message) -> list[Frame]:
+    """The frames of ``msg``: its header, then its payload frames in wire order."""
+    frames: list[Frame] = [b""]
+    h: dict[str, Any] = {"v": VERSION, "k": int(msg.kind)}
+    match msg:
+        case Submit(tasks=tasks, funcs=funcs) | Tasks(tasks=tasks, funcs=funcs):
+            h["f"] = [f.digest for f in funcs]
+            frames.extend(f.blob for f in funcs)
+            rows = []
+            for t in tasks:
+                nframes, data = _place(t.payload, frames)
+                rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms))
+            h["t"] = rows
+        case Result(results=results, agent=agent, epoch=epoch):
+            rows_r = []
+            for r in results:
+                nframes, data = _place(r.payload, frames) if r.payload else (0, b"")
+                rows_r.append((r.id, int(r.status), nframes, r.duration_us, data, r.cause))
+            h["r"] = rows_r
+            if agent:
+                h["a"] = agent
+            if epoch:
+                h["e"] = epoch
+        case Items(items=items, credits=credits, agent=agent, epoch=epoch):
+            h["i"] = _item_rows(items, frames)
+            h["c"] = credits
+            if agent:
+                h["a"] = agent
+            if epoch:
+                h["e"] = epoch
+        case Feed(items=items, credits=credits, closed=closed):
+            h["i"] = _item_rows(items, frames)
+            h["c"] = credits
+            h["closed"] = closed
+        case Hello(role=role, name=name, host=host, pid=pid, workers=workers):
+            h.update(role=role.value, name=name, host=host, pid=pid, workers=workers)
+        case Welcome(epoch=epoch, heartbeat=heartbeat, liveness=liveness, collector=collector,
+                     max_message_size=max_message_size):
+            h.update(epoch=epoch, heartbeat=heartbeat, liveness=liveness, collector=collector,
+                     max_message_size=max_message_size)
+        case Ready(credits=n):
+            h["n"] = n
+        case Heartbeat(busy=busy):
+            h["busy"] = busy
+        case Cancel(ids=ids, force=force):
+            h["ids"] = ids
+            h["force"] = force
+        case StatusMsg(info=info):
+            h["info"] = info
+        case Bye(reason=reason, agent=agent):
+            h["reason"] = int(reason)
+            if agent:
+                h["a"] = agent
+        case Ack(ids=ids):
+            h["ids"] = ids
+        case Error(code=code, ids=ids, detail=detail):
+            h["code"] = int(code)
+            h["ids"] = ids
+            h["detail"] = detail
+    frames[0] = msgpack.packb(h, use_bin_type=True)
+    return frames
+
+
+def _item_rows(items: tuple[ItemEntry, ...], frames: list[Frame]) -> list[tuple[int, int, int, bytes]]:
+    rows = []
+    for i in items:
+        nframes, data = _place(i.payload, frames)
+        rows.append((i.id, i.seq, nframes, data))
+    return rows
+
+
+def encode_routed(peer: bytes, msg: Message) -> list[Frame]:
+    """The frames of ``msg`` behind a ROUTER's routing id for ``peer``."""
+    frames = encode(msg)
+    frames.insert(0, peer)
+    return frames
+
+
+# --------------------------------------------------------------------------
+# Decoding: every field checked, because the other end may be anyone.
+
+
+class _Frames:
+    """Hands out the payload frames of a message, in order, as its header declares them."""
+
+    __slots__ = ("frames", "pos")
+
+    def __init__(self, frames: Sequence[Frame], pos: int) -> None:
+        self.frames, self.pos = frames, pos
+
+    def take(self, nframes: int, data: bytes, what: str) -> Payload:
+        if nframes == 0:
+            if not data:
+                raise ProtocolError(f"{what} needs its payload, inline or in frames")
+            return (data,)
+        if data:
+            raise ProtocolError(f"{what} has both inline data and frames")
+        start = self.pos
+        self.pos += nframes
+        if self.pos > len(self.frames):
+            raise ProtocolError(f"{what} declares more frames than came")
+        return self.frames[start:self.pos]
+
+
+def _get(h: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any = ...) -> Any:
+    if key not in h:
+        if default is ...:
+            raise ProtocolError(f"header field {key!r} is missing")
+        return default
+    value = h[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+        raise ProtocolError(f"header field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _nonneg_int(value: Any, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ProtocolError(f"{what} must be a non-negative integer")
+    return value
+
+
+def _rows(h: dict[str, Any], key: str, default: Any = ...) -> list[Any]:
+    rows: list[Any] = _get(h, key, list, default)
+    if len(rows) > MAX_ENTRIES:
+        raise ProtocolError(f"{len(rows)} entries in {key!r} is over the {MAX_ENTRIES} limit")
+    return rows
+
+
+def _ids(h: dict[str, Any], key: str, default: Any = ...) -> tuple[int, ...]:
+    return tuple(_nonneg_int(i, "task id") for i in _rows(h, key, default))
+
+
+def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple[Function, ...]]:
+    rows = _rows(h, "t")
+    digests = _rows(h, "f", [])
+    for d in digests:
+        if type(d) is not bytes:
+            raise ProtocolError("function digests must be bytes")
+    if fr.pos + len(digests) > len(fr.frames):
+        raise ProtocolError("fewer frames than function blobs")
+    funcs = tuple(Function(d, fr.frames[fr.pos + i]) for i, d in enumerate(digests))
+    fr.pos += len(digests)
+    out = []
+    for row in rows:
+        if type(row) is not list or len(row) != 7:
+            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms]")
+        tid, digest, nframes, flags, data, retries, timeout_ms = row
+        if (type(tid) is not int or tid < 0 or type(digest) is not bytes or type(nframes) is not int
+                or nframes < 0 or type(flags) is not int or flags < 0 or type(data) is not bytes
+                or type(retries) is not int or not 0 <= retries <= MAX_RETRIES
+                or type(timeout_ms) is not int or timeout_ms < 0):
+            raise ProtocolError(f"malformed task entry {row!r:.200}")
+        out.append(TaskEntry(tid, digest, fr.take(nframes, data, "a task"), flags, retries, timeout_ms))
+    return tuple(out), funcs
+
+
+def _cause(row: Any) -> Cause:
+    if type(row) is not list or len(row) != 6:
+        raise ProtocolError("a cause must be [node, pid, exitcode, signal, attempts, detail]")
+    node, pid, exitcode, sig, attempts, detail = row
+    if (type(node) is not str or type(pid) is not int or pid < 0 or type(attempts) is not int or attempts < 0
+            or type(detail) is not str or not (exitcode is None or type(exitcode) is int)
+            or not (sig is None or type(sig) is int and sig > 0)):
+        raise ProtocolError(f"malformed cause {row!r:.200}")
+    return Cause(node, pid, exitcode, sig, attempts, detail)
+
+
+def _results(h: dict[str, Any], fr: _Frames) -> tuple[ResultEntry, ...]:
+    out = []
+    for row in _rows(h, "r"):
+        if type(row) is not list or len(row) != 6:
+            raise ProtocolError("a result entry must be [id, status, nframes, duration_us, data, cause]")
+        rid, status, nframes, dur, data, cause = row
+        if (type(rid) is not int or rid < 0 or type(status) is not int or type(nframes) is not int
+                or nframes < 0 or type(dur) is not int or dur < 0 or type(data) is not bytes):
+            raise ProtocolError(f"malformed result entry {row!r:.200}")
+        try:
+            st = Status(status)
+        except ValueError:
+            raise ProtocolError(f"unknown result status {status!r}") from None
+        if st in VALUE_STATUSES:
+            if cause is not None:
+                raise ProtocolError(f"a {st.name} result carries a value, not a cause")
+            out.append(ResultEntry(rid, st, fr.take(nframes, data, "a result"), dur))
+        else:
+            if nframes or data:
+                raise ProtocolError(f"a {st.name} result carries a cause, not a value")
+            out.append(ResultEntry(rid, st, (), dur, _cause(cause)))
+    return tuple(out)
+
+
+def _items(h: dict[str, Any], fr: _Frames) -> tuple[tuple[ItemEntry, ...], tuple[Credit, ...]]:
+    out = []
+    for row in _rows(h, "i"):
+        if type(row) is not list or len(row) != 4:
+            raise ProtocolError("an item entry must be [id, seq, nframes, data]")
+        iid, seq, nframes, data = row
+        if (type(iid) is not int or iid < 0 or type(seq) is not int or seq < 0 or type(nframes) is not int
+                or nframes < 0 or type(data) is not bytes):
+            raise ProtocolError(f"malformed item entry {row!r:.200}")
+        out.append(ItemEntry(iid, seq, fr.take(nframes, data, "an item")))
+    credits = []
+    for row in _rows(h, "c", []):
+        if type(row) is not list or len(row) != 2:
+            raise ProtocolError("a credit entry must be [id, upto]")
+        credits.append(Credit(_nonneg_int(row[0], "task id"), _nonneg_int(row[1], "credit")))
+    return tuple(out), tuple(credits)
+
+
+def _enum(cls: type[enum.IntEnum], value: Any, what: str) -> Any:
+    try:
+        return cls(_nonneg_int(value, what))
+    except ValueError:
+        raise ProtocolError(f"unknown {what} {value!r}") from None
+
+
+def decode(frames: Sequence[Frame], start: int = 0) -> Message:
+    """The message in ``frames[start:]``: header, then payload frames.
+
+    Raises ProtocolError for anything but a well-formed message of this version
+    whose frame count matches what its header declares.
+    """
+    if len(frames) <= start:
+        raise ProtocolError("an empty message")
+    if len(frames) - start - 1 > MAX_FRAMES:
+        raise ProtocolError(f"{len(frames) - start - 1} frames is over the {MAX_FRAMES} limit")
+    head = frames[start]
+    header = head.buffer if isinstance(head, zmq.Frame) else head
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(header)} bytes is over the {MAX_HEADER_BYTES} limit")
+    try:
+        h = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if type(h) is not dict:
+        raise ProtocolError("header is not a map")
+    v = h.get("v")
+    if v != VERSION or type(v) is not int:
+        raise ProtocolError(f"protocol version {v!r} is not {VERSION}; upgrade the older side")
+    k: Kind = _enum(Kind, _get(h, "k", int), "message kind")
+    fr = _Frames(frames, start + 1)
+    msg: Message
+    if k is Kind.SUBMIT or k is Kind.TASKS:
+        tasks, funcs = _tasks(h, fr)
+        msg = Submit(tasks, funcs) if k is Kind.SUBMIT else Tasks(tasks, funcs)
+    elif k is Kind.RESULT:
+        msg = Result(_results(h, fr), _get(h, "a", bytes, b""), _get(h, "e", str, ""))
+    elif k is Kind.ITEMS:
+        items, credits = _items(h, fr)
+        msg = Items(items, credits, _get(h, "a", bytes, b""), _get(h, "e", str, ""))
+    elif k is Kind.FEED:
+        items, credits = _items(h, fr)
+        msg = Feed(items, credits, _ids(h, "closed", []))
+    elif k is Kind.HELLO:
+        try:
+            role = Role(_get(h, "role", str))
+        except ValueError:
+            raise ProtocolError(f"unknown role {h.get('role')!r}") from None
+        msg = Hello(role, _get(h, "name", str, ""), _get(h, "host", str, ""),
+                    _nonneg_int(_get(h, "pid", int, 0), "pid"), _nonneg_int(_get(h, "workers", int, 0), "workers"))
+    elif k is Kind.WELCOME:
+        msg = Welcome(_get(h, "epoch", str), float(_get(h, "heartbeat", (int, float))),
+                      _nonneg_int(_get(h, "liveness", int), "liveness"), _get(h, "collector", str, ""),
+                      _nonneg_int(_get(h, "max_message_size", int, 0), "max_message_size"))
+    elif k is Kind.READY:
+        msg = Ready(_nonneg_int(_get(h, "n", int), "credits"))
+    elif k is Kind.HEARTBEAT:
+        msg = Heartbeat(_nonneg_int(_get(h, "busy", int, 0), "busy"))
+    elif k is Kind.CANCEL:
+        msg = Cancel(_ids(h, "ids"), _get(h, "force", bool, False))
+    elif k is Kind.STATUS:
+        msg = StatusMsg(_get(h, "info", dict, {}))
+    elif k is Kind.BYE:
+        msg = Bye(_enum(ByeReason, _get(h, "reason", int, 0), "goodbye reason"), _get(h, "a", bytes, b""))
+    elif k is Kind.ACK:
+        msg = Ack(_ids(h, "ids"))
+    else:  # Kind.ERROR
+        msg = Error(_enum(ErrorCode, _get(h, "code", int), "error code"), _ids(h, "ids", []),
+                    _get(h, "detail", str, ""))
+    if fr.pos != len(frames):
+        raise ProtocolError(f"{k.name} declares {fr.pos - start - 1} payload frames but "
+                            f"{len(frames) - start - 1} came")
+    return msg
+
+
+def decode_routed(frames: Sequence[Frame]) -> tuple[bytes, Message]:
+    """``(peer, message)`` from what a ROUTER received: the routing id, then the message."""
+    if not frames:
+        raise ProtocolError("an empty message")
+    peer = frames[0]
+    if isinstance(peer, zmq.Frame):
+        return peer.bytes, decode(frames, 1)
+    return bytes(peer), decode(frames, 1)

@@ -1,0 +1,366 @@
+"""The wire's vocabulary: limits, kinds, entries and one frozen dataclass per message (see zpar.protocol)."""
+
+from __future__ import annotations
+
+import enum
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple, TypeAlias
+
+import zmq
+
+VERSION = 2
+#: Largest header frame a peer may send (payload frames are capped separately).
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+#: Largest frame any socket takes (ZMQ_MAXMSGSIZE; a peer sending more is disconnected).
+MAX_MESSAGE_SIZE = 1 << 30
+#: Most payload frames in one message; guards against a flood of tiny frames.
+MAX_FRAMES = 10_000
+#: Most frames one task's arguments or result may take (senders split batches below MAX_FRAMES).
+MAX_TASK_FRAMES = MAX_FRAMES // 4
+#: Most task or result entries in one message (senders batch at most BATCH_MAX_TASKS):
+#: a header claiming more is refused before any entry is looked at.
+MAX_ENTRIES = 10_000
+#: The most re-runs a task may ask for (a bound on what a peer can make us do).
+MAX_RETRIES = 100
+#: What one hop puts in one batch at most (tasks and payload bytes).
+BATCH_MAX_TASKS = 1000
+BATCH_MAX_BYTES = 1 << 20
+#: A payload of one frame up to this size travels inside the header.
+INLINE_MAX = 32 * 1024
+
+#: Stream flow control (zpar.streaming): a sender may be this many items ahead of
+#: what the receiver has taken (credits move the limit on: ``upto`` = taken + window) ...
+STREAM_WINDOW = 256
+#: ... and stops while this many bytes it sent are unread (a larger object still goes, alone).
+STREAM_BYTES = 8 << 20
+
+#: One frame of a message: what ZeroMQ gave us, or what we hand it to send.
+Frame: TypeAlias = "bytes | bytearray | memoryview | zmq.Frame"
+#: A task's arguments, a result or a stream object: the pickle stream, then out-of-band buffers.
+Payload: TypeAlias = Sequence[Frame]
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    SUBMIT = 3
+    TASKS = 4
+    READY = 5
+    HEARTBEAT = 6
+    RESULT = 7
+    CANCEL = 8
+    STATUS = 9
+    BYE = 10
+    ERROR = 11
+    ACK = 12
+    ITEMS = 13
+    FEED = 14
+
+
+class Role(str, enum.Enum):
+    PRODUCER = "producer"
+    AGENT = "agent"
+    WORKER = "worker"
+
+
+class Status(enum.IntEnum):
+    """How a task ended, as carried in a RESULT entry."""
+
+    OK = 0  # payload: the pickled return value and its buffers
+    RAISED = 1  # payload: the pickled exception record (see serialize.py)
+    LOST = 2  # cause: its worker or node died; retried by the broker
+    TIMEOUT = 3  # cause: it ran past its timeout; not retried
+    CANCELLED = 4  # cause: stopped on request; not retried
+    MEMORY = 5  # cause: its worker went past the memory limit; not retried
+    STREAMED = 6  # payload: the pickled ``(items sent, return value)`` of a task that sent items
+
+
+#: Statuses whose entry carries a value; the others carry a Cause instead.
+VALUE_STATUSES = frozenset({Status.OK, Status.RAISED, Status.STREAMED})
+
+
+class ErrorCode(enum.IntEnum):
+    """Why the broker refused what a peer sent (ERROR); peers act on these, never on text."""
+
+    MALFORMED = 1  # the message did not decode; it was dropped
+    UNKNOWN_PEER = 2  # forgotten (silent too long) or from before a restart: say HELLO again
+    UNKNOWN_FUNCTION = 3  # send these tasks again with their function blob
+    KEY_REVOKED = 4  # this peer's key left the allow-list: it is cut off for good
+    NOT_ALLOWED = 5  # this role may not send this kind of message
+
+
+class ByeReason(enum.IntEnum):
+    """Why a peer says BYE."""
+
+    LEAVING = 0  # a producer closing, an agent stopping
+    STOPPING = 1  # the broker is stopping; it may come back
+    KEY_REVOKED = 2  # the broker cut this peer off (its key was revoked)
+    RECYCLED = 3  # the agent retires this worker between tasks
+
+
+#: Task flags, a bit field in each task entry.
+FLAG_CHUNK = 1  # the arguments are a list of argument tuples; return a list
+FLAG_CHANNEL = 2  # client.start: the function gets the task's channel as its first argument
+
+
+# --------------------------------------------------------------------------
+# Entries: the rows of a batch, each with its payload frames attached.
+
+
+class Function(NamedTuple):
+    """A function blob (cloudpickle), named by its digest; travels once per hop."""
+
+    digest: bytes
+    blob: Frame
+
+
+class Shipped:
+    """The function digests one peer already has: each blob goes to it once (SUBMIT, TASKS).
+
+    Used on every hop: the producer toward its broker, the broker toward each
+    agent, the agent toward each worker.
+    """
+
+    __slots__ = ("known",)
+
+    def __init__(self) -> None:
+        self.known: set[bytes] = set()
+
+    def functions(self, entries: Iterable[TaskEntry], blob: Callable[[bytes], Frame]) -> tuple[Function, ...]:
+        """The blobs (``blob(digest)``) of ``entries``' functions the peer lacks, now counted as sent."""
+        out: list[Function] = []
+        known = self.known
+        for entry in entries:
+            digest = entry.digest
+            if digest not in known:
+                known.add(digest)
+                out.append(Function(digest, blob(digest)))
+        return tuple(out)
+
+    def forget(self, digests: Iterable[bytes] | None = None) -> None:
+        """The peer lost these (or, with None, all): send them again with the next task that needs them."""
+        if digests is None:
+            self.known.clear()
+        else:
+            self.known.difference_update(digests)
+
+
+class TaskEntry(NamedTuple):
+    """One task in SUBMIT or TASKS. Wire: ``[id, digest, nframes, flags, data, retries, timeout_ms]``.
+
+    ``retries``: how many more times the broker runs it after losing it to a
+    dead worker or node. ``timeout_ms``: the agent stops it after this long
+    running (0: never).
+    """
+
+    id: int
+    digest: bytes
+    payload: Payload
+    flags: int = 0
+    retries: int = 0
+    timeout_ms: int = 0
+
+
+class Cause(NamedTuple):
+    """Why a run ended without a value (LOST, TIMEOUT, CANCELLED, MEMORY), as data.
+
+    ``exitcode``/``signal``: how the worker process ended, when it did (a
+    signal number, or an exit code; None if not known). ``attempts``: runs
+    lost so far (the broker fills it in when it gives up). ``detail``: words
+    for people only (a limit, a duration); no peer parses it.
+    Wire: ``[node, pid, exitcode, signal, attempts, detail]``.
+    """
+
+    node: str = ""
+    pid: int = 0
+    exitcode: int | None = None
+    signal: int | None = None
+    attempts: int = 0
+    detail: str = ""
+
+    def ended(self) -> str:
+        """How the worker process ended, in words ("killed by SIGKILL"), or "" if it did not."""
+        if self.signal is not None:
+            try:
+                return f"killed by {signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"killed by signal {self.signal}"
+        if self.exitcode is not None:
+            return f"exited with code {self.exitcode}"
+        return ""
+
+    @classmethod
+    def from_returncode(cls, node: str, pid: int, returncode: int, detail: str = "") -> Cause:
+        """The cause for a worker that ended with ``returncode`` (negative: killed by that signal)."""
+        if returncode < 0:
+            return cls(node, pid, None, -returncode, detail=detail)
+        return cls(node, pid, returncode, None, detail=detail)
+
+
+class ResultEntry(NamedTuple):
+    """One result in RESULT. Wire: ``[id, status, nframes, duration_us, data, cause]``.
+
+    A value status (VALUE_STATUSES) has a payload and no cause; the others a
+    cause and no payload.
+    """
+
+    id: int
+    status: Status
+    payload: Payload = ()
+    duration_us: int = 0
+    cause: Cause | None = None
+
+
+class ItemEntry(NamedTuple):
+    """One object in ITEMS or FEED. Wire: ``[id, seq, nframes, data]``.
+
+    ``seq`` counts the objects of one task in one direction from 0; a receiver
+    drops a repeat and treats a gap as a loss.
+    """
+
+    id: int
+    seq: int
+    payload: Payload
+
+
+class Credit(NamedTuple):
+    """``[id, upto]``: the receiver has room for the task's objects with ``seq < upto`` (cumulative)."""
+
+    id: int
+    upto: int
+
+
+# --------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    kind: ClassVar[Kind] = Kind.HELLO
+    role: Role
+    name: str = ""
+    host: str = ""
+    pid: int = 0
+    workers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    kind: ClassVar[Kind] = Kind.WELCOME
+    epoch: str
+    heartbeat: float
+    liveness: int
+    collector: str = ""
+    max_message_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    kind: ClassVar[Kind] = Kind.SUBMIT
+    tasks: tuple[TaskEntry, ...]
+    funcs: tuple[Function, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Tasks:
+    kind: ClassVar[Kind] = Kind.TASKS
+    tasks: tuple[TaskEntry, ...]
+    funcs: tuple[Function, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    kind: ClassVar[Kind] = Kind.READY
+    credits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    kind: ClassVar[Kind] = Kind.HEARTBEAT
+    busy: int = 0  # from an agent: workers running a task now
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    kind: ClassVar[Kind] = Kind.RESULT
+    results: tuple[ResultEntry, ...]
+    agent: bytes = b""  # set on the collector hop, where PULL hides the sender
+    epoch: str = ""  # from an agent: the broker epoch its tasks came from (a restarted broker drops others)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    kind: ClassVar[Kind] = Kind.CANCEL
+    ids: tuple[int, ...]
+    force: bool = False  # also stop tasks already running
+
+
+@dataclass(frozen=True, slots=True)
+class StatusMsg:
+    """A request (info empty) or the broker's answer (info filled)."""
+
+    kind: ClassVar[Kind] = Kind.STATUS
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    kind: ClassVar[Kind] = Kind.BYE
+    reason: ByeReason = ByeReason.LEAVING
+    agent: bytes = b""  # from an agent over the collector, behind its last results
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """The broker telling a peer that what it sent was refused: ``code`` says why, ``detail`` is for people."""
+
+    kind: ClassVar[Kind] = Kind.ERROR
+    code: ErrorCode
+    ids: tuple[int, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The broker has the results of these tasks: the agent may forget them."""
+
+    kind: ClassVar[Kind] = Kind.ACK
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Items:
+    """Objects a running task sent (a generator's yields, ``Channel.send``), on their way to its producer.
+
+    Travels worker -> agent -> collector -> broker -> producer, the path of
+    RESULT (so a task's items are ahead of its result). ``credits``: how far
+    the task has read what its producer sent (FEED). ``agent``/``epoch`` as in
+    Result.
+    """
+
+    kind: ClassVar[Kind] = Kind.ITEMS
+    items: tuple[ItemEntry, ...]
+    credits: tuple[Credit, ...] = ()
+    agent: bytes = b""
+    epoch: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """Objects a producer sends to its running task, on their way to the worker holding it.
+
+    Travels producer -> broker -> agent -> worker. ``credits``: how far the
+    producer has read the task's items (ITEMS); ``closed``: tasks whose
+    producer will send nothing more (after this message's items).
+    """
+
+    kind: ClassVar[Kind] = Kind.FEED
+    items: tuple[ItemEntry, ...] = ()
+    credits: tuple[Credit, ...] = ()
+    closed: tuple[int, ...] = ()
+
+
+Message: TypeAlias = (Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye
+                      | Error | Ack | Items | Feed)
