@@ -49,7 +49,7 @@ SAMPLES = [
     (P.Hello(P.Role.AGENT, "node-1", "host", 1234, 4), 0),
     (P.Hello(P.Role.PRODUCER), 0),
     (P.Welcome("e" * 32, 0.1, 3, "tcp://127.0.0.1:5557", 1 << 30), 0),
-    (P.Submit((P.TaskEntry(1, D, (BIG,)), P.TaskEntry(2, D, (b"inline",), P.FLAG_CHUNK),
+    (P.Submit((P.TaskEntry(1, D, (BIG,)), P.TaskEntry(2, D, (b"inline",), P.FLAG_CHANNEL),
                P.TaskEntry(3, D, (b"args", b"buf1", b"buf2"))), (P.Function(D, BLOB),)), 5),
     (P.Tasks((P.TaskEntry(7, D, (b"x",)),)), 0),
     (P.Tasks((P.TaskEntry(7, D, (b"args", b"buffer"), P.FLAG_CHANNEL, 2, 1500),), (P.Function(D, BLOB),)), 3),

@@ -130,15 +130,12 @@ class Worker:
         try:
             fn = self.funcs[task.digest]
             payload = serialize.loads(task.payload, what="task arguments")
-            if task.flags & P.FLAG_CHUNK:
-                value = [fn(*a) for a in payload]
-            else:
-                args, kwargs = payload
-                if task.flags & P.FLAG_CHANNEL:
-                    args = (streaming.Channel(task.id, self), *args)
-                value = fn(*args, **kwargs)
-                if type(value) is types.GeneratorType:
-                    return self._drive(task.id, value)
+            args, kwargs = payload
+            if task.flags & P.FLAG_CHANNEL:
+                args = (streaming.Channel(task.id, self), *args)
+            value = fn(*args, **kwargs)
+            if type(value) is types.GeneratorType:
+                return self._drive(task.id, value)
         except Exception as exc:
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
         except BaseException as exc:  # sys.exit or KeyboardInterrupt inside the task

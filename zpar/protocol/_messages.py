@@ -100,8 +100,7 @@ class ByeReason(enum.IntEnum):
     RECYCLED = 3  # the agent retires this worker between tasks
 
 
-#: Task flags, a bit field in each task entry.
-FLAG_CHUNK = 1  # the arguments are a list of argument tuples; return a list
+#: Task flags, a bit field in each task entry (1 was a chunk of calls; chunks are _wrappers.Chunk now).
 FLAG_CHANNEL = 2  # client.start: the function gets the task's channel as its first argument
 
 
