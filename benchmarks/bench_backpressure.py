@@ -48,6 +48,7 @@ import psutil
 from _cluster import RssWatch, cluster_pids, start_cluster, stop_cluster, summarize_log
 from _common import count_zpar_logs, git_state, print_verdicts, write_json
 from _tasks import expected
+
 from zpar.testing import LocalCluster
 
 now = time.monotonic

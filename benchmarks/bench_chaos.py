@@ -43,9 +43,10 @@ import psutil
 from _cluster import RssWatch, cluster_pids, kill_leftovers
 from _common import write_json
 from _tasks import expected
+
 from zpar.errors import BrokerUnavailable
-from zpar.testing.ledger import Execution, Ledger, Report, check, execution, read_executions
 from zpar.testing import LocalCluster
+from zpar.testing.ledger import Execution, Ledger, Report, check, execution, read_executions
 
 now = time.monotonic
 

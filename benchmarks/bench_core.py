@@ -46,10 +46,11 @@ from typing import Any
 
 import numpy as np
 
-import zpar  # imported here, so its import time is not counted in the start-up figure
 # benchmarks/ is on sys.path
 from _common import git_state, rotated, write_json
 from _tasks import calibrate, noop, sum_primes
+
+import zpar  # imported here, so its import time is not counted in the start-up figure
 
 try:
     from rich.console import Console
@@ -818,7 +819,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     W = args.workers
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    want = (lambda name: not only or name in only)
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
     console = Console(width=max(160, Console().width)) if Console else None
     started = perf()
 
@@ -882,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     (console.print if console else print)(f"Total time {elapsed:.0f} s")
     if args.json:
         doc = {
-            "meta": {"zpar_git": git, "workers": W, "quick": args.quick, "python": sys.version, "platform": platform.platform(),
+            "meta": {"zpar_git": git, "workers": W, "quick": args.quick, "python": sys.version,
+                     "platform": platform.platform(),
                      "start_method": mp.get_start_method(), "cpu_count": os.cpu_count(), "tools": names,
                      "elapsed_s": elapsed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             "results": {k: {"title": r.title, "unit": r.unit, "higher_is_better": r.higher_is_better,

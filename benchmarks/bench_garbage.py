@@ -92,9 +92,12 @@ def _valid_headers(rng: random.Random) -> list[bytes]:
     """Well-formed headers of every kind (cut short by the truncation category)."""
     d = rng.randbytes(8)
     return [
-        _pack({"v": V, "k": SUBMIT, "t": [[i, d, 0, 0, rng.randbytes(rng.randint(1, 40)), 3, 0] for i in range(rng.randint(1, 30))], "f": [d]}),
-        _pack({"v": V, "k": RESULT, "r": [[i, 0, 0, 5, rng.randbytes(8), None] for i in range(rng.randint(1, 30))], "a": rng.randbytes(16), "e": "x" * 32}),
-        _pack({"v": V, "k": HELLO, "role": "producer", "name": "n" * rng.randint(0, 50), "host": "h", "pid": 1, "workers": 0}),
+        _pack({"v": V, "k": SUBMIT, "t": [[i, d, 0, 0, rng.randbytes(rng.randint(1, 40)), 3, 0]
+                                          for i in range(rng.randint(1, 30))], "f": [d]}),
+        _pack({"v": V, "k": RESULT, "r": [[i, 0, 0, 5, rng.randbytes(8), None] for i in range(rng.randint(1, 30))],
+               "a": rng.randbytes(16), "e": "x" * 32}),
+        _pack({"v": V, "k": HELLO, "role": "producer", "name": "n" * rng.randint(0, 50), "host": "h", "pid": 1,
+               "workers": 0}),
         _pack({"v": V, "k": TASKS, "t": [[1, d, 0, 0, b"xx", 0, 0]], "f": []}),
         _pack({"v": V, "k": CANCEL, "ids": list(range(rng.randint(0, 50))), "force": True}),
         _pack({"v": V, "k": STATUS, "info": {}}),
@@ -111,12 +114,16 @@ def _wrong_types(rng: random.Random) -> bytes:
         {"v": V, "k": [3]}, {"v": V, "k": {"x": 1}},
         {"v": V, "k": SUBMIT}, {"v": V, "k": SUBMIT, "t": "tasks"}, {"v": V, "k": SUBMIT, "t": {"a": 1}},
         {"v": V, "k": SUBMIT, "t": [1, 2, 3]}, {"v": V, "k": SUBMIT, "t": [[1, 2]]},
-        {"v": V, "k": SUBMIT, "t": [["id", d, 0, 0, b"x", 0, 0]]}, {"v": V, "k": SUBMIT, "t": [[-5, d, 0, 0, b"x", 0, 0]]},
-        {"v": V, "k": SUBMIT, "t": [[1, "digest", 0, 0, b"x", 0, 0]]}, {"v": V, "k": SUBMIT, "t": [[1, d, -1, 0, b"x", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [["id", d, 0, 0, b"x", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [[-5, d, 0, 0, b"x", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [[1, "digest", 0, 0, b"x", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [[1, d, -1, 0, b"x", 0, 0]]},
         {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, "str", 0, 0]]}, {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"", 0, 0]]},
-        {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 10**6, 0]]}, {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 0, -1]]},
+        {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 10**6, 0]]},
+        {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", 0, -1]]},
         {"v": V, "k": SUBMIT, "t": [[1, d, 0, 0, b"x", True, 0]]}, {"v": V, "k": SUBMIT, "t": [], "f": "x"},
-        {"v": V, "k": SUBMIT, "t": [], "f": [1, 2]}, {"v": V, "k": SUBMIT, "t": [[2**64 - 1, d, 0, 2**64 - 1, b"x", 0, 0]]},
+        {"v": V, "k": SUBMIT, "t": [], "f": [1, 2]},
+        {"v": V, "k": SUBMIT, "t": [[2**64 - 1, d, 0, 2**64 - 1, b"x", 0, 0]]},
         {"v": V, "k": RESULT}, {"v": V, "k": RESULT, "r": "x"}, {"v": V, "k": RESULT, "r": [[1, 99, 0, 0, b"x"]]},
         {"v": V, "k": RESULT, "r": [[1, 0, 0, -1, b"x"]]}, {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b""]]},
         {"v": V, "k": RESULT, "r": [[1, 0, 0, 0, b"x"]], "a": "not bytes"}, {"v": V, "k": RESULT, "r": [], "e": 5},
@@ -125,7 +132,8 @@ def _wrong_types(rng: random.Random) -> bytes:
         {"v": V, "k": HELLO, "role": "producer", "pid": -1}, {"v": V, "k": HELLO, "role": "producer", "workers": "2"},
         {"v": V, "k": HELLO, "role": "producer", "name": b"bytes"},
         {"v": V, "k": WELCOME}, {"v": V, "k": WELCOME, "epoch": 1, "heartbeat": "x", "liveness": -3},
-        {"v": V, "k": READY}, {"v": V, "k": READY, "n": -1}, {"v": V, "k": READY, "n": 2.5}, {"v": V, "k": READY, "n": "9"},
+        {"v": V, "k": READY}, {"v": V, "k": READY, "n": -1}, {"v": V, "k": READY, "n": 2.5},
+        {"v": V, "k": READY, "n": "9"},
         {"v": V, "k": HEARTBEAT, "busy": -1}, {"v": V, "k": HEARTBEAT, "busy": "x"},
         {"v": V, "k": CANCEL}, {"v": V, "k": CANCEL, "ids": "x"}, {"v": V, "k": CANCEL, "ids": [-1]},
         {"v": V, "k": CANCEL, "ids": ["a"]}, {"v": V, "k": CANCEL, "ids": [1], "force": "yes"},
@@ -212,7 +220,8 @@ def make_message(category: str, rng: random.Random, target: str) -> list[bytes]:
     if category == "huge_msgpack_lengths":
         return [_huge_lengths(rng)]
     if category == "lying_frame_counts":
-        kinds = {"frontend": (SUBMIT, SUBMIT, RESULT), "backend": (RESULT, TASKS, SUBMIT), "collector": (RESULT,)}[target]
+        kinds = {"frontend": (SUBMIT, SUBMIT, RESULT), "backend": (RESULT, TASKS, SUBMIT),
+                 "collector": (RESULT,)}[target]
         return _lying(rng, kinds)
     if category == "kind_not_for_socket":
         return _kind_not_for_socket(rng, target)
@@ -246,7 +255,8 @@ def plan(n: int, specials: int, rng: random.Random, only: list[str] | None = Non
 # ---------------------------------------------------------------------- raw TCP
 
 def zmtp_greeting(mechanism: bytes = b"NULL", major: int = 3, minor: int = 0) -> bytes:
-    return b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([major, minor]) + mechanism.ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+    return (b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([major, minor]) + mechanism.ljust(20, b"\x00") + b"\x00"
+            + b"\x00" * 31)
 
 
 def zmtp_ready(socket_type: bytes) -> bytes:
@@ -691,7 +701,9 @@ def verdicts(r: dict[str, Any], bar: float) -> list[tuple[str, bool, str]]:
     v.append((f"median throughput under attack / alone >= {bar:g}", r.get("ratio", 0) >= bar,
               f"{r.get('ratio', 0):.3f} ({r.get('reps_under_attack', 0)} runs under attack)"))
     v.append(("all results right", r.get("wrong_maps", 1) == 0 and not r.get("attack_rep_errors")
-              and "after_error" not in r, f"{r.get('wrong_maps')} wrong maps, errors {r.get('attack_rep_errors') or r.get('after_error') or 'none'}"))
+              and "after_error" not in r,
+              (f"{r.get('wrong_maps')} wrong maps, "
+               f"errors {r.get('attack_rep_errors') or r.get('after_error') or 'none'}")))
     v.append(("no traceback in the cluster log", r["log_summary"].get("tracebacks", 0) == 0,
               str(r["log_summary"].get("tracebacks", 0))))
     sent, asked = r.get("sent_total", 0), r["messages"]
@@ -701,8 +713,8 @@ def verdicts(r: dict[str, Any], bar: float) -> list[tuple[str, bool, str]]:
         bad = r.get("counters_delta", {})
         v.append(("refused at the handshake, none read", bad.get("handshakes_failed", 0) > 0
                   and bad.get("protocol_errors", 0) == 0,
-                  f"{bad.get('handshakes_failed', 0):,} handshakes failed, {bad.get('protocol_errors', 0)} "
-                  "bad messages read"))
+                  (f"{bad.get('handshakes_failed', 0):,} handshakes failed, {bad.get('protocol_errors', 0)} "
+                   "bad messages read")))
     else:
         v.append(("the attack was sent", sent >= 0.95 * asked, f"{sent:,} of {asked:,}"))
     return v
@@ -749,7 +761,8 @@ def print_report(r: dict[str, Any], bar: float) -> bool:
                 if s.get("replies"):
                     print(f"    replies: {dict(collections.Counter(s['replies']).most_common(6))}")
         print(f"broker RSS: before {mib(r['rss_before'])}, peak during attack {mib(r.get('rss_peak_attack'))}, "
-              f"after {mib(r.get('rss_after'))}, at the end {mib(r.get('rss_end'))}; fds {r['fds_before']} -> {r.get('fds_after')}, "
+              f"after {mib(r.get('rss_after'))}, at the end {mib(r.get('rss_end'))}; "
+              f"fds {r['fds_before']} -> {r.get('fds_after')}, "
               f"threads {r['threads_before']} -> {r.get('threads_after')}")
         print(f"broker counters, change over the attack: {r.get('counters_delta')}")
         print(f"status after: {r.get('status_after')}")
@@ -762,7 +775,8 @@ def print_report(r: dict[str, Any], bar: float) -> bool:
                   f"= {r['liveness_window_s']:g} s):")
             for p in r["probe"]:
                 print(f"  {p['target']:<9} {p['category']:<18} {p['frames']:>7,} frames {p['bytes'] / 2**20:6.1f} MiB: "
-                      f"broker unresponsive up to {p['max_status_rtt_ms']:7.1f} ms, broker CPU {p['broker_cpu_ms']:5d} ms; "
+                      f"broker unresponsive up to {p['max_status_rtt_ms']:7.1f} ms, "
+                      f"broker CPU {p['broker_cpu_ms']:5d} ms; "
                       f"{ {k: v for k, v in p['counters'].items() if v} }")
     ls = r.get("log_summary", {})
     print(f"cluster log: {ls.get('lines', 0):,} lines, {ls.get('bytes', 0) / 2**20:.1f} MiB, "

@@ -41,6 +41,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import joblib
+
 # benchmarks/ is on sys.path when this script runs
 from _cluster import start_cluster
 from _common import rotated, write_json
@@ -138,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             if name != "loky":
                 ok = ok and same and score_diff == 0.0
             speedup = f"{serial / best:9.2f}x" if serial else f"{'-':>10}"
+            if name == "loky":
+                params = str(reference.best_params_)
+            else:
+                params = "yes" if same else f"NO: {fitted[name][0].best_params_}"
             print(f"{name:<26}{started.get(name, 0.0):7.2f}s{first[name]:11.2f}s{best:8.2f}s"
-                  f"{statistics.median(times[name]):8.2f}s{best / best_loky:8.2f}{speedup}  "
-                  f"{reference.best_params_ if name == 'loky' else ('yes' if same else 'NO: ' + str(fitted[name][0].best_params_))}"
+                  f"{statistics.median(times[name]):8.2f}s{best / best_loky:8.2f}{speedup}  {params}"
                   f"{'' if name == 'loky' else f' (max score difference {score_diff:g})'}")
             report["tools"][name] = {"start_s": started.get(name), "first_call_s": first[name], "times_s": times[name],
                                      "ratio_to_loky": best / best_loky, "same_best_params": same,

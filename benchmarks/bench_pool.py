@@ -39,10 +39,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import zpar.pool
 # benchmarks/ is on sys.path
 from _common import rotated, write_json
 from _tasks import calibrate, noop, sum_primes
+
+import zpar.pool
 from zpar.testing import LocalCluster
 
 perf = time.perf_counter

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.tasks or (10_000 if args.quick else 50_000)
     repeats = args.repeats or (2 if args.quick else 5)
     big = np.random.default_rng(4).random((64 << 20) // 8)
-    log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"zpar-bench-security-{os.getpid()}.log")
+    log = os.path.join(tempfile.gettempdir(), f"zpar-bench-security-{os.getpid()}.log")  # $TMPDIR first
     clusters = {}
     best: dict[str, dict[str, float]] = {"plain": {}, "curve": {}}
     try:  # started inside: if the second fails to start, the first is still stopped

@@ -54,7 +54,7 @@ if __name__ == "__main__":
         inputs = [20_000 + 500 * i for i in range(16)]
         start = time.perf_counter()
         per_worker = collections.Counter()
-        for steps, where in client.imap_unordered(collatz_steps, inputs):
+        for _steps, where in client.imap_unordered(collatz_steps, inputs):
             per_worker[where] += 1
         print(f"{len(inputs)} tasks in {time.perf_counter() - start:.2f} s, spread over:")
         for where, count in sorted(per_worker.items()):

@@ -34,6 +34,7 @@ if __name__ == "__main__":
             print(f"{futures[future]:>7,} takes {future.result():>3} steps")
 
         # map(): results in input order; chunksize puts many small calls in one task.
-        longest = max(zip(executor.map(collatz_steps, range(1, 200_000), chunksize=5_000), range(1, 200_000)))
+        below = range(1, 200_000)
+        longest = max(zip(executor.map(collatz_steps, below, chunksize=5_000), below, strict=True))
         print(f"below 200,000 the longest run is {longest[0]} steps, from {longest[1]:,}")
     # Leaving the block waited for every task and stopped the private cluster.

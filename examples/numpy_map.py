@@ -58,6 +58,6 @@ if __name__ == "__main__":
     print(f"result: {type(first).__name__} {first.dtype} {first.shape}, owns its memory: "
           f"{first.flags.owndata}, writeable: {first.flags.writeable}")
 
-    for i, (got, want) in enumerate(zip(results, expected)):
+    for i, (got, want) in enumerate(zip(results, expected, strict=True)):  # a missing row fails too
         assert np.array_equal(got, want), f"row {i} differs"
     print(f"all {SIGNALS} rows match the serial results")

@@ -19,10 +19,7 @@ def is_prime(n):
     """True if n is prime (trial division: slow on purpose, so there is work to share)."""
     if n < 2:
         return False
-    for d in range(2, math.isqrt(n) + 1):
-        if n % d == 0:
-            return False
-    return True
+    return all(n % d != 0 for d in range(2, math.isqrt(n) + 1))
 
 
 def sum_primes(n):

@@ -42,7 +42,7 @@ class Countdown(Process):
         self.n = n
 
     def run(self):
-        for i in range(self.n, 0, -1):
+        for _ in range(self.n):
             time.sleep(0.05)
         sys.exit(self.n)
 

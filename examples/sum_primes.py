@@ -20,10 +20,7 @@ def is_prime(n):
         return False
     if n % 2 == 0:
         return n == 2
-    for d in range(3, math.isqrt(n) + 1, 2):
-        if n % d == 0:
-            return False
-    return True
+    return all(n % d != 0 for d in range(3, math.isqrt(n) + 1, 2))
 
 
 def sum_primes(n):

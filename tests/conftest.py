@@ -21,7 +21,7 @@ import zpar
 from zpar.testing import LocalCluster
 
 sys.path.insert(0, os.path.dirname(__file__))
-import tasks  # noqa: E402
+import tasks
 
 cloudpickle.register_pickle_by_value(tasks)
 

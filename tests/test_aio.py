@@ -71,7 +71,7 @@ def test_as_completed_async_raises_timeout_error_when_not_all_finish(client, gat
         quick = client.submit(tasks.square, 2)
         blocked = client.submit(tasks.block_until, gate)
         seen = []
-        with pytest.raises(TimeoutError, match="1 \\(of 2\\) futures unfinished"):
+        with pytest.raises(TimeoutError, match="1 \\(of 2\\) futures unfinished"):  # noqa: PT012 - raised by the loop
             async for fut in as_completed_async([blocked, quick], timeout=1.0):
                 seen.append(fut)
         return seen, quick

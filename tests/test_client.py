@@ -11,10 +11,11 @@ import time
 
 import numpy as np
 import pytest
-
 import tasks
+
 import zpar
 from zpar.errors import RemoteTraceback
+
 
 @pytest.fixture(params=["embedded", "tcp"])
 def make_client(request, cluster):
@@ -209,7 +210,7 @@ def test_two_producers_at_once_each_get_exactly_their_own_results(client):
         try:
             with zpar.Client(client.address) as own:
                 results[label] = list(own.map(tasks.tag, [label] * 2000, range(2000), timeout=60))
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - a thread's error, surfaced below
             errors.append(exc)
 
     threads = [threading.Thread(target=produce, args=(label,)) for label in ("left", "right")]

@@ -12,8 +12,8 @@ import time
 
 import psutil
 import pytest
-
 import tasks
+
 import zpar
 from zpar.testing import free_port, wait_for
 

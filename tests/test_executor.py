@@ -79,7 +79,7 @@ def test_a_task_exception_comes_back_as_its_own_type(executor):
 def test_map_keeps_input_order(executor, chunksize):
     assert list(executor.map(tasks.square, range(25), chunksize=chunksize, timeout=30)) == [i * i for i in range(25)]
     assert list(executor.map(tasks.add, range(10), range(100, 110), chunksize=chunksize)) == [
-        a + b for a, b in zip(range(10), range(100, 110))]
+        a + b for a, b in zip(range(10), range(100, 110), strict=True)]
     assert list(executor.map(tasks.square, [], chunksize=chunksize)) == []
 
 
@@ -91,7 +91,7 @@ def test_map_raises_the_task_exception_at_its_place(executor):
 
 
 def test_map_rejects_a_chunksize_below_one(executor):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunksize must be >= 1"):
         executor.map(tasks.square, range(3), chunksize=0)
 
 
@@ -196,7 +196,7 @@ def test_shutdown_with_cancel_futures_cancels_what_is_not_done(make, gate):
 
 @pytest.mark.parametrize("bad", [0, -1])
 def test_max_workers_must_be_positive(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
         Executor(bad)
 
 

@@ -16,9 +16,9 @@ import urllib.parse
 import msgpack
 import psutil
 import pytest
+import tasks
 import zmq
 
-import tasks
 import zpar
 from zpar import protocol as P
 from zpar.testing import wait_for
@@ -171,7 +171,7 @@ def test_garbage_on_every_broker_port_does_not_crash_it(new_cluster):
         sock = ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(address)
-        for frames in BAD_MESSAGES + [[rng.randbytes(64) for _ in range(3)]]:
+        for frames in [*BAD_MESSAGES, [rng.randbytes(64) for _ in range(3)]]:
             sock.send_multipart(frames)
             sent += 1
         sock.close()  # lingers until the queue is out

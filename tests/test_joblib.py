@@ -22,11 +22,11 @@ import pytest
 
 joblib = pytest.importorskip("joblib")
 
-import tasks  # conftest puts the tests directory on sys.path
+import tasks  # noqa: E402 - conftest puts the tests directory on sys.path; after the skip
 
-import zpar
-from zpar.joblib import ZparBackend
-from zpar.testing import wait_for
+import zpar  # noqa: E402 - after the skip
+from zpar.joblib import ZparBackend  # noqa: E402 - after the skip
+from zpar.testing import wait_for  # noqa: E402 - after the skip
 
 
 def zpar_config(client: zpar.Client, **kwargs):
@@ -101,7 +101,7 @@ def test_n_jobs_counts_the_clusters_workers(client):
     assert backend.effective_n_jobs(-2) == max(workers - 1, 1)
     assert backend.effective_n_jobs(1) == 1
     assert backend.effective_n_jobs(workers + 5) == workers
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_jobs == 0"):
         backend.effective_n_jobs(0)
     with zpar_config(client, n_jobs=-1):
         assert joblib.effective_n_jobs() == workers
@@ -122,7 +122,7 @@ def test_auto_batching_groups_tiny_tasks(client):
 
 def test_a_failed_task_cancels_the_running_ones(own_client):
     start = time.monotonic()
-    with zpar_config(own_client, n_jobs=-1), pytest.raises(ValueError):
+    with zpar_config(own_client, n_jobs=-1), pytest.raises(ValueError, match="invalid literal for int"):
         joblib.Parallel()(joblib.delayed(f)(a) for f, a in [(int, "x"), *[(time.sleep, 30)] * 8])
     assert time.monotonic() - start < 15
     # the sleeping tasks were stopped, not left to run for 30 s

@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 
 import pytest
-
 import tasks
 from proxy import PartitionProxy
-from zpar.testing.ledger import Ledger, check
+
 from zpar.testing import wait_for
+from zpar.testing.ledger import Ledger, check
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -121,9 +121,9 @@ def test_map_raises_the_first_task_exception_once_every_chunk_is_done(pool):
 
 @pytest.mark.parametrize("bad", [0, -1])
 def test_a_chunksize_below_one_is_refused(pool, bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Chunksize must be 1\+"):
         pool.map(tasks.square, range(3), bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Chunksize must be 1\+"):
         pool.imap(tasks.square, range(3), bad)
 
 
@@ -171,7 +171,7 @@ def test_an_exception_in_a_callback_is_logged_and_the_result_still_ready(pool, c
 def test_an_async_result_before_it_is_ready(pool, gate):
     result = pool.apply_async(tasks.block_until, (gate, 30, "late"))
     assert not result.ready()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not ready"):
         result.successful()
     started = time.monotonic()
     result.wait(0.05)
@@ -193,7 +193,7 @@ def test_map_async_of_nothing_is_ready_at_once(pool):
 
 
 def test_join_before_close_is_a_value_error(pool):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Pool is still running"):
         pool.join()
 
 
@@ -223,7 +223,7 @@ def test_terminate_stops_the_running_tasks(make, gate):
             r.get(timeout=10)
     if cluster is not None:  # stopped, though the gate is still shut
         wait_for(lambda: cluster.status()["running"] == 0, 10, what="the running tasks stopped")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Pool not running"):
         p.apply_async(tasks.square, (1,))
 
 

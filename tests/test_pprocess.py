@@ -113,7 +113,7 @@ def test_map_raises_a_calls_exception_where_its_result_is_read(client):
     assert isinstance(info.value.__cause__, zpar.RemoteTraceback)
     it = iter(results)
     assert next(it) == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="boom at work"):
         next(it)
     assert next(it) == 3
 
@@ -522,7 +522,7 @@ def test_exit_inside_a_call_ends_the_call_not_the_worker(client):
 def test_a_map_refuses_a_second_message_from_one_call(client):
     results = pprocess.Map(client=client)
     results.start(tasks.pp_rows, 0, 2)
-    with pytest.raises(RuntimeError, match="use a Queue|with a Queue"):
+    with pytest.raises(RuntimeError, match=r"use a Queue|with a Queue"):
         results.finish()
 
 

@@ -131,5 +131,5 @@ def test_a_process_repr_and_name():
     p = Process(target=tasks.noop, name="worker-x")
     assert p.name == "worker-x" and "worker-x" in repr(p) and "initial" in repr(p)
     assert Process().name.startswith("Process-")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="group argument must be None"):
         Process(group="g")

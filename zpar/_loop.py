@@ -74,7 +74,7 @@ class Reader:
             return None
         sock = self.sock
         for _ in range(DRAIN):  # at most this many oversized ones skipped in one call
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]  # pyzmq: int | bytes
             if not events & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
                 return None
             frames = [sock.recv(zmq.NOBLOCK, copy=False)]
@@ -90,7 +90,8 @@ class Reader:
 
     def drain(self) -> None:
         """Hand up to DRAIN waiting messages to the handler (a Reader made without one is read with next())."""
-        assert self.handler is not None  # noqa: S101 - a programming error, not input
+        if self.handler is None:
+            raise RuntimeError("drain() on a Reader made without a handler: read it with next()")
         for _ in range(DRAIN):
             frames = self.next()
             if frames is None:

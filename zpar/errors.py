@@ -56,7 +56,7 @@ class TaskError(ZparError):
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
 
-    def __reduce__(self):  # keep the extra fields across pickling
+    def __reduce__(self) -> tuple[type[TaskError], tuple[str, str, str]]:  # keep the extra fields across pickling
         return (type(self), (self.args[0], self.remote_type, self.remote_traceback))
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import functools
 import itertools
 import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, Self
 
 from ._maps import MapOptions, Results, plan, submit_all
@@ -140,9 +141,9 @@ class Pool:
                    callback: Callable[[Any], Any] | None,
                    error_callback: Callable[[BaseException], Any] | None) -> AsyncResult:
         self._check_running()
-        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        items = iterable if isinstance(iterable, Sized) else list(iterable)  # a list only if it has no len()
         if chunksize is None:
-            chunksize, extra = divmod(len(items), self._processes * 4)  # type: ignore[arg-type]
+            chunksize, extra = divmod(len(items), self._processes * 4)
             if extra:
                 chunksize += 1
         elif chunksize < 1:
@@ -288,7 +289,7 @@ class _CallbackResult(AsyncResult):
         if not futures:
             self._finish()
         for i, fut in enumerate(futures):
-            fut.add_done_callback(lambda f, i=i: self._done(i, f))  # type: ignore[misc]
+            fut.add_done_callback(functools.partial(self._done, i))
 
     def _done(self, i: int, fut: concurrent.futures.Future[Any]) -> None:
         try:

@@ -214,9 +214,11 @@ class Process:
             self._signal = sig
 
     def _read_pid(self) -> None:
-        assert self._future is not None
+        fut = self._future
+        if fut is None:
+            raise RuntimeError(f"process {self._name}: its pid was read before it started")
         try:
-            self._pid = self._future.receive(timeout=0)
+            self._pid = fut.receive(timeout=0)
         except (TimeoutError, EOFError, concurrent.futures.CancelledError, ZparError):
             # Not started yet, or ended before it said (the pid goes first, before any of run()'s errors).
             self._pid = None
@@ -225,10 +227,11 @@ class Process:
         """The exit code of an ended process (worked out once)."""
         if self._exitcode is not None:
             return self._exitcode
-        assert self._future is not None
+        fut = self._future
+        if fut is None:
+            raise RuntimeError(f"process {self._name}: its exit code was worked out before it started")
         if self._pid is None:
             self._read_pid()
-        fut = self._future
         if fut.cancelled():
             code = -(self._signal or signal.SIGTERM)
         else:

@@ -200,7 +200,8 @@ def apply_client(sock: zmq.Socket[bytes], creds: Credentials | None) -> None:
     """Make ``sock`` a CurveZMQ client of the broker (before it connects)."""
     if creds is None:
         return
-    assert creds.own.secret is not None  # noqa: S101 - client_credentials always loads it
+    if creds.own.secret is None:  # client_credentials always loads it
+        raise ConfigError("these credentials hold no secret key of this node; give its NAME.key_secret file")
     sock.curve_secretkey = creds.own.secret
     sock.curve_publickey = creds.own.public
     sock.curve_serverkey = creds.broker.public
@@ -214,7 +215,8 @@ def apply_server(sock: zmq.Socket[bytes], creds: Credentials | None, name: str) 
     """
     if creds is None:
         return
-    assert creds.own.secret is not None  # noqa: S101 - broker_credentials always loads it
+    if creds.own.secret is None:  # broker_credentials always loads it
+        raise ConfigError("these credentials hold no secret key of the broker; give its NAME.key_secret file")
     sock.curve_server = True
     sock.curve_secretkey = creds.own.secret
     sock.curve_publickey = creds.own.public

@@ -426,7 +426,7 @@ def wait_ready(futures: Iterable[_F], timeout: float | None = None) -> list[_F]:
     try:
         while True:
             event.clear()
-            ready = [f for f, st in zip(futures, states) if st.ready()]
+            ready = [f for f, st in zip(futures, states, strict=True) if st.ready()]  # states: one per future
             if ready:
                 return ready
             left = None if deadline is None else deadline - time.monotonic()

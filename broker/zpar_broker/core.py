@@ -24,7 +24,8 @@ import math
 import os
 import socket
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from zpar import protocol as P
 from zpar._liveness import PRODUCER_SLACK, Liveness

@@ -18,20 +18,22 @@ import logging
 import os
 import time
 import urllib.parse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
 from zpar import protocol as P
 from zpar import security
-from zpar.config import BrokerConfig
 from zpar._loop import Reader, Waker, run_loop, run_until_signalled
+from zpar.config import BrokerConfig
 from zpar.errors import ProtocolError
 
 from .core import BrokerCore
 from .outgoing import Dest, Outgoing
 
 log = logging.getLogger(__name__)
+
 
 def _ephemeral(endpoint: str) -> str:
     """Accept ``tcp://host:0`` for a free port, as ZeroMQ spells it ``*``."""
@@ -46,7 +48,7 @@ def _advertised(endpoint: str) -> str:
         return endpoint
     parts = urllib.parse.urlsplit(endpoint)
     host = parts.hostname or ""
-    if host in ("0.0.0.0", "::", "*", ""):
+    if host in ("0.0.0.0", "::", "*", ""):  # noqa: S104 - reads a bound address, binds nothing
         return f"tcp://*:{parts.port}"  # the agent substitutes the host it reached us on
     return endpoint
 
@@ -59,18 +61,18 @@ class BrokerServer:
     ``poller`` and ``waker`` are shared when another part runs in the same loop.
     """
 
-    def __init__(self, config: BrokerConfig, ctx: zmq.Context | None = None, *,
+    def __init__(self, config: BrokerConfig, ctx: zmq.Context[zmq.Socket[bytes]] | None = None, *,
                  poller: zmq.Poller | None = None, waker: Waker | None = None) -> None:
         self.config = config
-        self.ctx = ctx or zmq.Context.instance()
-        self.sockets: dict[str, zmq.Socket] = {}
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context.instance()
+        self.sockets: dict[str, zmq.Socket[bytes]] = {}
         self.endpoints: dict[str, str] = {}
         self._own_waker = waker is None
         self._waker = waker or Waker()
         self.creds = security.broker_credentials(
             secret=config.secret, secret_file=config.secret_file, key_file=config.key_file,
             allow_dir=config.allow_keys)  # "" is no setting
-        self._zap: zmq.Socket | None = None
+        self._zap: zmq.Socket[bytes] | None = None
         self._zap_policy: security.ZapPolicy | None = None
         self._monitors: list[security.HandshakeMonitor] = []
         self.reload_requested = False  # SIGHUP: read the allow-list again
@@ -125,7 +127,7 @@ class BrokerServer:
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
 
-    def _socket(self, kind: int) -> zmq.Socket:
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
@@ -219,15 +221,17 @@ class BrokerServer:
     # ------------------------------------------------------------------ authentication
 
     def _on_zap(self, frames: list[zmq.Frame]) -> None:
-        assert self._zap is not None and self._zap_policy is not None  # noqa: S101 - registered only then
-        reply, admitted, why = self._zap_policy.reply([f.bytes for f in frames])
+        zap, policy = self._zap, self._zap_policy
+        if zap is None or policy is None:  # the reader is registered only with both
+            raise RuntimeError("a ZAP request arrived but this broker runs no authenticator")
+        reply, admitted, why = policy.reply([f.bytes for f in frames])
         if not reply:
             self._bad_log.warn(log, "malformed ZAP request dropped")
             return
         self.core.counters["auth_admitted" if admitted else "auth_refused"] += 1
         if not admitted:
             self._bad_log.warn(log, "refused a peer: %s", why)
-        self._zap.send_multipart(reply)
+        zap.send_multipart(reply)
 
     def _check_handshakes(self, monitor: security.HandshakeMonitor) -> None:
         before = monitor.failed

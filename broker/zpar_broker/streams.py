@@ -9,6 +9,7 @@ right behind its TASKS. A task that has exchanged an item is marked
 from __future__ import annotations
 
 import collections
+
 from zpar import protocol as P
 
 from .outgoing import Dest, Outgoing

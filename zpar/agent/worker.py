@@ -23,12 +23,13 @@ import socket
 import sys
 import time
 import types
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
-from .. import protocol as P
 from .. import _flow, serialize, streaming
+from .. import protocol as P
 from ..errors import SerializationError, TaskError
 
 _PR_SET_PDEATHSIG = 1
@@ -118,7 +119,7 @@ class Worker:
             return
         try:
             self.funcs[d] = serialize.loads([blob], what="function")
-        except Exception as exc:  # kept as a stand-in that raises, so each task reports it
+        except Exception as exc:  # noqa: BLE001 - kept as a stand-in that raises, so each task reports it
             message, cause = str(exc), exc.__cause__
 
             def unloadable(*_a: Any, **_k: Any) -> Any:
@@ -136,9 +137,9 @@ class Worker:
             value = fn(*args, **kwargs)
             if type(value) is types.GeneratorType:
                 return self._drive(task.id, value)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the task raised is its result
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
-        except BaseException as exc:  # sys.exit or KeyboardInterrupt inside the task
+        except BaseException as exc:  # noqa: BLE001 - sys.exit or KeyboardInterrupt inside the task
             return P.Status.RAISED, self._stand_in(exc)
         return self._result(task.id, value)
 
@@ -158,12 +159,12 @@ class Worker:
             frames = serialize.dumps(value, what="result", chunk=self.chunk)
             serialize.check_payload(frames, "result")
             return status, frames
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an unpicklable or oversized result is the task's error
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
 
     # ------------------------------------------------------------------ streams (zpar.streaming)
 
-    def _drive(self, tid: int, gen: types.GeneratorType) -> tuple[P.Status, list[Any]]:
+    def _drive(self, tid: int, gen: types.GeneratorType[Any, Any, Any]) -> tuple[P.Status, list[Any]]:
         """Run a generator task: each value it yields goes to the producer, within the window."""
         self._stream(tid)
         try:
@@ -173,9 +174,9 @@ class Worker:
                 except StopIteration as stop:
                     return self._result(tid, stop.value)
                 self.send_item(tid, serialize.dumps(item, what="value the generator yielded"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the generator raised is its result
             return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - sys.exit or KeyboardInterrupt inside the generator
             return P.Status.RAISED, self._stand_in(exc)
         finally:
             gen.close()
@@ -221,7 +222,7 @@ class Worker:
         if not self.sock.poll(None if timeout is None else math.ceil(timeout * 1000)):
             return
         while True:
-            events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]  # pyzmq: int | bytes
             if not events & zmq.POLLIN:
                 return
             frames = self.sock.recv_multipart(copy=False)

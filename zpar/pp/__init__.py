@@ -215,7 +215,8 @@ class Server:
                         break
                     self._cond.wait()
             for node in drained:
-                assert node.client is not None  # noqa: S101 - only local nodes retire, and they have a client
+                if node.client is None:  # only local nodes retire, and they have a client
+                    raise RuntimeError(f"pp node {node.name} retired without a client")
                 node.client.close()
                 log.info("a replaced local cluster finished its jobs and stopped")
             for job, node in work:
@@ -236,7 +237,10 @@ class Server:
 
     def _send(self, job: Job, node: Node) -> None:
         call, frames = job.call, job.frames
-        assert node.client is not None and call is not None  # noqa: S101 - only destroy() settles a queued job
+        if node.client is None:  # only a ready node gets work, and a ready node has a client
+            raise RuntimeError(f"pp job {job.tid} was given to node {node.name}, which has no client")
+        if call is None:  # only destroy() settles a queued job
+            raise RuntimeError(f"pp job {job.tid} was settled before it was sent")
         job.sent = time.monotonic()
         try:
             future = node.client.submit(call, *frames)
@@ -291,7 +295,8 @@ class Server:
         Other failures (a bad secret, refused credentials) go to ``errors`` if
         given (the constructor raises them), else they are logged once.
         """
-        assert node.address is not None  # noqa: S101 - only remote nodes connect
+        if node.address is None:  # only remote nodes connect
+            raise RuntimeError(f"pp node {node.name} has no broker address to connect to")
         try:
             client = Client(node.address, secret=self._secret, connect_timeout=self._connect_timeout,
                             broker_timeout=self._broker_timeout)

@@ -73,7 +73,7 @@ class PPCall:
                 took = time.perf_counter() - start
         except BaseException as exc:
             try:
-                exc.pp_output = output.getvalue()  # type: ignore[attr-defined]
+                exc.pp_output = output.getvalue()  # type: ignore[attr-defined]  # read back with getattr
             except Exception:  # noqa: BLE001, S110  (a type that refuses attributes: the output is lost)
                 pass
             raise

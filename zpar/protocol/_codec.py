@@ -228,7 +228,7 @@ def _get(h: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any
             raise ProtocolError(f"header field {key!r} is missing")
         return default
     value = h[key]
-    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
         raise ProtocolError(f"header field {key!r} has type {type(value).__name__}")
     return value
 
@@ -280,7 +280,7 @@ def _cause(row: Any) -> Cause:
     node, pid, exitcode, sig, attempts, detail = row
     if (type(node) is not str or type(pid) is not int or pid < 0 or type(attempts) is not int or attempts < 0
             or type(detail) is not str or not (exitcode is None or type(exitcode) is int)
-            or not (sig is None or type(sig) is int and sig > 0)):
+            or not (sig is None or (type(sig) is int and sig > 0))):
         raise ProtocolError(f"malformed cause {row!r:.200}")
     return Cause(node, pid, exitcode, sig, attempts, detail)
 
@@ -350,7 +350,7 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
         raise ProtocolError(f"header of {len(header)} bytes is over the {MAX_HEADER_BYTES} limit")
     try:
         h = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types; each is a bad frame
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if type(h) is not dict:
         raise ProtocolError("header is not a map")
