@@ -2,9 +2,9 @@
 
 User threads pickle their tasks and hand them to one I/O thread (_connection.py)
 through a deque and a wake-up pipe; only that thread touches the ZeroMQ
-socket. It batches whatever piled up into SUBMIT messages, resolves futures as
-RESULT batches come back, and sends unfinished tasks again if the broker
-restarts.
+socket. Its rules live in a sans-I/O core (_producer.py): it batches whatever
+piled up into SUBMIT messages, resolves futures as RESULT batches come back,
+and sends unfinished tasks again if the broker restarts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import zmq
 
 from . import aio, security, serialize
 from . import protocol as P
-from ._connection import Connection, PendingTask
+from ._connection import Connection
+from ._pending import PendingTask
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
 from ._embedded import EmbeddedCluster
