@@ -2,9 +2,9 @@
 
 User threads pickle their tasks and hand them to one I/O thread (_connection.py)
 through a deque and a wake-up pipe; only that thread touches the ZeroMQ
-socket. It batches whatever piled up into SUBMIT messages, resolves futures as
-RESULT batches come back, and sends unfinished tasks again if the broker
-restarts.
+socket. Its rules live in a sans-I/O core (_producer.py): it batches whatever
+piled up into SUBMIT messages, resolves futures as RESULT batches come back,
+and sends unfinished tasks again if the broker restarts.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
 
 import zmq
 
 from . import aio, security, serialize
 from . import protocol as P
-from ._connection import Connection, PendingTask
+from ._connection import Connection
 from ._embedded import EmbeddedCluster
 from ._maps import MapOptions, Results, over
+from ._pending import PendingTask
 from ._wrappers import Wrappers
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
@@ -50,11 +51,11 @@ _UNSET = _Unset()
 class _Submitter:
     """``submit`` and the maps, with a set of TaskOptions; Client is one, ``client.options()`` makes more."""
 
-    _client: "Client"
+    _client: Client
     _opts: TaskOptions
 
-    def options(self, *, timeout: float | None | _Unset = _UNSET, retries: int | _Unset = _UNSET,
-                retry_on: tuple[type[BaseException], ...] | _Unset = _UNSET) -> "_Submitter":
+    def options(self, *, timeout: float | _Unset | None = _UNSET, retries: int | _Unset = _UNSET,
+                retry_on: tuple[type[BaseException], ...] | _Unset = _UNSET) -> _Submitter:
         """The same client, submitting with other TaskOptions (the rest as they are)::
 
             client.options(timeout=5).submit(fn, x, timeout="passed to fn")
@@ -108,7 +109,7 @@ class _Submitter:
 
 
 class _Options(_Submitter):
-    def __init__(self, client: "Client", opts: TaskOptions) -> None:
+    def __init__(self, client: Client, opts: TaskOptions) -> None:
         self._client, self._opts = client, opts
 
     def __repr__(self) -> str:
@@ -289,10 +290,10 @@ class Client(_Submitter):
         if self._cluster is not None:
             self._cluster.stop()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -304,7 +305,7 @@ def _name(fn: Callable[..., Any]) -> str:
     return repr(getattr(fn, "__qualname__", fn))
 
 
-_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 @atexit.register

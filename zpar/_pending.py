@@ -1,0 +1,113 @@
+"""The producer's pending table: every task handed over and not yet ended, kept whole.
+
+A task enters when the client's I/O thread takes it (zpar._producer) and
+leaves once: with a value, an exception, or a cancel. Leaving gives its slot
+of the client's window back (``release``) exactly then, and resolves its
+future at most once (a future the user cancelled meanwhile stays cancelled).
+Kept whole, its entry with the payload attached, a task can be sent again
+after the broker lost it. When the link ends, ``abandon`` fails or cancels
+whatever is still open.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import protocol as P
+from .futures import Future
+from .options import TaskOptions
+
+
+class PendingTask:
+    """A task the producer has not seen finish; kept whole (its entry, payload attached) so it can be sent again."""
+
+    __slots__ = ("blob", "entry", "future", "id", "opts", "reruns")
+
+    def __init__(self, entry: P.TaskEntry, blob: bytes, opts: TaskOptions, future: Future) -> None:
+        self.id, self.entry, self.blob = entry.id, entry, blob
+        self.opts, self.future = opts, future
+        self.reruns = 0  # runs asked again because the task raised one of opts.retry_on
+
+    @property
+    def exchanged(self) -> bool:
+        """The task has sent or been sent a stream item: running it again could repeat or lose one."""
+        stream = self.future._stream
+        return stream is not None and stream.exchanged
+
+
+class PendingTable:
+    """The unfinished tasks by id; ``release()`` gives one window slot back as each leaves."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self.release = release
+        self._tasks: dict[int, PendingTask] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, tid: int) -> bool:
+        return tid in self._tasks
+
+    def __iter__(self) -> Iterator[PendingTask]:
+        return iter(list(self._tasks.values()))  # a copy: tasks may leave during the walk
+
+    def get(self, tid: int) -> PendingTask | None:
+        return self._tasks.get(tid)
+
+    def add(self, task: PendingTask) -> bool:
+        """Take ``task`` in; False (its slot given back) if its future is done already: cancelled before it left."""
+        if task.future.done():
+            self.release()
+            return False
+        self._tasks[task.id] = task
+        return True
+
+    def cancelled(self, tid: int) -> bool:
+        """The user cancelled task ``tid``'s future: True if it was here (and has now left)."""
+        if self._tasks.pop(tid, None) is None:
+            return False  # done already, or not handed over yet (``add`` drops it)
+        self.release()
+        return True
+
+    def resolve(self, task: PendingTask, value: Any) -> None:
+        """``task`` leaves with ``value``."""
+        del self._tasks[task.id]
+        self.release()
+        try:
+            task.future.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled by the user meanwhile
+
+    def fail(self, task: PendingTask, exc: BaseException) -> None:
+        """``task`` leaves with ``exc``."""
+        del self._tasks[task.id]
+        self.release()
+        try:
+            task.future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def fail_all(self, exc: BaseException) -> None:
+        for task in self:
+            self.fail(task, exc)
+
+    def clear(self) -> list[Future]:
+        """Empty the table (the link ended) and return the futures; no slot is given back: the client is done."""
+        futures = [task.future for task in self._tasks.values()]
+        self._tasks.clear()
+        return futures
+
+
+def abandon(futures: list[Future], failure: BaseException | None) -> None:
+    """The link ended with ``futures`` open: fail them with ``failure``, or (a close) cancel them."""
+    for fut in futures:
+        if failure is not None:
+            try:
+                fut.set_exception(failure)
+            except concurrent.futures.InvalidStateError:
+                pass
+        else:
+            fut._on_cancel = None  # nobody to tell: the loop has ended
+            fut.cancel()
