@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import zmq
 
@@ -48,21 +48,25 @@ class _Unset:
 _UNSET = _Unset()
 
 
-class _Submitter:
-    """``submit`` and the maps, with a set of TaskOptions; Client is one, ``client.options()`` makes more."""
+class Submitter:
+    """``submit``, ``start`` and the maps of one client, with one set of TaskOptions.
 
-    _client: Client
-    _opts: TaskOptions
+    A Client is one (with the options it was made with); ``client.options(...)``
+    returns others that share its connection.
+    """
+
+    def __init__(self, client: Client, opts: TaskOptions) -> None:
+        self._client, self._opts = client, opts
 
     def options(self, *, timeout: float | _Unset | None = _UNSET, retries: int | _Unset = _UNSET,
-                retry_on: tuple[type[BaseException], ...] | _Unset = _UNSET) -> _Submitter:
+                retry_on: tuple[type[BaseException], ...] | _Unset = _UNSET) -> Submitter:
         """The same client, submitting with other TaskOptions (the rest as they are)::
 
             client.options(timeout=5).submit(fn, x, timeout="passed to fn")
         """
         changes: dict[str, Any] = {k: v for k, v in (("timeout", timeout), ("retries", retries),
                                                      ("retry_on", retry_on)) if v is not _UNSET}
-        return _Options(self._client, dataclasses.replace(self._opts, **changes))
+        return Submitter(self._client, dataclasses.replace(self._opts, **changes))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; returns its Future.
@@ -96,7 +100,7 @@ class _Submitter:
         ``timeout`` seconds after the call, and the task's own exception if
         one raised. Leaving the loop early cancels what is still pending.
         """
-        work = over(fn, iterables, chunksize, Wrappers(None))  # chunks: one Chunk of fn, pickled once per call
+        work = over(fn, iterables, chunksize, self._client._wrappers)
         return Results(self.submit, work, MapOptions(window=self._client.window, timeout=timeout))
 
     imap = map
@@ -104,19 +108,15 @@ class _Submitter:
     def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any],
                        chunksize: int | None = None, timeout: float | None = None) -> Iterator[Any]:
         """Like ``map``, but yields each result as soon as it is in."""
-        work = over(fn, iterables, chunksize, Wrappers(None))
+        work = over(fn, iterables, chunksize, self._client._wrappers)
         return Results(self.submit, work, MapOptions(ordered=False, window=self._client.window, timeout=timeout))
 
-
-class _Options(_Submitter):
-    def __init__(self, client: Client, opts: TaskOptions) -> None:
-        self._client, self._opts = client, opts
 
     def __repr__(self) -> str:
         return f"<{self._client!r} with {self._opts}>"
 
 
-class Client(_Submitter):
+class Client(Submitter):
     """Runs functions on a zpar cluster.
 
     ``Client()`` starts a private cluster on this machine (one worker per
@@ -148,7 +148,8 @@ class Client(_Submitter):
             raise ConfigError(f"window must be at least 1, not {window}")
         if not broker_timeout > 0:
             raise ConfigError(f"broker_timeout must be a positive number of seconds, not {broker_timeout!r}")
-        self._client, self._opts = self, TaskOptions(timeout=timeout, retries=retries)
+        super().__init__(self, TaskOptions(timeout=timeout, retries=retries))
+        self._wrappers = Wrappers(None)  # map's chunks: one Chunk per function, pickled once per client
         self._cluster: EmbeddedCluster | None = None
         if address is None:
             self._cluster = EmbeddedCluster(workers, max_tasks_per_worker=max_tasks_per_worker)
@@ -218,7 +219,7 @@ class Client(_Submitter):
         self._cancels.append((fut.task_id, force))
         self._wake()
 
-    def cancel(self, futures: Iterable[concurrent.futures.Future], *, force: bool = False) -> int:
+    def cancel(self, futures: Iterable[concurrent.futures.Future[Any]], *, force: bool = False) -> int:
         """Cancel ``futures``; with ``force``, tasks already running are stopped too.
 
         A queued task never runs; a running one, when forced, has its worker
@@ -227,19 +228,19 @@ class Client(_Submitter):
         return sum(fut.cancel(force=force) if isinstance(fut, Future) else fut.cancel() for fut in futures)
 
     @staticmethod
-    def as_completed(futures: Iterable[concurrent.futures.Future], timeout: float | None = None,
-                     ) -> Iterator[concurrent.futures.Future]:
+    def as_completed(futures: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None,
+                     ) -> Iterator[concurrent.futures.Future[Any]]:
         """Yields the futures as they complete (``concurrent.futures.as_completed``)."""
         return concurrent.futures.as_completed(futures, timeout)
 
     @staticmethod
-    def as_completed_async(futures: Iterable[concurrent.futures.Future], timeout: float | None = None,
-                           ) -> AsyncIterator[concurrent.futures.Future]:
+    def as_completed_async(futures: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None,
+                           ) -> AsyncIterator[concurrent.futures.Future[Any]]:
         """``async for fut in client.as_completed_async(futures)``: each future once it is done."""
         return aio.as_completed_async(futures, timeout)
 
     @staticmethod
-    def gather(futures: Iterable[concurrent.futures.Future], timeout: float | None = None) -> list[Any]:
+    def gather(futures: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None) -> list[Any]:
         """The results of ``futures`` in order; raises the first task error met."""
         deadline = None if timeout is None else time.monotonic() + timeout
         return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
@@ -253,7 +254,7 @@ class Client(_Submitter):
         """
         deadline = time.monotonic() + timeout
         while True:
-            workers = self.status(max(0.1, deadline - time.monotonic()))["workers"]
+            workers: int = self.status(max(0.1, deadline - time.monotonic()))["workers"]
             if workers >= n:
                 return workers
             if time.monotonic() >= deadline:
@@ -290,7 +291,7 @@ class Client(_Submitter):
         if self._cluster is not None:
             self._cluster.stop()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -330,7 +331,7 @@ def broker_status(address: str, timeout: float = 5.0, creds: security.Credential
     Raises BrokerUnavailable if it does not answer in ``timeout`` seconds, and
     AuthenticationError if it refuses ``creds`` (see security.client_credentials).
     """
-    ctx: zmq.Context = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     security.apply_client(sock, creds)
