@@ -1,11 +1,12 @@
-"""AgentCore: batching by measured duration, credits, and what a worker's death means."""
+"""The agent's slot accounting (Slots): batching by measured duration, credits, and what a worker's death means."""
 
 from __future__ import annotations
 
 import pytest
 
 from zpar import protocol as P
-from zpar.agent.core import ALONE_US, BATCH_TARGET_US, AgentCore, WorkerState
+from zpar.agent.records import WorkerState
+from zpar.agent.slots import ALONE_US, BATCH_TARGET_US, Slots
 
 D = b"\x01" * 16
 BLOB = b"the function"
@@ -16,7 +17,7 @@ def tasks(ids, digest=D, ship=True) -> P.Tasks:
                    (P.Function(digest, BLOB),) if ship else ())
 
 
-def finish(core: AgentCore, send, us: int):
+def finish(core: Slots, send, us: int):
     """The worker that got ``send`` reports every task done in ``us`` microseconds each."""
     entries = tuple(P.ResultEntry(t.id, P.Status.OK, (b"ok",), us) for t in send.msg.tasks)
     return core.worker_results(send.identity, P.Result(entries), 0.0)
@@ -28,12 +29,12 @@ def ids(send) -> list[int]:
 
 @pytest.fixture
 def core():
-    c = AgentCore("node-1")
+    c = Slots("node-1")
     c.add_worker(b"w1")
     return c
 
 
-def measured(core: AgentCore, us: int, first_id: int = 10_000) -> None:
+def measured(core: Slots, us: int, first_id: int = 10_000) -> None:
     """Teach ``core`` that tasks of D take ``us``: one task run and reported."""
     if core.workers[b"w1"].state is WorkerState.STARTING:
         core.tasks(tasks([first_id]), 0.0)

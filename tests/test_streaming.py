@@ -20,7 +20,7 @@ import tasks
 import zpar
 from zpar import protocol as P
 from zpar import streaming
-from zpar.agent.core import AgentCore
+from zpar.agent.slots import Slots
 from zpar.testing import wait_for
 from zpar_broker.core import BrokerCore, Dest
 
@@ -322,7 +322,7 @@ def test_items_of_a_task_nobody_waits_for_stop_it():
 
 
 def agent_with_worker():
-    core = AgentCore("node")
+    core = Slots("node")
     core.add_worker(b"w1")
     core.worker_ready(b"w1", 101, 0.0)
     return core
@@ -339,7 +339,7 @@ def test_the_agent_forwards_items_and_sends_feed_to_the_worker_holding_the_task(
 
 
 def test_the_agent_keeps_feed_for_a_queued_task_and_sends_it_behind_the_task():
-    core = AgentCore("node")
+    core = Slots("node")
     core.add_worker(b"w1")
     core.tasks(P.Tasks((P.TaskEntry(5, D, (b"args",), P.FLAG_CHANNEL),), (P.Function(D, b"blob"),)), 0.0)
     obj = (b"obj", b"buffer")
@@ -364,7 +364,7 @@ def test_a_streams_result_ahead_of_its_batch_leaves_the_worker_busy_with_the_res
 
 
 def test_after_a_broker_restart_the_agent_stops_workers_streaming_for_the_old_one():
-    core = AgentCore("node")
+    core = Slots("node")
     for w in (b"w1", b"w2"):
         core.add_worker(w)
         core.worker_ready(w, 101, 0.0)

@@ -1,339 +1,288 @@
-"""The agent's slot accounting, with no sockets or processes.
+"""The agent's core: every rule of a zpar-agent, its timers included, with no sockets, processes or clock.
 
-Fed events (tasks from the broker, a worker ready, a worker's results, a
-worker's death), it decides which idle worker gets which batch, how many
-credits to ask the broker for, and which results to send on.
+The shell (``server.AgentServer``) feeds it ``(now, event)`` and performs the
+actions it returns, in order (see ``actions``)::
 
-Batches are sized from measured task durations: an idle worker takes tasks
-while their estimated total stays near ``BATCH_TARGET_US`` of work, so tiny
-tasks do not each pay a round trip, and a task estimated at 1 ms or more goes
-alone, so nothing waits behind a long task while another worker is idle.
-Credits are sized from the batch: ``workers x batch x 2``.
+    event                                        actions it may return
+    start(now)                                   Spawn x N, HELLO
+    from_broker(now, msg)                        ToWorker, Kill, HELLO, RESULT again, Exit
+    from_worker(now, identity, msg)              ToWorker (batches; BYE to recycle)
+    worker_exited(now, identity, pid, code)      Spawn (now, or after a back-off)
+    rss_after_task(now, identity, rss)           ToWorker (BYE to recycle)
+    rss_while_busy(now, identity, rss)           Kill (past 1.5 x the limit: MEMORY)
+    probed(now, refused, parent)                 Exit
+    signalled(now)                               Exit, or a drain begins
+    tick(now)                                    Measure, Kill, Spawn, Probe, HEARTBEAT, RESULT again, HELLO, Exit
+    next_run(now)                                the next ITEMS or RESULT for the collector, or None
+    unsent(now, msgs)                            -- the collector could not take them: kept, in order
+    credits(now)                                 READY
+    shutdown(now)                                BYE, Kill x N
 
-Streams (zpar.streaming) pass through ``streams.StreamPassing``, a part of
-this class kept in its own module. A task that has exchanged an item is never
-re-run here: if its worker dies it is reported lost, and the broker fails it
-rather than run it again.
+The collector pushes back (a full queue; none before the first WELCOME), so
+what piled up for it is pulled a run at a time (``next_run``) until one
+cannot go (``unsent``), once per turn of the loop; then ``credits``.
+``next_deadline()`` is when ``tick`` has something to do; ``rss_wanted`` asks
+whether to read a worker's memory before its results go in.
+
+Its parts, one role each: ``Slots`` (workers, batches, credits, what a death
+means), ``BrokerSession`` (registration, heartbeats, liveness, results not
+acknowledged) and the rules of ``lifecycle`` (respawn back-off, SIGTERM then
+SIGKILL, the memory limit, the drain).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from zpar import protocol as P
 
-from .slots import QueuedTask, ToWorker, WorkerSlot, WorkerState
-from .streams import StreamPassing
+from .actions import Action, Exit, Measure, Probe, Spawn, ToWorker
+from .lifecycle import KILL_GRACE, SHUTDOWN_GRACE, Backoff, Drain, MemoryLimit, next_kill, overdue, terminate
+from .records import WorkerState
+from .session import BrokerSession
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 
-BATCH_TARGET_US = 1500
-ALONE_US = 1000  # a task this long or longer is never batched
-UNKNOWN_US = ALONE_US  # a function not measured yet is assumed long: it goes alone first
-_ALPHA = 0.3  # weight of the newest duration in the moving average
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the core is told once: who the agent is, and the limits it keeps."""
+
+    node: str  # the agent's name: in its HELLO and in every Cause
+    identity: bytes  # its DEALER identity: names its results on the collector hop
+    host: str = ""
+    pid: int = 0
+    workers: int = 1
+    heartbeat: float = 1.0  # until the broker's WELCOME sets the pace
+    liveness: int = 3
+    max_tasks_per_worker: int = 0  # recycle a worker after this many tasks (0: never)
+    max_memory_per_worker: int = 0  # MiB (0: no limit)
+    grace: float = 30.0  # seconds the first SIGTERM gives held tasks
+    parent_pid: int = 0  # stop when this process is no longer our parent (0: do not watch)
+    broker: str = ""  # where the broker is, for people
 
 
-class AgentCore(StreamPassing):
-    def __init__(self, node: str, *, max_tasks_per_worker: int = 0) -> None:
-        self.node = node
-        self.max_tasks_per_worker = max_tasks_per_worker
-        self.workers: dict[bytes, WorkerSlot] = {}
-        self.queue: collections.deque[QueuedTask] = collections.deque()
-        self.funcs: dict[bytes, P.Frame] = {}  # digest -> blob frame, shipped once per agent
-        self.requested = 0  # credits asked of the broker and not yet used by TASKS
-        self.durations: dict[bytes, float] = {}  # digest -> moving average of one call, in us
-        self._recent_us = float(UNKNOWN_US)  # across functions: sizes the credit
-        self.results: list[P.ResultEntry] = []  # to send to the collector
-        self.items: list[P.ItemEntry] = []  # streams' items to send, ahead of the results
-        self.item_credits: list[P.Credit] = []
-        self._streaming: dict[int, WorkerSlot] = {}  # task id -> the worker streaming it
-        self._kept = 0  # queued tasks holding FEED (cancelled ones stay counted: a look too many)
-        self.accepting = True
-        self._retiring: list[bytes] = []  # workers to tell to exit, not told yet
+class AgentCore:
+    """Every rule of an agent: fed ``(now, event)``, returns the actions to perform."""
 
-    # ------------------------------------------------------------------ workers
+    def __init__(self, settings: Settings, now: float) -> None:
+        self.settings = settings
+        self.slots = Slots(settings.node, max_tasks_per_worker=settings.max_tasks_per_worker)
+        hello = P.Hello(P.Role.AGENT, settings.node, settings.host, settings.pid)
+        self.session = BrokerSession(settings.identity, hello, now, heartbeat=settings.heartbeat,
+                                     liveness=settings.liveness)
+        self.backoff = Backoff()
+        self.memory = MemoryLimit(settings.max_memory_per_worker, now)
+        self.drain = Drain(settings.grace)
+        self.stopping = False  # shutdown: no respawns, no credits, only SIGKILLs left to send
+        self._generation = 0  # names workers w1, w2, ...
 
-    def add_worker(self, identity: bytes) -> None:
-        self.workers[identity] = WorkerSlot(identity)
+    # ------------------------------------------------------------------ events
 
-    def worker_ready(self, identity: bytes, pid: int, now: float) -> list[ToWorker]:
-        slot = self.workers.get(identity)
-        if slot is None or slot.state is not WorkerState.STARTING:
+    def start(self, now: float) -> list[Action]:
+        """Start the workers and introduce ourselves to the broker."""
+        out: list[Action] = [self._spawn() for _ in range(self.settings.workers)]
+        out.append(self._hello())
+        return out
+
+    def from_broker(self, now: float, msg: P.Message) -> list[Action]:
+        """A broker's message (any one is a sign of life)."""
+        self.session.heard(now)
+        if isinstance(msg, P.Tasks):
+            return list(self.slots.tasks(msg, now))
+        if isinstance(msg, P.Ack):
+            self.session.acked(msg.ids)
             return []
-        slot.state, slot.pid = WorkerState.IDLE, pid
-        return self.assign(now)
-
-    def worker_results(self, identity: bytes, msg: P.Result, now: float) -> list[ToWorker]:
-        slot = self.workers.get(identity)
-        if slot is None or slot.state is not WorkerState.BUSY:
-            return []
-        if self._streaming:
-            for entry in msg.results:
-                self._streaming.pop(entry.id, None)
-        if len(msg.results) < len(slot.batch):  # a stream's result, sent ahead of the rest of its batch
-            return self._some_results(slot, msg)
-        if slot.doomed:
-            return []  # it is being killed; its death reports the batch
-        if not slot.stale:
-            by_id = {t.id: t for t in slot.batch}
-            for entry in msg.results:
-                task = by_id.get(entry.id)
-                if task is not None:
-                    self._measure(task.entry.digest, entry.duration_us)
-            self.results.extend(msg.results)
-        slot.tasks_done += len(slot.batch)
-        slot.batch, slot.deadline, slot.stale = [], 0.0, False
-        if slot.retire or (self.max_tasks_per_worker and slot.tasks_done >= self.max_tasks_per_worker):
-            self._retire_now(slot)
-        else:
-            slot.state = WorkerState.IDLE
-        return self.assign(now)
-
-    def _some_results(self, slot: WorkerSlot, msg: P.Result) -> list[ToWorker]:
-        """Part of a batch is done; the worker is still busy with the rest."""
-        done = {entry.id for entry in msg.results}
-        finished = [t for t in slot.batch if t.id in done and t.id not in slot.doomed]
-        slot.batch = [t for t in slot.batch if t.id not in done]
-        slot.tasks_done += len(finished)
-        if slot.stale:
-            return []
-        ok = {t.id for t in finished}
-        self.results.extend(entry for entry in msg.results if entry.id in ok)
+        if isinstance(msg, P.Feed):
+            return list(self.slots.feed(msg))
+        if isinstance(msg, P.Cancel):  # the user's own doing: no warning
+            return self._kills(now, self.slots.cancel(msg.ids), "its task was cancelled", logging.INFO)
+        if isinstance(msg, P.Welcome):
+            return self._welcome(now, msg)
+        if isinstance(msg, P.Error):
+            log.warning("the broker refused a message (%s%s)", msg.code.name, f": {msg.detail}" if msg.detail else "")
+            return [self._hello()] if msg.code is P.ErrorCode.UNKNOWN_PEER else []
+        if isinstance(msg, P.Bye) and msg.reason is P.ByeReason.KEY_REVOKED:
+            log.error("refused by the broker (AuthenticationError): this node's key was removed from its "
+                      "allow-list; stopping")
+            return [Exit(1)]
+        if isinstance(msg, P.Bye):
+            log.info("broker is stopping (%s); waiting for it to return", msg.reason.name.lower())
+            self.session.left()
         return []
 
-    def _retire_now(self, slot: WorkerSlot) -> None:
-        slot.state = WorkerState.RETIRING
-        self._retiring.append(slot.identity)
+    def from_worker(self, now: float, identity: bytes, msg: P.Message) -> list[Action]:
+        """A worker's message: its results (its next batch goes), its stream's items, or its HELLO (ready)."""
+        if isinstance(msg, P.Result):
+            return self._recycle(self.slots.worker_results(identity, msg, now))
+        if isinstance(msg, P.Hello):
+            self.backoff.ready()  # workers start again: forget earlier failures
+            return self._recycle(self.slots.worker_ready(identity, msg.pid, now))
+        if isinstance(msg, P.Items):
+            self.slots.worker_items(identity, msg)
+        return []
 
-    def retire(self, identity: bytes) -> None:
-        """Recycle this worker once it is idle (memory limit, say)."""
-        slot = self.workers.get(identity)
-        if slot is None:
-            return
-        if slot.state is WorkerState.IDLE:
-            self._retire_now(slot)
-        elif slot.state is WorkerState.BUSY:
-            slot.retire = True
+    def worker_exited(self, now: float, identity: bytes, pid: int, returncode: int) -> list[Action]:
+        """Worker process ``pid`` ended with ``returncode`` (negative: that signal); a new one takes its place."""
+        never_ready = self.slots.state(identity) is WorkerState.STARTING
+        self.slots.worker_exited(identity, returncode)
+        if self.stopping:
+            return []
+        if never_ready:  # a worker that cannot even start: back off instead of spinning
+            delay = self.backoff.failed(now)
+            log.error("worker pid %d exited with %d before it was ready; retrying in %.1f s", pid, returncode, delay)
+            return []
+        return [self._spawn()]
 
-    def retiring(self) -> list[bytes]:
-        """Workers to tell to exit now; each is reported once."""
-        out, self._retiring = self._retiring, []
+    def rss_wanted(self, now: float, identity: bytes) -> int:
+        """The pid whose memory to read before this worker's results go in (0: none now).
+
+        The limit is checked between tasks, at most every ``MEMORY_CHECK_S``
+        per worker; answer with ``rss_after_task``.
+        """
+        slot = self.slots.workers.get(identity)
+        if slot is None or not self.memory.check_due(slot, now):
+            return 0
+        return slot.pid
+
+    def rss_after_task(self, now: float, identity: bytes, rss: int) -> list[Action]:
+        """A worker whose task ends uses ``rss`` bytes: past the limit it is recycled once its batch is done."""
+        slot = self.slots.workers.get(identity)
+        if slot is not None and self.memory.over_soft(slot, rss):
+            self.slots.retire(identity)
+        return self._recycle([])
+
+    def rss_while_busy(self, now: float, identity: bytes, rss: int) -> list[Action]:
+        """The answer to ``Measure``: past the hard limit its task ends as MEMORY, and the worker is stopped."""
+        detail = self.memory.over_hard(rss)
+        if detail and self.slots.over_memory(identity, detail):
+            return self._kills(now, [identity], "over the memory limit")
+        return []
+
+    def probed(self, now: float, refused: str | None, parent: int) -> list[Action]:
+        """The answer to ``Probe``: why the broker refused our handshake (None: it did not); our parent's pid."""
+        if refused:
+            log.error("refused by the broker (AuthenticationError): %s; stopping", refused)
+            return [Exit(1)]
+        expected = self.settings.parent_pid
+        if expected and parent != expected:
+            log.warning("parent process %d is gone; stopping", expected)
+            return [Exit(0)]
+        return []
+
+    def signalled(self, now: float) -> list[Action]:
+        """SIGTERM or SIGINT: the first drains (no new work; held tasks get the grace), the second stops now."""
+        if self.drain.signalled(now):
+            return [Exit(0)]
+        self.slots.accepting = False
+        log.info("draining: finishing %d tasks within %.0f s (signal again to stop now)", self.slots.held(),
+                 self.drain.grace)
+        return [Exit(0)] if self.drain.over(now, self.slots.held()) else []
+
+    def tick(self, now: float) -> list[Action]:
+        """Fire the timers that are due (cheap when none is)."""
+        workers = self.slots.workers.values()
+        if self.stopping:
+            return list(overdue(workers, now))
+        out: list[Action] = []
+        if self.memory.watch_due(now):
+            out += [Measure(s.identity, s.pid) for s in self.slots.busy_slots() if s.pid]
+        out += self._kills(now, self.slots.expired(now), "its task ran past its timeout")
+        out += overdue(workers, now)
+        if self.drain.active and self.drain.over(now, self.slots.held()):
+            out.append(Exit(0))
+            return out
+        out += [self._spawn() for _ in range(self.backoff.due(now))]
+        if self.session.beat_due(now):
+            out.append(Probe())
+            out.append(P.Heartbeat(self.slots.busy()))
+            out += self.session.overdue(now)
+            if self.session.silent(now):
+                out.append(self._hello())
         return out
 
-    def worker_exited(self, identity: bytes, returncode: int) -> list[QueuedTask]:
-        """A worker died. Its lone task fails with WorkerLost; a batch is re-run task by task.
+    def next_run(self, now: float) -> P.Items | P.Result | None:
+        """The next run for the collector: streams' items first, then results (kept until acknowledged)."""
+        items = self.slots.take_items()
+        if items is not None:
+            return self.session.items(*items)
+        entries = self.slots.take_results()
+        if entries is not None:
+            return self.session.results(now, entries)
+        return None
 
-        In a batch the culprit is unknown, so each task runs again alone: the
-        one that kills a worker again is then charged, the others complete.
-        """
-        slot = self.workers.pop(identity, None)
-        if slot is None:
+    def unsent(self, now: float, msgs: list[P.Result | P.Items]) -> None:
+        """The collector could not take these now (in the order given): first in line again."""
+        for msg in reversed(msgs):
+            if isinstance(msg, P.Items):
+                self.slots.put_back_items(list(msg.items), list(msg.credits))
+            else:
+                self.session.acked(tuple(e.id for e in msg.results))  # counted as sent when they go
+                self.slots.put_back_results(msg.results)
+
+    def credits(self, now: float) -> list[Action]:
+        """READY for the credits to ask now, if any (none before a WELCOME or while stopping)."""
+        if not self.session.welcomed or self.stopping:
             return []
-        for task in slot.batch:
-            self._streaming.pop(task.id, None)
-        cause = P.Cause.from_returncode(self.node, slot.pid, returncode)
-        batch, slot.batch, slot.state = slot.batch, [], WorkerState.EXITED
-        if slot.stale:
-            return []  # tasks of a broker that is gone: nobody is waiting for them
-        if slot.doomed:  # we killed it: timeout or cancel; the rest of its batch is innocent
-            for task in reversed(batch):
-                if task.id not in slot.doomed and not task.streamed:
-                    self.queue.appendleft(task)
-            for task in batch:
-                if task.id in slot.doomed:
-                    status, why = slot.doomed[task.id]
-                    self.results.append(P.ResultEntry(task.id, status, cause=why))
-                elif task.streamed:
-                    self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=cause._replace(
-                        detail="stopped in the middle of the task's stream")))
-            return batch
-        if len(batch) == 1 or any(t.alone for t in batch):
-            for task in batch:
-                self._lost(task, cause)
-        elif batch:
-            log.warning("worker pid %d on %s %s with a batch of %d; re-running them one by one",
-                        slot.pid, self.node, cause.ended(), len(batch))
-            for task in reversed(batch):
-                if task.streamed:  # it exchanged items: the broker decides (it will not run it again)
-                    self._lost(task, cause)
-                else:
-                    task.alone = True
-                    self.queue.appendleft(task)
-        return batch
+        n = self.slots.credits_to_ask()
+        return [P.Ready(n)] if n else []
 
-    def _lost(self, task: QueuedTask, cause: P.Cause) -> None:
-        # While the agent stops (drain, shutdown) it stops its own workers: no surprise to warn about.
-        log.log(logging.WARNING if self.accepting else logging.INFO, "worker pid %d on %s %s while running task %d",
-                cause.pid, self.node, cause.ended(), task.id)
-        self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=cause))
-
-    # ------------------------------------------------------------------ tasks
-
-    def tasks(self, msg: P.Tasks, now: float) -> list[ToWorker]:
-        for func in msg.funcs:
-            self.funcs[func.digest] = func.blob
-        self.queue.extend(QueuedTask(entry) for entry in msg.tasks)
-        self.requested = max(0, self.requested - len(msg.tasks))
-        return self.assign(now)
-
-    # ------------------------------------------------------------------ cancel, timeouts
-
-    def cancel(self, ids: tuple[int, ...]) -> list[bytes]:
-        """Stop these tasks: dropped from the queue; workers running one are returned, to be killed."""
-        wanted = set(ids)
-        self.queue = collections.deque(t for t in self.queue if t.id not in wanted)
-        kill = []
-        for slot in self.workers.values():
-            hit = [t.id for t in slot.batch if t.id in wanted and t.id not in slot.doomed]
-            if slot.state is WorkerState.BUSY and hit:
-                for tid in hit:
-                    slot.doomed[tid] = (P.Status.CANCELLED, P.Cause(self.node, slot.pid, detail="cancelled"))
-                kill.append(slot.identity)
-        return kill
-
-    def expired(self, now: float) -> list[bytes]:
-        """Workers whose task ran past its timeout, to be killed (each reported once)."""
-        kill = []
-        for slot in self.workers.values():
-            if slot.state is WorkerState.BUSY and slot.deadline and slot.deadline <= now and not slot.doomed:
-                for task in slot.batch:
-                    detail = f"ran past its timeout of {task.entry.timeout_ms / 1000:g} s"
-                    slot.doomed[task.id] = (P.Status.TIMEOUT, P.Cause(self.node, slot.pid, detail=detail))
-                kill.append(slot.identity)
-        return kill
-
-    def over_memory(self, identity: bytes, detail: str) -> bool:
-        """The worker went past the hard memory limit mid-task: doom its batch; True if it must be killed."""
-        slot = self.workers.get(identity)
-        if slot is None or slot.state is not WorkerState.BUSY or slot.doomed:
-            return False
-        for task in slot.batch:
-            slot.doomed[task.id] = (P.Status.MEMORY, P.Cause(self.node, slot.pid, detail=detail))
-        return True
+    def shutdown(self, now: float) -> list[Action]:
+        """Stop: take no work, say BYE, stop every worker (SIGKILL after SHUTDOWN_GRACE)."""
+        self.stopping = True
+        self.slots.accepting = False
+        log.info("zpar-agent %s stopping", self.settings.node)
+        out: list[Action] = [P.Bye(P.ByeReason.LEAVING)]
+        out += [terminate(slot, now, SHUTDOWN_GRACE) for slot in self.slots.workers.values()]
+        return out
 
     def next_deadline(self) -> float:
-        """The earliest task timeout still to fire, or infinity."""
-        deadlines = [s.deadline for s in self.workers.values()
-                     if s.state is WorkerState.BUSY and s.deadline and not s.doomed]
-        return min(deadlines, default=float("inf"))
+        """When ``tick`` next has something to do (infinity: never by itself)."""
+        kill = next_kill(self.slots.workers.values())
+        if self.stopping:
+            return kill
+        return min(self.session.next_beat, self.backoff.next_deadline(), kill, self.slots.next_deadline(),
+                   self.memory.next_watch, self.drain.next_deadline())
 
-    def forget_tasks(self) -> list[bytes]:
-        """The broker that sent our tasks is gone (a restarted one has a new epoch): drop them.
+    # ------------------------------------------------------------------ rules shared by the events
 
-        Their producers resubmit them to the new broker; what is running now
-        finishes, and its results are dropped. Returns the workers to stop: a
-        stream or channel task there would wait for its producer for ever.
-        """
-        self.queue.clear()
-        self.results.clear()
-        self.items.clear()
-        self.item_credits.clear()
-        self._streaming.clear()
-        self._kept = 0
-        for slot in self.workers.values():
-            if slot.batch:
-                slot.stale = True
-        self.requested = 0
-        return [slot.identity for slot in self.workers.values()
-                if slot.stale and any(t.streamed or t.entry.flags & P.FLAG_CHANNEL for t in slot.batch)]
+    def _spawn(self) -> Spawn:
+        self._generation += 1
+        identity = f"w{self._generation}".encode()
+        self.slots.add_worker(identity)
+        return Spawn(identity)
 
-    def _estimate(self, task: QueuedTask) -> float:
-        return self.durations.get(task.entry.digest, UNKNOWN_US)
+    def _hello(self) -> P.Hello:
+        self.slots.reset_credits()
+        return self.session.hello(self.slots.live())
 
-    def _measure(self, digest: bytes, us: int) -> None:
-        old = self.durations.get(digest)
-        self.durations[digest] = float(us) if old is None else old + _ALPHA * (us - old)
-        self._recent_us += _ALPHA * (us - self._recent_us)
-
-    def assign(self, now: float) -> list[ToWorker]:
-        """Give each idle worker a batch from the queue."""
-        out: list[ToWorker] = []
-        if not self.queue:
-            return out
-        for slot in self.workers.values():
-            if slot.state is not WorkerState.IDLE:
-                continue
-            batch = self._take_batch()
-            if not batch:
-                break
-            out.append(self._to_worker(slot, batch))
-            if self._kept:
-                kept = self._feed_kept(slot, batch)
-                if kept is not None:
-                    out.append(kept)
-            if batch[0].entry.timeout_ms:  # tasks with a timeout go alone
-                slot.deadline = now + batch[0].entry.timeout_ms / 1000
-            if not self.queue:
-                break
+    def _welcome(self, now: float, msg: P.Welcome) -> list[Action]:
+        out: list[Action] = []
+        if self.session.restarted(msg):
+            log.warning("the broker restarted (epoch %s, was %s); dropping the %d tasks of the old one",
+                        msg.epoch[:8], self.session.epoch[:8], self.slots.held())
+            out += self._kills(now, self.slots.forget_tasks(), "its stream was for a broker that is gone")
+        out += self.session.welcome(now, msg)
+        log.info("registered with broker %s (epoch %s)", self.settings.broker, msg.epoch[:8])
         return out
 
-    def _take_batch(self) -> list[QueuedTask]:
-        batch: list[QueuedTask] = []
-        budget = float(BATCH_TARGET_US)
-        nbytes = 0
-        while self.queue and len(batch) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
-            task = self.queue[0]
-            cost = self._estimate(task)
-            alone = task.alone or task.entry.timeout_ms or cost >= ALONE_US
-            if batch and (alone or cost > budget):
-                break
-            self.queue.popleft()
-            batch.append(task)
-            nbytes += P.payload_bytes(task.entry.payload)
-            budget -= cost
-            if alone:
-                break
-        return batch
+    def _kills(self, now: float, identities: Iterable[bytes], why: str, level: int = logging.WARNING) -> list[Action]:
+        """SIGTERM for these workers now, SIGKILL after KILL_GRACE if they are still there."""
+        out: list[Action] = []
+        for identity in identities:
+            slot = self.slots.workers.get(identity)
+            if slot is not None:
+                log.log(level, "stopping worker pid %d: %s", slot.pid, why)
+                out.append(terminate(slot, now, KILL_GRACE))
+        return out
 
-    def _to_worker(self, slot: WorkerSlot, batch: list[QueuedTask]) -> ToWorker:
-        entries = tuple(t.entry for t in batch)
-        slot.batch = batch
-        slot.state = WorkerState.BUSY
-        return ToWorker(slot.identity, P.Tasks(entries, slot.shipped.functions(entries, self.funcs.__getitem__)))
-
-    # ------------------------------------------------------------------ credits
-
-    def batch_size(self) -> int:
-        return max(1, min(P.BATCH_MAX_TASKS, int(BATCH_TARGET_US / max(self._recent_us, 1.0))))
-
-    def credit_target(self) -> int:
-        live = sum(1 for s in self.workers.values() if s.state is not WorkerState.EXITED)
-        if not self.accepting:
-            return 0
-        return max(2, live * self.batch_size() * 2)
-
-    def held(self) -> int:
-        return len(self.queue) + sum(len(s.batch) for s in self.workers.values())
-
-    def credits_to_ask(self) -> int:
-        """Credits to announce now (0: none); the caller sends READY and we count them asked."""
-        if not self.accepting:
-            return 0
-        target = self.credit_target()
-        want = target - self.held() - self.requested
-        if want <= 0:
-            return 0
-        idle = any(s.state is WorkerState.IDLE for s in self.workers.values())
-        if want * 2 >= target or (idle and not self.queue):
-            self.requested += want
-            return want
-        return 0
-
-    def reset_credits(self) -> None:
-        """The broker forgot us (restart, or we were declared dead): ask afresh."""
-        self.requested = 0
-
-    def busy(self) -> int:
-        return sum(1 for s in self.workers.values() if s.state is WorkerState.BUSY)
-
-    def take_results(self) -> list[P.ResultEntry] | None:
-        """Pop the next run of pending results that fits one message, or None."""
-        if not self.results:
-            return None
-        entries = next(P.batches(self.results))
-        self.results = self.results[len(entries):]
-        return list(entries)
-
-    def put_back_results(self, entries: list[P.ResultEntry]) -> None:
-        """A run ``take_results`` gave that could not go now: first in line again."""
-        self.results[:0] = entries
+    def _recycle(self, sends: list[ToWorker]) -> list[Action]:
+        """``sends``, then a BYE for each worker to recycle now."""
+        out: list[Action] = list(sends)
+        for identity in self.slots.retiring():
+            log.info("recycling worker %s", identity.decode())
+            out.append(ToWorker(identity, P.Bye(P.ByeReason.RECYCLED)))
+        return out

@@ -1,52 +1,362 @@
-"""What the agent's core keeps per worker and per task, and what it asks the loop to send a worker."""
+"""The agent's slot accounting, with no sockets, processes or clock of its own.
+
+Fed events (tasks from the broker, a worker ready, a worker's results, a
+worker's death), it decides which idle worker gets which batch, how many
+credits to ask the broker for, and which results to send on. ``AgentCore``
+holds it with the agent's other rules.
+
+Batches are sized from measured task durations: an idle worker takes tasks
+while their estimated total stays near ``BATCH_TARGET_US`` of work, so tiny
+tasks do not each pay a round trip, and a task estimated at 1 ms or more goes
+alone, so nothing waits behind a long task while another worker is idle.
+Credits are sized from the batch: ``workers x batch x 2``.
+
+Streams (zpar.streaming) pass through ``streams.StreamPassing``, which it
+holds. A task that has exchanged an item is never re-run here: if its worker
+dies it is reported lost, and the broker fails it rather than run it again.
+"""
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
+import collections
+import logging
+from collections.abc import Iterable
 
 from zpar import protocol as P
 
+from .actions import ToWorker
+from .records import QueuedTask, WorkerSlot, WorkerState
+from .streams import StreamPassing
 
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    RETIRING = "retiring"  # told to exit between tasks (recycling); a new worker takes its place
-    EXITED = "exited"
+log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class QueuedTask:
-    """A task from the broker (``entry``, passed on to a worker as it came) and what the agent knows of it."""
-
-    entry: P.TaskEntry
-    alone: bool = False  # suspected of killing a worker: run it by itself
-    streamed: bool = False  # it sent or was given an item: never run it again
-    inbox: list[P.ItemEntry] | None = None  # FEED for it before a worker had it
-    closed: bool = False  # ... and its producer closed its input
-
-    @property
-    def id(self) -> int:
-        return self.entry.id
+BATCH_TARGET_US = 1500
+ALONE_US = 1000  # a task this long or longer is never batched
+UNKNOWN_US = ALONE_US  # a function not measured yet is assumed long: it goes alone first
+_ALPHA = 0.3  # weight of the newest duration in the moving average
 
 
-@dataclass(slots=True)
-class WorkerSlot:
-    identity: bytes
-    state: WorkerState = WorkerState.STARTING
-    pid: int = 0
-    batch: list[QueuedTask] = field(default_factory=list)
-    shipped: P.Shipped = field(default_factory=P.Shipped)  # the function blobs this worker has
-    deadline: float = 0.0  # when its task runs out of time (0: no timeout)
-    doomed: dict[int, tuple[P.Status, P.Cause]] = field(default_factory=dict)  # task id -> why: being killed
-    stale: bool = False  # its batch came from a broker that is gone: drop its results
-    tasks_done: int = 0
-    retire: bool = False  # recycle it once its batch is done
-    kill_at: float = 0.0  # SIGTERM was sent: SIGKILL at this time if it is still there (0: not asked)
+class Slots:
+    """The workers (one registry), the queue of tasks they have not got yet, durations and credits."""
 
+    def __init__(self, node: str, *, max_tasks_per_worker: int = 0) -> None:
+        self.node = node
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.workers: dict[bytes, WorkerSlot] = {}
+        self.queue: collections.deque[QueuedTask] = collections.deque()
+        self.streams = StreamPassing(self.workers, self.queue)
+        self.funcs: dict[bytes, P.Frame] = {}  # digest -> blob frame, shipped once per agent
+        self.requested = 0  # credits asked of the broker and not yet used by TASKS
+        self.durations: dict[bytes, float] = {}  # digest -> moving average of one call, in us
+        self._recent_us = float(UNKNOWN_US)  # across functions: sizes the credit
+        self.results: list[P.ResultEntry] = []  # to send to the collector
+        self.accepting = True
+        self._retiring: list[bytes] = []  # workers to tell to exit, not told yet
 
-@dataclass(slots=True)
-class ToWorker:
-    identity: bytes
-    msg: P.Tasks | P.Feed | P.Bye
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(self, identity: bytes) -> None:
+        self.workers[identity] = WorkerSlot(identity)
+
+    def worker_ready(self, identity: bytes, pid: int, now: float) -> list[ToWorker]:
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.STARTING:
+            return []
+        slot.state, slot.pid = WorkerState.IDLE, pid
+        return self.assign(now)
+
+    def worker_results(self, identity: bytes, msg: P.Result, now: float) -> list[ToWorker]:
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.BUSY:
+            return []
+        self.streams.ended(entry.id for entry in msg.results)
+        if len(msg.results) < len(slot.batch):  # a stream's result, sent ahead of the rest of its batch
+            return self._some_results(slot, msg)
+        if slot.doomed:
+            return []  # it is being killed; its death reports the batch
+        if not slot.stale:
+            by_id = {t.id: t for t in slot.batch}
+            for entry in msg.results:
+                task = by_id.get(entry.id)
+                if task is not None:
+                    self._measure(task.entry.digest, entry.duration_us)
+            self.results.extend(msg.results)
+        slot.tasks_done += len(slot.batch)
+        slot.batch, slot.deadline, slot.stale = [], 0.0, False
+        if slot.retire or (self.max_tasks_per_worker and slot.tasks_done >= self.max_tasks_per_worker):
+            self._retire_now(slot)
+        else:
+            slot.state = WorkerState.IDLE
+        return self.assign(now)
+
+    def _some_results(self, slot: WorkerSlot, msg: P.Result) -> list[ToWorker]:
+        """Part of a batch is done; the worker is still busy with the rest."""
+        done = {entry.id for entry in msg.results}
+        finished = [t for t in slot.batch if t.id in done and t.id not in slot.doomed]
+        slot.batch = [t for t in slot.batch if t.id not in done]
+        slot.tasks_done += len(finished)
+        if slot.stale:
+            return []
+        ok = {t.id for t in finished}
+        self.results.extend(entry for entry in msg.results if entry.id in ok)
+        return []
+
+    def worker_items(self, identity: bytes, msg: P.Items) -> None:
+        self.streams.worker_items(identity, msg)
+
+    def _retire_now(self, slot: WorkerSlot) -> None:
+        slot.state = WorkerState.RETIRING
+        self._retiring.append(slot.identity)
+
+    def retire(self, identity: bytes) -> None:
+        """Recycle this worker once it is idle (memory limit, say)."""
+        slot = self.workers.get(identity)
+        if slot is None:
+            return
+        if slot.state is WorkerState.IDLE:
+            self._retire_now(slot)
+        elif slot.state is WorkerState.BUSY:
+            slot.retire = True
+
+    def retiring(self) -> list[bytes]:
+        """Workers to tell to exit now; each is reported once."""
+        out, self._retiring = self._retiring, []
+        return out
+
+    def worker_exited(self, identity: bytes, returncode: int) -> list[QueuedTask]:
+        """A worker died. Its lone task fails with WorkerLost; a batch is re-run task by task.
+
+        In a batch the culprit is unknown, so each task runs again alone: the
+        one that kills a worker again is then charged, the others complete.
+        """
+        slot = self.workers.pop(identity, None)
+        if slot is None:
+            return []
+        self.streams.ended(task.id for task in slot.batch)
+        cause = P.Cause.from_returncode(self.node, slot.pid, returncode)
+        batch, slot.batch, slot.state = slot.batch, [], WorkerState.EXITED
+        if slot.stale:
+            return []  # tasks of a broker that is gone: nobody is waiting for them
+        if slot.doomed:  # we killed it: timeout or cancel; the rest of its batch is innocent
+            for task in reversed(batch):
+                if task.id not in slot.doomed and not task.streamed:
+                    self.queue.appendleft(task)
+            for task in batch:
+                if task.id in slot.doomed:
+                    status, why = slot.doomed[task.id]
+                    self.results.append(P.ResultEntry(task.id, status, cause=why))
+                elif task.streamed:
+                    self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=cause._replace(
+                        detail="stopped in the middle of the task's stream")))
+            return batch
+        if len(batch) == 1 or any(t.alone for t in batch):
+            for task in batch:
+                self._lost(task, cause)
+        elif batch:
+            log.warning("worker pid %d on %s %s with a batch of %d; re-running them one by one",
+                        slot.pid, self.node, cause.ended(), len(batch))
+            for task in reversed(batch):
+                if task.streamed:  # it exchanged items: the broker decides (it will not run it again)
+                    self._lost(task, cause)
+                else:
+                    task.alone = True
+                    self.queue.appendleft(task)
+        return batch
+
+    def _lost(self, task: QueuedTask, cause: P.Cause) -> None:
+        # While the agent stops (drain, shutdown) it stops its own workers: no surprise to warn about.
+        log.log(logging.WARNING if self.accepting else logging.INFO, "worker pid %d on %s %s while running task %d",
+                cause.pid, self.node, cause.ended(), task.id)
+        self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=cause))
+
+    def state(self, identity: bytes) -> WorkerState:
+        """Where this worker is in its life (EXITED once it left the registry)."""
+        slot = self.workers.get(identity)
+        return WorkerState.EXITED if slot is None else slot.state
+
+    def live(self) -> int:
+        """Workers not known to have exited."""
+        return sum(1 for s in self.workers.values() if s.state is not WorkerState.EXITED)
+
+    def busy_slots(self) -> list[WorkerSlot]:
+        return [s for s in self.workers.values() if s.state is WorkerState.BUSY]
+
+    # ------------------------------------------------------------------ tasks
+
+    def tasks(self, msg: P.Tasks, now: float) -> list[ToWorker]:
+        for func in msg.funcs:
+            self.funcs[func.digest] = func.blob
+        self.queue.extend(QueuedTask(entry) for entry in msg.tasks)
+        self.requested = max(0, self.requested - len(msg.tasks))
+        return self.assign(now)
+
+    def feed(self, msg: P.Feed) -> list[ToWorker]:
+        return self.streams.feed(msg)
+
+    # ------------------------------------------------------------------ cancel, timeouts
+
+    def cancel(self, ids: tuple[int, ...]) -> list[bytes]:
+        """Stop these tasks: dropped from the queue; workers running one are returned, to be killed."""
+        wanted = set(ids)
+        left = [t for t in self.queue if t.id not in wanted]
+        self.queue.clear()  # in place: the streams part holds this queue
+        self.queue.extend(left)
+        kill = []
+        for slot in self.workers.values():
+            hit = [t.id for t in slot.batch if t.id in wanted and t.id not in slot.doomed]
+            if slot.state is WorkerState.BUSY and hit:
+                for tid in hit:
+                    slot.doomed[tid] = (P.Status.CANCELLED, P.Cause(self.node, slot.pid, detail="cancelled"))
+                kill.append(slot.identity)
+        return kill
+
+    def expired(self, now: float) -> list[bytes]:
+        """Workers whose task ran past its timeout, to be killed (each reported once)."""
+        kill = []
+        for slot in self.workers.values():
+            if slot.state is WorkerState.BUSY and slot.deadline and slot.deadline <= now and not slot.doomed:
+                for task in slot.batch:
+                    detail = f"ran past its timeout of {task.entry.timeout_ms / 1000:g} s"
+                    slot.doomed[task.id] = (P.Status.TIMEOUT, P.Cause(self.node, slot.pid, detail=detail))
+                kill.append(slot.identity)
+        return kill
+
+    def over_memory(self, identity: bytes, detail: str) -> bool:
+        """The worker went past the hard memory limit mid-task: doom its batch; True if it must be killed."""
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.BUSY or slot.doomed:
+            return False
+        for task in slot.batch:
+            slot.doomed[task.id] = (P.Status.MEMORY, P.Cause(self.node, slot.pid, detail=detail))
+        return True
+
+    def next_deadline(self) -> float:
+        """The earliest task timeout still to fire, or infinity."""
+        deadlines = [s.deadline for s in self.workers.values()
+                     if s.state is WorkerState.BUSY and s.deadline and not s.doomed]
+        return min(deadlines, default=float("inf"))
+
+    def forget_tasks(self) -> list[bytes]:
+        """The broker that sent our tasks is gone (a restarted one has a new epoch): drop them.
+
+        Their producers resubmit them to the new broker; what is running now
+        finishes, and its results are dropped. Returns the workers to stop: a
+        stream or channel task there would wait for its producer for ever.
+        """
+        self.queue.clear()
+        self.results.clear()
+        self.streams.forget()
+        for slot in self.workers.values():
+            if slot.batch:
+                slot.stale = True
+        self.requested = 0
+        return [slot.identity for slot in self.workers.values()
+                if slot.stale and any(t.streamed or t.entry.flags & P.FLAG_CHANNEL for t in slot.batch)]
+
+    def _estimate(self, task: QueuedTask) -> float:
+        return self.durations.get(task.entry.digest, UNKNOWN_US)
+
+    def _measure(self, digest: bytes, us: int) -> None:
+        old = self.durations.get(digest)
+        self.durations[digest] = float(us) if old is None else old + _ALPHA * (us - old)
+        self._recent_us += _ALPHA * (us - self._recent_us)
+
+    def assign(self, now: float) -> list[ToWorker]:
+        """Give each idle worker a batch from the queue."""
+        out: list[ToWorker] = []
+        if not self.queue:
+            return out
+        for slot in self.workers.values():
+            if slot.state is not WorkerState.IDLE:
+                continue
+            batch = self._take_batch()
+            if not batch:
+                break
+            out.append(self._to_worker(slot, batch))
+            if self.streams.kept:
+                kept = self.streams.feed_kept(slot, batch)
+                if kept is not None:
+                    out.append(kept)
+            if batch[0].entry.timeout_ms:  # tasks with a timeout go alone
+                slot.deadline = now + batch[0].entry.timeout_ms / 1000
+            if not self.queue:
+                break
+        return out
+
+    def _take_batch(self) -> list[QueuedTask]:
+        batch: list[QueuedTask] = []
+        budget = float(BATCH_TARGET_US)
+        nbytes = 0
+        while self.queue and len(batch) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
+            task = self.queue[0]
+            cost = self._estimate(task)
+            alone = task.alone or task.entry.timeout_ms or cost >= ALONE_US
+            if batch and (alone or cost > budget):
+                break
+            self.queue.popleft()
+            batch.append(task)
+            nbytes += P.payload_bytes(task.entry.payload)
+            budget -= cost
+            if alone:
+                break
+        return batch
+
+    def _to_worker(self, slot: WorkerSlot, batch: list[QueuedTask]) -> ToWorker:
+        entries = tuple(t.entry for t in batch)
+        slot.batch = batch
+        slot.state = WorkerState.BUSY
+        return ToWorker(slot.identity, P.Tasks(entries, slot.shipped.functions(entries, self.funcs.__getitem__)))
+
+    # ------------------------------------------------------------------ credits
+
+    def batch_size(self) -> int:
+        return max(1, min(P.BATCH_MAX_TASKS, int(BATCH_TARGET_US / max(self._recent_us, 1.0))))
+
+    def credit_target(self) -> int:
+        if not self.accepting:
+            return 0
+        return max(2, self.live() * self.batch_size() * 2)
+
+    def held(self) -> int:
+        return len(self.queue) + sum(len(s.batch) for s in self.workers.values())
+
+    def credits_to_ask(self) -> int:
+        """Credits to announce now (0: none); the caller sends READY and we count them asked."""
+        if not self.accepting:
+            return 0
+        target = self.credit_target()
+        want = target - self.held() - self.requested
+        if want <= 0:
+            return 0
+        idle = any(s.state is WorkerState.IDLE for s in self.workers.values())
+        if want * 2 >= target or (idle and not self.queue):
+            self.requested += want
+            return want
+        return 0
+
+    def reset_credits(self) -> None:
+        """The broker forgot us (restart, or we were declared dead): ask afresh."""
+        self.requested = 0
+
+    def busy(self) -> int:
+        return sum(1 for s in self.workers.values() if s.state is WorkerState.BUSY)
+
+    # ------------------------------------------------------------------ what goes to the broker
+
+    def take_results(self) -> list[P.ResultEntry] | None:
+        """Pop the next run of pending results that fits one message, or None."""
+        if not self.results:
+            return None
+        entries = next(P.batches(self.results))
+        self.results = self.results[len(entries):]
+        return list(entries)
+
+    def put_back_results(self, entries: Iterable[P.ResultEntry]) -> None:
+        """A run ``take_results`` gave that could not go now: first in line again."""
+        self.results[:0] = entries
+
+    def take_items(self) -> tuple[list[P.ItemEntry], list[P.Credit]] | None:
+        return self.streams.take_items()
+
+    def put_back_items(self, entries: list[P.ItemEntry], credits: list[P.Credit]) -> None:
+        self.streams.put_back_items(entries, credits)

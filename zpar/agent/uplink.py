@@ -32,7 +32,7 @@ class Uplink(Protocol):
     def welcomed(self, msg: P.Welcome) -> None:
         """The broker's WELCOME arrived: connect whatever it points at."""
 
-    def socket(self) -> zmq.Socket | None:
+    def socket(self) -> zmq.Socket[bytes] | None:
         """The socket the agent's loop polls for the broker's messages, if any."""
 
     def auth_failure(self) -> str | None:
@@ -41,7 +41,7 @@ class Uplink(Protocol):
     def close(self) -> None: ...
 
 
-def configure(sock: zmq.Socket, max_message_size: int) -> zmq.Socket:
+def configure(sock: zmq.Socket[bytes], max_message_size: int) -> zmq.Socket[bytes]:
     """The options every agent socket gets: bounded linger and queues, fast reconnects."""
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
@@ -68,7 +68,7 @@ def collector_address(advertised: str, broker: str) -> str:
 
 
 class SocketUplink:
-    def __init__(self, ctx: zmq.Context, broker: str, identity: bytes, max_message_size: int,
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], broker: str, identity: bytes, max_message_size: int,
                  creds: security.Credentials | None = None) -> None:
         self.ctx, self.address, self.max_message_size, self.creds = ctx, broker, max_message_size, creds
         self.dealer = configure(ctx.socket(zmq.DEALER), max_message_size)
@@ -77,9 +77,9 @@ class SocketUplink:
         security.apply_client(self.dealer, creds)
         self._monitors = [security.HandshakeMonitor(self.dealer, broker, creds)] if broker.startswith("tcp://") else []
         self.dealer.connect(broker)
-        self.collector: zmq.Socket | None = None
+        self.collector: zmq.Socket[bytes] | None = None
 
-    def socket(self) -> zmq.Socket:
+    def socket(self) -> zmq.Socket[bytes]:
         return self.dealer
 
     def auth_failure(self) -> str | None:
