@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+
 import zmq
 
 from zpar import protocol as P
+from zpar._loop import Waker, run_loop, run_until_signalled
 from zpar.agent.server import AgentServer
 from zpar.config import AgentConfig, BrokerConfig
-from zpar._loop import Waker, run_loop, run_until_signalled
 
 from .server import BrokerServer
 
