@@ -223,6 +223,20 @@ def test_late_result_from_a_dropped_agent_is_delivered_once_and_not_run_again(b)
     assert (status["queued"], status["running"]) == (0, 0)
 
 
+def test_idle_workers_are_filled_before_any_node_prefetches(b):
+    # a1 ran tiny tasks and asks for many credits, a2 for few: with one idle worker each,
+    # two long tasks (channel tasks waiting for their producer, say) go one to each node,
+    # never both to a1 where the second would wait behind the first while a2 idles.
+    b.join(b"a1"), b.join(b"a2")
+    b.ready(b"a1", 2000), b.ready(b"a2", 2)
+    out = b.submit(b"p", [1, 2])
+    assert sorted(peer for peer, _, _ in dispatched(out)) == [b"a1", b"a2"]
+    # Past the idle workers, the rest is prefetched in proportion to the credits left.
+    out = b.submit(b"p", list(range(3, 103)))
+    per_agent = [peer for peer, _, _ in dispatched(out)]
+    assert per_agent.count(b"a1") == 100 and per_agent.count(b"a2") == 0
+
+
 def test_agent_bye_puts_its_tasks_back_at_the_front(b):
     b.submit(b"p", [1, 2, 3])
     b.join(b"a1"), b.join(b"a2")

@@ -345,20 +345,22 @@ class BrokerCore(StreamRouting):
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self, out: list[Outgoing]) -> None:
-        """Hand queued tasks to agents with credits, split by credit, fair across producers."""
+        """Hand queued tasks to agents with credits (see ``_quotas``), fair across producers."""
         while self._active:
             ready = [a for a in self._agents.values() if a.credits > 0]
             if not ready:
                 return
             if len(ready) > 1:
-                # Least loaded first: a task does not queue behind a long one (a stream, a channel
-                # task waiting for its producer) on one node while another node's workers are idle.
-                ready.sort(key=lambda a: len(a.assigned) / (a.workers or 1))
+                ready.sort(key=lambda a: len(a.assigned) / (a.workers or 1))  # least loaded first
             queued = sum(len(p.queue) for p in self._active)
-            total_credit = sum(a.credits for a in ready)
-            for agent in ready:
-                share = max(1, math.ceil(queued * agent.credits / total_credit))
-                self._send_batch(agent, min(agent.credits, share, P.BATCH_MAX_TASKS), out)
+            if not queued:  # their last queued tasks were cancelled, or finished late elsewhere
+                for prod in self._active:
+                    prod.active = False
+                self._active.clear()
+                return
+            for agent, quota in zip(ready, _quotas(ready, queued), strict=True):
+                if quota:
+                    self._send_batch(agent, min(quota, P.BATCH_MAX_TASKS), out)
                 if not self._active:
                     return
 
@@ -423,3 +425,29 @@ class BrokerCore(StreamRouting):
             "failed": self.counters["failed"],
             "counters": dict(self.counters),
         }
+
+
+def _quotas(ready: list[AgentRecord], queued: int) -> list[int]:
+    """How many of ``queued`` tasks each agent in ``ready`` takes now (at least one in all).
+
+    Idle workers first: a task must not wait behind a long one (a stream, a
+    channel task waiting for its producer) prefetched on one node while a
+    worker idles on another, whatever credits each node asked for (a node
+    that ran tiny tasks asks for many). What is left goes as prefetch, in
+    proportion to the credits left.
+    """
+    quotas = []
+    left = queued
+    for agent in ready:
+        take = min(agent.credits, max(0, agent.workers - len(agent.assigned)), left)
+        quotas.append(take)
+        left -= take
+    spare = [agent.credits - take for agent, take in zip(ready, quotas, strict=True)]
+    total, rest = sum(spare), left
+    for i, room in enumerate(spare):
+        if left <= 0 or not total:
+            break
+        extra = min(room, max(1, math.ceil(rest * room / total)), left) if room > 0 else 0
+        quotas[i] += extra
+        left -= extra
+    return quotas
