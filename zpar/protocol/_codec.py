@@ -54,8 +54,13 @@ from ._messages import (
 # Sizes and batches: one rule for every sender
 
 
+_STATUSES: dict[int, Status] = {int(s): s for s in Status}
+
+
 def payload_bytes(payload: Payload) -> int:
     """Bytes of a payload (zmq Frames, bytes and 1-D byte views: ``len`` is bytes)."""
+    if len(payload) == 1:  # the common case: one pickle, no buffers
+        return len(payload[0])
     return sum(len(f) for f in payload)
 
 
@@ -270,7 +275,8 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
                 or type(retries) is not int or not 0 <= retries <= MAX_RETRIES
                 or type(timeout_ms) is not int or timeout_ms < 0):
             raise ProtocolError(f"malformed task entry {row!r:.200}")
-        out.append(TaskEntry(tid, digest, fr.take(nframes, data, "a task"), flags, retries, timeout_ms))
+        payload = (data,) if nframes == 0 and data else fr.take(nframes, data, "a task")
+        out.append(TaskEntry(tid, digest, payload, flags, retries, timeout_ms))
     return tuple(out), funcs
 
 
@@ -294,14 +300,14 @@ def _results(h: dict[str, Any], fr: _Frames) -> tuple[ResultEntry, ...]:
         if (type(rid) is not int or rid < 0 or type(status) is not int or type(nframes) is not int
                 or nframes < 0 or type(dur) is not int or dur < 0 or type(data) is not bytes):
             raise ProtocolError(f"malformed result entry {row!r:.200}")
-        try:
-            st = Status(status)
-        except ValueError:
-            raise ProtocolError(f"unknown result status {status!r}") from None
+        st = _STATUSES.get(status)  # a dict, not Status(): this runs for every result on every hop
+        if st is None:
+            raise ProtocolError(f"unknown result status {status!r}")
         if st in VALUE_STATUSES:
             if cause is not None:
                 raise ProtocolError(f"a {st.name} result carries a value, not a cause")
-            out.append(ResultEntry(rid, st, fr.take(nframes, data, "a result"), dur))
+            payload = (data,) if nframes == 0 and data else fr.take(nframes, data, "a result")
+            out.append(ResultEntry(rid, st, payload, dur))
         else:
             if nframes or data:
                 raise ProtocolError(f"a {st.name} result carries a cause, not a value")
@@ -318,7 +324,7 @@ def _items(h: dict[str, Any], fr: _Frames) -> tuple[tuple[ItemEntry, ...], tuple
         if (type(iid) is not int or iid < 0 or type(seq) is not int or seq < 0 or type(nframes) is not int
                 or nframes < 0 or type(data) is not bytes):
             raise ProtocolError(f"malformed item entry {row!r:.200}")
-        out.append(ItemEntry(iid, seq, fr.take(nframes, data, "an item")))
+        out.append(ItemEntry(iid, seq, (data,) if nframes == 0 and data else fr.take(nframes, data, "an item")))
     credits = []
     for row in _rows(h, "c", []):
         if type(row) is not list or len(row) != 2:
