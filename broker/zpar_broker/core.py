@@ -11,8 +11,8 @@ forwarded as they are. Task ids on the agent side are the broker's own global
 ids (``gid``), so two producers' ids never collide and a late result for a
 task that finished or moved can be recognised and dropped.
 
-Streams (zpar.streaming) are routed by ``streams.StreamRouting``, a part of
-this class kept in its own module; a task that has exchanged an item is never
+Streams (zpar.streaming) are routed by ``streams.StreamRouting``, a part
+this class holds; a task that has exchanged an item is never
 run again: re-running it could repeat an item or lose an input.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import socket
 import uuid
@@ -32,6 +31,7 @@ from zpar._liveness import PRODUCER_SLACK, Liveness
 
 from .outgoing import Dest, Outgoing
 from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, status_of
+from .scheduling import quotas
 from .streams import StreamRouting
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 _FRAMES_PER_BATCH = P.MAX_FRAMES - P.MAX_TASK_FRAMES - P.BATCH_MAX_TASKS
 
 
-class BrokerCore(StreamRouting):
+class BrokerCore:
     """Queues, credits, round-robin fairness, the assignment table, liveness."""
 
     def __init__(self, now: float, *, heartbeat: float = 1.0, liveness: int = 3, collector: str = "",
@@ -61,6 +61,7 @@ class BrokerCore(StreamRouting):
         self._agents: dict[bytes, AgentRecord] = {}
         self._next_beat = now + heartbeat
         self.counters: collections.Counter[str] = collections.Counter()
+        self._streams = StreamRouting(self._tasks, self.counters)
 
     # ------------------------------------------------------------------ events
 
@@ -88,7 +89,7 @@ class BrokerCore(StreamRouting):
         elif isinstance(msg, P.Cancel):
             self._cancel(prod, msg.ids, msg.force, out)
         elif isinstance(msg, P.Feed):
-            self._feed(prod, msg, out)
+            self._streams.feed(prod, msg, out)
         elif isinstance(msg, P.StatusMsg):
             out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now))))
         elif isinstance(msg, P.Bye):
@@ -171,6 +172,16 @@ class BrokerCore(StreamRouting):
         out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e))) for pid, e in by_producer.items()]
         self._dispatch(out)
         return out
+
+    def items(self, now: float, msg: P.Items) -> list[Outgoing]:
+        """Streams' items (and read credits) from the collector, for their producers (see StreamRouting)."""
+        agent = self._agents.get(msg.agent)
+        if agent is not None:
+            agent.last_seen = now
+        if msg.epoch and msg.epoch != self.epoch:
+            self.counters["stale_epoch_items"] += len(msg.items)
+            return []
+        return self._streams.items(msg)
 
     def tick(self, now: float, judge: bool = True) -> list[Outgoing]:
         """Timers: heartbeats to agents, and dropping agents and producers that went silent.
@@ -358,7 +369,7 @@ class BrokerCore(StreamRouting):
                     prod.active = False
                 self._active.clear()
                 return
-            for agent, quota in zip(ready, _quotas(ready, queued), strict=True):
+            for agent, quota in zip(ready, quotas(ready, queued), strict=True):
                 if quota:
                     self._send_batch(agent, min(quota, P.BATCH_MAX_TASKS), out)
                 if not self._active:
@@ -403,7 +414,7 @@ class BrokerCore(StreamRouting):
         funcs = agent.shipped.functions(entries, blobs.__getitem__)
         out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), funcs)))
         if fed:  # what producers sent them while queued, right behind them
-            self._send_kept_feed(agent, fed, out)
+            self._streams.send_kept_feed(agent, fed, out)
 
     # ------------------------------------------------------------------ status
 
@@ -425,29 +436,3 @@ class BrokerCore(StreamRouting):
             "failed": self.counters["failed"],
             "counters": dict(self.counters),
         }
-
-
-def _quotas(ready: list[AgentRecord], queued: int) -> list[int]:
-    """How many of ``queued`` tasks each agent in ``ready`` takes now (at least one in all).
-
-    Idle workers first: a task must not wait behind a long one (a stream, a
-    channel task waiting for its producer) prefetched on one node while a
-    worker idles on another, whatever credits each node asked for (a node
-    that ran tiny tasks asks for many). What is left goes as prefetch, in
-    proportion to the credits left.
-    """
-    quotas = []
-    left = queued
-    for agent in ready:
-        take = min(agent.credits, max(0, agent.workers - len(agent.assigned)), left)
-        quotas.append(take)
-        left -= take
-    spare = [agent.credits - take for agent, take in zip(ready, quotas, strict=True)]
-    total, rest = sum(spare), left
-    for i, room in enumerate(spare):
-        if left <= 0 or not total:
-            break
-        extra = min(room, max(1, math.ceil(rest * room / total)), left) if room > 0 else 0
-        quotas[i] += extra
-        left -= extra
-    return quotas

@@ -1,4 +1,4 @@
-"""The broker's stream routing (zpar.streaming), as a part of BrokerCore.
+"""The broker's stream routing (zpar.streaming), a part BrokerCore holds.
 
 ITEMS from the collector go to the task's producer, FEED from a producer to
 the agent holding the task, or wait with the task while it is queued and go
@@ -17,22 +17,15 @@ from .records import AgentRecord, Feed, ProducerRecord, TaskRecord, TaskState
 
 
 class StreamRouting:
-    """BrokerCore's stream methods; the state they use is BrokerCore's."""
+    """Routes streams' objects and credits by task id, over the core's assignment table and counters."""
 
-    epoch: str
-    counters: collections.Counter[str]
-    _tasks: dict[int, TaskRecord]
-    _agents: dict[bytes, AgentRecord]
+    def __init__(self, tasks: dict[int, TaskRecord], counters: collections.Counter[str]) -> None:
+        self._tasks = tasks  # the core's assignment table, shared, never replaced
+        self.counters = counters
 
-    def items(self, now: float, msg: P.Items) -> list[Outgoing]:
+    def items(self, msg: P.Items) -> list[Outgoing]:
         """Streams' items (and read credits) from the collector: to each task's producer, in order."""
         out: list[Outgoing] = []
-        agent = self._agents.get(msg.agent)
-        if agent is not None:
-            agent.last_seen = now
-        if msg.epoch and msg.epoch != self.epoch:
-            self.counters["stale_epoch_items"] += len(msg.items)
-            return out
         by_producer: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit]]] = {}
         orphans: set[int] = set()
         for entry in msg.items:
@@ -54,7 +47,7 @@ class StreamRouting:
         out += [Outgoing(Dest.FRONTEND, pid, P.Items(tuple(e), tuple(c))) for pid, (e, c) in by_producer.items()]
         return out
 
-    def _feed(self, prod: ProducerRecord, msg: P.Feed, out: list[Outgoing]) -> None:
+    def feed(self, prod: ProducerRecord, msg: P.Feed, out: list[Outgoing]) -> None:
         """A producer's objects, credits and closes for its tasks: to their agents, or kept with them."""
         by_agent: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int]]] = {}
         for entry in msg.items:
@@ -92,7 +85,8 @@ class StreamRouting:
             out.append(Outgoing(Dest.BACKEND, aid, P.Feed(tuple(items), tuple(credits), tuple(closed))))
 
     @staticmethod
-    def _send_kept_feed(agent: AgentRecord, tasks: list[TaskRecord], out: list[Outgoing]) -> None:
+    def send_kept_feed(agent: AgentRecord, tasks: list[TaskRecord], out: list[Outgoing]) -> None:
+        """What producers sent these tasks while they were queued, right behind their TASKS."""
         items: list[P.ItemEntry] = []
         closed: list[int] = []
         for task in tasks:
