@@ -1,9 +1,10 @@
 """The embedded cluster: a private broker and one agent, in a child process.
 
-``zpar.Client()`` with no address starts one. Its endpoints are ipc sockets in
-a private directory (mode 0700), so nothing listens on the network and only
-this user can reach them. The children watch this process and exit when it
-goes, even if it is killed without a chance to clean up.
+``zpar.Client()`` with no address starts one. Its endpoints are ipc sockets
+(mode 0600) in a private directory (mode 0700), whatever the umask, so
+nothing listens on the network and only this user can reach them. The
+children watch this process and exit when it goes, even if it is killed
+without a chance to clean up.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
+
+from ._ipc import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,8 @@ class EmbeddedCluster:
 
     def __init__(self, workers: int | None = None, *, max_tasks_per_worker: int = 0, heartbeat: float = 1.0,
                  log_level: str = "WARNING") -> None:
-        self.dir = tempfile.mkdtemp(prefix="zpar-")
-        os.chmod(self.dir, 0o700)
+        # 0700 whatever the umask; the child binds the frontend in it 0600 (zpar._ipc.bind).
+        self.dir = private_dir("zpar-")
         self.frontend = f"ipc://{self.dir}/frontend"
         args = ["zpar_broker.embedded", "--frontend", self.frontend, "--heartbeat", str(heartbeat),
                 "--parent-pid", str(os.getpid()), "--log-level", log_level]

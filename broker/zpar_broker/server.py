@@ -23,8 +23,8 @@ from typing import Any
 
 import zmq
 
+from zpar import _ipc, security
 from zpar import protocol as P
-from zpar import security
 from zpar._loop import Reader, Waker, run_loop, run_until_signalled
 from zpar.config import BrokerConfig
 from zpar.errors import ProtocolError
@@ -98,8 +98,8 @@ class BrokerServer:
                 security.apply_server(sock, self.creds, name)
                 self._monitors.append(security.HandshakeMonitor(sock, name, self.creds))
             try:
-                sock.bind(_ephemeral(address))
-            except zmq.ZMQError as exc:
+                _ipc.bind(sock, _ephemeral(address))  # an ipc socket file is 0600 whatever the umask
+            except (zmq.ZMQError, OSError) as exc:
                 self.close()
                 raise OSError(f"cannot bind the {name} to {address}: {exc}. Is another broker running?") from None
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)

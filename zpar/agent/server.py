@@ -21,7 +21,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,8 +29,8 @@ from typing import Any
 import psutil
 import zmq
 
+from zpar import _ipc, security
 from zpar import protocol as P
-from zpar import security
 from zpar._loop import Reader, Waker, run_loop, run_until_signalled
 from zpar.config import AgentConfig
 from zpar.errors import ProtocolError
@@ -67,14 +66,14 @@ class AgentServer:
                                              self._creds)
         self.exit_code = 0
         self._exiting = False  # the core said Exit: the loop stops at its next turn
-        self.rundir = tempfile.mkdtemp(prefix="zpar-agent-")  # 0700: only we reach our workers
+        self.rundir = _ipc.private_dir("zpar-agent-")  # 0700: only we reach our workers
         self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
         self._pipe_reader = Reader(self.pipe, self._on_worker, log)
         up = self.uplink.socket()
         self._uplink_reader = Reader(up, self._on_broker_frames, log) if up is not None else None
         self.pipe.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pipe_endpoint = f"ipc://{self.rundir}/workers"
-        self.pipe.bind(self.pipe_endpoint)
+        _ipc.bind(self.pipe, self.pipe_endpoint)  # 0600 whatever the umask, in a 0700 directory
         self.poller = poller or zmq.Poller()
         self._own_waker = waker is None
         self._waker = waker or Waker()

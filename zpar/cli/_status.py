@@ -1,4 +1,11 @@
-"""The table ``zpar status`` prints."""
+"""The table ``zpar status`` prints.
+
+Everything in ``info`` came over the wire: node names and hosts from agents,
+the rest from whatever answered at the broker's address. None of it is Rich
+markup and none of it reaches the terminal raw: each value is a ``Text``
+(never parsed as markup) of ``printable(value)`` (controls shown as escapes,
+length bounded). Only the fixed words around them carry styles.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +13,55 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from .._text import printable
+
+#: The widest a peer-supplied value shows in the table.
+CELL_LIMIT = 80
+
+
+def _shown(value: Any, limit: int = CELL_LIMIT) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}"
+    return printable(value, limit)
+
+
+def _cell(value: Any) -> Text:
+    return Text(_shown(value))
 
 
 def render(info: dict[str, Any], address: str, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(f"[bold]broker[/] {address}  epoch {info['epoch'][:8]}  up {info['uptime_s']:.0f} s  "
-                  f"producers {info['producers']}")
+
+    def get(key: str) -> str:
+        return _shown(info.get(key, "?"))
+
+    epoch = info.get("epoch", "?")
+    epoch = printable(epoch[:8] if isinstance(epoch, str) else epoch, 16)
+    # Text, not a str: nothing in it is read as markup, and values are escaped already.
+    console.print(Text.assemble(("broker", "bold"), f" {printable(address)}  epoch {epoch}  up {get('uptime_s')} s  "
+                                f"producers {get('producers')}"))
     table = Table("node", "host", "pid", "workers", "busy", "idle", "tasks held")
-    for node in info["nodes"]:
-        table.add_row(node["name"], node["host"], str(node["pid"]), str(node["workers"]), str(node["busy"]),
-                      str(node["idle"]), str(node["running"]))
+    nodes = info.get("nodes", [])
+    for node in nodes if isinstance(nodes, list) else []:
+        if isinstance(node, dict):
+            table.add_row(*(_cell(node.get(key, "?"))
+                            for key in ("name", "host", "pid", "workers", "busy", "idle", "running")))
     console.print(table)
-    console.print(f"workers {info['workers']} (busy {info['busy']})  queued {info['queued']}  "
-                  f"running {info['running']}  done {info['done']}  failed {info['failed']}")
+    console.print(Text(f"workers {get('workers')} (busy {get('busy')})  queued {get('queued')}  "
+                       f"running {get('running')}  done {get('done')}  failed {get('failed')}"))
     counters = info.get("counters", {})
+    counters = counters if isinstance(counters, dict) else {}
     errors = counters.get("protocol_errors", 0)
     if errors:
-        console.print(f"[yellow]bad messages dropped: {errors}[/]")
+        console.print(Text(f"bad messages dropped: {_shown(errors)}", style="yellow"))
     refused = counters.get("handshakes_failed", 0)
     if refused:
-        console.print(f"[yellow]handshakes refused: {refused}[/]")
-    security = info.get("security", "")
+        console.print(Text(f"handshakes refused: {_shown(refused)}", style="yellow"))
+    security = printable(info.get("security", ""))
     if security.startswith("INSECURE"):
-        console.print(f"[bold red]warning: {security}; anyone who reaches the broker can run code as its user[/]")
+        console.print(Text(f"warning: {security}; anyone who reaches the broker can run code as its user",
+                           style="bold red"))
     elif security:
-        console.print(f"security: {security}")
+        console.print(Text(f"security: {security}"))
