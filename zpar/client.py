@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import zmq
 
-from . import aio, security, serialize
+from . import aio, config, security, serialize
 from . import protocol as P
 from ._connection import Connection
 from ._embedded import EmbeddedCluster
@@ -143,7 +143,7 @@ class Client(Submitter):
                  window: int = DEFAULT_WINDOW, connect_timeout: float = 10.0, timeout: float | None = None,
                  retries: int = 3, broker_timeout: float = 30.0, max_tasks_per_worker: int = 0,
                  secret: str | bytes | None = None, secret_file: str | None = None, key_file: str | None = None,
-                 broker_key: str | None = None) -> None:
+                 broker_key: str | None = None, insecure: bool = False) -> None:
         if window < 1:
             raise ConfigError(f"window must be at least 1, not {window}")
         if not broker_timeout > 0:
@@ -162,6 +162,8 @@ class Client(Submitter):
                               "cluster's agents set it (zpar-agent --max-tasks-per-worker N)")
         self.address = address
         creds = None if self._cluster else _credentials(secret, secret_file, key_file, broker_key)
+        if creds is None:  # no silent downgrade: plaintext beyond this machine only when asked for
+            config.check_connect_address(address, insecure, "client", "secret_file=FILE")
         self._creds = creds
         self._window = threading.Semaphore(window)
         self._window_size = window
@@ -317,10 +319,18 @@ def _close_all() -> None:
 
 def _credentials(secret: str | bytes | None, secret_file: str | None, key_file: str | None,
                  broker_key: str | None) -> security.Credentials | None:
+    """The producer's credentials from the arguments, or else the ``ZPAR_*`` variables; "" is an error."""
+    where = "{name}="
     if secret is None and secret_file is None and key_file is None and broker_key is None:
         env = os.environ  # read when a client is made, never at import
         secret, secret_file = env.get("ZPAR_SECRET"), env.get("ZPAR_SECRET_FILE")
         key_file, broker_key = env.get("ZPAR_KEY_FILE"), env.get("ZPAR_BROKER_KEY")
+        where = "ZPAR_{NAME}"
+    text = secret.decode(errors="replace") if isinstance(secret, bytes) else secret
+    for name, value in (("secret", text), ("secret_file", secret_file), ("key_file", key_file),
+                        ("broker_key", broker_key)):
+        if value is not None:  # set to nothing is an error, never a silent downgrade to plaintext
+            config.check_not_empty(name, value, where.format(name=name, NAME=name.upper()))
     return security.client_credentials("producer", secret=secret, secret_file=secret_file, key_file=key_file,
                                        broker_key=broker_key)
 

@@ -69,11 +69,13 @@ class AgentConfig:
     secret_file: str = ""
     key_file: str = ""  # this node's NAME.key_secret (key-file mode)
     broker_key: str = ""  # the broker's public broker.key (key-file mode)
+    insecure: bool = False  # allow a plaintext connection to a broker beyond loopback
     parent_pid: int = 0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
+        check_connect_address(self.broker, self.secured or self.insecure, "agent", "--secret-file FILE")
         for name in ("max_tasks_per_worker", "max_memory_per_worker"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be 0 (off) or more, not {getattr(self, name)}")
@@ -81,6 +83,10 @@ class AgentConfig:
             raise ConfigError(f"grace must be 0 or more seconds, not {self.grace}")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 (one per core) or more, not {self.workers}")
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.secret or self.secret_file or self.key_file or self.broker_key)
 
     def worker_count(self) -> int:
         return self.workers or usable_cores()
@@ -133,6 +139,32 @@ def check_bind_address(endpoint: str, open_ok: bool, what: str) -> None:
         )
 
 
+def check_connect_address(endpoint: str, open_ok: bool, who: str, how: str) -> None:
+    """Refuse a plaintext connection beyond this machine: no silent downgrade (DESIGN.md, Security).
+
+    ``open_ok``: credentials are set, or the user said insecure. Loopback TCP,
+    ipc and in-process addresses are not checked here.
+    """
+    if open_ok or not endpoint.startswith("tcp://") or is_local_endpoint(endpoint):
+        return
+    raise ConfigError(
+        f"refusing to connect the {who} to {endpoint} without credentials: the traffic would be plaintext and "
+        f"anyone on the path could read it, or pose as the broker and run code here. Give the cluster's secret "
+        f"({how}, or ZPAR_SECRET_FILE; make one with `zpar keygen --out FILE`) or key files; or, on a network "
+        "you fully trust, say insecure (insecure=True, --insecure).")
+
+
+# Settings that name credentials: set to nothing, they are an error, never a silent downgrade.
+_CREDENTIAL_SETTINGS = ("secret", "secret_file", "key_file", "allow_keys", "broker_key")
+
+
+def check_not_empty(name: str, value: Any, where: str) -> None:
+    """ConfigError if a credential setting ``name`` was given (in ``where``) but holds nothing."""
+    if name in _CREDENTIAL_SETTINGS and isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{where} is set but empty: give it a value (make a secret with "
+                          "`zpar keygen --out FILE`), or unset it to run without one")
+
+
 C = TypeVar("C", BrokerConfig, AgentConfig)
 
 
@@ -171,13 +203,16 @@ def load(
             key = key.replace("-", "_")
             if key not in fields:
                 raise ConfigError(f"unknown setting {key!r} in [{section}] of {file}")
+            check_not_empty(key, value, f"{key} in [{section}] of {file}")
             values[key] = value
     for key, typ in fields.items():
         raw = (env or {}).get(f"ZPAR_{key.upper()}")
         if raw is not None:
+            check_not_empty(key, raw, f"ZPAR_{key.upper()}")
             values[key] = _convert(raw, typ, f"ZPAR_{key.upper()}")
     for key, value in (flags or {}).items():
         if value is not None:
+            check_not_empty(key, value, f"--{key.replace('_', '-')}")
             values[key] = value
     for key, typ in fields.items():
         if key in values:

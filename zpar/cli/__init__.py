@@ -119,6 +119,9 @@ def agent(
     key_file: Optional[str] = _KEY_FILE,
     broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key (with "
                                              "--key-file) [env ZPAR_BROKER_KEY]."),
+    insecure: Optional[bool] = typer.Option(
+        None, "--insecure", help="Allow a plaintext connection to a broker beyond loopback, with no "
+                                 "credentials (a network you fully trust only) [env ZPAR_INSECURE]."),
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
     config_file: Optional[str] = _CONFIG,
@@ -130,10 +133,14 @@ def agent(
                                        liveness=liveness, log_level=log_level, parent_pid=parent_pid,
                                        max_tasks_per_worker=max_tasks_per_worker,
                                        max_memory_per_worker=max_memory_per_worker, grace=grace, secret=secret,
-                                       secret_file=secret_file, key_file=key_file, broker_key=broker_key),
+                                       secret_file=secret_file, key_file=key_file, broker_key=broker_key,
+                                       insecure=insecure),
                  config_file)
     _setup_logging(conf.log_level)
     _warn_argv_secret(secret)
+    if conf.insecure and not conf.secured and not cfg.is_local_endpoint(conf.broker):
+        logging.getLogger("zpar.agent").warning(
+            "--insecure: plaintext to %s; anyone on the path can read the tasks or pose as the broker", conf.broker)
     from ..agent.server import run
 
     try:
@@ -186,26 +193,37 @@ def demo(
 
 @app.command()
 def keygen(
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the secret into this new file, mode 600 "
+                                      "from the start (never overwrites) [default: print it]."),
     keys: Optional[str] = typer.Option(None, "--keys", help="Write a keypair into this directory instead: "
                                        "NAME.key (public) and NAME.key_secret (mode 600)."),
     name: str = typer.Option("", "--name", help="The keypair's name with --keys [default: this host's name]."),
 ) -> None:
-    """Print a strong random shared secret, or make a node's keypair files with --keys.
+    """Make a strong random shared secret (with its own salt), or a node's keypair files with --keys.
 
-    A secret: `zpar keygen > secret && chmod 600 secret`, copied to every node
-    and producer. Key files: one `zpar keygen --keys DIR --name NODE` per node
-    and one named broker; put the nodes' NODE.key files in the broker's
-    --allow-keys directory and give each node broker.key.
+    A secret: `zpar keygen --out secret`, copied to every node and producer
+    (one line, `zpar-secret-v1:<salt>:<secret>`; it works as ZPAR_SECRET too).
+    Key files: one `zpar keygen --keys DIR --name NODE` per node and one named
+    broker; put the nodes' NODE.key files in the broker's --allow-keys
+    directory and give each node broker.key.
     """
     from .. import security
 
-    if keys is None:
-        typer.echo(security.generate_secret())
-        return
-    import socket
+    try:
+        if keys is not None:
+            import socket
 
-    public, secret_path = security.make_keypair_files(keys, name or socket.gethostname())
-    typer.echo(f"public key {public} (share it), secret key {secret_path} (keep it on this node)")
+            public, secret_path = security.make_keypair_files(keys, name or socket.gethostname())
+            typer.echo(f"public key {public} (share it), secret key {secret_path} (keep it on this node)")
+        elif out is not None:
+            security.write_secret_file(out)
+            typer.echo(f"wrote a new secret to {out} (mode 600); give the same file to the broker, agents "
+                       "and producers", err=True)
+        else:
+            typer.echo(security.generate_secret())
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 app.command("broker")(broker)
