@@ -16,8 +16,8 @@ from zpar.agent.actions import Action, Exit, Kill, Measure, Probe, Spawn, ToWork
 from zpar.agent.core import AgentCore, Settings
 from zpar.agent.lifecycle import KILL_GRACE, MEMORY_CHECK_S, SHUTDOWN_GRACE
 
-D = b"\x01" * 16
 BLOB = b"the function"
+D = P.digest(BLOB)  # hops verify content addressing
 MIB = 1024 * 1024
 
 

@@ -7,8 +7,8 @@ import pytest
 from zpar import protocol as P
 from zpar_broker.core import BrokerCore, Dest
 
-D = b"\x01" * 16
 BLOB = b"the function"
+D = P.digest(BLOB)  # hops verify content addressing
 
 
 class Broker:

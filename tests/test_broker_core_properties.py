@@ -19,7 +19,7 @@ from zpar import protocol as P
 from zpar_broker.core import BrokerCore
 from zpar_broker.records import TaskState
 
-D = b"\x01" * 16
+D = P.digest(b"blob")  # hops verify content addressing
 PRODUCERS = [b"p1", b"p2"]
 AGENTS = [b"a1", b"a2", b"a3"]
 
@@ -146,7 +146,9 @@ class BrokerMachine(RuleBasedStateMachine):
         core = self.core
         places = collections.Counter()
         for prod in core._producers.values():
-            for t in prod.queue:
+            live = [t for t in prod.queue if t.state is not TaskState.GONE]  # GONE: a cancelled task's tombstone
+            assert len(live) == prod.queued and len(prod.queue) - len(live) == prod.gone
+            for t in live:
                 assert t.state is TaskState.QUEUED and t.agent is None
                 places[t.gid] += 1
         for agent in core._agents.values():

@@ -26,6 +26,7 @@ PUBLIC = [
     "Pool",
     "Process",
     "ProtocolError",
+    "QuotaExceeded",
     "RemoteTraceback",
     "ResultTimeout",
     "SerializationError",
@@ -58,6 +59,7 @@ def test_public_names_are_pinned():
     (zpar.PayloadTooLarge, (zpar.SerializationError, TypeError)),
     (zpar.ConfigError, (zpar.ZparError, ValueError)),
     (zpar.ProtocolError, (zpar.ZparError,)),
+    (zpar.QuotaExceeded, (zpar.ZparError,)),
     (zpar.BrokenCluster, (zpar.BrokerUnavailable, concurrent.futures.BrokenExecutor)),
     (zpar.ResultTimeout, (zpar.ZparError, TimeoutError)),
 ])

@@ -250,7 +250,7 @@ def test_objects_sent_to_a_queued_task_wait_for_it(new_cluster, gate):
 
 # ---------------------------------------------------------------------- the cores' rules (no processes)
 
-D = b"\x01" * 16
+D = P.digest(b"blob")  # hops verify content addressing
 
 
 def stream_broker():

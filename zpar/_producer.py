@@ -48,6 +48,7 @@ from .errors import (
     BrokenCluster,
     MemoryLimitExceeded,
     ProtocolError,
+    QuotaExceeded,
     SerializationError,
     TaskTimeout,
     WorkerLost,
@@ -132,7 +133,8 @@ class ProducerCore:
                 (forced if force else ids).append(tid)
         if self.link is not Link.CONNECTED:
             return []  # never sent on this connection: a WELCOME will not send them either
-        return [P.Cancel(tuple(group), force) for group, force in ((ids, False), (forced, True)) if group]
+        return [P.Cancel(tuple(group[i:i + P.MAX_ENTRIES]), force) for group, force in ((ids, False), (forced, True))
+                for i in range(0, len(group), P.MAX_ENTRIES)]
 
     def fed(self, ops: Iterable[FeedOp]) -> list[P.Message]:
         """FEED what streams handed over: objects for tasks, credits, closed inputs, in order.
@@ -264,6 +266,14 @@ class ProducerCore:
             out += self._submit(retry)
         elif msg.code is P.ErrorCode.KEY_REVOKED:
             self._cut_off(self._revoked())
+        elif msg.code is P.ErrorCode.QUOTA_EXCEEDED:
+            self._fail_ids(msg.ids, lambda tid: QuotaExceeded(
+                f"the broker at {self.address} refused task {tid}: {msg.detail or 'this producer is over a quota'}; "
+                "wait for earlier tasks to finish and submit it again, or raise the broker's limits"))
+        elif msg.code is P.ErrorCode.BAD_FUNCTION:
+            self._fail_ids(msg.ids, lambda tid: ProtocolError(
+                f"the broker at {self.address} refused task {tid}: its function blob does not hash to its digest "
+                "(zpar.protocol.digest); this client sent a corrupt or forged function"))
         else:
             detail = f"{msg.code.name}{': ' + msg.detail if msg.detail else ''}"
             log.error("broker at %s refused a message (%s)", self.address, detail)
@@ -271,6 +281,12 @@ class ProducerCore:
                 task = self.pending.get(tid)
                 if task is not None:
                     self.pending.fail(task, ProtocolError(f"the broker refused task {tid} ({detail})"))
+
+    def _fail_ids(self, ids: Iterable[int], error: Callable[[int], BaseException]) -> None:
+        for tid in ids:
+            task = self.pending.get(tid)
+            if task is not None:
+                self.pending.fail(task, error(tid))
 
     def _revoked(self) -> AuthenticationError:
         return AuthenticationError(f"the broker at {self.address} cut us off: this producer's key was removed "

@@ -11,6 +11,7 @@
     │   └── BrokenCluster         ...and work was failed for it (also concurrent.futures.BrokenExecutor)
     ├── ResultTimeout             a wait for a Pool result ran out (also multiprocessing.TimeoutError, TimeoutError)
     ├── AuthenticationError       the broker refused our credentials
+    ├── QuotaExceeded             the broker refused tasks over this producer's quota (queued tasks or bytes, functions)
     ├── SerializationError        (also TypeError) a function, argument or result does not pickle
     │   └── PayloadTooLarge       a task is over the configured size limit
     ├── ConfigError               (also ValueError) a setting is wrong; the message says which
@@ -113,6 +114,15 @@ class ResultTimeout(ZparError, multiprocessing.TimeoutError, TimeoutError):
 
 class AuthenticationError(ZparError, PermissionError):
     """The broker refused this peer's credentials."""
+
+
+class QuotaExceeded(ZparError):
+    """The broker refused these tasks: this producer is over one of its quotas there.
+
+    The message says which (tasks or argument bytes queued, function blobs in
+    use). Nothing else is lost: wait for earlier tasks to finish and submit
+    again, or raise the broker's limits.
+    """
 
 
 class SerializationError(ZparError, TypeError):

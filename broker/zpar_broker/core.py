@@ -29,6 +29,7 @@ from typing import Any
 from zpar import protocol as P
 from zpar._liveness import PRODUCER_SLACK, Liveness
 
+from .limits import Limits
 from .outgoing import Dest, Outgoing
 from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, status_of
 from .scheduling import quotas
@@ -42,10 +43,15 @@ _FRAMES_PER_BATCH = P.MAX_FRAMES - P.MAX_TASK_FRAMES - P.BATCH_MAX_TASKS
 
 
 class BrokerCore:
-    """Queues, credits, round-robin fairness, the assignment table, liveness."""
+    """Queues, credits, round-robin fairness, the assignment table, liveness, per-producer quotas.
+
+    ``limits``: what one producer may hold here (``limits.Limits``: queued tasks and bytes,
+    function blobs); past them its tasks are refused with QUOTA_EXCEEDED.
+    """
 
     def __init__(self, now: float, *, heartbeat: float = 1.0, liveness: int = 3, collector: str = "",
-                 max_message_size: int = 0, security: str = "none") -> None:
+                 max_message_size: int = 0, security: str = "none", limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()  # per-producer quotas (limits.py)
         self.epoch = uuid.uuid4().hex
         self.security = security  # shown in status: how peers are authenticated
         self.heartbeat = heartbeat
@@ -164,7 +170,7 @@ class BrokerCore:
                 entry = entry._replace(cause=self._gave_up(task, cause))
             del self._tasks[entry.id]
             if task.state is TaskState.QUEUED:  # a dropped agent's late result: accepted, so not run again
-                task.producer.queue.remove(task)
+                task.producer.unqueue(task)
                 self.counters["late_results_accepted"] += 1
             self._unlink(task)
             self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
@@ -240,12 +246,43 @@ class BrokerCore:
         return P.Welcome(self.epoch, self.heartbeat, self.liveness, self.collector, self.max_message_size)
 
     def _accept(self, prod: ProducerRecord, msg: P.Submit, out: list[Outgoing]) -> None:
+        limits = self.limits
+        refused: dict[bytes, P.ErrorCode] = {}  # digests whose blob was refused, and why
+        keep = frozenset(f.digest for f in msg.funcs)  # not evicted to make room for each other
         for func in msg.funcs:
-            prod.funcs[func.digest] = func.blob
+            if P.digest(func.blob) != func.digest:
+                # Content addressing is verified: another producer's digest cannot be made to run this.
+                self.counters["functions_mismatched"] += 1
+                refused[func.digest] = P.ErrorCode.BAD_FUNCTION
+            elif not prod.funcs.add(func, limits, keep):
+                self.counters["functions_over_quota"] += 1
+                refused[func.digest] = P.ErrorCode.QUOTA_EXCEEDED
         missing: list[int] = []
+        bad: list[int] = []
+        over: list[int] = []
+        detail = ""  # why the first task refused over a quota was, for the producer
         for entry in msg.tasks:
             if entry.id in prod.tasks:  # sent again (after a reconnect): we have it already
                 self.counters["duplicate_submits"] += 1
+                continue
+            why = refused.get(entry.digest)
+            if why is P.ErrorCode.BAD_FUNCTION:
+                bad.append(entry.id)
+                continue
+            nbytes = P.payload_bytes(entry.payload)
+            if why is not None:
+                reason = (f"its function blobs in use are at the broker's limit of {limits.functions} "
+                                    f"blobs or {limits.function_bytes} bytes")
+            elif prod.queued >= limits.queued_tasks:
+                reason = f"{prod.queued} of its tasks are queued, the broker's limit"
+            elif prod.queued and prod.queued_bytes + nbytes > limits.queued_bytes:
+                reason = (f"{prod.queued_bytes} bytes of its tasks' arguments are queued, the broker's "
+                                    f"limit is {limits.queued_bytes}")
+            else:
+                reason = ""
+            if reason:
+                detail = detail or reason
+                over.append(entry.id)
                 continue
             if entry.digest not in prod.funcs:
                 missing.append(entry.id)
@@ -254,10 +291,20 @@ class BrokerCore:
             self._next_gid += 1
             self._tasks[task.gid] = task
             prod.tasks[entry.id] = task
-            prod.queue.append(task)
+            prod.funcs.use(entry.digest)
+            prod.enqueue(task)
             self.counters["submitted"] += 1
         if missing:
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.UNKNOWN_FUNCTION, tuple(missing))))
+        if bad:
+            log.warning("producer %s on %s sent a function blob that does not match its digest; refused %d tasks",
+                        prod.label(), prod.host, len(bad))
+            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
+                P.ErrorCode.BAD_FUNCTION, tuple(bad), "the function blob does not hash to its digest")))
+        if over:
+            self.counters["refused_over_quota"] += len(over)
+            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
+                P.ErrorCode.QUOTA_EXCEEDED, tuple(over), detail)))
         self._activate(prod)
 
     def _cancel(self, prod: ProducerRecord, ids: Iterable[int], force: bool, out: list[Outgoing]) -> None:
@@ -268,7 +315,7 @@ class BrokerCore:
             if task is None:
                 continue
             if task.state is TaskState.QUEUED:
-                prod.queue.remove(task)
+                prod.unqueue(task)  # a tombstone where it lies: O(1)
             elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL) and task.agent is not None:
                 # A stream left running would wait at its window for ever: stopped too.
                 stop.setdefault(task.agent.id, []).append(task.gid)
@@ -277,8 +324,7 @@ class BrokerCore:
             self._tasks.pop(task.gid, None)
             self._unlink(task)
             self.counters["cancelled"] += 1
-        for aid, gids in stop.items():
-            out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids), force=True)))
+        _stop(stop, out)
 
     def _lost(self, task: TaskRecord, cause: P.Cause, out: list[Outgoing]) -> bool:
         """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""
@@ -290,8 +336,7 @@ class BrokerCore:
         if task.agent is not None:
             task.agent.assigned.pop(task.gid, None)
             task.agent = None
-        task.state = TaskState.QUEUED
-        task.producer.queue.appendleft(task)
+        task.producer.enqueue(task, front=True)
         self._activate(task.producer)
         self.counters["retried"] += 1
         return True
@@ -305,12 +350,13 @@ class BrokerCore:
         return cause._replace(attempts=task.attempts)
 
     def _activate(self, prod: ProducerRecord) -> None:
-        if prod.queue and not prod.active:
+        if prod.queued and not prod.active:
             prod.active = True
             self._active.append(prod)
 
     def _unlink(self, task: TaskRecord) -> None:
-        task.producer.tasks.pop(task.ptid, None)
+        if task.producer.tasks.pop(task.ptid, None) is not None:
+            task.producer.funcs.release(task.entry.digest)
         if task.agent is not None:
             task.agent.assigned.pop(task.gid, None)
             task.agent = None
@@ -323,10 +369,10 @@ class BrokerCore:
             if task.agent is not None:
                 task.agent.assigned.pop(task.gid, None)
                 stop.setdefault(task.agent.id, []).append(task.gid)
-        for aid, gids in stop.items():
-            out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids), force=True)))
+        _stop(stop, out)
         prod.tasks.clear()
         prod.queue.clear()
+        prod.queued = prod.queued_bytes = prod.gone = 0
         if prod.active:
             self._active.remove(prod)
             prod.active = False
@@ -363,7 +409,7 @@ class BrokerCore:
                 return
             if len(ready) > 1:
                 ready.sort(key=lambda a: len(a.assigned) / (a.workers or 1))  # least loaded first
-            queued = sum(len(p.queue) for p in self._active)
+            queued = sum(p.queued for p in self._active)
             if not queued:  # their last queued tasks were cancelled, or finished late elsewhere
                 for prod in self._active:
                     prod.active = False
@@ -386,13 +432,15 @@ class BrokerCore:
                     break
                 prod = self._active.popleft()
                 share = max(1, (limit - len(batch)) // (in_round - served))
-                while share and prod.queue and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
-                    task = prod.queue.popleft()
+                while share and prod.queued and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
+                    task = prod.take()
+                    if task is None:
+                        break
                     batch.append(task)
                     nbytes += task.nbytes
                     nframes += len(task.entry.payload)
                     share -= 1
-                if prod.queue:
+                if prod.queued:
                     self._active.append(prod)
                 else:
                     prod.active = False
@@ -419,7 +467,7 @@ class BrokerCore:
     # ------------------------------------------------------------------ status
 
     def status(self, now: float) -> dict[str, Any]:
-        queued = sum(len(p.queue) for p in self._producers.values())
+        queued = sum(p.queued for p in self._producers.values())
         nodes = [status_of(a, now) for a in self._agents.values()]
         return {
             "epoch": self.epoch,
@@ -436,3 +484,10 @@ class BrokerCore:
             "failed": self.counters["failed"],
             "counters": dict(self.counters),
         }
+
+
+def _stop(stop: dict[bytes, list[int]], out: list[Outgoing]) -> None:
+    """CANCEL (forced) to each agent for its tasks in ``stop``, in messages of at most MAX_ENTRIES ids."""
+    for aid, gids in stop.items():
+        for i in range(0, len(gids), P.MAX_ENTRIES):
+            out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids[i:i + P.MAX_ENTRIES]), force=True)))

@@ -8,10 +8,15 @@ from typing import Any
 
 from zpar import protocol as P
 
+from .limits import Functions
+
 
 class TaskState(enum.Enum):
     QUEUED = "queued"
     ASSIGNED = "assigned"
+    #: Left the broker (cancelled, or finished elsewhere) while queued: a tombstone its producer's
+    #: queue skips when it comes to it (cancelling is O(1), not a search of the queue).
+    GONE = "gone"
 
 
 class TaskRecord:
@@ -47,20 +52,60 @@ class Feed:
 
 
 class ProducerRecord:
-    __slots__ = ("active", "funcs", "host", "id", "last_seen", "name", "queue", "tasks")
+    __slots__ = ("active", "funcs", "gone", "host", "id", "last_seen", "name", "queue", "queued", "queued_bytes",
+                 "tasks")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
         self.name = ""
         self.host = ""
-        self.funcs: dict[bytes, P.Frame] = {}  # digest -> function blob frame
+        self.funcs = Functions()  # digest -> function blob frame, verified
+        # Its queued tasks, in order, and GONE tombstones among them (skipped at dispatch).
         self.queue: collections.deque[TaskRecord] = collections.deque()
+        self.queued = self.queued_bytes = 0  # live tasks in ``queue``, and their payload bytes
+        self.gone = 0  # tombstones in ``queue``
         self.tasks: dict[int, TaskRecord] = {}  # producer task id -> task, queued or assigned
         self.last_seen = now
         self.active = False  # in the broker's round-robin of producers with queued tasks
 
     def label(self) -> str:
         return self.name or self.id.hex()
+
+    def enqueue(self, task: TaskRecord, front: bool = False) -> None:
+        task.state = TaskState.QUEUED
+        if front:
+            self.queue.appendleft(task)
+        else:
+            self.queue.append(task)
+        self.queued += 1
+        self.queued_bytes += task.nbytes
+
+    def take(self) -> TaskRecord | None:
+        """The next live task of the queue (tombstones before it dropped), or None."""
+        queue = self.queue
+        while queue:
+            task = queue.popleft()
+            if task.state is TaskState.GONE:
+                self.gone -= 1
+                continue
+            self.queued -= 1
+            self.queued_bytes -= task.nbytes
+            return task
+        return None
+
+    def unqueue(self, task: TaskRecord) -> None:
+        """``task`` leaves the queue where it is (a tombstone), in O(1); the queue is compacted when
+        tombstones outnumber live tasks, so it never holds more than twice what is queued."""
+        task.state = TaskState.GONE
+        self.queued -= 1
+        self.queued_bytes -= task.nbytes
+        self.gone += 1
+        if not self.queued:
+            self.queue.clear()
+            self.gone = 0
+        elif self.gone > 1024 and self.gone > self.queued:
+            self.queue = collections.deque(t for t in self.queue if t.state is not TaskState.GONE)
+            self.gone = 0
 
 
 class AgentRecord:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from zpar import protocol as P
 
@@ -184,11 +184,31 @@ class Slots:
     # ------------------------------------------------------------------ tasks
 
     def tasks(self, msg: P.Tasks, now: float) -> list[ToWorker]:
+        bad: set[bytes] = set()
         for func in msg.funcs:
-            self.funcs[func.digest] = func.blob
-        self.queue.extend(QueuedTask(entry) for entry in msg.tasks)
+            if P.digest(func.blob) != func.digest:  # defence in depth: the broker checks it too
+                bad.add(func.digest)
+            elif func.digest not in self.funcs:  # first verified blob stays: same digest, same bytes
+                self.funcs[func.digest] = func.blob
+        entries: Sequence[P.TaskEntry] = msg.tasks
+        if bad or any(entry.digest not in self.funcs for entry in entries):
+            entries = self._refuse_unknown(entries, bad)
+        self.queue.extend(QueuedTask(entry) for entry in entries)
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign(now)
+
+    def _refuse_unknown(self, entries: Sequence[P.TaskEntry], bad: set[bytes]) -> list[P.TaskEntry]:
+        """``entries`` whose function blob we hold; the others are reported lost, not given a worker."""
+        kept = []
+        for entry in entries:
+            if entry.digest in self.funcs and entry.digest not in bad:
+                kept.append(entry)
+                continue
+            why = "does not hash to its digest" if entry.digest in bad else "never came"
+            log.error("task %d refused: its function blob %s", entry.id, why)
+            self.results.append(P.ResultEntry(entry.id, P.Status.LOST, cause=P.Cause(
+                self.node, detail=f"refused by the agent: its function blob {why}")))
+        return kept
 
     def feed(self, msg: P.Feed) -> list[ToWorker]:
         return self.streams.feed(msg)

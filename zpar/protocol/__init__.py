@@ -74,6 +74,7 @@ from ._messages import (
     TaskEntry,
     Tasks,
     Welcome,
+    digest,
 )
 
 __all__ = [
@@ -123,6 +124,7 @@ __all__ = [
     "batches",
     "decode",
     "decode_routed",
+    "digest",
     "encode",
     "encode_routed",
     "payload_bytes",

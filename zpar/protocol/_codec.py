@@ -340,6 +340,31 @@ def _enum(cls: type[enum.IntEnum], value: Any, what: str) -> Any:
         raise ProtocolError(f"unknown {what} {value!r}") from None
 
 
+#: What one header may declare, from the protocol's own limits: a declared length past these is
+#: refused before anything is allocated. Inline data is at most INLINE_MAX; an array is a list of
+#: at most MAX_ENTRIES entries (or a row of a few fields); maps are the header and a status's.
+_MAX_BIN, _MAX_STR, _MAX_ARRAY, _MAX_MAP = INLINE_MAX, MAX_HEADER_BYTES // 8, MAX_ENTRIES, 1024
+#: Most arrays and maps in one header: a row per entry, a cause or credit per entry, and room for
+#: the fields and a status's nodes. Each costs ~60 bytes here for one byte on the wire, so a
+#: header of millions of empty ones is refused after these instead of allocating hundreds of MB.
+MAX_CONTAINERS = 3 * MAX_ENTRIES
+
+
+class _Containers:
+    """Counts the arrays and maps msgpack builds for one header; raises past MAX_CONTAINERS."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def took(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ProtocolError(f"header holds more than {MAX_CONTAINERS} arrays and maps")
+        return obj
+
+
 def decode(frames: Sequence[Frame], start: int = 0) -> Message:
     """The message in ``frames[start:]``: header, then payload frames.
 
@@ -354,10 +379,15 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
     header = head.buffer if isinstance(head, zmq.Frame) else head
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(header)} bytes is over the {MAX_HEADER_BYTES} limit")
+    budget = _Containers()
     try:
-        h = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
+        h = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True, list_hook=budget.took,
+                            object_hook=budget.took, max_bin_len=_MAX_BIN, max_str_len=_MAX_STR,
+                            max_array_len=_MAX_ARRAY, max_map_len=_MAX_MAP, max_ext_len=0)
+    except ProtocolError:
+        raise
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types; each is a bad frame
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+        raise ProtocolError(f"header is not valid msgpack, or over the protocol's limits: {exc}") from None
     if type(h) is not dict:
         raise ProtocolError("header is not a map")
     v = h.get("v")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_FUNCTION = 3  # send these tasks again with their function blob
     KEY_REVOKED = 4  # this peer's key left the allow-list: it is cut off for good
     NOT_ALLOWED = 5  # this role may not send this kind of message
+    BAD_FUNCTION = 6  # a function blob does not hash to its digest: it and these tasks are refused
+    QUOTA_EXCEEDED = 7  # these tasks are over one of this producer's quotas (detail says which): refused
 
 
 class ByeReason(enum.IntEnum):
@@ -113,6 +116,12 @@ class Function(NamedTuple):
 
     digest: bytes
     blob: Frame
+
+
+def digest(blob: Frame) -> bytes:
+    """The name a function blob goes by on every hop: its BLAKE2b-128. Every hop that caches a
+    blob checks it against the name it came with (one producer cannot change what another's digest runs)."""
+    return hashlib.blake2b(blob.buffer if isinstance(blob, zmq.Frame) else blob, digest_size=16).digest()
 
 
 class Shipped:

@@ -1,0 +1,87 @@
+"""What one producer may hold in the broker (``Limits``), and its function blobs within them (``Functions``).
+
+A producer past a quota gets its tasks refused (ERROR QUOTA_EXCEEDED, the
+producer fails their futures with ``zpar.QuotaExceeded``); nothing of another
+producer's is touched. Function blobs no task of the producer holds any more
+are evicted oldest first to make room: the producer sends one again when the
+broker answers UNKNOWN_FUNCTION, so only blobs in use count against the quota.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zpar import protocol as P
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-producer quotas of a BrokerCore (each a count or bytes; see the module docstring)."""
+
+    #: Tasks queued (not yet given to an agent) at once.
+    queued_tasks: int = 1_000_000
+    #: Payload bytes of those queued tasks.
+    queued_bytes: int = 1 << 30
+    #: Function blobs kept, and their bytes.
+    functions: int = 10_000
+    function_bytes: int = 256 << 20
+
+
+class Functions:
+    """One producer's function blobs by digest, verified, counted, and the tasks using each."""
+
+    __slots__ = ("_blobs", "_idle", "_refs", "nbytes")
+
+    def __init__(self) -> None:
+        self._blobs: dict[bytes, P.Frame] = {}
+        self._refs: dict[bytes, int] = {}  # digest -> tasks of the producer the broker holds that use it
+        self._idle: dict[bytes, None] = {}  # blobs no task uses, oldest first: evicted first
+        self.nbytes = 0
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._blobs
+
+    def __getitem__(self, digest: bytes) -> P.Frame:
+        return self._blobs[digest]
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    def add(self, func: P.Function, limits: Limits, keep: frozenset[bytes] = frozenset()) -> bool:
+        """Keep ``func`` (False if it would be over the quota even after evicting idle blobs not in
+        ``keep``). The caller has checked its digest."""
+        if func.digest in self._blobs:
+            return True
+        size = len(func.blob)
+        if size > limits.function_bytes:
+            return False
+        while len(self._blobs) >= limits.functions or self.nbytes + size > limits.function_bytes:
+            victim = next((d for d in self._idle if d not in keep), None)
+            if victim is None:
+                return False
+            self._drop(victim)
+        self._blobs[func.digest] = func.blob
+        self._idle[func.digest] = None
+        self.nbytes += size
+        return True
+
+    def use(self, digest: bytes) -> None:
+        """A task the broker now holds uses this blob: it stays."""
+        n = self._refs.get(digest, 0)
+        if not n:
+            self._idle.pop(digest, None)
+        self._refs[digest] = n + 1
+
+    def release(self, digest: bytes) -> None:
+        """A task that used this blob left the broker."""
+        n = self._refs.get(digest, 0) - 1
+        if n > 0:
+            self._refs[digest] = n
+            return
+        self._refs.pop(digest, None)
+        if digest in self._blobs:
+            self._idle[digest] = None
+
+    def _drop(self, digest: bytes) -> None:
+        self.nbytes -= len(self._blobs.pop(digest))
+        self._idle.pop(digest, None)
