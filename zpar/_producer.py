@@ -43,6 +43,7 @@ from . import protocol as P
 from . import serialize
 from ._liveness import PRODUCER_SLACK, Liveness
 from ._pending import PendingTable, PendingTask, abandon
+from ._text import printable
 from .errors import (
     AuthenticationError,
     BrokenCluster,
@@ -275,7 +276,7 @@ class ProducerCore:
                 f"the broker at {self.address} refused task {tid}: its function blob does not hash to its digest "
                 "(zpar.protocol.digest); this client sent a corrupt or forged function"))
         else:
-            detail = f"{msg.code.name}{': ' + msg.detail if msg.detail else ''}"
+            detail = f"{msg.code.name}{': ' + printable(msg.detail) if msg.detail else ''}"
             log.error("broker at %s refused a message (%s)", self.address, detail)
             for tid in msg.ids:
                 task = self.pending.get(tid)

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import socket
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 from zpar import protocol as P
 from zpar._liveness import PRODUCER_SLACK, Liveness
+from zpar._text import printable
 
-from .limits import Limits
-from .outgoing import Dest, Outgoing
-from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, status_of
+from .limits import Limits, admit_functions, over_quota
+from .outgoing import Dest, Outgoing, forced_cancels
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, report
 from .scheduling import quotas
 from .streams import StreamRouting
 
@@ -54,8 +53,7 @@ class BrokerCore:
         self.limits = limits or Limits()  # per-producer quotas (limits.py)
         self.epoch = uuid.uuid4().hex
         self.security = security  # shown in status: how peers are authenticated
-        self.heartbeat = heartbeat
-        self.liveness = liveness
+        self.heartbeat, self.liveness = heartbeat, liveness
         self._rule = Liveness(heartbeat, liveness)
         self.collector = collector
         self.max_message_size = max_message_size
@@ -118,8 +116,8 @@ class BrokerCore:
                 self.counters["agents_hello_again"] += 1
             else:
                 agent = self._agents[peer] = AgentRecord(peer, msg, now)
-                log.info("agent %s joined from %s (pid %d, %d workers)", agent.name, agent.host, agent.pid,
-                         agent.workers)
+                log.info("agent %s joined from %s (pid %d, %d workers)", printable(agent.name),
+                         printable(agent.host), agent.pid, agent.workers)
             out.append(Outgoing(Dest.BACKEND, peer, self._welcome()))
             return out
         if agent is None:
@@ -134,7 +132,7 @@ class BrokerCore:
         elif isinstance(msg, P.Heartbeat):
             agent.busy = msg.busy
         elif isinstance(msg, P.Bye):
-            log.info("agent %s left (%s)", agent.name, msg.reason.name.lower())
+            log.info("agent %s left (%s)", printable(agent.name), msg.reason.name.lower())
             self._drop_agent(agent, "left", out)
             self._dispatch(out)
         else:
@@ -204,14 +202,14 @@ class BrokerCore:
         for agent in list(self._agents.values()):
             if agent.last_seen < deadline:
                 log.warning("agent %s silent for %.1f s; re-queueing its %d tasks",
-                            agent.name, now - agent.last_seen, len(agent.assigned))
+                            printable(agent.name), now - agent.last_seen, len(agent.assigned))
                 self._drop_agent(agent, "silent", out)
             else:
                 out.append(Outgoing(Dest.BACKEND, agent.id, P.Heartbeat()))
         for prod in list(self._producers.values()):
             if prod.last_seen < producer_deadline:
                 log.warning("producer %s on %s silent for %.1f s; dropping its %d tasks",
-                            prod.label(), prod.host, now - prod.last_seen, len(prod.tasks))
+                            printable(prod.label()), printable(prod.host), now - prod.last_seen, len(prod.tasks))
                 self._forget_producer(prod, out)
                 self.counters["producers_silent"] += 1
         self._dispatch(out)
@@ -247,16 +245,7 @@ class BrokerCore:
 
     def _accept(self, prod: ProducerRecord, msg: P.Submit, out: list[Outgoing]) -> None:
         limits = self.limits
-        refused: dict[bytes, P.ErrorCode] = {}  # digests whose blob was refused, and why
-        keep = frozenset(f.digest for f in msg.funcs)  # not evicted to make room for each other
-        for func in msg.funcs:
-            if P.digest(func.blob) != func.digest:
-                # Content addressing is verified: another producer's digest cannot be made to run this.
-                self.counters["functions_mismatched"] += 1
-                refused[func.digest] = P.ErrorCode.BAD_FUNCTION
-            elif not prod.funcs.add(func, limits, keep):
-                self.counters["functions_over_quota"] += 1
-                refused[func.digest] = P.ErrorCode.QUOTA_EXCEEDED
+        refused = admit_functions(prod, msg.funcs, limits, self.counters)  # digest -> why its blob was refused
         missing: list[int] = []
         bad: list[int] = []
         over: list[int] = []
@@ -269,17 +258,7 @@ class BrokerCore:
             if why is P.ErrorCode.BAD_FUNCTION:
                 bad.append(entry.id)
                 continue
-            nbytes = P.payload_bytes(entry.payload)
-            if why is not None:
-                reason = (f"its function blobs in use are at the broker's limit of {limits.functions} "
-                                    f"blobs or {limits.function_bytes} bytes")
-            elif prod.queued >= limits.queued_tasks:
-                reason = f"{prod.queued} of its tasks are queued, the broker's limit"
-            elif prod.queued and prod.queued_bytes + nbytes > limits.queued_bytes:
-                reason = (f"{prod.queued_bytes} bytes of its tasks' arguments are queued, the broker's "
-                                    f"limit is {limits.queued_bytes}")
-            else:
-                reason = ""
+            reason = over_quota(prod, P.payload_bytes(entry.payload), why is not None, limits)
             if reason:
                 detail = detail or reason
                 over.append(entry.id)
@@ -298,7 +277,7 @@ class BrokerCore:
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.UNKNOWN_FUNCTION, tuple(missing))))
         if bad:
             log.warning("producer %s on %s sent a function blob that does not match its digest; refused %d tasks",
-                        prod.label(), prod.host, len(bad))
+                        printable(prod.label()), printable(prod.host), len(bad))
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
                 P.ErrorCode.BAD_FUNCTION, tuple(bad), "the function blob does not hash to its digest")))
         if over:
@@ -324,7 +303,7 @@ class BrokerCore:
             self._tasks.pop(task.gid, None)
             self._unlink(task)
             self.counters["cancelled"] += 1
-        _stop(stop, out)
+        out += forced_cancels(stop)
 
     def _lost(self, task: TaskRecord, cause: P.Cause, out: list[Outgoing]) -> bool:
         """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""
@@ -332,7 +311,7 @@ class BrokerCore:
         if task.attempts > task.entry.retries or task.streamed:
             return False
         log.info("task %d of %s lost on %s; running it again (attempt %d of %d)", task.ptid,
-                 task.producer.label(), cause.node, task.attempts + 1, task.entry.retries + 1)
+                 printable(task.producer.label()), printable(cause.node), task.attempts + 1, task.entry.retries + 1)
         if task.agent is not None:
             task.agent.assigned.pop(task.gid, None)
             task.agent = None
@@ -369,7 +348,7 @@ class BrokerCore:
             if task.agent is not None:
                 task.agent.assigned.pop(task.gid, None)
                 stop.setdefault(task.agent.id, []).append(task.gid)
-        _stop(stop, out)
+        out += forced_cancels(stop)
         prod.tasks.clear()
         prod.queue.clear()
         prod.queued = prod.queued_bytes = prod.gone = 0
@@ -467,27 +446,5 @@ class BrokerCore:
     # ------------------------------------------------------------------ status
 
     def status(self, now: float) -> dict[str, Any]:
-        queued = sum(p.queued for p in self._producers.values())
-        nodes = [status_of(a, now) for a in self._agents.values()]
-        return {
-            "epoch": self.epoch,
-            "broker": {"host": socket.gethostname(), "pid": os.getpid()},
-            "uptime_s": round(now - self.started, 3),
-            "security": self.security,
-            "nodes": nodes,
-            "workers": sum(n["workers"] for n in nodes),
-            "busy": sum(n["busy"] for n in nodes),
-            "producers": len(self._producers),
-            "queued": queued,
-            "running": len(self._tasks) - queued,
-            "done": self.counters["done"],
-            "failed": self.counters["failed"],
-            "counters": dict(self.counters),
-        }
-
-
-def _stop(stop: dict[bytes, list[int]], out: list[Outgoing]) -> None:
-    """CANCEL (forced) to each agent for its tasks in ``stop``, in messages of at most MAX_ENTRIES ids."""
-    for aid, gids in stop.items():
-        for i in range(0, len(gids), P.MAX_ENTRIES):
-            out.append(Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids[i:i + P.MAX_ENTRIES]), force=True)))
+        return report(now, self.epoch, self.started, self.security, self._agents.values(),
+                      self._producers.values(), len(self._tasks), self.counters)

@@ -9,7 +9,9 @@ broker answers UNKNOWN_FUNCTION, so only blobs in use count against the quota.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
+from typing import Protocol
 
 from zpar import protocol as P
 
@@ -85,3 +87,43 @@ class Functions:
     def _drop(self, digest: bytes) -> None:
         self.nbytes -= len(self._blobs.pop(digest))
         self._idle.pop(digest, None)
+
+
+class Holder(Protocol):
+    """What the quota rules read of a producer's record (records.ProducerRecord)."""
+
+    @property
+    def funcs(self) -> Functions: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def queued_bytes(self) -> int: ...
+
+
+def admit_functions(prod: Holder, funcs: tuple[P.Function, ...], limits: Limits,
+                    counters: collections.Counter[str]) -> dict[bytes, P.ErrorCode]:
+    """Keep a SUBMIT's blobs that hash to their digest and fit the quota; the others' digests, and why."""
+    refused: dict[bytes, P.ErrorCode] = {}
+    keep = frozenset(f.digest for f in funcs)  # not evicted to make room for each other
+    for func in funcs:
+        if P.digest(func.blob) != func.digest:
+            # Content addressing is verified: another producer's digest cannot be made to run this.
+            counters["functions_mismatched"] += 1
+            refused[func.digest] = P.ErrorCode.BAD_FUNCTION
+        elif not prod.funcs.add(func, limits, keep):
+            counters["functions_over_quota"] += 1
+            refused[func.digest] = P.ErrorCode.QUOTA_EXCEEDED
+    return refused
+
+
+def over_quota(prod: Holder, nbytes: int, function_refused: bool, limits: Limits) -> str:
+    """Why one more task of ``nbytes`` would take ``prod`` over a quota (for the producer), or ""."""
+    if function_refused:
+        return (f"its function blobs in use are at the broker's limit of {limits.functions} blobs "
+                f"or {limits.function_bytes} bytes")
+    if prod.queued >= limits.queued_tasks:
+        return f"{prod.queued} of its tasks are queued, the broker's limit"
+    if prod.queued and prod.queued_bytes + nbytes > limits.queued_bytes:
+        return (f"{prod.queued_bytes} bytes of its tasks' arguments are queued, the broker's limit "
+                f"is {limits.queued_bytes}")
+    return ""

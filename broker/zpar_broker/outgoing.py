@@ -20,3 +20,9 @@ class Outgoing:
     dest: Dest
     peer: bytes
     msg: P.Message
+
+
+def forced_cancels(stop: dict[bytes, list[int]]) -> list[Outgoing]:
+    """A forced CANCEL to each agent for its tasks in ``stop``, in messages of at most MAX_ENTRIES ids."""
+    return [Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids[i:i + P.MAX_ENTRIES]), force=True))
+            for aid, gids in stop.items() for i in range(0, len(gids), P.MAX_ENTRIES)]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import collections
 import enum
+import os
+import socket
+from collections.abc import Iterable
 from typing import Any
 
 from zpar import protocol as P
@@ -136,4 +139,27 @@ def status_of(agent: AgentRecord, now: float) -> dict[str, Any]:
         "running": len(agent.assigned),
         "credits": agent.credits,
         "last_seen_s": round(now - agent.last_seen, 3),
+    }
+
+
+def report(now: float, epoch: str, started: float, security: str, agents: Iterable[AgentRecord],
+           producers: Iterable[ProducerRecord], tasks: int, counters: collections.Counter[str]) -> dict[str, Any]:
+    """The broker's status (``zpar status``, STATUS): nodes, workers busy and idle, queued, running, done."""
+    producers = list(producers)
+    queued = sum(p.queued for p in producers)
+    nodes = [status_of(a, now) for a in agents]
+    return {
+        "epoch": epoch,
+        "broker": {"host": socket.gethostname(), "pid": os.getpid()},
+        "uptime_s": round(now - started, 3),
+        "security": security,
+        "nodes": nodes,
+        "workers": sum(n["workers"] for n in nodes),
+        "busy": sum(n["busy"] for n in nodes),
+        "producers": len(producers),
+        "queued": queued,
+        "running": tasks - queued,
+        "done": counters["done"],
+        "failed": counters["failed"],
+        "counters": dict(counters),
     }

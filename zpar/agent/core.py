@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from zpar import protocol as P
+from zpar._text import printable
 
 from .actions import Action, Exit, Measure, Probe, Spawn, ToWorker
 from .lifecycle import KILL_GRACE, SHUTDOWN_GRACE, Backoff, Drain, MemoryLimit, next_kill, overdue, terminate
@@ -103,7 +104,8 @@ class AgentCore:
         if isinstance(msg, P.Welcome):
             return self._welcome(now, msg)
         if isinstance(msg, P.Error):
-            log.warning("the broker refused a message (%s%s)", msg.code.name, f": {msg.detail}" if msg.detail else "")
+            log.warning("the broker refused a message (%s%s)", msg.code.name,
+                        f": {printable(msg.detail)}" if msg.detail else "")
             return [self._hello()] if msg.code is P.ErrorCode.UNKNOWN_PEER else []
         if isinstance(msg, P.Bye) and msg.reason is P.ByeReason.KEY_REVOKED:
             log.error("refused by the broker (AuthenticationError): this node's key was removed from its "
@@ -263,10 +265,10 @@ class AgentCore:
         out: list[Action] = []
         if self.session.restarted(msg):
             log.warning("the broker restarted (epoch %s, was %s); dropping the %d tasks of the old one",
-                        msg.epoch[:8], self.session.epoch[:8], self.slots.held())
+                        printable(msg.epoch[:8]), printable(self.session.epoch[:8]), self.slots.held())
             out += self._kills(now, self.slots.forget_tasks(), "its stream was for a broker that is gone")
         out += self.session.welcome(now, msg)
-        log.info("registered with broker %s (epoch %s)", self.settings.broker, msg.epoch[:8])
+        log.info("registered with broker %s (epoch %s)", self.settings.broker, printable(msg.epoch[:8]))
         return out
 
     def _kills(self, now: float, identities: Iterable[bytes], why: str, level: int = logging.WARNING) -> list[Action]:
