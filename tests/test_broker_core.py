@@ -223,6 +223,19 @@ def test_late_result_from_a_dropped_agent_is_delivered_once_and_not_run_again(b)
     assert (status["queued"], status["running"]) == (0, 0)
 
 
+def test_only_an_agent_the_task_was_given_to_may_end_it(b):
+    b.submit(b"p", [1])
+    b.join(b"a1"), b.join(b"a2")
+    ((_, gid, _),) = dispatched(b.ready(b"a1", 1))
+    # a2 (admitted, but never given the task) forges its result; an empty agent field fares no better.
+    for forger in (b"a2", b""):
+        entry = P.ResultEntry(gid, P.Status.OK, (b"forged",), 1)
+        out = b.core.results(b.now, P.Result((entry,), forger))
+        assert delivered(out) == []
+    assert b.core.counters["results_not_from_holder"] == 2
+    assert delivered(b.finish(b"a1", [gid])) == [(b"p", 1, b"result %d" % gid)]
+
+
 def test_idle_workers_are_filled_before_any_node_prefetches(b):
     # a1 ran tiny tasks and asks for many credits, a2 for few: with one idle worker each,
     # two long tasks (channel tasks waiting for their producer, say) go one to each node,

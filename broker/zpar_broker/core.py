@@ -149,8 +149,7 @@ class BrokerCore:
             # Tasks of a broker before a restart: their ids mean nothing here (producers resubmit).
             self.counters["stale_epoch_results"] += len(msg.results)
             return out
-        agent = self._agents.get(msg.agent)
-        if agent is not None:
+        if (agent := self._agents.get(msg.agent)) is not None:
             agent.last_seen = now
         by_producer: dict[bytes, list[P.ResultEntry]] = {}
         for entry in msg.results:
@@ -158,9 +157,12 @@ class BrokerCore:
             if task is None:
                 self.counters["late_results"] += 1  # finished elsewhere, cancelled, or its producer left
                 continue
+            if msg.agent not in task.holders:  # only an agent it was given to may end it (a late one, once)
+                self.counters["results_not_from_holder"] += 1
+                continue
             if entry.status == P.Status.LOST:
-                if task.state is not TaskState.ASSIGNED or (msg.agent and task.agent and task.agent.id != msg.agent):
-                    self.counters["stale_loss_reports"] += 1  # the task has moved on already
+                if task.agent is None or task.agent.id != msg.agent:  # the task has moved on already
+                    self.counters["stale_loss_reports"] += 1
                     continue
                 cause = entry.cause or P.Cause()
                 if self._lost(task, cause, out):
@@ -179,8 +181,7 @@ class BrokerCore:
 
     def items(self, now: float, msg: P.Items) -> list[Outgoing]:
         """Streams' items (and read credits) from the collector, for their producers (see StreamRouting)."""
-        agent = self._agents.get(msg.agent)
-        if agent is not None:
+        if (agent := self._agents.get(msg.agent)) is not None:
             agent.last_seen = now
         if msg.epoch and msg.epoch != self.epoch:
             self.counters["stale_epoch_items"] += len(msg.items)
@@ -233,6 +234,10 @@ class BrokerCore:
         bye = P.Bye(P.ByeReason.STOPPING)
         return ([Outgoing(Dest.BACKEND, a, bye) for a in self._agents]
                 + [Outgoing(Dest.FRONTEND, p, bye) for p in self._producers])
+
+    def status(self, now: float) -> dict[str, Any]:
+        return report(now, self.epoch, self.started, self.security, self._agents.values(),
+                      self._producers.values(), len(self._tasks), self.counters)
 
     def protocol_error(self, source: str) -> None:
         self.counters["protocol_errors"] += 1
@@ -433,6 +438,7 @@ class BrokerCore:
             blobs.setdefault(entry.digest, task.producer.funcs[entry.digest])
             task.state = TaskState.ASSIGNED
             task.agent = agent
+            task.holders += (agent.id,)
             agent.assigned[task.gid] = task
             entries.append(entry._replace(id=task.gid))  # the payload goes on as it came
             if task.feed is not None:
@@ -442,9 +448,3 @@ class BrokerCore:
         out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), funcs)))
         if fed:  # what producers sent them while queued, right behind them
             self._streams.send_kept_feed(agent, fed, out)
-
-    # ------------------------------------------------------------------ status
-
-    def status(self, now: float) -> dict[str, Any]:
-        return report(now, self.epoch, self.started, self.security, self._agents.values(),
-                      self._producers.values(), len(self._tasks), self.counters)

@@ -25,7 +25,7 @@ class TaskState(enum.Enum):
 class TaskRecord:
     """A task as its producer sent it (``entry``, payload attached, forwarded as it is) and where it is."""
 
-    __slots__ = ("agent", "attempts", "entry", "feed", "gid", "nbytes", "producer", "state", "streamed")
+    __slots__ = ("agent", "attempts", "entry", "feed", "gid", "holders", "nbytes", "producer", "state", "streamed")
 
     def __init__(self, gid: int, producer: ProducerRecord, entry: P.TaskEntry) -> None:
         self.gid = gid
@@ -34,6 +34,7 @@ class TaskRecord:
         self.nbytes = P.payload_bytes(entry.payload)
         self.state = TaskState.QUEUED
         self.agent: AgentRecord | None = None
+        self.holders: tuple[bytes, ...] = ()  # every agent it was given to: only they may end it
         self.attempts = 0  # runs lost so far
         self.streamed = False  # it exchanged stream items (zpar.streaming): never run it again
         self.feed: Feed | None = None  # what its producer sent it before an agent had it

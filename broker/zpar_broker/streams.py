@@ -31,7 +31,7 @@ class StreamRouting:
         for entry in msg.items:
             task = self._tasks.get(entry.id)
             if (task is None or task.state is not TaskState.ASSIGNED
-                    or (msg.agent and task.agent is not None and task.agent.id != msg.agent)):
+                    or task.agent is None or task.agent.id != msg.agent):  # only from the agent running it
                 self.counters["late_items"] += 1
                 if task is None:
                     orphans.add(entry.id)  # nobody will read them: stop the task, not leave it at its window
@@ -40,7 +40,7 @@ class StreamRouting:
             by_producer.setdefault(task.producer.id, ([], []))[0].append(entry._replace(id=task.ptid))
         for credit in msg.credits:
             task = self._tasks.get(credit.id)
-            if task is not None and task.state is TaskState.ASSIGNED:
+            if task is not None and task.agent is not None and task.agent.id == msg.agent:
                 by_producer.setdefault(task.producer.id, ([], []))[1].append(P.Credit(task.ptid, credit.upto))
         if orphans and msg.agent:
             out.append(Outgoing(Dest.BACKEND, msg.agent, P.Cancel(tuple(sorted(orphans)), force=True)))
