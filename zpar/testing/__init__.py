@@ -15,6 +15,7 @@ and can tell whether anything outlived it.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -66,14 +67,11 @@ class LocalCluster:
         self._creds = security.client_credentials("producer", secret=secret) if secret else None
         self.agent_args = list(agent_args)  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
         self.workers = workers
-        ports = [free_port() for _ in range(3)]
-        self.ports = ports
-        self.frontend, self.backend, self.collector = (f"tcp://127.0.0.1:{p}" for p in ports)
         self.broker: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
         self._clients: list[Client] = []
         try:
-            self.start_broker()
+            self._start_broker_on_free_ports(ready_timeout)
             for _ in range(agents):
                 self.add_agent(wait=False)
             self.wait_for_workers(agents * workers, ready_timeout)
@@ -82,6 +80,31 @@ class LocalCluster:
             raise
 
     # ------------------------------------------------------------------ processes
+
+    def _start_broker_on_free_ports(self, timeout: float, attempts: int = 5) -> None:
+        """Start the broker on ports that were free a moment ago; others if one was taken meanwhile.
+
+        ``free_port`` cannot reserve a port: another process (any client's
+        ephemeral port) may take it before the broker binds, and the broker
+        then exits. Try fresh ports a few times before giving up.
+        """
+        for _ in range(attempts):
+            self.ports = [free_port() for _ in range(3)]
+            self.frontend, self.backend, self.collector = (f"tcp://127.0.0.1:{p}" for p in self.ports)
+            broker = self.start_broker()
+            wait_for(functools.partial(self._up_or_gone, broker), timeout, 0.02, "the broker listening")
+            if broker.poll() is None:
+                return
+        raise OSError(f"the broker could not bind free ports in {attempts} attempts")
+
+    def _up_or_gone(self, broker: subprocess.Popen[bytes]) -> bool:
+        if broker.poll() is not None:
+            return True
+        try:
+            broker_status(self.frontend, 0.5, self._creds)
+        except BrokerUnavailable:
+            return False
+        return True
 
     def start_broker(self) -> subprocess.Popen[bytes]:
         self.broker = spawn_daemon(["zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
