@@ -24,6 +24,12 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 DEFAULT_COLLECTOR = "tcp://127.0.0.1:5557"
 
+# What one producer may hold in the broker: the defaults of zpar_broker.limits.Limits (which zpar cannot import).
+DEFAULT_MAX_QUEUED_TASKS = 1_000_000
+DEFAULT_MAX_QUEUED_BYTES = 1 << 30  # 1 GiB
+DEFAULT_MAX_FUNCTIONS = 10_000
+DEFAULT_MAX_FUNCTION_BYTES = 256 << 20  # 256 MiB
+
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
@@ -38,11 +44,17 @@ class BrokerConfig:
     secret_file: str = ""  # the shared secret, read from this file
     key_file: str = ""  # the broker's own NAME.key_secret (key-file mode)
     allow_keys: str = ""  # directory of the nodes' public NAME.key files it admits (key-file mode)
+    max_queued_tasks: int = DEFAULT_MAX_QUEUED_TASKS  # per producer: tasks queued, not yet given to an agent
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES  # per producer: argument bytes of those tasks
+    max_functions: int = DEFAULT_MAX_FUNCTIONS  # per producer: function blobs kept while its tasks use them
+    max_function_bytes: int = DEFAULT_MAX_FUNCTION_BYTES  # per producer: bytes of those blobs
     parent_pid: int = 0  # exit when this process goes (the embedded cluster)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
+        for name in ("max_queued_tasks", "max_queued_bytes", "max_functions", "max_function_bytes"):
+            _check_positive_int(name, getattr(self, name))
         open_ok = self.insecure or self.secured
         check_bind_address(self.frontend, open_ok, "frontend")
         for name in ("backend", "collector"):  # empty: none (an embedded broker's agent is in-process)
@@ -105,6 +117,12 @@ def _check_timing(heartbeat: float, liveness: int) -> None:
         raise ConfigError(f"heartbeat must be a positive number of seconds, not {heartbeat}")
     if liveness < 1:
         raise ConfigError(f"liveness must be at least 1 missed heartbeat, not {liveness}")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    # A bool is an int to Python, and a TOML file can hold a float or a string: none is a count.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, not {value!r}")
 
 
 def is_local_endpoint(endpoint: str) -> bool:

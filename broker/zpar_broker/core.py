@@ -6,14 +6,11 @@ Tasks flow through three places and are in exactly one at a time::
           ^                              |
           +------ agent dead or BYE -----+
 
-The broker never unpickles: a task's payload frames are kept as received and
-forwarded as they are. Task ids on the agent side are the broker's own global
-ids (``gid``), so two producers' ids never collide and a late result for a
-task that finished or moved can be recognised and dropped.
-
-Streams (zpar.streaming) are routed by ``streams.StreamRouting``, a part
-this class holds; a task that has exchanged an item is never
-run again: re-running it could repeat an item or lose an input.
+The broker never unpickles: a task's payload frames are kept as received and forwarded as they are.
+Task ids on the agent side are the broker's own global ids (``gid``), so two producers' ids never
+collide and a late result for a task that finished or moved can be recognised and dropped. Streams
+(zpar.streaming) are routed by ``streams.StreamRouting``, a part this class holds; a task that has
+exchanged an item is never run again: re-running it could repeat an item or lose an input.
 """
 
 from __future__ import annotations
@@ -218,6 +215,9 @@ class BrokerCore:
 
     def next_deadline(self) -> float:
         return self._next_beat
+
+    def has_agent(self, peer: bytes) -> bool:  # read-only: the shell forgets what it noted of a dropped agent
+        return peer in self._agents
 
     def revoke(self, now: float, peer: bytes) -> list[Outgoing]:
         """A connected peer's key was revoked: forget it as the agent or producer it is, and tell it why."""

@@ -30,6 +30,7 @@ from zpar.config import BrokerConfig
 from zpar.errors import ProtocolError
 
 from .core import BrokerCore
+from .limits import Limits
 from .outgoing import Dest, Outgoing
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class BrokerServer:
         self._monitors: list[security.HandshakeMonitor] = []
         self.reload_requested = False  # SIGHUP: read the allow-list again
         self._peer_keys: security.PeerKeys | None = None  # key-file mode: who holds which key
+        #: With credentials: the key (ZAP User-Id) each agent presented at its HELLO on the backend,
+        #: by routing id; what it sends on the collector must come from that key (``_sender_holds``).
+        self._agent_keys: dict[bytes, str] = {}
         if self.creds is not None:
             # The ZAP handler exists before any socket binds: no window where a handshake goes unchecked.
             self._zap_policy = security.ZapPolicy(self.creds)
@@ -111,6 +115,8 @@ class BrokerServer:
             collector=_advertised(self.endpoints.get("collector", "")),
             max_message_size=config.max_message_size,
             security=_describe_security(config, self.creds),
+            limits=Limits(queued_tasks=config.max_queued_tasks, queued_bytes=config.max_queued_bytes,
+                          functions=config.max_functions, function_bytes=config.max_function_bytes),
         )
         #: Agents in this same process: their messages are calls, not frames.
         self.local_agents: dict[bytes, Callable[[P.Message], None]] = {}
@@ -173,6 +179,8 @@ class BrokerServer:
                 self.core.counters["peers_revoked"] += 1
                 log.warning("key of peer %s was removed from the allow-list: cutting it off", peer.hex())
                 self._send(self.core.revoke(now, peer))
+        for peer in [p for p in self._agent_keys if not self.core.has_agent(p)]:
+            del self._agent_keys[peer]  # dropped (silent, left, revoked): it must say HELLO again
         parent = self.config.parent_pid
         if parent and os.getppid() != parent:
             log.warning("parent process %d is gone; stopping", parent)
@@ -282,6 +290,8 @@ class BrokerServer:
             return
         if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames[1], msg):
             return
+        if self.creds is not None and isinstance(msg, P.Hello):
+            self._agent_keys[peer] = _user_id(frames[1])
         self._send(self.core.agent_message(time.monotonic(), peer, msg))
 
     def _on_collector(self, frames: list[zmq.Frame]) -> None:
@@ -294,6 +304,12 @@ class BrokerServer:
         if self._peer_keys is not None and msg.agent in self._peer_keys.revoked:
             self.core.counters["revoked_messages"] += 1
             return
+        if self.creds is not None and not self._sender_holds(msg.agent, frames[0]):
+            self.core.counters["collector_identity_mismatch"] += 1
+            self._bad_log.warn(log, "dropped a %s on the collector claiming agent %s: %s", msg.kind.name,
+                               msg.agent.hex(), "not a registered agent" if msg.agent not in self._agent_keys
+                               else "sent with another key than that agent's")
+            return
         now = time.monotonic()
         if isinstance(msg, P.Bye):  # an agent leaving, behind its last results
             self._send(self.core.agent_message(now, msg.agent, msg))
@@ -301,6 +317,17 @@ class BrokerServer:
             self._send(self.core.items(now, msg))
         else:
             self._send(self.core.results(now, msg))
+
+    def _sender_holds(self, agent: bytes, header: zmq.Frame) -> bool:
+        """Whether the key that sent ``header`` on the collector is the one ``agent`` said HELLO with.
+
+        The collector is a PULL socket: the agent a message claims (``msg.agent``) is a header
+        field, so the connection's key (ZAP User-Id, on every frame) must back it, or an admitted
+        agent could end, feed or drop another's tasks. With key files that names one node; with a
+        shared secret every agent holds the same key, so this proves only "an agent".
+        """
+        key = self._agent_keys.get(agent)
+        return key is not None and key == _user_id(header)
 
     # ------------------------------------------------------------------ sending
 
@@ -325,6 +352,14 @@ class BrokerServer:
                 log.debug("%s peer %s is gone; dropped a %s", item.dest.value, item.peer.hex(), item.msg.kind.name)
             else:
                 raise
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    """The ZAP user id of the connection ``frame`` came on (the peer's z85 key); "" if it has none."""
+    try:
+        return str(frame.get("User-Id") or "")
+    except zmq.ZMQError:  # no metadata: not an authenticated connection (ipc)
+        return ""
 
 
 def _describe_security(config: BrokerConfig, creds: security.Credentials | None) -> str:

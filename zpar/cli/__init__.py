@@ -74,6 +74,18 @@ def broker(
     allow_keys: Optional[str] = typer.Option(None, "--allow-keys", help="Directory of the nodes' public NAME.key "
                                              "files to admit (with --key-file); removing one revokes it "
                                              "[env ZPAR_ALLOW_KEYS]."),
+    max_queued_tasks: Optional[int] = typer.Option(
+        None, help="Tasks one producer may have queued (not yet given to an agent); past it its tasks fail "
+                   f"with zpar.QuotaExceeded [default: {cfg.DEFAULT_MAX_QUEUED_TASKS}; env ZPAR_MAX_QUEUED_TASKS]."),
+    max_queued_bytes: Optional[int] = typer.Option(
+        None, help="Argument bytes of one producer's queued tasks [default: "
+                   f"{cfg.DEFAULT_MAX_QUEUED_BYTES} (1 GiB); env ZPAR_MAX_QUEUED_BYTES]."),
+    max_functions: Optional[int] = typer.Option(
+        None, help="Function blobs kept for one producer while its tasks use them "
+                   f"[default: {cfg.DEFAULT_MAX_FUNCTIONS}; env ZPAR_MAX_FUNCTIONS]."),
+    max_function_bytes: Optional[int] = typer.Option(
+        None, help="Bytes of those function blobs [default: "
+                   f"{cfg.DEFAULT_MAX_FUNCTION_BYTES} (256 MiB); env ZPAR_MAX_FUNCTION_BYTES]."),
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
     parent_pid: Optional[int] = _PARENT,
@@ -82,7 +94,9 @@ def broker(
     conf = _load(cfg.BrokerConfig, dict(frontend=frontend, backend=backend, collector=collector, heartbeat=heartbeat,
                                         liveness=liveness, insecure=insecure, log_level=log_level,
                                         parent_pid=parent_pid, secret=secret, secret_file=secret_file,
-                                        key_file=key_file, allow_keys=allow_keys), config_file)
+                                        key_file=key_file, allow_keys=allow_keys, max_queued_tasks=max_queued_tasks,
+                                        max_queued_bytes=max_queued_bytes, max_functions=max_functions,
+                                        max_function_bytes=max_function_bytes), config_file)
     _setup_logging(conf.log_level)
     _warn_argv_secret(secret)
     if conf.insecure and not conf.secured:

@@ -59,13 +59,14 @@ class LocalCluster:
 
     def __init__(self, agents: int = 2, workers: int = 1, *, heartbeat: float = 0.1, liveness: int = 3,
                  log_level: str = "WARNING", ready_timeout: float = 20.0, agent_args: Sequence[str] = (),
-                 secret: str | None = None) -> None:
+                 broker_args: Sequence[str] = (), secret: str | None = None) -> None:
         self.heartbeat, self.liveness, self.log_level = heartbeat, liveness, log_level
         # With a secret every socket speaks CurveZMQ; the daemons get it by environment, not argv.
         self.secret = secret
         self._env = {**os.environ, "ZPAR_SECRET": secret} if secret else None
         self._creds = security.client_credentials("producer", secret=secret) if secret else None
         self.agent_args = list(agent_args)  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
+        self.broker_args = list(broker_args)  # extra zpar-broker flags, e.g. ["--max-queued-tasks", "5"]
         self.workers = workers
         self.broker: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
@@ -109,7 +110,8 @@ class LocalCluster:
     def start_broker(self) -> subprocess.Popen[bytes]:
         self.broker = spawn_daemon(["zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
                                     "--collector", self.collector, "--heartbeat", str(self.heartbeat),
-                                    "--liveness", str(self.liveness), "--log-level", self.log_level],
+                                    "--liveness", str(self.liveness), "--log-level", self.log_level,
+                                    *self.broker_args],
                                    env=self._env)
         return self.broker
 
