@@ -168,7 +168,7 @@ class ZparTool(FuturesTool):
         if io is not None:  # private attributes, read only to explain a hang
             info["client"] = {"io_alive": io.is_alive(), "woken_flag": getattr(io, "_woken", None),
                               "queued_in_client": len(getattr(h, "_submits", ())),
-                              "in_flight": len(getattr(io, "pending", ()))}
+                              "in_flight": len(getattr(getattr(io, "core", None), "pending", ()))}
         try:
             st = h.status(2.0)
             info["broker"] = {k: st.get(k) for k in ("queued", "running", "done", "failed", "workers", "busy")}
