@@ -5,8 +5,11 @@
 ...     squares = list(client.map(pow, range(10), [2] * 10))
 """
 
-from .aio import as_completed_async
-from .client import Client
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthenticationError,
     BrokenCluster,
@@ -24,12 +27,16 @@ from .errors import (
     WorkerLost,
     ZparError,
 )
-from .executor import Executor
-from .futures import Future
-from .options import TaskOptions
-from .pool import Pool
-from .process import Process
-from .streaming import Channel
+
+if TYPE_CHECKING:
+    from .aio import as_completed_async
+    from .client import Client
+    from .executor import Executor
+    from .futures import Future
+    from .options import TaskOptions
+    from .pool import Pool
+    from .process import Process
+    from .streaming import Channel
 
 __version__ = "0.1.0"
 
@@ -59,3 +66,20 @@ __all__ = [
     "__version__",
     "as_completed_async",
 ]
+
+# The producer's API loads on first use: a worker process imports this package too (its modules
+# live in it) and needs none of it, and every worker's start-up is on the path to a first result.
+_LAZY = {"as_completed_async": ".aio", "Client": ".client", "Executor": ".executor", "Future": ".futures",
+         "TaskOptions": ".options", "Pool": ".pool", "Process": ".process", "Channel": ".streaming"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
