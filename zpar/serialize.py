@@ -36,11 +36,6 @@ _MAX_CHUNKS = 2000
 _CHUNKED = b"\x00zpar-chunks\x00"
 
 
-def digest(blob: bytes) -> bytes:
-    """The name a function blob is cached under on every hop (zpar.protocol.digest: hops verify it)."""
-    return P.digest(blob)
-
-
 def _describe(obj: Any) -> str:
     text = repr(obj)
     return text if len(text) <= 200 else text[:197] + "..."
@@ -210,7 +205,7 @@ def dump_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         blob = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the function {_describe(fn)}: {exc}") from exc
-    return digest(blob), blob
+    return P.digest(blob), blob  # the name every hop caches it under, and verifies
 
 
 class FunctionCache:

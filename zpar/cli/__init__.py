@@ -49,12 +49,17 @@ def _setup_logging(level: str) -> None:
                         stream=sys.stderr)
 
 
+def _fail(exc: Exception, code: int) -> typer.Exit:
+    """Say what went wrong on stderr; the exit to raise with ``code`` (2: a setting, 1: running)."""
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code)
+
+
 def _load(cls: type[cfg.C], flags: dict[str, object], config_file: str | None) -> cfg.C:
     try:
         return cfg.load(cls, flags, os.environ, config_file)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(exc, 2) from None
 
 
 def broker(
@@ -107,11 +112,9 @@ def broker(
     try:
         raise typer.Exit(run(conf))
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(exc, 2) from None
     except OSError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(exc, 1) from None
 
 
 def agent(
@@ -160,8 +163,7 @@ def agent(
     try:
         raise typer.Exit(run(conf))
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(exc, 2) from None
 
 
 @app.command()
@@ -183,8 +185,7 @@ def status(
         creds = _credentials(secret, secret_file, key_file, broker_key)
         info = broker_status(broker, timeout, creds)
     except ZparError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(exc, 1) from None
     if as_json:
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -236,8 +237,7 @@ def keygen(
         else:
             typer.echo(security.generate_secret())
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(exc, 2) from None
 
 
 app.command("broker")(broker)

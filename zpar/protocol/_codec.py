@@ -348,6 +348,7 @@ _MAX_BIN, _MAX_STR, _MAX_ARRAY, _MAX_MAP = INLINE_MAX, MAX_HEADER_BYTES // 8, MA
 #: the fields and a status's nodes. Each costs ~60 bytes here for one byte on the wire, so a
 #: header of millions of empty ones is refused after these instead of allocating hundreds of MB.
 MAX_CONTAINERS = 3 * MAX_ENTRIES
+_UNCOUNTED_BYTES = 128 * 1024  # holds at most this many (~8 MB): not counted, so tiny tasks pay no call per row
 
 
 class _Containers:
@@ -379,10 +380,10 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
     header = head.buffer if isinstance(head, zmq.Frame) else head
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(header)} bytes is over the {MAX_HEADER_BYTES} limit")
-    budget = _Containers()
+    hook = _Containers().took if len(header) > _UNCOUNTED_BYTES else None
     try:
-        h = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True, list_hook=budget.took,
-                            object_hook=budget.took, max_bin_len=_MAX_BIN, max_str_len=_MAX_STR,
+        h = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True, list_hook=hook,
+                            object_hook=hook, max_bin_len=_MAX_BIN, max_str_len=_MAX_STR,
                             max_array_len=_MAX_ARRAY, max_map_len=_MAX_MAP, max_ext_len=0)
     except ProtocolError:
         raise
