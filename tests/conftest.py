@@ -8,8 +8,11 @@ and register the module with cloudpickle so its functions travel by value.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import cloudpickle
@@ -22,6 +25,12 @@ from zpar.testing import LocalCluster
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tasks
+
+# This user's own secret (zpar._secrets.user_secret) is made on first use: the suite's goes into a
+# directory of its own, never into the home of whoever runs it.
+_CONFIG_HOME = tempfile.mkdtemp(prefix="zpar-tests-config-")
+os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME
+atexit.register(shutil.rmtree, _CONFIG_HOME, ignore_errors=True)
 
 cloudpickle.register_pickle_by_value(tasks)
 

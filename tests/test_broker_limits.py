@@ -88,22 +88,23 @@ def test_the_agent_refuses_a_blob_that_does_not_match_its_digest():
 # ---------------------------------------------------------------------- quotas
 
 
-def test_tasks_over_the_queued_quota_are_refused_and_other_producers_are_not():
+def test_tasks_past_the_queued_quota_are_refused_for_now_and_other_producers_are_not():
     b = Broker(queued_tasks=3)
     out = b.submit(b"p", range(1, 6))
     (err,) = [o.msg for o in out if isinstance(o.msg, P.Error)]
-    assert err.code is P.ErrorCode.QUOTA_EXCEEDED and err.ids == (4, 5) and "3 of its tasks are queued" in err.detail
+    assert err.code is P.ErrorCode.QUEUE_FULL and err.ids == (4, 5) and "3 of its tasks are queued" in err.detail
     assert b.submit(b"q", range(1, 4)) == []  # another producer has its own quota
     assert b.core.status(b.now)["queued"] == 6
+    assert b.core.counters["refused_queue_full"] == 2
     b.agent(credits=3)  # three of them go: room again
     assert sum(p.queued for p in b.core._producers.values()) == 3
-    assert errors(b.submit(b"p", [6]), P.ErrorCode.QUOTA_EXCEEDED) == []
+    assert errors(b.submit(b"p", [6]), P.ErrorCode.QUEUE_FULL) == []
 
 
-def test_tasks_over_the_queued_bytes_quota_are_refused():
+def test_tasks_past_the_queued_bytes_quota_are_refused_for_now():
     b = Broker(queued_bytes=1000)
     out = b.submit(b"p", range(1, 5), size=400)
-    assert errors(out, P.ErrorCode.QUOTA_EXCEEDED) == [(b"p", (3, 4))]
+    assert errors(out, P.ErrorCode.QUEUE_FULL) == [(b"p", (3, 4))]
     assert b.core._producers[b"p"].queued_bytes == 800
 
 
@@ -112,12 +113,12 @@ def test_a_task_larger_than_the_bytes_quota_still_goes_alone():
     assert b.submit(b"p", [1], size=500) == []
 
 
-def test_function_blobs_over_the_quota_are_refused_while_in_use_and_evicted_when_idle():
+def test_function_blobs_past_the_quota_are_refused_while_in_use_and_evicted_when_idle():
     b = Broker(functions=2)
     blobs = [b"f%d" % i for i in range(3)]
     assert b.submit(b"p", [1], blob=blobs[0]) == [] and b.submit(b"p", [2], blob=blobs[1]) == []
     out = b.submit(b"p", [3], blob=blobs[2])
-    assert errors(out, P.ErrorCode.QUOTA_EXCEEDED) == [(b"p", (3,))]
+    assert errors(out, P.ErrorCode.QUEUE_FULL) == [(b"p", (3,))]  # for now: blobs in use free up
     (tasks,) = [o.msg for o in b.agent(credits=2) if isinstance(o.msg, P.Tasks)]
     b.core.results(b.now, P.Result((P.ResultEntry(tasks.tasks[0].id, P.Status.OK, (b"r",)),), b"a"))
     assert b.submit(b"p", [4], blob=blobs[2]) == []  # the idle blob made room
@@ -128,20 +129,36 @@ def test_function_blobs_over_the_quota_are_refused_while_in_use_and_evicted_when
     assert errors(out, P.ErrorCode.UNKNOWN_FUNCTION) == [(b"p", (5,))]
 
 
-def test_function_bytes_over_the_quota_are_refused():
+def test_a_function_blob_larger_than_the_bytes_quota_is_refused_for_good():
     b = Broker(function_bytes=10)
     assert errors(b.submit(b"p", [1], blob=b"x" * 11), P.ErrorCode.QUOTA_EXCEEDED) == [(b"p", (1,))]
 
 
-def test_a_refused_task_fails_at_the_producer_with_quota_exceeded():
+def test_a_task_refused_for_good_fails_at_the_producer_with_quota_exceeded():
     broker = StubBroker()
     broker.welcome()
     fut, other = broker.submit(divmod, 7, 2), broker.submit(divmod, 9, 2)
     first, _ = broker.tasks()
-    broker.send(P.Error(P.ErrorCode.QUOTA_EXCEEDED, (first.id,), "5 of its tasks are queued, the broker's limit"))
-    with pytest.raises(zpar.QuotaExceeded, match="tasks are queued"):
+    broker.send(P.Error(P.ErrorCode.QUOTA_EXCEEDED, (first.id,), "its function blob is over the broker's limit"))
+    with pytest.raises(zpar.QuotaExceeded, match="function blob is over"):
         fut.result(0)
     assert not other.done()
+
+
+def test_a_task_the_broker_has_no_room_for_is_held_and_sent_again_as_results_come_back():
+    broker = StubBroker()
+    broker.welcome()
+    futures = [broker.submit(divmod, i, 2) for i in range(3)]
+    first, second, third = broker.tasks()
+    broker.send(P.Error(P.ErrorCode.QUEUE_FULL, (second.id, third.id), "2 of its tasks are queued"))
+    assert not any(f.done() for f in futures) and broker.tasks() == []  # held, not failed
+    broker.result(first.id, divmod(0, 2))  # one result: room for one more
+    assert [t.id for t in broker.tasks()] == [second.id]
+    broker.advance(1.0)  # and at each heartbeat, in case no result comes
+    assert [t.id for t in broker.tasks()] == [third.id]
+    broker.result(second.id, divmod(1, 2))
+    broker.result(third.id, divmod(2, 2))
+    assert [f.result(0) for f in futures] == [divmod(i, 2) for i in range(3)]
 
 
 # ---------------------------------------------------------------------- cancel
@@ -239,12 +256,12 @@ def _big_function(size: int):
 
 @pytest.mark.parametrize("client", ["embedded"], indirect=True)
 def test_a_producer_over_its_function_quota_gets_quota_exceeded_while_another_runs(client):
-    """The default function_bytes quota (256 MiB): a function of more is refused, and only it."""
+    """The default function_bytes quota (64 MiB): a function of more is refused, and only it."""
     too_big = _big_function(Limits().function_bytes + 1)
     with zpar.Client(client.address) as other:
         refused = other.submit(too_big, 1)
         fine = [client.submit(divmod, i, 3) for i in range(50)]
-        with pytest.raises(zpar.QuotaExceeded, match="function blobs"):
+        with pytest.raises(zpar.QuotaExceeded, match="function blob"):
             refused.result(timeout=60)
         assert [f.result(timeout=30) for f in fine] == [divmod(i, 3) for i in range(50)]
         assert other.submit(divmod, 7, 2).result(timeout=30) == (3, 1)  # its next small task runs

@@ -15,6 +15,7 @@ import pytest
 
 from zpar.client import broker_status
 from zpar.errors import BrokerUnavailable
+from zpar.security import make_keypair_files, user_secret_path
 from zpar.testing import free_port, wait_for
 
 BIN = os.path.dirname(sys.executable)
@@ -85,11 +86,30 @@ def test_status_with_no_broker_exits_1_with_a_clear_message():
     assert "no zpar broker answered" in proc.stderr and address in proc.stderr
 
 
-def test_broker_refuses_a_public_bind_without_insecure():
-    frontend = f"tcp://0.0.0.0:{free_port()}"
-    proc = run(script("zpar-broker"), "--frontend", frontend)
+def test_a_broker_on_every_interface_with_no_secret_uses_this_users_secret_and_refuses_status_insecure():
+    port = free_port()
+    _, backend, collector = addresses()
+    with daemon(*broker_args(f"tcp://0.0.0.0:{port}", backend, collector)) as broker:
+        frontend = f"tcp://127.0.0.1:{port}"
+        wait_for(lambda: broker.poll() is not None or answering(frontend), 15, what="the broker answering")
+        assert broker.poll() is None, "the broker exited"
+        proc = run(script("zpar"), "status", "--broker", frontend, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["security"] == f"curve, this user's secret {user_secret_path()}"
+        refused = run(script("zpar"), "status", "--broker", frontend, "--insecure", "--timeout", "5")
+        assert refused.returncode == 1
+        assert "requires authentication" in refused.stderr and "--insecure" in refused.stderr
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(5) == 0
+
+
+def test_a_key_file_broker_without_an_allow_list_per_role_exits_2_naming_them(tmp_path):
+    make_keypair_files(tmp_path, "broker")
+    frontend, backend, collector = addresses()
+    proc = run(*broker_args(frontend, backend, collector), "--key-file", str(tmp_path / "broker.key_secret"),
+               "--allow-keys", str(tmp_path))
     assert proc.returncode == 2
-    assert "--insecure" in proc.stderr and frontend in proc.stderr
+    assert "allow_agent_keys" in proc.stderr and "allow_keys" in proc.stderr
 
 
 def test_broker_stops_with_exit_0_on_sigterm():

@@ -175,11 +175,13 @@ def test_a_message_of_too_many_frames_is_dropped_and_the_broker_serves_on(cluste
     import zmq
 
     from zpar import protocol as P
+    from zpar import security
 
     before = cluster.status()["counters"].get("protocol_errors_frontend", 0)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    security.apply_client(sock, security.client_credentials("producer"))  # a producer of this user gone wrong
     sock.connect(cluster.frontend)
     try:
         sock.send_multipart([b"x"] + [b""] * (P.MAX_FRAMES + 5))

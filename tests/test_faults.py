@@ -21,6 +21,7 @@ import zmq
 
 import zpar
 from zpar import protocol as P
+from zpar import security
 from zpar.testing import wait_for
 
 #: Each test here starts a cluster of its own and breaks it; give them room on a busy 2-core box.
@@ -166,10 +167,11 @@ def test_garbage_on_every_broker_port_does_not_crash_it(new_cluster):
                 raw.sendall(rng.randbytes(rng.randint(1, 4096)))
     ctx = zmq.Context.instance()
     sent = 0
-    for kind, address in ((zmq.DEALER, cluster.frontend), (zmq.DEALER, cluster.backend),
-                          (zmq.PUSH, cluster.collector)):
+    for kind, address, role in ((zmq.DEALER, cluster.frontend, "producer"), (zmq.DEALER, cluster.backend, "agent"),
+                                (zmq.PUSH, cluster.collector, "agent")):
         sock = ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 2000)
+        security.apply_client(sock, security.client_credentials(role))  # an authenticated peer gone wrong
         sock.connect(address)
         for frames in [*BAD_MESSAGES, [rng.randbytes(64) for _ in range(3)]]:
             sock.send_multipart(frames)
@@ -187,6 +189,7 @@ def test_a_result_with_a_list_as_status_is_dropped_as_a_protocol_error(new_clust
     client = cluster.client()
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 2000)
+    security.apply_client(push, security.client_credentials("agent"))  # an authenticated agent gone wrong
     push.connect(cluster.collector)
     push.send(msgpack.packb({"v": P.VERSION, "k": int(P.Kind.RESULT), "r": [[1, [0], 0, 0, b"x", None]]}))
     push.close()

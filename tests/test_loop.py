@@ -75,7 +75,9 @@ def test_a_client_drops_an_oversized_message_from_its_broker_and_keeps_working()
     broker.setsockopt(zmq.LINGER, 0)
     port = broker.bind_to_random_port("tcp://127.0.0.1")
     made: list = []
-    thread = threading.Thread(target=lambda: made.append(zpar.Client(f"tcp://127.0.0.1:{port}", connect_timeout=10)))
+    # The fake broker speaks no CurveZMQ: the client must be told so (insecure=True).
+    thread = threading.Thread(target=lambda: made.append(zpar.Client(f"tcp://127.0.0.1:{port}", connect_timeout=10,
+                                                                     insecure=True)))
     thread.start()
     try:
         assert broker.poll(10_000)

@@ -1,8 +1,10 @@
 """Secrets handled as the best tools do: private files, a salt per secret, no weak secrets, no silent plaintext.
 
-Each refusal names its fix (`chmod 600`, `zpar keygen`, insecure=True); the
+Each refusal names its fix (`chmod 600`, `zpar keygen`, XDG_CONFIG_HOME); the
 cost of deriving keys is measured; a keygen secret carries its salt, so two
 processes reading one file derive the same keys and two secrets never do.
+Given nothing, every address is authenticated with this user's own secret;
+plaintext only when asked for (insecure=True, --insecure).
 """
 
 from __future__ import annotations
@@ -212,42 +214,52 @@ def test_deriving_keys_costs_under_half_a_second_and_once_per_process():
     assert time.perf_counter() - start < 0.01  # cached: once per process
 
 
-# ---------------------------------------------------------------------- no silent plaintext
+# ---------------------------------------------------------------------- no plaintext unless asked for
 
 
-@pytest.mark.parametrize("address", ["tcp://10.0.0.5:5555", "tcp://broker.example:5555", "tcp://0.0.0.0:5555"])
-def test_a_client_without_credentials_refuses_a_remote_address(address, monkeypatch):
-    for name in ("ZPAR_SECRET", "ZPAR_SECRET_FILE", "ZPAR_KEY_FILE", "ZPAR_BROKER_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    start = time.monotonic()
-    with pytest.raises(ConfigError, match="insecure=True") as info:
-        zpar.Client(address)
-    assert "zpar keygen" in str(info.value) and time.monotonic() - start < 1
+@pytest.mark.parametrize("address", ["tcp://10.0.0.5:5555", "tcp://broker.example:5555", "tcp://0.0.0.0:5555",
+                                     "tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555"])
+def test_a_client_given_nothing_uses_this_users_secret_for_any_tcp_address(address):
+    creds = security.client_credentials("producer", address=address)
+    assert creds.origin == f"this user's secret {security.user_secret_path()}"
+    assert creds.broker.public == security.derive_keys(security.user_secret())["broker"].public
+    assert creds.own.public == security.derive_keys(security.user_secret())["producer"].public
 
 
 def test_a_client_with_insecure_true_may_connect_in_plaintext(monkeypatch):
     monkeypatch.delenv("ZPAR_SECRET_FILE", raising=False)
     monkeypatch.delenv("ZPAR_SECRET", raising=False)
-    # Nothing listens there: the check passes and the client then waits for a broker.
+    assert security.client_credentials("producer", insecure=True, address="tcp://192.0.2.1:5555") is None
+    # Nothing listens there: the client waits for a broker, in plaintext.
     with pytest.raises(zpar.BrokerUnavailable):
         zpar.Client("tcp://192.0.2.1:5555", insecure=True, connect_timeout=0.2)
 
 
-def test_loopback_and_ipc_stay_allowed_without_credentials():
-    for address in ("tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555", "ipc:///tmp/x"):
-        config.check_connect_address(address, False, "client", "secret_file=FILE")
+def test_insecure_does_not_drop_credentials_that_were_given():
+    creds = security.client_credentials("producer", secret=TYPED, insecure=True)
+    assert creds is not None and creds.broker.public == _public_key(TYPED)["broker"]
 
 
-def test_an_agent_without_credentials_refuses_a_remote_broker():
-    with pytest.raises(ConfigError, match="--insecure"):
-        AgentConfig(broker="tcp://10.0.0.5:5556")
+def test_an_ipc_address_needs_no_credentials_its_socket_files_mode_guards_it():
+    assert security.client_credentials("producer", address="ipc:///tmp/zpar-x/frontend") is None
+    assert security.client_credentials("agent", address="inproc://zpar") is None
+    assert security.broker_credentials(default=False) is None  # a broker with no TCP socket
+
+
+def test_an_agent_given_nothing_uses_this_users_secret_and_insecure_uses_none():
+    assert not AgentConfig(broker="tcp://10.0.0.5:5556").secured
     assert AgentConfig(broker="tcp://10.0.0.5:5556", insecure=True).insecure
     assert AgentConfig(broker="tcp://10.0.0.5:5556", secret=TYPED).secured
-    assert AgentConfig(broker="tcp://127.0.0.1:5556")
+    creds = security.client_credentials("agent", address="tcp://10.0.0.5:5556")
+    assert creds.own.public == security.derive_keys(security.user_secret())["agent"].public
+    assert security.client_credentials("agent", insecure=True, address="tcp://10.0.0.5:5556") is None
 
 
-def test_the_agent_cli_refuses_a_remote_broker_without_credentials_with_exit_2(monkeypatch):
+def test_the_agent_cli_without_a_usable_config_home_exits_2_naming_xdg_config_home(tmp_path, monkeypatch):
     for name in ("ZPAR_SECRET", "ZPAR_SECRET_FILE", "ZPAR_KEY_FILE", "ZPAR_BROKER_KEY", "ZPAR_INSECURE"):
         monkeypatch.delenv(name, raising=False)
-    out = _run(ZPAR, "agent", "--broker", "tcp://10.0.0.5:5556")
-    assert out.returncode == 2 and "without credentials" in out.stderr and "--insecure" in out.stderr
+    blocked = tmp_path / "config"
+    blocked.write_text("a file where a directory should be\n")
+    out = _run(ZPAR, "agent", "--broker", "tcp://10.0.0.5:5556", env={"XDG_CONFIG_HOME": str(blocked)})
+    assert out.returncode == 2, out.stderr
+    assert "XDG_CONFIG_HOME" in out.stderr and "--insecure" in out.stderr

@@ -79,16 +79,46 @@ def test_keygen_prints_a_strong_secret_and_writes_key_files(tmp_path):
     assert pair.public == security.load_keypair(tmp_path / "node1.key", need_secret=False).public
 
 
-def test_binding_every_interface_without_a_secret_is_refused_and_allowed_with_one():
-    with pytest.raises(ConfigError, match="zpar keygen"):
-        BrokerConfig(frontend="tcp://0.0.0.0:5555")
-    assert BrokerConfig(frontend="tcp://0.0.0.0:5555", secret=SECRET).secured
+def test_binding_every_interface_without_a_secret_is_authenticated_with_this_users_secret():
+    conf = BrokerConfig(frontend="tcp://0.0.0.0:5555")
+    assert not conf.secured and not conf.insecure
+    creds = security.broker_credentials()
+    assert creds.mode == f"curve, this user's secret {security.user_secret_path()}"
+    keys = security.derive_keys(security.user_secret())
+    assert creds.admit["frontend"] == {keys["producer"].public}
+    assert creds.admit["backend"] == creds.admit["collector"] == {keys["agent"].public}
+    with pytest.raises(ConfigError, match="needs a scheme"):
+        BrokerConfig(frontend="0.0.0.0:5555")
 
 
-def test_the_broker_cli_refuses_a_public_bind_without_a_secret():
-    out = subprocess.run([ZPAR, "broker", "--frontend", "tcp://0.0.0.0:0"], capture_output=True, text=True,
-                         timeout=30)
-    assert out.returncode == 2 and "--secret-file" in out.stderr
+def test_a_broker_on_every_interface_with_no_secret_admits_a_default_client_and_refuses_an_insecure_one():
+    ports = [free_port() for _ in range(3)]
+    frontend, backend, collector = (f"tcp://0.0.0.0:{port}" for port in ports)
+    broker = spawn_daemon(["zpar_broker", "--frontend", frontend, "--backend", backend, "--collector", collector,
+                           "--heartbeat", "0.1", "--log-level", "WARNING"])
+    agent = spawn_daemon(["zpar.agent", "--broker", f"tcp://127.0.0.1:{ports[1]}", "--workers", "1",
+                          "--heartbeat", "0.1", "--log-level", "WARNING"])
+    frontend = f"tcp://127.0.0.1:{ports[0]}"
+
+    def joined() -> dict | None:
+        assert broker.poll() is None, "the broker exited"
+        try:
+            status = zpar.client.broker_status(frontend, 1.0)
+        except zpar.BrokerUnavailable:
+            return None
+        return status if status["workers"] == 1 else None
+
+    try:
+        status = wait_for(joined, 20, what="the broker answering and the agent joined")
+        assert status["security"] == f"curve, this user's secret {security.user_secret_path()}"
+        with zpar.Client(frontend) as client:
+            assert client.submit(tasks.square, 9).result(timeout=30) == 81
+        start = time.monotonic()
+        with pytest.raises(zpar.AuthenticationError, match="--insecure"):
+            zpar.Client(frontend, insecure=True, connect_timeout=REFUSAL_BAR + 5)
+        assert time.monotonic() - start <= REFUSAL_BAR
+    finally:
+        stop_processes([agent, broker])
 
 
 # ---------------------------------------------------------------------- a secured cluster
@@ -100,7 +130,8 @@ def test_a_client_with_the_secret_runs_tasks(secured):
     assert secured.status()["security"] == "curve, shared secret"
 
 
-@pytest.mark.parametrize("how", ["no secret", "wrong secret", "agent's key", "only the broker's public key"])
+@pytest.mark.parametrize("how", ["this user's secret (none given)", "wrong secret", "agent's key",
+                                 "only the broker's public key"])
 def test_a_refused_producer_gets_authentication_error_fast_and_sends_nothing(secured, how):
     before = _counters(secured)
     kwargs: dict = {}
@@ -218,17 +249,19 @@ def test_a_good_client_keeps_working_while_a_bad_one_reconnects_in_a_loop(secure
 
 @pytest.fixture
 def keyed(tmp_path):
-    """A broker with its own key and an allow-list directory holding node1's public key."""
-    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    """A broker with its own key and an allow-list per role: node1 (and watcher) may submit, node1 may serve."""
+    keys, allow, agents = tmp_path / "keys", tmp_path / "allow", tmp_path / "agents"
     allow.mkdir()
-    for name in ("broker", "node1", "node2"):
+    agents.mkdir()
+    for name in ("broker", "node1", "node2", "watcher"):
         security.make_keypair_files(keys, name)
-    (allow / "node1.key").write_bytes((keys / "node1.key").read_bytes())
+    for folder, name in ((allow, "node1"), (allow, "watcher"), (agents, "node1")):
+        (folder / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
     ports = [free_port() for _ in range(3)]
     frontend, backend, collector = (f"tcp://127.0.0.1:{p}" for p in ports)
     broker = spawn_daemon(["zpar_broker", "--frontend", frontend, "--backend", backend, "--collector", collector,
                            "--heartbeat", "0.1", "--key-file", str(keys / "broker.key_secret"),
-                           "--allow-keys", str(allow), "--log-level", "WARNING"])
+                           "--allow-keys", str(allow), "--allow-agent-keys", str(agents), "--log-level", "WARNING"])
     procs = [broker]
 
     def agent(name: str) -> subprocess.Popen:
@@ -246,12 +279,13 @@ def keyed(tmp_path):
         pass
 
     k = Keyed()
-    k.keys, k.allow, k.frontend, k.broker, k.agent, k.creds = keys, allow, frontend, broker, agent, creds
+    k.keys, k.allow, k.agents, k.frontend = keys, allow, agents, frontend
+    k.broker, k.agent, k.creds = broker, agent, creds
     yield k
     stop_processes(procs)
 
 
-def _status(k, name: str = "node1") -> dict:
+def _status(k, name: str = "watcher") -> dict:
     return wait_for(lambda: _try_status(k, name), 10, what="the broker answering")
 
 
@@ -275,7 +309,7 @@ def test_key_files_admit_the_allow_list_and_refuse_others(keyed):
     assert time.monotonic() - start <= REFUSAL_BAR
     bad_agent = keyed.agent("node2")
     assert bad_agent.wait(REFUSAL_BAR + 3) == 1
-    assert _status(keyed)["security"].startswith("curve, allow-list")
+    assert _status(keyed)["security"] == f"curve, key files: producers {keyed.allow}, agents {keyed.agents}"
 
 
 def test_removing_a_key_file_revokes_it_without_a_restart(keyed):
@@ -399,7 +433,7 @@ def test_without_an_authenticator_answering_no_one_gets_in():
         port = server.bind_to_random_port("tcp://127.0.0.1")
         good = security.client_credentials("producer", secret=SECRET)
         security.apply_client(client, good)
-        monitor = security.HandshakeMonitor(client, f"tcp://127.0.0.1:{port}", good)
+        monitor = security.HandshakeMonitor(client, f"tcp://127.0.0.1:{port}", security.origin(good))
         client.connect(f"tcp://127.0.0.1:{port}")
         client.send(b"hello")
         failure = wait_for(lambda: monitor.socket.poll(50) and monitor.check(), REFUSAL_BAR, what="a refusal")
@@ -413,17 +447,19 @@ def test_without_an_authenticator_answering_no_one_gets_in():
 
 
 def test_revoking_a_connected_node_cuts_it_off_and_its_work_goes_elsewhere(keyed):
-    (keyed.allow / "node2.key").write_bytes((keyed.keys / "node2.key").read_bytes())
+    (keyed.agents / "node2.key").write_bytes((keyed.keys / "node2.key").read_bytes())
     node1, node2 = keyed.agent("node1"), keyed.agent("node2")
     wait_for(lambda: _status(keyed)["workers"] == 2, 15, what="both agents joined")
     with zpar.Client(keyed.frontend, key_file=str(keyed.keys / "node1.key_secret"),
                      broker_key=str(keyed.keys / "broker.key")) as client:
-        (keyed.allow / "node2.key").unlink()
+        (keyed.agents / "node2.key").unlink()
         assert node2.wait(REFUSAL_BAR + 3) == 1, "the revoked agent should stop"
         assert _status(keyed)["workers"] == 1
         assert list(client.map(tasks.square, range(20), timeout=30)) == [i * i for i in range(20)]
         assert _status(keyed)["counters"]["peers_revoked"] == 1
-        (keyed.allow / "node1.key").unlink()
+        (keyed.allow / "node1.key").unlink()  # node1 may no longer submit; it still serves as an agent
         with pytest.raises(zpar.AuthenticationError, match="cut us off"):
             wait_for(lambda: client.submit(tasks.square, 2).result(timeout=REFUSAL_BAR) and False, REFUSAL_BAR + 5)
+    assert node1.poll() is None and _status(keyed)["workers"] == 1
+    (keyed.agents / "node1.key").unlink()
     assert node1.wait(REFUSAL_BAR + 3) == 1

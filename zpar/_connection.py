@@ -127,7 +127,7 @@ class Connection(threading.Thread):
                                                              "the broker at %s", P.MAX_FRAMES, self.address))
         security.apply_client(sock, self.creds)
         if self.address.startswith("tcp://"):  # a refused handshake must be an error, not a hang
-            self._monitor = security.HandshakeMonitor(sock, self.address, self.creds)
+            self._monitor = security.HandshakeMonitor(sock, self.address, security.origin(self.creds))
         try:
             sock.connect(self.address)
             self._send(self.core.start(time.monotonic()))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -90,6 +91,10 @@ class ProducerCore:
         self.shipped = P.Shipped()  # the function blobs the broker has from us
         self.rule = Liveness()  # the broker's heartbeat and liveness, from its WELCOME
         self._lost_since = self._last_heard = self._next_beat = 0.0
+        #: Tasks the broker had no room for yet (QUEUE_FULL), oldest first: sent again as results
+        #: come back (each result makes about one task's room) and once a heartbeat. They keep
+        #: their slot of the window, so a busy broker slows ``submit`` instead of failing it.
+        self._held: dict[int, None] = {}
 
     @property
     def ended(self) -> bool:
@@ -102,7 +107,8 @@ class ProducerCore:
     # ------------------------------------------------------------------ events
 
     def start(self, now: float) -> list[P.Message]:
-        self._lost_since = self._last_heard = self._next_beat = now
+        self._lost_since = self._last_heard = now
+        self._next_beat = now + self.rule.heartbeat  # the HELLO goes now; again at the next beat if unanswered
         return [self.hello]
 
     def submitted(self, tasks: Iterable[PendingTask]) -> list[P.Message]:
@@ -209,7 +215,10 @@ class ProducerCore:
                         now - self._last_heard)
             self._lose(self._last_heard)
         if self.link is Link.CONNECTED:
-            return [P.Heartbeat()]
+            out: list[P.Message] = [P.Heartbeat()]
+            if self._held:  # in case no result comes to make room: the broker's queue may have drained
+                self._send_held(P.BATCH_MAX_TASKS, out)
+            return out
         if now - self._lost_since > self.broker_timeout and self.pending:
             self.pending.fail_all(BrokenCluster(  # a BrokerUnavailable; also what Executor users catch
                 f"the broker at {self.address} has not answered for {now - self._lost_since:.0f} s "
@@ -254,6 +263,7 @@ class ProducerCore:
                         "a restarted" if restarted else "reconnected to the", self.address, len(self.pending))
             self.shipped.forget()
             self._fail_streams(out)
+        self._held.clear()  # everything unfinished goes again below
         if self.pending:
             out += self._submit(list(self.pending))
 
@@ -267,10 +277,15 @@ class ProducerCore:
             out += self._submit(retry)
         elif msg.code is P.ErrorCode.KEY_REVOKED:
             self._cut_off(self._revoked())
+        elif msg.code is P.ErrorCode.TOO_MANY_PEERS:
+            self._cut_off(QuotaExceeded(
+                f"the broker at {self.address} refused this client: {printable(msg.detail) or 'too many clients'}; "
+                "close other clients of this cluster's credentials, or raise the broker's --max-producers-per-key"))
+        elif msg.code is P.ErrorCode.QUEUE_FULL:
+            self._held.update((tid, None) for tid in msg.ids if tid in self.pending)
         elif msg.code is P.ErrorCode.QUOTA_EXCEEDED:
             self._fail_ids(msg.ids, lambda tid: QuotaExceeded(
-                f"the broker at {self.address} refused task {tid}: {msg.detail or 'this producer is over a quota'}; "
-                "wait for earlier tasks to finish and submit it again, or raise the broker's limits"))
+                f"the broker at {self.address} refused task {tid}: {printable(msg.detail) or 'it is over a quota'}"))
         elif msg.code is P.ErrorCode.BAD_FUNCTION:
             self._fail_ids(msg.ids, lambda tid: ProtocolError(
                 f"the broker at {self.address} refused task {tid}: its function blob does not hash to its digest "
@@ -309,7 +324,18 @@ class ProducerCore:
 
     # ------------------------------------------------------------------ results
 
+    def _send_held(self, room: int, out: list[P.Message]) -> None:
+        """Send up to ``room`` of the tasks the broker had no room for, oldest first."""
+        ids = list(itertools.islice(self._held, room))
+        for tid in ids:
+            del self._held[tid]
+        tasks = [task for task in map(self.pending.get, ids) if task is not None]  # not cancelled since
+        if tasks:
+            out += self._submit(tasks)
+
     def _results(self, msg: P.Result, out: list[P.Message]) -> None:
+        if self._held:
+            self._send_held(len(msg.results), out)
         for entry in msg.results:
             task = self.pending.get(entry.id)
             if task is None:

@@ -4,8 +4,10 @@ A ``zpar keygen`` secret is one line, ``zpar-secret-v1:<salt>:<secret>``
 (URL-safe base64): 256 random bits and a random salt of their own. Any other
 secret (typed, or an older file) must score ``MIN_SECRET_BITS`` by a simple
 estimate and is salted with a fixed label. Files that others may read are
-refused. ``stretch`` runs scrypt once per process and secret; zpar.security
-turns its output into the roles' CurveZMQ keypairs.
+refused. ``stretch`` turns a secret into 32 bytes once per process (scrypt
+for a typed one); zpar.security turns those into the roles' CurveZMQ
+keypairs. With no secret given, one user's processes share
+``user_secret()``, made on first use.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import math
 import os
 import secrets as _random
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -26,8 +29,6 @@ MIN_SECRET_BYTES = 16
 
 #: Least estimated entropy of a secret without its own salt (typed, or an old file), in bits.
 MIN_SECRET_BITS = 100
-
-#: The ZAP domain every zpar server socket sets; with ZAP_ENFORCE_DOMAIN a
 
 #: Secrets found in documentation, defaults and lists of common passwords.
 WELL_KNOWN = frozenset({
@@ -94,6 +95,8 @@ def _salted(raw: bytes) -> tuple[bytes, bytes] | None:
     if len(salt) != _SALT_BYTES or len(secret) != _SECRET_BYTES:
         raise ConfigError(f"this {FILE_FORMAT} secret is damaged (wrong length or characters); copy it "
                           "again, or make a new one with `zpar keygen`")
+    if len(set(secret)) < 16:  # 32 random bytes have about 30 distinct values; it is not hashed slowly
+        raise ConfigError(f"this {FILE_FORMAT} secret was not made at random; make one with `zpar keygen`")
     return salt, secret
 
 
@@ -211,10 +214,76 @@ _stretched: dict[tuple[bytes, bytes], bytes] = {}
 
 
 def stretch(secret: str | bytes) -> bytes:
-    """32 bytes from a shared secret: scrypt with its own salt (or the fixed label), once per process."""
+    """32 bytes from a shared secret, once per process.
+
+    A ``zpar keygen`` secret is 256 random bits: no guesser can search that
+    space, so stretching would only add its cost to every process start
+    (0.36 s here); it is hashed with its own salt. Any other secret was typed
+    by someone: scrypt (``SCRYPT_N``) with the fixed label makes each guess
+    expensive.
+    """
     raw = check_secret(secret)
     salted = _salted(raw)
     salt, key = salted if salted is not None else (_LABEL_SALT, raw)
     if (salt, key) not in _stretched:
-        _stretched[salt, key] = hashlib.scrypt(key, salt=salt, dklen=32, **_SCRYPT)
+        if salted is not None:
+            _stretched[salt, key] = hashlib.blake2b(key, digest_size=32, salt=salt, person=b"zpar-secret-v1").digest()
+        else:
+            _stretched[salt, key] = hashlib.scrypt(key, salt=salt, dklen=32, **_SCRYPT)
     return _stretched[salt, key]
+
+
+def user_secret_path() -> Path:
+    """Where this user's own secret lives: ``$XDG_CONFIG_HOME/zpar/secret`` (``~/.config/zpar/secret``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "zpar" / "secret"
+
+
+def user_secret() -> bytes:
+    """This user's own secret, made on first use: what authenticates a cluster given no secret.
+
+    Every process of one user (broker, agents, producers) finds the same
+    file, so a cluster on one machine (or on machines sharing a home
+    directory) needs nothing configured, and another account, which cannot
+    read the file, is refused. The directory is 0700 and the file 0600; it
+    is written whole under a temporary name and linked into place, so
+    processes starting together all read one complete secret.
+    """
+    path = user_secret_path()
+    folder = path.parent
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700)
+            folder.chmod(0o700)  # mkdir's mode passes through the umask
+        except FileExistsError:
+            pass
+        _check_own_folder(folder)
+        if not path.exists():
+            _create_user_secret(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot make this user's zpar secret {path}: {exc.strerror or exc}. Set "
+                          "XDG_CONFIG_HOME to a directory of yours, give a secret (ZPAR_SECRET_FILE, "
+                          "--secret-file), or run --insecure on a machine only you use") from None
+    return read_secret_file(path)
+
+
+def _check_own_folder(folder: Path) -> None:
+    st = folder.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(f"{folder} holds this user's zpar secret but is not a directory of this user's "
+                          f"alone (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}): others could replace "
+                          f"the secret. Run `chmod 700 {folder}` as its owner, or set XDG_CONFIG_HOME elsewhere")
+
+
+def _create_user_secret(path: Path) -> None:
+    temporary = path.with_name(f".secret.{os.getpid()}.{_random.token_hex(4)}")
+    write_secret_file(temporary)
+    try:
+        os.link(temporary, path)  # atomic, and never over a secret another process just made
+        log.info("made this user's zpar secret %s: every zpar process of this user uses it unless given another",
+                 path)
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()

@@ -161,9 +161,8 @@ class Client(Submitter):
             raise ConfigError("max_tasks_per_worker= recycles the embedded cluster's workers; a remote "
                               "cluster's agents set it (zpar-agent --max-tasks-per-worker N)")
         self.address = address
-        creds = None if self._cluster else _credentials(secret, secret_file, key_file, broker_key)
-        if creds is None:  # no silent downgrade: plaintext beyond this machine only when asked for
-            config.check_connect_address(address, insecure, "client", "secret_file=FILE")
+        # With nothing given: this user's own secret; plaintext only when asked for (insecure=True).
+        creds = None if self._cluster else _credentials(secret, secret_file, key_file, broker_key, insecure, address)
         self._creds = creds
         self._window = threading.Semaphore(window)
         self._window_size = window
@@ -281,7 +280,7 @@ class Client(Submitter):
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: nodes, workers busy and idle, queued, running, done."""
-        return broker_status(self.address, timeout, self._creds)
+        return broker_status(self.address, timeout, self._creds, insecure=self._creds is None)
 
     def close(self) -> None:
         """Cancel what is pending, disconnect, and stop the embedded cluster if any."""
@@ -318,8 +317,12 @@ def _close_all() -> None:
 
 
 def _credentials(secret: str | bytes | None, secret_file: str | None, key_file: str | None,
-                 broker_key: str | None) -> security.Credentials | None:
-    """The producer's credentials from the arguments, or else the ``ZPAR_*`` variables; "" is an error."""
+                 broker_key: str | None, insecure: bool = False,
+                 address: str = "tcp://") -> security.Credentials | None:
+    """The producer's credentials from the arguments, or else the ``ZPAR_*`` variables; "" is an error.
+
+    With none of them: this user's own secret (security.client_credentials), unless ``insecure``.
+    """
     where = "{name}="
     if secret is None and secret_file is None and key_file is None and broker_key is None:
         env = os.environ  # read when a client is made, never at import
@@ -332,20 +335,24 @@ def _credentials(secret: str | bytes | None, secret_file: str | None, key_file: 
         if value is not None:  # set to nothing is an error, never a silent downgrade to plaintext
             config.check_not_empty(name, value, where.format(name=name, NAME=name.upper()))
     return security.client_credentials("producer", secret=secret, secret_file=secret_file, key_file=key_file,
-                                       broker_key=broker_key)
+                                       broker_key=broker_key, insecure=insecure, address=address)
 
 
-def broker_status(address: str, timeout: float = 5.0, creds: security.Credentials | None = None) -> dict[str, Any]:
+def broker_status(address: str, timeout: float = 5.0, creds: security.Credentials | None = None, *,
+                  insecure: bool = False) -> dict[str, Any]:
     """Ask the broker at ``address`` (its frontend) for its status.
 
+    ``creds`` None: this user's own secret, or plaintext if ``insecure``.
     Raises BrokerUnavailable if it does not answer in ``timeout`` seconds, and
-    AuthenticationError if it refuses ``creds`` (see security.client_credentials).
+    AuthenticationError if it refuses the credentials (see security.client_credentials).
     """
+    if creds is None:
+        creds = security.client_credentials("producer", insecure=insecure, address=address)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     security.apply_client(sock, creds)
-    monitor = security.HandshakeMonitor(sock, address, creds) if address.startswith("tcp://") else None
+    monitor = security.HandshakeMonitor(sock, address, security.origin(creds)) if address.startswith("tcp://") else None
     try:
         sock.connect(address)
         sock.send_multipart(P.encode(P.StatusMsg()))

@@ -9,10 +9,8 @@ reads no environment by itself.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import tomllib
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,10 +23,12 @@ DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 DEFAULT_COLLECTOR = "tcp://127.0.0.1:5557"
 
 # What one producer may hold in the broker: the defaults of zpar_broker.limits.Limits (which zpar cannot import).
-DEFAULT_MAX_QUEUED_TASKS = 1_000_000
-DEFAULT_MAX_QUEUED_BYTES = 1 << 30  # 1 GiB
+DEFAULT_MAX_QUEUED_TASKS = 100_000
+DEFAULT_MAX_QUEUED_BYTES = 64 << 20  # 64 MiB
 DEFAULT_MAX_FUNCTIONS = 10_000
-DEFAULT_MAX_FUNCTION_BYTES = 256 << 20  # 256 MiB
+DEFAULT_MAX_FUNCTION_BYTES = 64 << 20  # 64 MiB
+# Producers one key may have connected at once (with a shared secret: all of a cluster's producers).
+DEFAULT_MAX_PRODUCERS_PER_KEY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,31 +39,37 @@ class BrokerConfig:
     heartbeat: float = 1.0  # seconds between heartbeats
     liveness: int = 3  # heartbeats missed before a peer counts as dead
     max_message_size: int = MAX_MESSAGE_SIZE  # ZMQ_MAXMSGSIZE on every socket
-    insecure: bool = False  # allow binding beyond loopback without a secret
+    insecure: bool = False  # no authentication at all (else this user's own secret when none is given)
     secret: str = dataclasses.field(default="", repr=False)  # shared secret: CurveZMQ on every TCP socket
     secret_file: str = ""  # the shared secret, read from this file
+    agent_secret: str = dataclasses.field(default="", repr=False)  # agents' own secret (else ``secret``)
+    agent_secret_file: str = ""
     key_file: str = ""  # the broker's own NAME.key_secret (key-file mode)
-    allow_keys: str = ""  # directory of the nodes' public NAME.key files it admits (key-file mode)
+    allow_keys: str = ""  # directory of the producers' public NAME.key files it admits (key-file mode)
+    allow_agent_keys: str = ""  # directory of the agents' public NAME.key files it admits (key-file mode)
     max_queued_tasks: int = DEFAULT_MAX_QUEUED_TASKS  # per producer: tasks queued, not yet given to an agent
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES  # per producer: argument bytes of those tasks
     max_functions: int = DEFAULT_MAX_FUNCTIONS  # per producer: function blobs kept while its tasks use them
     max_function_bytes: int = DEFAULT_MAX_FUNCTION_BYTES  # per producer: bytes of those blobs
+    max_producers_per_key: int = DEFAULT_MAX_PRODUCERS_PER_KEY  # producers connected at once with one key
     parent_pid: int = 0  # exit when this process goes (the embedded cluster)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
-        for name in ("max_queued_tasks", "max_queued_bytes", "max_functions", "max_function_bytes"):
+        for name in ("max_queued_tasks", "max_queued_bytes", "max_functions", "max_function_bytes",
+                     "max_producers_per_key"):
             _check_positive_int(name, getattr(self, name))
-        open_ok = self.insecure or self.secured
-        check_bind_address(self.frontend, open_ok, "frontend")
+        check_scheme(self.frontend, "frontend")
         for name in ("backend", "collector"):  # empty: none (an embedded broker's agent is in-process)
             if getattr(self, name):
-                check_bind_address(getattr(self, name), open_ok, name)
+                check_scheme(getattr(self, name), name)
 
     @property
     def secured(self) -> bool:
-        return bool(self.secret or self.secret_file or self.key_file or self.allow_keys)
+        """Credentials were given (without any, this user's own secret is used unless ``insecure``)."""
+        return bool(self.secret or self.secret_file or self.agent_secret or self.agent_secret_file
+                    or self.key_file or self.allow_keys or self.allow_agent_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +87,12 @@ class AgentConfig:
     secret_file: str = ""
     key_file: str = ""  # this node's NAME.key_secret (key-file mode)
     broker_key: str = ""  # the broker's public broker.key (key-file mode)
-    insecure: bool = False  # allow a plaintext connection to a broker beyond loopback
+    insecure: bool = False  # no authentication (else this user's own secret when none is given)
     parent_pid: int = 0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
-        check_connect_address(self.broker, self.secured or self.insecure, "agent", "--secret-file FILE")
         for name in ("max_tasks_per_worker", "max_memory_per_worker"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be 0 (off) or more, not {getattr(self, name)}")
@@ -125,62 +130,22 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, not {value!r}")
 
 
-def is_local_endpoint(endpoint: str) -> bool:
-    """True for ipc/inproc endpoints and TCP on a loopback address."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = urllib.parse.urlsplit(f"//{rest}").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: not provably local
-
-
-def check_bind_address(endpoint: str, open_ok: bool, what: str) -> None:
-    """Refuse to listen beyond this machine with no authentication (DESIGN.md, Security).
-
-    ``open_ok``: a secret or key files are set, or the user said --insecure.
-    """
+def check_scheme(endpoint: str, what: str) -> None:
+    """ConfigError for an address without a scheme (``127.0.0.1:5555`` for ``tcp://127.0.0.1:5555``)."""
     if "://" not in endpoint:
         raise ConfigError(f"{what} address {endpoint!r} needs a scheme, like tcp://127.0.0.1:5555")
-    if not open_ok and not is_local_endpoint(endpoint):
-        raise ConfigError(
-            f"refusing to bind {what} to {endpoint} without a secret: anyone who reaches it could run "
-            "code as this user. Make a secret with `zpar keygen > secret && chmod 600 secret` and pass "
-            "--secret-file secret (or set ZPAR_SECRET) on the broker, the agents and the producers; or bind "
-            "to 127.0.0.1; or pass --insecure on a network you fully trust."
-        )
-
-
-def check_connect_address(endpoint: str, open_ok: bool, who: str, how: str) -> None:
-    """Refuse a plaintext connection beyond this machine: no silent downgrade (DESIGN.md, Security).
-
-    ``open_ok``: credentials are set, or the user said insecure. Loopback TCP,
-    ipc and in-process addresses are not checked here.
-    """
-    if open_ok or not endpoint.startswith("tcp://") or is_local_endpoint(endpoint):
-        return
-    raise ConfigError(
-        f"refusing to connect the {who} to {endpoint} without credentials: the traffic would be plaintext and "
-        f"anyone on the path could read it, or pose as the broker and run code here. Give the cluster's secret "
-        f"({how}, or ZPAR_SECRET_FILE; make one with `zpar keygen --out FILE`) or key files; or, on a network "
-        "you fully trust, say insecure (insecure=True, --insecure).")
 
 
 # Settings that name credentials: set to nothing, they are an error, never a silent downgrade.
-_CREDENTIAL_SETTINGS = ("secret", "secret_file", "key_file", "allow_keys", "broker_key")
+_CREDENTIAL_SETTINGS = ("secret", "secret_file", "agent_secret", "agent_secret_file", "key_file", "allow_keys",
+                        "allow_agent_keys", "broker_key")
 
 
 def check_not_empty(name: str, value: Any, where: str) -> None:
     """ConfigError if a credential setting ``name`` was given (in ``where``) but holds nothing."""
     if name in _CREDENTIAL_SETTINGS and isinstance(value, str) and not value.strip():
         raise ConfigError(f"{where} is set but empty: give it a value (make a secret with "
-                          "`zpar keygen --out FILE`), or unset it to run without one")
+                          "`zpar keygen --out FILE`), or unset it to use this user's own secret")
 
 
 C = TypeVar("C", BrokerConfig, AgentConfig)

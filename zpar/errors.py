@@ -11,7 +11,7 @@
     │   └── BrokenCluster         ...and work was failed for it (also concurrent.futures.BrokenExecutor)
     ├── ResultTimeout             a wait for a Pool result ran out (also multiprocessing.TimeoutError, TimeoutError)
     ├── AuthenticationError       the broker refused our credentials
-    ├── QuotaExceeded             the broker refused tasks over this producer's quota (queued tasks or bytes, functions)
+    ├── QuotaExceeded             the broker refused a task that can never fit a quota (a function blob too large)
     ├── SerializationError        (also TypeError) a function, argument or result does not pickle
     │   └── PayloadTooLarge       a task is over the configured size limit
     ├── ConfigError               (also ValueError) a setting is wrong; the message says which
@@ -117,11 +117,12 @@ class AuthenticationError(ZparError, PermissionError):
 
 
 class QuotaExceeded(ZparError):
-    """The broker refused these tasks: this producer is over one of its quotas there.
+    """The broker refused this producer something no waiting can make fit.
 
-    The message says which (tasks or argument bytes queued, function blobs in
-    use). Nothing else is lost: wait for earlier tasks to finish and submit
-    again, or raise the broker's limits.
+    A task whose function blob alone is over the broker's byte quota for
+    function blobs, or a client past ``--max-producers-per-key``; the message
+    says which and what to raise. A producer merely at its queue's quotas is
+    not refused: its tasks wait in the client and go as results come back.
     """
 
 

@@ -1,24 +1,27 @@
 """Who may talk to a broker: CurveZMQ keys from a shared secret or key files, and the ZAP policy.
 
-Two ways to hold credentials (DESIGN.md, Security):
+Three ways to hold credentials (DESIGN.md, Security):
 
-* **A shared secret.** Every party derives the same keypairs from it: scrypt
-  once, with the random salt a ``zpar keygen`` secret carries
-  (``zpar-secret-v1:<salt>:<secret>``), then one Curve25519 keypair per role
-  (``broker``, ``agent``, ``producer``) from that with BLAKE2b and a label.
-  Any other secret (typed, or an older file) must pass an entropy estimate
-  and is salted with a fixed label. Secret files and key files that others
-  may read, and weak secrets, are refused. The broker admits agents on its
-  backend and collector and producers on its frontend. Whoever holds the
-  secret is fully trusted.
+* **Nothing configured**: every process of one user uses that user's own
+  secret, ``$XDG_CONFIG_HOME/zpar/secret`` (made on first use, mode 0600 in
+  a 0700 directory), so TCP, loopback included, is CurveZMQ and another
+  account is refused. Only ``insecure`` turns authentication off.
+* **A shared secret.** Every party derives the keypairs from it: once per
+  process, keyed by the random salt a ``zpar keygen`` secret carries
+  (``zpar-secret-v1:<salt>:<secret>``; a typed secret must pass an entropy
+  estimate and goes through scrypt), then one Curve25519 keypair per role
+  (``broker``, ``agent``, ``producer``) with BLAKE2b and a label. The broker
+  admits producers on its frontend and agents on its backend and collector;
+  given an agents' secret of their own, it derives the agent side from that,
+  so a producer cannot pose as an agent and an agent cannot submit.
 * **Key files** (``zpar keygen --keys DIR``): a keypair per node. Peers know
   the broker's public key; the broker admits the public keys found in an
-  allow-list directory, read again whenever the directory changes (or on
-  SIGHUP), so removing a file revokes that node. A node cannot impersonate
-  the broker.
+  allow-list directory per role, read again whenever it changes (or on
+  SIGHUP), so removing a file revokes that node, open connections included.
 
-With neither, sockets stay on loopback or ipc (config.check_bind_address).
-This module holds policy only; the broker's loop answers the ZAP requests
+Secret and key files that others may read, and weak secrets, are refused.
+ipc sockets are guarded by their file's mode instead (zpar._ipc). This
+module holds policy only; the broker's loop answers the ZAP requests
 (zpar_broker.server), and connection/agent code call :func:`apply_client`.
 """
 
@@ -28,13 +31,13 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.utils.monitor import recv_monitor_message
 
+from ._handshake import HandshakeMonitor
 from ._secrets import (
     FILE_FORMAT,
     MIN_SECRET_BITS,
@@ -47,6 +50,8 @@ from ._secrets import (
     generate_secret,
     read_secret_file,
     stretch,
+    user_secret,
+    user_secret_path,
     write_secret_file,
 )
 from .errors import ConfigError
@@ -54,10 +59,36 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = [  # the secrets' rules live in zpar._secrets; callers reach them here
-    "FILE_FORMAT", "MIN_SECRET_BITS", "MIN_SECRET_BYTES", "SCRYPT_N", "WELL_KNOWN", "ZAP_DOMAIN", "AllowList",
-    "Credentials", "HandshakeMonitor", "KeyPair", "PeerKeys", "ZapPolicy", "apply_client", "apply_server",
-    "broker_credentials", "check_private", "check_secret", "client_credentials", "derive_keys", "estimate_bits",
-    "generate_secret", "load_keypair", "make_keypair_files", "read_secret_file", "write_secret_file",
+    "FILE_FORMAT",
+    "MIN_SECRET_BITS",
+    "MIN_SECRET_BYTES",
+    "SCRYPT_N",
+    "SOCKET_ROLES",
+    "WELL_KNOWN",
+    "ZAP_DOMAIN",
+    "AllowList",
+    "BrokerCredentials",
+    "Credentials",
+    "HandshakeMonitor",
+    "KeyPair",
+    "PeerKeys",
+    "ZapPolicy",
+    "apply_client",
+    "apply_server",
+    "broker_credentials",
+    "check_private",
+    "check_secret",
+    "client_credentials",
+    "derive_keys",
+    "estimate_bits",
+    "generate_secret",
+    "load_keypair",
+    "make_keypair_files",
+    "origin",
+    "read_secret_file",
+    "user_secret",
+    "user_secret_path",
+    "write_secret_file",
 ]
 
 #: handshake fails unless our handler answers for it.
@@ -76,21 +107,41 @@ class KeyPair:
 
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class Credentials:
-    """What one process needs to speak CurveZMQ with a broker.
+    """What a producer or an agent needs to speak CurveZMQ with a broker.
 
-    ``own`` is this process's keypair; ``broker`` the broker's (with its
-    secret half only in the broker). ``peers`` is what the broker admits, per
-    socket (shared-secret mode); ``allow_dir`` replaces it in key-file mode.
+    ``own`` is this process's keypair, ``broker`` the broker's public key;
+    ``origin`` says where they came from, for the messages of a refusal.
     """
 
     own: KeyPair
     broker: KeyPair
-    peers: dict[str, frozenset[bytes]] = dataclasses.field(default_factory=dict)
-    allow_dir: str = ""
+    origin: str = "the secret given"
 
     def __repr__(self) -> str:
-        mode = f"allow-list {self.allow_dir}" if self.allow_dir else "shared secret"
-        return f"Credentials({mode}, broker {self.broker.public.decode()})"
+        return f"Credentials({self.origin}, broker {self.broker.public.decode()})"
+
+
+#: Who connects to each of the broker's sockets.
+SOCKET_ROLES = {"frontend": "producer", "backend": "agent", "collector": "agent"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class BrokerCredentials:
+    """The broker's keypair on each socket, and whom each socket admits.
+
+    ``admit``: socket name -> the public keys derived from the secret of the
+    role that socket serves (shared secrets). ``allow``: socket name -> the
+    allow-list directory of that role's nodes (key files), which replaces
+    ``admit``. ``mode`` says which, for ``zpar status``.
+    """
+
+    keys: dict[str, KeyPair]
+    admit: dict[str, frozenset[bytes]] = dataclasses.field(default_factory=dict)
+    allow: dict[str, str] = dataclasses.field(default_factory=dict)
+    mode: str = ""
+
+    def __repr__(self) -> str:
+        return f"BrokerCredentials({self.mode})"
 
 
 def _keypair_from_seed(seed: bytes) -> KeyPair:
@@ -138,42 +189,91 @@ def make_keypair_files(directory: str | os.PathLike[str], name: str) -> tuple[Pa
     return public, secret
 
 
+def _secret_from(secret: str | bytes | None, secret_file: str | None) -> str | bytes | None:
+    return read_secret_file(secret_file) if secret_file else secret
+
+
+def _user_default() -> tuple[bytes, str]:
+    path = user_secret_path()
+    return user_secret(), f"this user's secret {path}"
+
+
 def client_credentials(role: str, *, secret: str | bytes | None = None, secret_file: str | None = None,
-                       key_file: str | None = None, broker_key: str | None = None) -> Credentials | None:
-    """Credentials of a producer or agent (``role``), or None for a plain (loopback) connection."""
+                       key_file: str | None = None, broker_key: str | None = None, insecure: bool = False,
+                       address: str = "tcp://") -> Credentials | None:
+    """Credentials of a producer or agent (``role``) for the broker at ``address``.
+
+    In order: key files, a secret (or its file), and with neither this user's
+    own secret (``user_secret``, made on first use). None (plaintext) only
+    with ``insecure`` and nothing given, or for an ipc/inproc address, which
+    the socket file's mode guards instead.
+    """
+    if not address.startswith("tcp://"):
+        return None
     if key_file or broker_key:
         if not (key_file and broker_key):
             raise ConfigError("key files need both this node's key (key_file, NAME.key_secret) and the "
                               "broker's public key (broker_key, broker.key)")
-        return Credentials(load_keypair(key_file, need_secret=True), load_keypair(broker_key, need_secret=False))
-    if secret_file:
-        secret = read_secret_file(secret_file)
+        return Credentials(load_keypair(key_file, need_secret=True), load_keypair(broker_key, need_secret=False),
+                           f"the key file {key_file}")
+    secret = _secret_from(secret, secret_file)
+    origin = f"the secret file {secret_file}" if secret_file else "the secret given"
     if not secret:
-        return None
+        if insecure:
+            return None
+        secret, origin = _user_default()
     keys = derive_keys(secret)
-    return Credentials(keys[role], KeyPair(keys["broker"].public))
+    return Credentials(keys[role], KeyPair(keys["broker"].public), origin)
 
 
 def broker_credentials(*, secret: str | bytes | None = None, secret_file: str | None = None,
-                       key_file: str | None = None, allow_dir: str | None = None) -> Credentials | None:
-    """The broker's credentials and what it admits, or None when it runs without security."""
-    if key_file or allow_dir:
-        if not (key_file and allow_dir):
-            raise ConfigError("key files need both the broker's key (key_file, broker.key_secret) and an "
-                              "allow-list directory of node public keys (allow_keys)")
-        if not os.path.isdir(allow_dir):
-            raise ConfigError(f"the allow-list {allow_dir} is not a directory")
+                       agent_secret: str | bytes | None = None, agent_secret_file: str | None = None,
+                       key_file: str | None = None, allow_dir: str | None = None,
+                       agent_allow_dir: str | None = None, insecure: bool = False,
+                       default: bool = True) -> BrokerCredentials | None:
+    """The broker's credentials and whom each socket admits; None to run without authentication.
+
+    Key files: the broker's key and an allow-list per role (``allow_dir``
+    producers, ``agent_allow_dir`` agents). Shared secrets: ``secret`` for
+    producers and, if given, ``agent_secret`` for agents (else the same).
+    With neither, this user's own secret, unless ``insecure`` or not
+    ``default`` (a broker with no TCP socket).
+    """
+    if key_file or allow_dir or agent_allow_dir:
+        if not (key_file and allow_dir and agent_allow_dir):
+            raise ConfigError("key files need the broker's key (key_file, broker.key_secret) and an allow-list "
+                              "directory of public keys per role: allow_keys for producers, allow_agent_keys for "
+                              "agents (the same node's key may be in both)")
+        if secret or secret_file or agent_secret or agent_secret_file:
+            raise ConfigError("give either key files or shared secrets, not both")
+        for directory in (allow_dir, agent_allow_dir):
+            if not os.path.isdir(directory):
+                raise ConfigError(f"the allow-list {directory} is not a directory")
         own = load_keypair(key_file, need_secret=True)
-        return Credentials(own, own, allow_dir=allow_dir)
-    if secret_file:
-        secret = read_secret_file(secret_file)
-    if not secret:
-        return None
-    keys = derive_keys(secret)
-    agents = frozenset({keys["agent"].public})
-    return Credentials(keys["broker"], keys["broker"],
-                       peers={"frontend": frozenset({keys["producer"].public}), "backend": agents,
-                              "collector": agents})
+        return BrokerCredentials(
+            keys=dict.fromkeys(SOCKET_ROLES, own),
+            allow={name: agent_allow_dir if role == "agent" else allow_dir for name, role in SOCKET_ROLES.items()},
+            mode=f"curve, key files: producers {allow_dir}, agents {agent_allow_dir}")
+    producers = _secret_from(secret, secret_file)
+    agents = _secret_from(agent_secret, agent_secret_file)
+    mode = "curve, shared secret"
+    if not producers:
+        if not agents and (insecure or not default):
+            return None
+        producers, mode = _user_default()
+        mode = f"curve, {mode}"
+    if agents:
+        mode += "; agents: their own secret"
+    secrets = {"producer": derive_keys(producers), "agent": derive_keys(agents or producers)}
+    return BrokerCredentials(
+        keys={name: secrets[role]["broker"] for name, role in SOCKET_ROLES.items()},
+        admit={name: frozenset({secrets[role][role].public}) for name, role in SOCKET_ROLES.items()},
+        mode=mode)
+
+
+def origin(creds: Credentials | None) -> str | None:
+    """What a :class:`HandshakeMonitor` says we used: where ``creds`` came from, or None for plaintext."""
+    return creds.origin if creds is not None else None
 
 
 def apply_client(sock: zmq.Socket[bytes], creds: Credentials | None) -> None:
@@ -187,19 +287,20 @@ def apply_client(sock: zmq.Socket[bytes], creds: Credentials | None) -> None:
     sock.curve_serverkey = creds.broker.public
 
 
-def apply_server(sock: zmq.Socket[bytes], creds: Credentials | None, name: str) -> None:
+def apply_server(sock: zmq.Socket[bytes], creds: BrokerCredentials | None, name: str) -> None:
     """Make ``sock`` a CurveZMQ server that our ZAP handler must approve (before it binds).
 
-    ``name`` (frontend, backend, collector) rides in the ZAP domain so the
-    handler knows which peers the socket takes.
+    ``name`` (frontend, backend, collector) picks the broker's keypair and
+    rides in the ZAP domain, so the handler knows which role the socket takes.
     """
     if creds is None:
         return
-    if creds.own.secret is None:  # broker_credentials always loads it
+    own = creds.keys[name]
+    if own.secret is None:  # broker_credentials always loads it
         raise ConfigError("these credentials hold no secret key of the broker; give its NAME.key_secret file")
     sock.curve_server = True
-    sock.curve_secretkey = creds.own.secret
-    sock.curve_publickey = creds.own.public
+    sock.curve_secretkey = own.secret
+    sock.curve_publickey = own.public
     sock.setsockopt_string(zmq.ZAP_DOMAIN, f"{ZAP_DOMAIN}/{name}")
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no handler answering: no one gets in
 
@@ -207,8 +308,12 @@ def apply_server(sock: zmq.Socket[bytes], creds: Credentials | None, name: str) 
 class AllowList:
     """The public keys in a directory of ``*.key`` files, read again when the directory changes."""
 
+    #: Seconds between two looks at the directory: every message is checked, a stat each is too many.
+    RECHECK = 0.005
+
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self._checked = -self.RECHECK
         self._stamp: tuple[int, int] | None = None
         self.keys: frozenset[bytes] = frozenset()
         self.reload()
@@ -239,31 +344,48 @@ class AllowList:
         self.keys, self._stamp = frozenset(keys), stamp
 
     def __contains__(self, key: bytes) -> bool:
-        self.reload(force=False)  # one stat a handshake: removing a file revokes at once
+        now = time.monotonic()
+        if now - self._checked >= self.RECHECK:  # removing a file revokes within RECHECK seconds
+            self._checked = now
+            self.reload(force=False)
         return key in self.keys
 
 
 class ZapPolicy:
-    """Answers ZAP requests (RFC 27) for the broker's sockets; counts and names refusals."""
+    """Answers ZAP requests (RFC 27) for the broker's sockets, and whether a key is still admitted."""
 
-    def __init__(self, creds: Credentials) -> None:
+    def __init__(self, creds: BrokerCredentials) -> None:
         self.creds = creds
-        self.allow = AllowList(creds.allow_dir) if creds.allow_dir else None
+        lists = {directory: AllowList(directory) for directory in set(creds.allow.values())}
+        self.allow = {name: lists[directory] for name, directory in creds.allow.items()}
+
+    @property
+    def revocable(self) -> bool:
+        """Key files: removing a key's file takes it out (shared-secret keys last as long as the secret)."""
+        return bool(self.allow)
 
     def reload(self) -> None:
-        if self.allow is not None:
-            self.allow.reload()
+        for allow in set(self.allow.values()):
+            allow.reload()
+
+    def admits(self, name: str, key: bytes) -> bool:
+        """Whether the socket ``name`` admits the z85 public ``key`` now."""
+        if name in self.allow:
+            return key in self.allow[name]
+        return key in self.creds.admit.get(name, ())
 
     def decide(self, domain: str, mechanism: bytes, credentials: list[bytes]) -> tuple[bool, str]:
         """(admitted, reason) for one handshake."""
         prefix, _, name = domain.partition("/")
         if prefix != ZAP_DOMAIN or mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
             return False, f"unexpected domain {domain!r} or mechanism {mechanism!r}"
-        key = zmq.utils.z85.encode(credentials[0])
-        if self.allow is not None:
-            return (True, "allowed") if key in self.allow else (False, "public key not in the allow-list")
-        return (True, "holds the secret") if key in self.creds.peers.get(name, ()) else (
-            False, f"key not derived from the shared secret for the {name}")
+        if name in self.allow:  # a handshake is rare: one stat each, so a removed file refuses the next at once
+            self.allow[name].reload(force=False)
+        if self.admits(name, zmq.utils.z85.encode(credentials[0])):
+            return True, f"admitted as {SOCKET_ROLES.get(name, name)}"
+        if name in self.allow:
+            return False, f"public key not in the {SOCKET_ROLES.get(name, name)}s' allow-list"
+        return False, f"key not derived from the {SOCKET_ROLES.get(name, name)}s' secret"
 
     def reply(self, frames: list[bytes]) -> tuple[list[bytes], bool, str]:
         """The reply frames for a ZAP request received on a ROUTER, whether admitted, and why.
@@ -284,89 +406,29 @@ class ZapPolicy:
 
 
 class PeerKeys:
-    """Which allow-listed key each connected peer holds, so a revoked key cuts off its live peers.
+    """Which key each connected peer holds, so that a revoked key cuts off its live peers.
 
-    A handshake is checked once; a connection outlives it. In key-file mode
-    the broker notes the key (the ZAP user id on the peer's messages) at each
-    HELLO, and ``sweep()``, run each heartbeat, names the peers whose key has
-    left the allow-list since. Their messages are dropped from then on.
+    A handshake is checked once; a connection outlives it. The broker checks
+    every message's key (:meth:`ZapPolicy.admits`); this remembers the key of
+    each agent at its HELLO so that ``sweep()``, run each heartbeat, also
+    finds the silent ones whose key left the allow-list, and their tasks go
+    elsewhere.
     """
 
-    def __init__(self, allow: AllowList) -> None:
-        self.allow = allow
-        self.keys: dict[bytes, bytes] = {}  # peer routing id -> z85 public key
-        self.revoked: set[bytes] = set()
+    def __init__(self, policy: ZapPolicy) -> None:
+        self.policy = policy
+        self.keys: dict[bytes, tuple[str, bytes]] = {}  # peer routing id -> (socket, z85 public key)
 
-    def note(self, peer: bytes, frame: Any) -> None:
-        try:
-            key = frame.get("User-Id")
-        except (zmq.ZMQError, AttributeError):  # no metadata: not a CurveZMQ connection
-            return
+    def note(self, peer: bytes, name: str, key: bytes) -> None:
         if key:
-            self.keys[peer] = key.encode()
+            self.keys[peer] = (name, key)
+
+    def forget(self, peer: bytes) -> None:
+        self.keys.pop(peer, None)
 
     def sweep(self) -> list[bytes]:
-        """Peers whose key was removed since the last sweep (now counted as revoked)."""
-        self.allow.reload(force=False)
-        gone = [peer for peer, key in self.keys.items() if key not in self.allow.keys]
+        """Peers whose key was taken out since the last sweep."""
+        gone = [peer for peer, (name, key) in self.keys.items() if not self.policy.admits(name, key)]
         for peer in gone:
             del self.keys[peer]
-            self.revoked.add(peer)
         return gone
-
-
-_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-
-
-class HandshakeMonitor:
-    """Watches a socket's handshakes (ZMQ socket monitor), so a refusal is an error, not a hang.
-
-    Poll ``socket`` with the owner's loop; ``check()`` reads what arrived and
-    returns the reason of the last failed handshake, or None.
-    """
-
-    def __init__(self, sock: zmq.Socket[bytes], address: str, creds: Credentials | None) -> None:
-        self.address, self.creds = address, creds
-        self._watched = sock
-        # A unique endpoint: pyzmq's default is named after the fd, which a later socket may reuse.
-        self.socket: zmq.Socket[bytes] = sock.get_monitor_socket(
-            _HANDSHAKE_EVENTS, f"inproc://zpar-monitor-{os.urandom(8).hex()}")
-        self.succeeded = 0
-        self.failed = 0
-
-    def check(self) -> str | None:
-        failure = None
-        while self.socket.poll(0):
-            try:
-                event = recv_monitor_message(self.socket, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.succeeded += 1
-                failure = None
-                continue
-            self.failed += 1
-            failure = self._explain(event["event"], event["value"])
-        return failure
-
-    def _explain(self, event: int, value: int) -> str:
-        where = f"the broker at {self.address}"
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (f"{where} refused our key (ZAP status {value}): a wrong secret, or this node's public key "
-                    "is not in the broker's allow-list")
-        if self.creds is None:  # a plain handshake fails only with a broker that wants credentials
-            return (f"{where} requires authentication: give the cluster's secret (secret=..., ZPAR_SECRET "
-                    "or --secret-file) or key files")
-        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            return (f"{where} does not speak CurveZMQ with us: is it running without a secret, or is it "
-                    "not a zpar broker?")
-        return f"the CurveZMQ handshake with {where} failed: a wrong secret or broker public key?"
-
-    def close(self) -> None:
-        """Stop the monitor before the watched socket closes (a dangling one can wedge libzmq)."""
-        try:
-            self._watched.disable_monitor()
-        except zmq.ZMQError:
-            pass  # the watched socket is closed already
-        self.socket.close(linger=0)

@@ -50,11 +50,8 @@ class BrokerCore:
         self.limits = limits or Limits()  # per-producer quotas (limits.py)
         self.epoch = uuid.uuid4().hex
         self.security = security  # shown in status: how peers are authenticated
-        self.heartbeat, self.liveness = heartbeat, liveness
-        self._rule = Liveness(heartbeat, liveness)
-        self.collector = collector
-        self.max_message_size = max_message_size
-        self.started = now
+        self.heartbeat, self.liveness, self._rule = heartbeat, liveness, Liveness(heartbeat, liveness)
+        self.collector, self.max_message_size, self.started = collector, max_message_size, now
         self._next_gid = 1
         self._tasks: dict[int, TaskRecord] = {}  # gid -> task: the assignment table
         self._producers: dict[bytes, ProducerRecord] = {}
@@ -219,6 +216,9 @@ class BrokerCore:
     def has_agent(self, peer: bytes) -> bool:  # read-only: the shell forgets what it noted of a dropped agent
         return peer in self._agents
 
+    def has_producer(self, peer: bytes) -> bool:
+        return peer in self._producers
+
     def revoke(self, now: float, peer: bytes) -> list[Outgoing]:
         """A connected peer's key was revoked: forget it as the agent or producer it is, and tell it why."""
         bye = P.Bye(P.ByeReason.KEY_REVOKED)
@@ -253,8 +253,7 @@ class BrokerCore:
         refused = admit_functions(prod, msg.funcs, limits, self.counters)  # digest -> why its blob was refused
         missing: list[int] = []
         bad: list[int] = []
-        over: list[int] = []
-        detail = ""  # why the first task refused over a quota was, for the producer
+        over: dict[P.ErrorCode, tuple[str, list[int]]] = {}  # QUEUE_FULL, QUOTA_EXCEEDED: (first why, ids)
         for entry in msg.tasks:
             if entry.id in prod.tasks:  # sent again (after a reconnect): we have it already
                 self.counters["duplicate_submits"] += 1
@@ -263,10 +262,9 @@ class BrokerCore:
             if why is P.ErrorCode.BAD_FUNCTION:
                 bad.append(entry.id)
                 continue
-            reason = over_quota(prod, P.payload_bytes(entry.payload), why is not None, limits)
-            if reason:
-                detail = detail or reason
-                over.append(entry.id)
+            refusal = over_quota(prod, P.payload_bytes(entry.payload), why, limits)
+            if refusal is not None:
+                over.setdefault(refusal[0], (refusal[1], []))[1].append(entry.id)
                 continue
             if entry.digest not in prod.funcs:
                 missing.append(entry.id)
@@ -285,10 +283,9 @@ class BrokerCore:
                         printable(prod.label()), printable(prod.host), len(bad))
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
                 P.ErrorCode.BAD_FUNCTION, tuple(bad), "the function blob does not hash to its digest")))
-        if over:
-            self.counters["refused_over_quota"] += len(over)
-            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
-                P.ErrorCode.QUOTA_EXCEEDED, tuple(over), detail)))
+        for code, (detail, ids) in over.items():
+            self.counters["refused_queue_full" if code is P.ErrorCode.QUEUE_FULL else "refused_over_quota"] += len(ids)
+            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(code, tuple(ids), detail)))
         self._activate(prod)
 
     def _cancel(self, prod: ProducerRecord, ids: Iterable[int], force: bool, out: list[Outgoing]) -> None:

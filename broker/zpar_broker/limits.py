@@ -1,10 +1,14 @@
 """What one producer may hold in the broker (``Limits``), and its function blobs within them (``Functions``).
 
-A producer past a quota gets its tasks refused (ERROR QUOTA_EXCEEDED, the
-producer fails their futures with ``zpar.QuotaExceeded``); nothing of another
-producer's is touched. Function blobs no task of the producer holds any more
-are evicted oldest first to make room: the producer sends one again when the
-broker answers UNKNOWN_FUNCTION, so only blobs in use count against the quota.
+A producer at a quota gets its tasks refused for now (ERROR QUEUE_FULL: the
+producer holds them and sends them again as its results come back, so an
+honest client only slows down); a task that can never fit (a function blob
+over the byte quota by itself) is refused for good (QUOTA_EXCEEDED: the
+producer fails its future with ``zpar.QuotaExceeded``). Nothing of another
+producer's is touched, and the broker holds no more than the quotas.
+Function blobs no task of the producer holds any more are evicted oldest
+first to make room: the producer sends one again when the broker answers
+UNKNOWN_FUNCTION, so only blobs in use count against the quota.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ class Limits:
     """Per-producer quotas of a BrokerCore (each a count or bytes; see the module docstring)."""
 
     #: Tasks queued (not yet given to an agent) at once.
-    queued_tasks: int = 1_000_000
-    #: Payload bytes of those queued tasks.
-    queued_bytes: int = 1 << 30
+    queued_tasks: int = 100_000
+    #: Payload bytes of those queued tasks (a task alone in the queue is taken whatever its size).
+    queued_bytes: int = 64 << 20
     #: Function blobs kept, and their bytes.
     functions: int = 10_000
-    function_bytes: int = 256 << 20
+    function_bytes: int = 64 << 20
 
 
 class Functions:
@@ -112,18 +116,24 @@ def admit_functions(prod: Holder, funcs: tuple[P.Function, ...], limits: Limits,
             refused[func.digest] = P.ErrorCode.BAD_FUNCTION
         elif not prod.funcs.add(func, limits, keep):
             counters["functions_over_quota"] += 1
-            refused[func.digest] = P.ErrorCode.QUOTA_EXCEEDED
+            never = len(func.blob) > limits.function_bytes
+            refused[func.digest] = P.ErrorCode.QUOTA_EXCEEDED if never else P.ErrorCode.QUEUE_FULL
     return refused
 
 
-def over_quota(prod: Holder, nbytes: int, function_refused: bool, limits: Limits) -> str:
-    """Why one more task of ``nbytes`` would take ``prod`` over a quota (for the producer), or ""."""
-    if function_refused:
-        return (f"its function blobs in use are at the broker's limit of {limits.functions} blobs "
-                f"or {limits.function_bytes} bytes")
+def over_quota(prod: Holder, nbytes: int, function_refused: P.ErrorCode | None,
+               limits: Limits) -> tuple[P.ErrorCode, str] | None:
+    """Why one more task of ``nbytes`` would take ``prod`` over a quota: (QUEUE_FULL for now, or
+    QUOTA_EXCEEDED for good; a line for the producer), or None."""
+    if function_refused is P.ErrorCode.QUOTA_EXCEEDED:
+        return function_refused, (f"its function blob is over the broker's limit of {limits.function_bytes} "
+                                  "bytes of function blobs (--max-function-bytes); pass large data as arguments")
+    if function_refused is not None:
+        return P.ErrorCode.QUEUE_FULL, (f"its function blobs in use are at the broker's limit of "
+                                        f"{limits.functions} blobs or {limits.function_bytes} bytes")
     if prod.queued >= limits.queued_tasks:
-        return f"{prod.queued} of its tasks are queued, the broker's limit"
+        return P.ErrorCode.QUEUE_FULL, f"{prod.queued} of its tasks are queued, the broker's limit"
     if prod.queued and prod.queued_bytes + nbytes > limits.queued_bytes:
-        return (f"{prod.queued_bytes} bytes of its tasks' arguments are queued, the broker's limit "
-                f"is {limits.queued_bytes}")
-    return ""
+        return P.ErrorCode.QUEUE_FULL, (f"{prod.queued_bytes} bytes of its tasks' arguments are queued, the "
+                                        f"broker's limit is {limits.queued_bytes}")
+    return None

@@ -32,8 +32,12 @@ from zpar.errors import ProtocolError
 from .core import BrokerCore
 from .limits import Limits
 from .outgoing import Dest, Outgoing
+from .sessions import KeySessions
 
 log = logging.getLogger(__name__)
+
+#: Agent routing ids remembered with their keys (those of agents that left are let go past this).
+_MAX_AGENT_IDS = 100_000
 
 
 def _ephemeral(endpoint: str) -> str:
@@ -70,22 +74,25 @@ class BrokerServer:
         self.endpoints: dict[str, str] = {}
         self._own_waker = waker is None
         self._waker = waker or Waker()
-        self.creds = security.broker_credentials(
-            secret=config.secret, secret_file=config.secret_file, key_file=config.key_file,
-            allow_dir=config.allow_keys)  # "" is no setting
+        tcp = any(getattr(config, name).startswith("tcp://") for name in ("frontend", "backend", "collector"))
+        self.creds = security.broker_credentials(  # "" is no setting
+            secret=config.secret, secret_file=config.secret_file, agent_secret=config.agent_secret,
+            agent_secret_file=config.agent_secret_file, key_file=config.key_file, allow_dir=config.allow_keys,
+            agent_allow_dir=config.allow_agent_keys, insecure=config.insecure, default=tcp)
         self._zap: zmq.Socket[bytes] | None = None
         self._zap_policy: security.ZapPolicy | None = None
         self._monitors: list[security.HandshakeMonitor] = []
         self.reload_requested = False  # SIGHUP: read the allow-list again
-        self._peer_keys: security.PeerKeys | None = None  # key-file mode: who holds which key
-        #: With credentials: the key (ZAP User-Id) each agent presented at its HELLO on the backend,
-        #: by routing id; what it sends on the collector must come from that key (``_sender_holds``).
+        self._peer_keys: security.PeerKeys | None = None  # key-file mode: which key each agent holds
+        #: With credentials: the key (ZAP User-Id) each agent routing id said HELLO with, kept after
+        #: the agent is gone (bounded): another key cannot take over that id and the tasks it held,
+        #: and what arrives on the collector for that agent must come from that key.
         self._agent_keys: dict[bytes, str] = {}
         if self.creds is not None:
             # The ZAP handler exists before any socket binds: no window where a handshake goes unchecked.
             self._zap_policy = security.ZapPolicy(self.creds)
-            if self._zap_policy.allow is not None:
-                self._peer_keys = security.PeerKeys(self._zap_policy.allow)
+            if self._zap_policy.revocable:
+                self._peer_keys = security.PeerKeys(self._zap_policy)
             self._zap = self.ctx.socket(zmq.ROUTER)
             self._zap.setsockopt(zmq.LINGER, 0)
             try:
@@ -100,7 +107,7 @@ class BrokerServer:
             sock = self.sockets[name] = self._socket(kind)
             if address.startswith("tcp://") and self.creds is not None:
                 security.apply_server(sock, self.creds, name)
-                self._monitors.append(security.HandshakeMonitor(sock, name, self.creds))
+                self._monitors.append(security.HandshakeMonitor(sock, name, self.creds.mode))
             try:
                 _ipc.bind(sock, _ephemeral(address))  # an ipc socket file is 0600 whatever the umask
             except (zmq.ZMQError, OSError) as exc:
@@ -108,7 +115,7 @@ class BrokerServer:
                 raise OSError(f"cannot bind the {name} to {address}: {exc}. Is another broker running?") from None
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.frontend = self.sockets["frontend"]
-        self.core = BrokerCore(
+        self.core: BrokerCore = BrokerCore(
             time.monotonic(),
             heartbeat=config.heartbeat,
             liveness=config.liveness,
@@ -118,6 +125,7 @@ class BrokerServer:
             limits=Limits(queued_tasks=config.max_queued_tasks, queued_bytes=config.max_queued_bytes,
                           functions=config.max_functions, function_bytes=config.max_function_bytes),
         )
+        self._sessions = KeySessions(config.max_producers_per_key, self.core.has_producer)
         #: Agents in this same process: their messages are calls, not frames.
         self.local_agents: dict[bytes, Callable[[P.Message], None]] = {}
         self._bad_log = RateLimitedLog()  # a flood of garbage must not become a flood of log lines
@@ -176,11 +184,8 @@ class BrokerServer:
             self._zap_policy.reload()
         if self._peer_keys is not None:
             for peer in self._peer_keys.sweep():
-                self.core.counters["peers_revoked"] += 1
-                log.warning("key of peer %s was removed from the allow-list: cutting it off", peer.hex())
-                self._send(self.core.revoke(now, peer))
-        for peer in [p for p in self._agent_keys if not self.core.has_agent(p)]:
-            del self._agent_keys[peer]  # dropped (silent, left, revoked): it must say HELLO again
+                self._cut_off(now, peer)
+        self._sessions.prune()
         parent = self.config.parent_pid
         if parent and os.getppid() != parent:
             log.warning("parent process %d is gone; stopping", parent)
@@ -249,17 +254,40 @@ class BrokerServer:
             self._bad_log.warn(log, "a peer failed the CurveZMQ handshake on the %s (no secret, a wrong "
                                "one, or not a zpar peer)", monitor.address)
 
-    def _revoked(self, keys: security.PeerKeys, peer: bytes, header: zmq.Frame, msg: P.Message) -> bool:
-        """Key-file mode: drop what a revoked peer sends; note the key of each peer saying HELLO.
+    def _key_refused(self, name: str, header: zmq.Frame) -> bool:
+        """Whether the key a message came with (ZAP User-Id on its frames) is no longer admitted.
 
-        ``header`` is the message's first frame, which carries the ZAP user id (the peer's key).
+        Checked on every message of every socket: with key files, removing a
+        key's file cuts off its open connections at once, not at the next
+        handshake. Shared-secret keys last as long as the secret.
         """
-        if peer in keys.revoked:
-            self.core.counters["revoked_messages"] += 1
-            return True
-        if isinstance(msg, P.Hello):
-            keys.note(peer, header)
-        return False
+        policy = self._zap_policy
+        if policy is None or not policy.revocable or policy.admits(name, _user_id(header).encode()):
+            return False
+        self.core.counters["revoked_messages"] += 1
+        self._bad_log.warn(log, "dropped a message on the %s from a key no longer in its allow-list", name)
+        return True
+
+    def _cut_off(self, now: float, agent: bytes) -> None:
+        """An agent whose key was revoked: its tasks go elsewhere, its results are refused."""
+        self.core.counters["peers_revoked"] += 1
+        log.warning("key of agent %s was removed from the allow-list: cutting it off", agent.hex())
+        if self._peer_keys is not None:
+            self._peer_keys.forget(agent)
+        self._send(self.core.revoke(now, agent))
+
+    def _hello_key_taken(self, peer: bytes, key: str) -> bool:
+        """Tie an agent routing id to the key of its first HELLO; another key saying HELLO as it is refused."""
+        bound = self._agent_keys.setdefault(peer, key)
+        if bound == key:
+            if len(self._agent_keys) > _MAX_AGENT_IDS:  # the oldest ids of agents that are gone
+                for old in [p for p in self._agent_keys if not self.core.has_agent(p)][:len(self._agent_keys) // 2]:
+                    del self._agent_keys[old]
+            return False
+        self.core.counters["agent_id_taken"] += 1
+        self._bad_log.warn(log, "refused a HELLO as agent %s from another key than the one it registered with",
+                           peer.hex())
+        return True
 
     # ------------------------------------------------------------------ handlers
 
@@ -280,7 +308,15 @@ class BrokerServer:
         if msg is None:
             self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.MALFORMED)))
             return
-        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames[1], msg):
+        if self._key_refused("frontend", frames[1]):
+            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.KEY_REVOKED)))
+            return
+        if isinstance(msg, P.Hello) and not self._sessions.admit(peer, _user_id(frames[1])):
+            self.core.counters["producers_refused_per_key"] += 1
+            self._bad_log.warn(log, "refused a producer: its key has %d producers connected already",
+                               self._sessions.limit)
+            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(
+                P.ErrorCode.TOO_MANY_PEERS, (), f"its key has {self._sessions.limit} clients connected already")))
             return
         self._send(self.core.producer_message(time.monotonic(), peer, msg))
 
@@ -288,11 +324,18 @@ class BrokerServer:
         peer, msg = self._decode(frames, "backend", routed=True)
         if msg is None:
             return
-        if self._peer_keys is not None and self._revoked(self._peer_keys, peer, frames[1], msg):
+        now = time.monotonic()
+        if self._key_refused("backend", frames[1]):
+            if self.core.has_agent(peer):
+                self._cut_off(now, peer)
             return
         if self.creds is not None and isinstance(msg, P.Hello):
-            self._agent_keys[peer] = _user_id(frames[1])
-        self._send(self.core.agent_message(time.monotonic(), peer, msg))
+            key = _user_id(frames[1])
+            if self._hello_key_taken(peer, key):
+                return
+            if self._peer_keys is not None:
+                self._peer_keys.note(peer, "backend", key.encode())
+        self._send(self.core.agent_message(now, peer, msg))
 
     def _on_collector(self, frames: list[zmq.Frame]) -> None:
         _, msg = self._decode(frames, "collector", routed=False)
@@ -301,8 +344,7 @@ class BrokerServer:
         if not isinstance(msg, P.Result | P.Items | P.Bye) or not msg.agent:
             self.core.protocol_error("collector")  # only an agent's results, items or goodbye come here
             return
-        if self._peer_keys is not None and msg.agent in self._peer_keys.revoked:
-            self.core.counters["revoked_messages"] += 1
+        if self._key_refused("collector", frames[0]):
             return
         if self.creds is not None and not self._sender_holds(msg.agent, frames[0]):
             self.core.counters["collector_identity_mismatch"] += 1
@@ -327,7 +369,7 @@ class BrokerServer:
         shared secret every agent holds the same key, so this proves only "an agent".
         """
         key = self._agent_keys.get(agent)
-        return key is not None and key == _user_id(header)
+        return key is not None and key == _user_id(header) and self.core.has_agent(agent)
 
     # ------------------------------------------------------------------ sending
 
@@ -362,12 +404,12 @@ def _user_id(frame: zmq.Frame) -> str:
         return ""
 
 
-def _describe_security(config: BrokerConfig, creds: security.Credentials | None) -> str:
+def _describe_security(config: BrokerConfig, creds: security.BrokerCredentials | None) -> str:
     if creds is not None:
-        return f"curve, allow-list {creds.allow_dir}" if creds.allow_dir else "curve, shared secret"
+        return creds.mode
     if config.insecure:
         return "INSECURE: no authentication (--insecure)"
-    return "none: loopback and ipc only"
+    return "ipc only: guarded by the socket files' mode (0600 in a 0700 directory)"
 
 
 class RateLimitedLog:

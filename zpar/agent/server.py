@@ -61,7 +61,8 @@ class AgentServer:
         self._own_ctx = ctx is None
         # An empty setting is no setting: the credentials functions treat "" as None.
         self._creds = security.client_credentials("agent", secret=config.secret, secret_file=config.secret_file,
-                                                  key_file=config.key_file, broker_key=config.broker_key)
+                                                  key_file=config.key_file, broker_key=config.broker_key,
+                                                  insecure=config.insecure, address=config.broker)
         self.uplink = uplink or SocketUplink(self.ctx, config.broker, self.identity, config.max_message_size,
                                              self._creds)
         self.exit_code = 0

@@ -75,7 +75,8 @@ class SocketUplink:
         self.identity = identity
         self.dealer.setsockopt(zmq.IDENTITY, identity)
         security.apply_client(self.dealer, creds)
-        self._monitors = [security.HandshakeMonitor(self.dealer, broker, creds)] if broker.startswith("tcp://") else []
+        self._monitors = ([security.HandshakeMonitor(self.dealer, broker, security.origin(creds))]
+                          if broker.startswith("tcp://") else [])
         self.dealer.connect(broker)
         self.collector: zmq.Socket[bytes] | None = None
 
@@ -120,7 +121,7 @@ class SocketUplink:
         self.collector = configure(self.ctx.socket(zmq.PUSH), self.max_message_size)
         security.apply_client(self.collector, self.creds)
         if address.startswith("tcp://"):
-            self._monitors[1:] = [security.HandshakeMonitor(self.collector, address, self.creds)]
+            self._monitors[1:] = [security.HandshakeMonitor(self.collector, address, security.origin(self.creds))]
         self.collector.connect(address)
 
     def close(self) -> None:

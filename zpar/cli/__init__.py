@@ -72,25 +72,39 @@ def broker(
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
     insecure: Optional[bool] = typer.Option(
-        None, "--insecure", help="Allow binding beyond loopback with no authentication."),
+        None, "--insecure", help="No authentication at all: anyone who reaches the ports runs code as "
+                                 "this user. Without it and without a secret, this user's own secret is used "
+                                 "[env ZPAR_INSECURE]."),
     secret: Optional[str] = _SECRET,
     secret_file: Optional[str] = _SECRET_FILE,
+    agent_secret_file: Optional[str] = typer.Option(
+        None, "--agent-secret-file", help="A secret for agents alone (mode 600): then producers, who hold "
+                                          "--secret-file's, cannot pose as agents, nor agents submit "
+                                          "[env ZPAR_AGENT_SECRET_FILE; or ZPAR_AGENT_SECRET]."),
     key_file: Optional[str] = _KEY_FILE,
-    allow_keys: Optional[str] = typer.Option(None, "--allow-keys", help="Directory of the nodes' public NAME.key "
-                                             "files to admit (with --key-file); removing one revokes it "
+    allow_keys: Optional[str] = typer.Option(None, "--allow-keys", help="Directory of the producers' public "
+                                             "NAME.key files to admit (with --key-file); removing one revokes it "
                                              "[env ZPAR_ALLOW_KEYS]."),
+    allow_agent_keys: Optional[str] = typer.Option(None, "--allow-agent-keys", help="Directory of the agents' "
+                                                   "public NAME.key files to admit (with --key-file) "
+                                                   "[env ZPAR_ALLOW_AGENT_KEYS]."),
     max_queued_tasks: Optional[int] = typer.Option(
-        None, help="Tasks one producer may have queued (not yet given to an agent); past it its tasks fail "
-                   f"with zpar.QuotaExceeded [default: {cfg.DEFAULT_MAX_QUEUED_TASKS}; env ZPAR_MAX_QUEUED_TASKS]."),
+        None, help="Tasks one producer may have queued (not yet given to an agent); past it its client holds "
+                   "further tasks and sends them as results come back "
+                   f"[default: {cfg.DEFAULT_MAX_QUEUED_TASKS}; env ZPAR_MAX_QUEUED_TASKS]."),
     max_queued_bytes: Optional[int] = typer.Option(
-        None, help="Argument bytes of one producer's queued tasks [default: "
-                   f"{cfg.DEFAULT_MAX_QUEUED_BYTES} (1 GiB); env ZPAR_MAX_QUEUED_BYTES]."),
+        None, help="Argument bytes of one producer's queued tasks (a task alone is taken whatever its size) "
+                   f"[default: {cfg.DEFAULT_MAX_QUEUED_BYTES} (64 MiB); env ZPAR_MAX_QUEUED_BYTES]."),
     max_functions: Optional[int] = typer.Option(
         None, help="Function blobs kept for one producer while its tasks use them "
                    f"[default: {cfg.DEFAULT_MAX_FUNCTIONS}; env ZPAR_MAX_FUNCTIONS]."),
     max_function_bytes: Optional[int] = typer.Option(
-        None, help="Bytes of those function blobs [default: "
-                   f"{cfg.DEFAULT_MAX_FUNCTION_BYTES} (256 MiB); env ZPAR_MAX_FUNCTION_BYTES]."),
+        None, help="Bytes of those function blobs; a task whose blob alone is larger fails with "
+                   f"zpar.QuotaExceeded [default: {cfg.DEFAULT_MAX_FUNCTION_BYTES} (64 MiB); "
+                   "env ZPAR_MAX_FUNCTION_BYTES]."),
+    max_producers_per_key: Optional[int] = typer.Option(
+        None, help="Producers connected at once with one key (with a shared secret or this user's own: all of "
+                   f"them) [default: {cfg.DEFAULT_MAX_PRODUCERS_PER_KEY}; env ZPAR_MAX_PRODUCERS_PER_KEY]."),
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
     parent_pid: Optional[int] = _PARENT,
@@ -99,14 +113,18 @@ def broker(
     conf = _load(cfg.BrokerConfig, dict(frontend=frontend, backend=backend, collector=collector, heartbeat=heartbeat,
                                         liveness=liveness, insecure=insecure, log_level=log_level,
                                         parent_pid=parent_pid, secret=secret, secret_file=secret_file,
-                                        key_file=key_file, allow_keys=allow_keys, max_queued_tasks=max_queued_tasks,
+                                        agent_secret_file=agent_secret_file, key_file=key_file,
+                                        allow_keys=allow_keys, allow_agent_keys=allow_agent_keys,
+                                        max_queued_tasks=max_queued_tasks,
                                         max_queued_bytes=max_queued_bytes, max_functions=max_functions,
-                                        max_function_bytes=max_function_bytes), config_file)
+                                        max_function_bytes=max_function_bytes,
+                                        max_producers_per_key=max_producers_per_key), config_file)
     _setup_logging(conf.log_level)
     _warn_argv_secret(secret)
     if conf.insecure and not conf.secured:
         logging.getLogger("zpar_broker").warning(
-            "--insecure: no authentication; anyone who reaches these ports can run code as this user")
+            "--insecure: no authentication; anyone who reaches these ports, other accounts of this machine "
+            "included, can run code as this user")
     from zpar_broker.server import run  # the broker package is imported only here
 
     try:
@@ -137,8 +155,9 @@ def agent(
     broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key (with "
                                              "--key-file) [env ZPAR_BROKER_KEY]."),
     insecure: Optional[bool] = typer.Option(
-        None, "--insecure", help="Allow a plaintext connection to a broker beyond loopback, with no "
-                                 "credentials (a network you fully trust only) [env ZPAR_INSECURE]."),
+        None, "--insecure", help="Plaintext, no credentials, to a broker run --insecure (a machine and network "
+                                 "you fully trust only). Without it and without a secret, this user's own "
+                                 "secret is used [env ZPAR_INSECURE]."),
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
     config_file: Optional[str] = _CONFIG,
@@ -155,9 +174,9 @@ def agent(
                  config_file)
     _setup_logging(conf.log_level)
     _warn_argv_secret(secret)
-    if conf.insecure and not conf.secured and not cfg.is_local_endpoint(conf.broker):
+    if conf.insecure and not conf.secured:
         logging.getLogger("zpar.agent").warning(
-            "--insecure: plaintext to %s; anyone on the path can read the tasks or pose as the broker", conf.broker)
+            "--insecure: plaintext to %s; whoever reaches it can read the tasks or pose as the broker", conf.broker)
     from ..agent.server import run
 
     try:
@@ -176,14 +195,16 @@ def status(
     key_file: Optional[str] = _KEY_FILE,
     broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key "
                                              "[env ZPAR_BROKER_KEY]."),
+    insecure: bool = typer.Option(False, "--insecure", envvar="ZPAR_INSECURE",
+                                  help="Ask a broker run --insecure, with no credentials."),
 ) -> None:
     """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
     from ..client import _credentials, broker_status
 
     _warn_argv_secret(secret)
     try:
-        creds = _credentials(secret, secret_file, key_file, broker_key)
-        info = broker_status(broker, timeout, creds)
+        creds = _credentials(secret, secret_file, key_file, broker_key, insecure, broker)
+        info = broker_status(broker, timeout, creds, insecure=insecure)
     except ZparError as exc:
         raise _fail(exc, 1) from None
     if as_json:

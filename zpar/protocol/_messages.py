@@ -13,7 +13,7 @@ import zmq
 
 VERSION = 2
 #: Largest header frame a peer may send (payload frames are capped separately).
-MAX_HEADER_BYTES = 8 * 1024 * 1024
+MAX_HEADER_BYTES = 2 * 1024 * 1024
 #: Largest frame any socket takes (ZMQ_MAXMSGSIZE; a peer sending more is disconnected).
 MAX_MESSAGE_SIZE = 1 << 30
 #: Most payload frames in one message; guards against a flood of tiny frames.
@@ -91,7 +91,9 @@ class ErrorCode(enum.IntEnum):
     KEY_REVOKED = 4  # this peer's key left the allow-list: it is cut off for good
     NOT_ALLOWED = 5  # this role may not send this kind of message
     BAD_FUNCTION = 6  # a function blob does not hash to its digest: it and these tasks are refused
-    QUOTA_EXCEEDED = 7  # these tasks are over one of this producer's quotas (detail says which): refused
+    QUOTA_EXCEEDED = 7  # these tasks can never fit one of this producer's quotas (detail says which)
+    TOO_MANY_PEERS = 8  # this key has as many producers connected as the broker allows: HELLO refused
+    QUEUE_FULL = 9  # this producer's queue is at a quota for now: send these tasks again as results come back
 
 
 class ByeReason(enum.IntEnum):

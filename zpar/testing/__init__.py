@@ -59,14 +59,16 @@ class LocalCluster:
 
     def __init__(self, agents: int = 2, workers: int = 1, *, heartbeat: float = 0.1, liveness: int = 3,
                  log_level: str = "WARNING", ready_timeout: float = 20.0, agent_args: Sequence[str] = (),
-                 broker_args: Sequence[str] = (), secret: str | None = None) -> None:
+                 broker_args: Sequence[str] = (), secret: str | None = None, insecure: bool = False) -> None:
         self.heartbeat, self.liveness, self.log_level = heartbeat, liveness, log_level
-        # With a secret every socket speaks CurveZMQ; the daemons get it by environment, not argv.
-        self.secret = secret
+        # Every socket speaks CurveZMQ: with ``secret`` (given to the daemons by environment, not argv), or
+        # else with this user's own secret; ``insecure`` runs everything without authentication.
+        self.secret, self.insecure = secret, insecure
         self._env = {**os.environ, "ZPAR_SECRET": secret} if secret else None
-        self._creds = security.client_credentials("producer", secret=secret) if secret else None
-        self.agent_args = list(agent_args)  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
-        self.broker_args = list(broker_args)  # extra zpar-broker flags, e.g. ["--max-queued-tasks", "5"]
+        self._creds = security.client_credentials("producer", secret=secret, insecure=insecure)
+        insecurity = ["--insecure"] if insecure else []
+        self.agent_args = [*insecurity, *agent_args]  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
+        self.broker_args = [*insecurity, *broker_args]  # extra zpar-broker flags, e.g. ["--max-queued-tasks", "5"]
         self.workers = workers
         self.broker: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
@@ -102,7 +104,7 @@ class LocalCluster:
         if broker.poll() is not None:
             return True
         try:
-            broker_status(self.frontend, 0.5, self._creds)
+            broker_status(self.frontend, 0.5, self._creds, insecure=self.insecure)
         except BrokerUnavailable:
             return False
         return True
@@ -151,7 +153,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ queries
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        return broker_status(self.frontend, timeout, self._creds)
+        return broker_status(self.frontend, timeout, self._creds, insecure=self.insecure)
 
     def wait_for_workers(self, n: int, timeout: float = 20.0) -> None:
         def enough() -> bool:
@@ -165,6 +167,8 @@ class LocalCluster:
     def client(self, **kwargs: Any) -> Client:
         if self.secret:
             kwargs.setdefault("secret", self.secret)
+        if self.insecure:
+            kwargs.setdefault("insecure", True)
         client = Client(self.frontend, **kwargs)
         self._clients.append(client)
         return client
