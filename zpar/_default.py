@@ -50,12 +50,14 @@ class DefaultClient:
         with self.lock:
             client, owned = self.client, self.owned
             self.client, self.owned = None, False
+        self.lock = threading.Lock()  # another thread of the parent may have held it at the fork
         if client is not None and owned:
             client.close()
 
     def forget(self) -> None:
         """In a forked child: the parent's client is not ours to use, nor to close."""
         self.client, self.owned = None, False
+        self.lock = threading.Lock()  # another thread of the parent may have held it at the fork
 
 
 #: The one default of this program (made at import, started only by ``get()``).

@@ -7,17 +7,25 @@ future at most once (a future the user cancelled meanwhile stays cancelled).
 Kept whole, its entry with the payload attached, a task can be sent again
 after the broker lost it. When the link ends, ``abandon`` fails or cancels
 whatever is still open.
+
+A future the user cancels is CANCELLED at once and CANCELLED_AND_NOTIFIED
+(done for ``wait`` and ``as_completed``) once this thread has seen the cancel,
+as a stdlib executor's would: whichever of ``add``, ``cancelled``, ``settle``
+or ``abandon`` meets it notifies it, once (``Future._notify_cancelled``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import protocol as P
 from .futures import Future
 from .options import TaskOptions
+
+log = logging.getLogger(__name__)
 
 
 class PendingTask:
@@ -60,34 +68,31 @@ class PendingTable:
         """Take ``task`` in; False (its slot given back) if its future is done already: cancelled before it left."""
         if task.future.done():
             self.release()
+            task.future._notify_cancelled()
             return False
         self._tasks[task.id] = task
         return True
 
     def cancelled(self, tid: int) -> bool:
         """The user cancelled task ``tid``'s future: True if it was here (and has now left)."""
-        if self._tasks.pop(tid, None) is None:
+        task = self._tasks.pop(tid, None)
+        if task is None:
             return False  # done already, or not handed over yet (``add`` drops it)
         self.release()
+        task.future._notify_cancelled()
         return True
 
     def resolve(self, task: PendingTask, value: Any) -> None:
         """``task`` leaves with ``value``."""
         del self._tasks[task.id]
         self.release()
-        try:
-            task.future.set_result(value)
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled by the user meanwhile
+        settle(task.future, value, None)
 
     def fail(self, task: PendingTask, exc: BaseException) -> None:
         """``task`` leaves with ``exc``."""
         del self._tasks[task.id]
         self.release()
-        try:
-            task.future.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass
+        settle(task.future, None, exc)
 
     def fail_all(self, exc: BaseException) -> None:
         for task in self:
@@ -100,14 +105,31 @@ class PendingTable:
         return futures
 
 
+def settle(fut: Future, value: Any, exc: BaseException | None) -> None:
+    """Complete ``fut`` with ``exc``, or else ``value``; never raises.
+
+    A future the user cancelled meanwhile stays cancelled (and is notified:
+    its cancel may never reach the table). A done-callback's exception is
+    logged by concurrent.futures, but only an Exception: anything else is
+    logged here, for this runs in the client's I/O thread.
+    """
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        fut._notify_cancelled()
+    except BaseException:  # a done-callback raised SystemExit or the like: the future is done all the same
+        log.exception("a done-callback of zpar task %d raised", fut.task_id)
+
+
 def abandon(futures: list[Future], failure: BaseException | None) -> None:
     """The link ended with ``futures`` open: fail them with ``failure``, or (a close) cancel them."""
     for fut in futures:
         if failure is not None:
-            try:
-                fut.set_exception(failure)
-            except concurrent.futures.InvalidStateError:
-                pass
+            settle(fut, None, failure)
         else:
             fut._on_cancel = None  # nobody to tell: the loop has ended
             fut.cancel()
+            fut._notify_cancelled()  # cancelled by the user before, and not notified yet

@@ -51,8 +51,9 @@ from .errors import (
     MemoryLimitExceeded,
     ProtocolError,
     QuotaExceeded,
-    SerializationError,
+    TaskError,
     TaskTimeout,
+    UnpicklingError,
     WorkerLost,
 )
 from .streaming import FeedOp
@@ -341,19 +342,27 @@ class ProducerCore:
             if task is None:
                 continue  # cancelled, or a duplicate after a resubmission
             try:
-                if entry.status is P.Status.OK:
-                    what = functools.partial(_RESULT_OF.format, entry.id)
-                    self.pending.resolve(task, serialize.loads(entry.payload, what=what))
-                elif entry.status is P.Status.STREAMED:
-                    self._stream_ended(task, entry.payload)
-                elif entry.status is P.Status.RAISED:
-                    exc = serialize.load_exception(entry.payload)
-                    if not self._rerun(task, exc, out):
-                        self.pending.fail(task, exc)
-                else:
-                    self.pending.fail(task, _ended_without_value(entry))
-            except SerializationError as err:
-                self.pending.fail(task, err)
+                self._ended(task, entry, out)
+            except BaseException as exc:  # noqa: BLE001 - unpickling runs code the value names: whatever it
+                # raises (SystemExit too) fails this task, never this thread
+                if task.id in self.pending:
+                    self.pending.fail(task, UnpicklingError.of(exc, _RESULT_OF.format(entry.id)))
+
+    def _ended(self, task: PendingTask, entry: P.ResultEntry, out: list[P.Message]) -> None:
+        """Resolve or fail ``task`` as its RESULT ``entry`` says; raises what decoding raised."""
+        if entry.status is P.Status.OK:
+            what = functools.partial(_RESULT_OF.format, entry.id)
+            self.pending.resolve(task, serialize.loads(entry.payload, what=what))
+        elif entry.status is P.Status.STREAMED:
+            self._stream_ended(task, entry.payload)
+        elif entry.status is P.Status.RAISED:
+            exc = serialize.load_exception(entry.payload)
+            if isinstance(exc, TaskError):
+                exc = exc.as_raised()  # a SystemExit the worker survived is raised as itself
+            if not self._rerun(task, exc, out):
+                self.pending.fail(task, exc)
+        else:
+            self.pending.fail(task, _ended_without_value(entry))
 
     def _rerun(self, task: PendingTask, exc: BaseException, out: list[P.Message]) -> bool:
         """Run ``task`` again if it raised one of its ``retry_on`` and has re-runs left (True)."""

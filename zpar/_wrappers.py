@@ -26,14 +26,16 @@ task sees what it set, as it would under multiprocessing.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import itertools
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+from .errors import InitializerError
 
 if TYPE_CHECKING:
     from .futures import Future
@@ -48,33 +50,47 @@ _W = TypeVar("_W", bound=Callable[..., Any])
 
 
 class Initializer:
-    """``fn(*args)``, run at most once per worker process for one pool (``token``)."""
+    """``fn(*args)``, run at most once per worker process for one pool (``token``).
 
-    __slots__ = ("args", "fn", "token")
+    ``breaks``: an Executor's, whose failure breaks it, as the stdlib's:
+    ``ensure`` raises InitializerError (a BrokenProcessPool) from it.
+    """
 
-    def __init__(self, fn: Callable[..., Any], args: Iterable[Any] = ()) -> None:
+    __slots__ = ("args", "breaks", "fn", "token")
+
+    def __init__(self, fn: Callable[..., Any], args: Iterable[Any] = (), breaks: bool = False) -> None:
         if not callable(fn):
             raise TypeError("initializer must be a callable")
         self.token = uuid.uuid4().hex
         self.fn = fn
         self.args = tuple(args)
+        self.breaks = breaks
 
     def ensure(self) -> None:
         """Run the initializer here unless it already ran in this process.
 
-        If it raises, the task that called it fails with that exception and
-        the next task of the pool on this worker tries it again.
+        If it raises, the task that called it fails with that exception (or,
+        when it ``breaks``, with InitializerError from it) and the next task of
+        the pool on this worker tries it again.
         """
         key = (self.token, id(getattr(self.fn, "__globals__", None)))
-        if key not in _initialised:
+        if key in _initialised:
+            return
+        try:
             self.fn(*self.args)
-            _initialised.add(key)
+        except BaseException as exc:
+            if not self.breaks:
+                raise
+            name = getattr(self.fn, "__qualname__", repr(self.fn))
+            raise InitializerError(f"the initializer {name} raised {type(exc).__name__}: {exc}; the Executor is "
+                                   "broken: fix the initializer and make a new Executor") from exc
+        _initialised.add(key)
 
 
 class Call:
     """``fn(*args, **kwargs)`` in a worker, after the pool's initializer."""
 
-    __slots__ = ("fn", "init")
+    __slots__ = ("__weakref__", "fn", "init")
 
     def __init__(self, fn: Callable[..., Any], init: Initializer) -> None:
         self.fn, self.init = fn, init
@@ -87,7 +103,7 @@ class Call:
 class Chunk:
     """A chunk of calls as one task: ``fn(x)`` for each item, or ``fn(*x)`` when ``star``."""
 
-    __slots__ = ("fn", "init", "star")
+    __slots__ = ("__weakref__", "fn", "init", "star")
 
     def __init__(self, fn: Callable[..., Any], star: bool, init: Initializer | None) -> None:
         self.fn, self.star, self.init = fn, star, init
@@ -99,17 +115,19 @@ class Chunk:
 
 
 class Wrappers:
-    """A pool's wrappers, one per function and kind, reused so the client pickles each once.
+    """A pool's wrappers, one per function and kind while it is in use.
 
-    The client caches a function's pickle by the function's identity: a new
-    wrapper for every task would be pickled again for every task.
+    The client caches a function's pickle (serialize.FunctionCache): a
+    wrapper is cached there under the function it wraps and its kind
+    (``identity``), so a new wrapper is no new pickle. A wrapper in use (a
+    map's) is handed out again; none is kept alive here, nor its function.
     """
 
-    def __init__(self, initializer: Callable[..., Any] | None, initargs: Iterable[Any] = (), size: int = 256) -> None:
-        self.init = Initializer(initializer, initargs) if initializer is not None else None
-        self._size = size
+    def __init__(self, initializer: Callable[..., Any] | None, initargs: Iterable[Any] = (),
+                 breaks: bool = False) -> None:
+        self.init = Initializer(initializer, initargs, breaks) if initializer is not None else None
         self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[tuple[int, int], tuple[Any, Any]] = collections.OrderedDict()
+        self._live: weakref.WeakValueDictionary[tuple[int, int], Any] = weakref.WeakValueDictionary()
 
     def call(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """What to submit for one call of ``fn``: ``fn`` itself when there is no initializer."""
@@ -125,15 +143,25 @@ class Wrappers:
     def _get(self, fn: Callable[..., Any], kind: int, make: Callable[[], _W]) -> _W:
         key = (id(fn), kind)
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] is fn:  # holding fn keeps its id from being reused
-                self._cache.move_to_end(key)
-                return cast("_W", hit[1])  # made by the same make() for this kind
+            wrapper = self._live.get(key)
+            if wrapper is not None and wrapper.fn is fn:  # alive, it holds fn: the id is fn's
+                return cast("_W", wrapper)  # made by the same make() for this kind
             wrapper = make()
-            self._cache[key] = (fn, wrapper)
-            if len(self._cache) > self._size:
-                self._cache.popitem(last=False)
+            self._live[key] = wrapper
             return wrapper
+
+
+def identity(fn: Callable[..., Any]) -> tuple[Any, Hashable]:
+    """What ``fn``'s pickle depends on, for serialize.FunctionCache: ``(owner, kind)``.
+
+    A Call or a Chunk is its function with its kind (and its pool's
+    initializer); anything else is itself.
+    """
+    if isinstance(fn, Call):
+        return fn.fn, ("call", fn.init.token)
+    if isinstance(fn, Chunk):
+        return fn.fn, ("chunk", fn.star, fn.init.token if fn.init is not None else None)
+    return fn, ()
 
 
 def client_options(address: str | None, workers: int | None, max_tasks: int | None, max_tasks_name: str,
@@ -164,6 +192,9 @@ class ClientLike(Protocol):
     def cancel(self, futures: Iterable[concurrent.futures.Future[Any]], *, force: bool = False) -> int:
         """Cancel ``futures``; how many were."""
 
+    def _abort(self, futures: Iterable[Future], exc: BaseException) -> None:
+        """Fail ``futures`` with ``exc`` and stop their tasks."""
+
 
 class Outstanding:
     """The futures an Executor or Pool has in flight, so that shutdown and join can wait for them.
@@ -172,21 +203,31 @@ class Outstanding:
     window), so ``drain`` cannot miss a future that was being submitted when
     the facade closed. The lock is never held while blocking: a done-callback
     (on the client's I/O thread) may submit more.
+
+    ``breaks_on``: a future failing with this error breaks the facade, as a
+    failed initializer breaks a ``ProcessPoolExecutor``: every outstanding
+    future fails with it (their tasks are stopped), and so does each later
+    ``submit``.
     """
 
-    def __init__(self, client: ClientLike, closed_error: Callable[[], Exception]) -> None:
+    def __init__(self, client: ClientLike, closed_error: Callable[[], Exception],
+                 breaks_on: type[BaseException] | None = None) -> None:
         self.client = client
         self.futures: set[Future] = set()
         self._closed_error = closed_error
+        self._refusal: Callable[[], BaseException] | None = None  # what submit raises, once closed or broken
+        self._breaks_on = breaks_on
+        self._done: Callable[[Any], object] = self.futures.discard if breaks_on is None else self._check
         self._cond = threading.Condition()
         self._submitting = 0
         self._closed = False
+        self.broken: BaseException | None = None
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """``client.submit``, tracked; raises ``closed_error()`` once ``close`` was called."""
+        """``client.submit``, tracked; raises once ``close`` was called, or the facade broke."""
         with self._cond:
-            if self._closed:
-                raise self._closed_error()
+            if self._refusal is not None:
+                raise self._refusal()
             self._submitting += 1
         try:
             fut = self.client.submit(fn, *args, **kwargs)
@@ -196,7 +237,9 @@ class Outstanding:
                 self._submitting -= 1
                 if not self._submitting:
                     self._cond.notify_all()
-        fut.add_done_callback(self.futures.discard)  # after add(): a future already done is discarded now
+        fut.add_done_callback(self._done)  # after add(): a future already done is discarded now
+        if self.broken is not None:  # it broke while this submit was on its way
+            self.client._abort([fut], self.broken)
         return fut
 
     @property
@@ -204,9 +247,26 @@ class Outstanding:
         return self._closed
 
     def close(self) -> None:
-        """Refuse further submits."""
+        """Refuse further submits (with ``closed_error()``, unless broken already)."""
         with self._cond:
             self._closed = True
+            if self._refusal is None:
+                self._refusal = self._closed_error
+
+    def _check(self, fut: Future) -> None:
+        self.futures.discard(fut)
+        if not fut.cancelled():
+            exc = concurrent.futures.Future.exception(fut, 0)  # the stdlib's: zpar's would give up a stream
+            if self._breaks_on is not None and isinstance(exc, self._breaks_on):
+                self._break(exc)
+
+    def _break(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.broken is not None:
+                return
+            self.broken = exc
+            self._refusal = lambda: _again(exc)
+        self.client._abort([f for f in list(self.futures) if not f.done()], exc)
 
     def drain(self) -> None:
         """Wait for submits in progress, then until no future is outstanding."""
@@ -221,3 +281,10 @@ class Outstanding:
     def cancel(self, force: bool = False) -> None:
         """Cancel every outstanding future (``force``: stop the tasks already running too)."""
         self.client.cancel(list(self.futures), force=force)
+
+
+def _again(exc: BaseException) -> BaseException:
+    """A new error like ``exc``, caused by it: raised by each submit to a broken facade."""
+    again = type(exc)(*exc.args)
+    again.__cause__ = exc
+    return again

@@ -30,7 +30,7 @@ from ._connection import Connection
 from ._embedded import EmbeddedCluster
 from ._maps import MapOptions, Results, over
 from ._pending import PendingTask
-from ._wrappers import Wrappers
+from ._wrappers import Wrappers, identity
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
 from .options import TaskOptions
@@ -122,7 +122,9 @@ class Client(Submitter):
     ``Client()`` starts a private cluster on this machine (one worker per
     core, or ``workers``) and stops it on ``close()``, at the end of a
     ``with`` block, or at exit. ``Client("tcp://host:5555")`` connects to a
-    running ``zpar-broker``.
+    running ``zpar-broker``. A client still open when the interpreter exits
+    is closed then: what it has pending is cancelled, not waited for (a
+    ``zpar.Executor``, as the stdlib's, waits for its tasks at exit).
 
     ``window`` bounds the tasks in flight: ``submit`` blocks past it, so a
     fast producer cannot fill memory. Raises BrokerUnavailable when no broker
@@ -167,7 +169,6 @@ class Client(Submitter):
         self._window = threading.Semaphore(window)
         self._window_size = window
         self._funcs = serialize.FunctionCache()
-        self._funcs_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._submits: collections.deque[PendingTask] = collections.deque()
         self._cancels: collections.deque[tuple[int, bool]] = collections.deque()
@@ -188,10 +189,10 @@ class Client(Submitter):
     # ------------------------------------------------------------------ submit
 
     def _submit(self, fn: Callable[..., Any], payload: Any, flags: int, opts: TaskOptions) -> Future:
-        if self._closed:
-            raise RuntimeError("this zpar Client is closed; create a new one")
-        with self._funcs_lock:
-            digest, blob = self._funcs.get(fn)
+        if self._closed:  # the stdlib's words, then ours
+            raise RuntimeError("cannot schedule new futures after shutdown: this zpar Client is closed; "
+                               "create a new one")
+        digest, blob = self._funcs.get(fn, *identity(fn))
         def what() -> str:  # built only if something fails
             return f"arguments of {_name(fn)}"
 
@@ -218,6 +219,16 @@ class Client(Submitter):
 
     def _cancel_one(self, fut: Future, force: bool = False) -> None:
         self._cancels.append((fut.task_id, force))
+        self._wake()
+
+    def _abort(self, futures: Iterable[Future], exc: BaseException) -> None:
+        """Fail ``futures`` with ``exc`` and stop their tasks (an Executor that broke)."""
+        for fut in futures:
+            try:
+                fut.set_exception(exc)
+            except concurrent.futures.InvalidStateError:
+                continue  # done meanwhile
+            self._cancels.append((fut.task_id, True))
         self._wake()
 
     def cancel(self, futures: Iterable[concurrent.futures.Future[Any]], *, force: bool = False) -> int:

@@ -4,18 +4,28 @@
 
     ZparError
     ├── TaskError                 the task raised and its exception could not travel
-    ├── WorkerLost                the worker or node running the task died
+    ├── WorkerLost                the worker or node running the task died (also BrokenProcessPool)
     │   └── MemoryLimitExceeded   its worker went past the agent's memory limit and was stopped
+    ├── InitializerError          an Executor's initializer raised: the Executor is broken (also BrokenProcessPool)
     ├── TaskTimeout               (also concurrent.futures.TimeoutError)
     ├── BrokerUnavailable         no broker answered within the deadline
     │   └── BrokenCluster         ...and work was failed for it (also concurrent.futures.BrokenExecutor)
     ├── ResultTimeout             a wait for a Pool result ran out (also multiprocessing.TimeoutError, TimeoutError)
     ├── AuthenticationError       the broker refused our credentials
     ├── QuotaExceeded             the broker refused a task that can never fit a quota (a function blob too large)
-    ├── SerializationError        (also TypeError) a function, argument or result does not pickle
-    │   └── PayloadTooLarge       a task is over the configured size limit
+    ├── SerializationError        (also TypeError, pickle.PicklingError) a function, argument or result does not pickle
+    │   ├── PayloadTooLarge       a task is over the configured size limit
+    │   └── UnpicklingError       a result or exception came back and does not unpickle (also pickle.UnpicklingError)
     ├── ConfigError               (also ValueError) a setting is wrong; the message says which
     └── ProtocolError             a peer sent a malformed message (daemons count and drop these)
+
+The stdlib's ``except`` clauses catch them where the meaning matches:
+``except BrokenProcessPool`` (and ``BrokenExecutor``) catches a lost worker
+and a failed initializer, ``except pickle.PicklingError`` a value that does
+not pickle. A task that raised ``SystemExit``, ``KeyboardInterrupt`` or
+``GeneratorExit`` (its worker survives them) re-raises it as itself from
+``result()``, as ``ProcessPoolExecutor`` does. ``concurrent.futures.process``
+is imported here for ``BrokenProcessPool``: a few milliseconds, no thread.
 
 Cancellation raises ``concurrent.futures.CancelledError`` itself, so existing
 ``except`` clauses keep working.
@@ -24,7 +34,9 @@ Cancellation raises ``concurrent.futures.CancelledError`` itself, so existing
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import multiprocessing
+import pickle
 
 
 class ZparError(Exception):
@@ -50,19 +62,47 @@ class TaskError(ZparError):
     """A task raised an exception whose type could not be sent back as itself.
 
     ``remote_type`` names the original type; ``remote_traceback`` is its text.
+    ``raised``: the ``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit``
+    (any BaseException that is not an Exception) a worker caught and survived,
+    which the client raises as itself (``result()`` never returns this TaskError
+    then); None otherwise.
     """
 
-    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "") -> None:
+    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "",
+                 raised: BaseException | None = None) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+        self.raised = raised
 
-    def __reduce__(self) -> tuple[type[TaskError], tuple[str, str, str]]:  # keep the extra fields across pickling
-        return (type(self), (self.args[0], self.remote_type, self.remote_traceback))
+    def __reduce__(self) -> tuple[type[TaskError], tuple[str, str, str, BaseException | None]]:
+        # Keeps the fields across pickling. A worker stands in for a base exception with a TaskError
+        # whose __cause__ is that exception: it travels too, since pickling drops __cause__.
+        raised = self.raised
+        cause = self.__cause__
+        if raised is None and cause is not None and not isinstance(cause, Exception):
+            raised = cause
+        return (type(self), (self.args[0], self.remote_type, self.remote_traceback, raised))
+
+    def as_raised(self) -> BaseException:
+        """What ``result()`` raises for this error: ``raised``, given this error's ``__cause__`` (the
+        remote traceback), ``remote_traceback``, ``host`` and ``pid``; else this error itself."""
+        raised = self.raised
+        if raised is None:
+            return self
+        raised.__cause__ = self.__cause__
+        for name in ("remote_traceback", "host", "pid"):
+            if name in self.__dict__:
+                setattr(raised, name, self.__dict__[name])
+        return raised
 
 
-class WorkerLost(ZparError):
+class WorkerLost(ZparError, concurrent.futures.process.BrokenProcessPool):
     """The process or node running the task died, and its retries (if any) ran out.
+
+    A ``BrokenProcessPool``, what ``ProcessPoolExecutor`` raises when a worker
+    dies, so the stdlib's ``except`` clauses catch it; unlike a process pool,
+    the Executor or Client goes on: its other tasks and new ones run.
 
     ``exitcode`` or ``signal`` says how the worker process ended, when it is
     known (None otherwise: a node that went silent, say); ``node`` names the
@@ -86,6 +126,14 @@ def _rebuild(cls: type[WorkerLost], message: str, node: str, pid: int, exitcode:
 
 class MemoryLimitExceeded(WorkerLost):
     """The task took its worker past the agent's memory limit and was stopped (not retried)."""
+
+
+class InitializerError(ZparError, concurrent.futures.process.BrokenProcessPool):
+    """An Executor's ``initializer`` raised in a worker (its exception is the ``__cause__``).
+
+    As with ``ProcessPoolExecutor``, the Executor is broken from then on: its
+    pending futures fail with this error, and ``submit`` raises it.
+    """
 
 
 class TaskTimeout(ZparError, concurrent.futures.TimeoutError):
@@ -126,12 +174,35 @@ class QuotaExceeded(ZparError):
     """
 
 
-class SerializationError(ZparError, TypeError):
-    """A function, argument or result cannot be pickled or unpickled."""
+class SerializationError(ZparError, TypeError, pickle.PicklingError):
+    """A function, argument or result cannot be pickled or unpickled.
+
+    A ``TypeError`` and a ``pickle.PicklingError``: what the stdlib raises
+    for a value that does not pickle (either, depending on the value).
+    """
 
 
 class PayloadTooLarge(SerializationError):
     """A task's arguments are larger than the configured message limit."""
+
+
+class UnpicklingError(SerializationError, pickle.UnpicklingError):
+    """A result, an exception or a stream's object came back and could not be unpickled here.
+
+    Whatever unpickling raised (even ``SystemExit``) is the ``__cause__``:
+    unpickling runs code the value names, and it fails this task only.
+    """
+
+    @classmethod
+    def of(cls, exc: BaseException, what: str) -> UnpicklingError:
+        """The error for ``what`` (a result of task N, say) failing to unpickle with ``exc``."""
+        if isinstance(exc, SerializationError):  # serialize.loads' own: its message names what it was
+            err = cls(str(exc))
+            err.__cause__ = exc.__cause__ or exc
+        else:
+            err = cls(f"cannot unpickle the {what}: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+        return err
 
 
 class ConfigError(ZparError, ValueError):

@@ -4,11 +4,17 @@ A thin layer over ``Client``: ``submit`` is ``Client.submit`` (the futures are
 zpar Futures, themselves ``concurrent.futures.Future`` objects), ``map`` sends
 chunks as single tasks the way ``ProcessPoolExecutor`` does, and ``shutdown``
 waits for what was submitted before it closes the client.
+
+As the stdlib's executors, one never shut down still runs what was submitted
+when the interpreter exits: a hook the stdlib's own use (``threading``'s, run
+when the main thread ends, before ``atexit``, which closes the clients) waits
+for it, and refuses new submits from then on.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -17,10 +23,43 @@ from typing import Any
 from ._maps import MapOptions, Results, over
 from ._wrappers import Outstanding, Wrappers, client_options
 from .client import Client
-from .errors import BrokenCluster, BrokerUnavailable, ConfigError
+from .errors import BrokenCluster, BrokerUnavailable, ConfigError, InitializerError
 from .futures import Future
 
 log = logging.getLogger(__name__)
+
+#: The work of every Executor not shut down, for the exit hook; strong references, as the
+#: stdlib keeps its executors' threads: work submitted to an executor since dropped still runs.
+_live: set[Outstanding] = set()
+_live_lock = threading.Lock()
+
+
+@functools.cache
+def _exit_hook() -> bool:
+    """Install the exit hook, once: with the first Executor, not at import. False if too late for it."""
+    try:
+        threading._register_atexit(_wait_at_exit)  # type: ignore[attr-defined]
+    except RuntimeError:  # the interpreter is shutting down already: nothing will wait
+        return False
+    return True
+
+
+def _track(tasks: Outstanding) -> None:
+    """Wait for ``tasks`` at exit."""
+    with _live_lock:
+        if _exit_hook():
+            _live.add(tasks)
+
+
+def _wait_at_exit() -> None:
+    """The interpreter is exiting: refuse new work and let what was submitted finish, as the stdlib does
+    (its executors shut down then: a done-callback's submit hears "cannot schedule new futures after shutdown")."""
+    with _live_lock:
+        live = list(_live)
+    for tasks in live:
+        tasks.close()
+    for tasks in live:
+        tasks.drain()
 
 
 class Executor(concurrent.futures.Executor):
@@ -35,13 +74,14 @@ class Executor(concurrent.futures.Executor):
     ``retries``, ``connect_timeout``, ``broker_timeout``) go to ``zpar.Client``.
 
     ``initializer(*initargs)`` runs once in each worker process before it runs
-    this executor's first task there (if it raises, that task fails with its
-    exception and the next one tries again; one defined in the script being
-    run, shipped by value, runs once per worker for each function submitted,
-    so that each sees the globals it set). ``max_tasks_per_child`` replaces a
-    worker after that many tasks on the private cluster; on a remote one it is
-    the agents' setting (``zpar-agent --max-tasks-per-worker``) and is ignored
-    here with a warning.
+    this executor's first task there (one defined in the script being run,
+    shipped by value, runs once per worker for each function submitted, so
+    that each sees the globals it set). If it raises, the executor is broken,
+    as the stdlib's: that task, every pending one and each later ``submit``
+    fail with InitializerError (a ``BrokenProcessPool``) caused by its error.
+    ``max_tasks_per_child`` replaces a worker after that many tasks on the
+    private cluster; on a remote one it is the agents' setting
+    (``zpar-agent --max-tasks-per-worker``) and is ignored here with a warning.
 
     Raises BrokenCluster (a ``concurrent.futures.BrokenExecutor`` and a
     BrokerUnavailable) if no broker answers; pending futures fail with it if
@@ -55,7 +95,7 @@ class Executor(concurrent.futures.Executor):
             raise ConfigError(f"max_workers must be greater than 0, not {max_workers}")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ConfigError(f"max_tasks_per_child must be at least 1, not {max_tasks_per_child}")
-        self._calls = Wrappers(initializer, initargs)  # before the Client: a bad initializer starts nothing
+        self._calls = Wrappers(initializer, initargs, breaks=True)  # before the Client: a bad one starts nothing
         kwargs = client_options(address, max_workers, max_tasks_per_child, "max_tasks_per_child", client_kwargs)
         if address is not None and max_workers is not None:
             log.debug("max_workers=%d not used: the agents of %s set the cluster's size", max_workers, address)
@@ -65,8 +105,10 @@ class Executor(concurrent.futures.Executor):
             if isinstance(exc, BrokenCluster):
                 raise
             raise BrokenCluster(str(exc)) from exc
-        self._tasks = Outstanding(self._client, lambda: RuntimeError("cannot schedule new futures after shutdown"))
+        self._tasks = Outstanding(self._client, lambda: RuntimeError("cannot schedule new futures after shutdown"),
+                                  breaks_on=InitializerError)
         self._closer: threading.Thread | None = None
+        _track(self._tasks)
 
     @property
     def client(self) -> Client:
@@ -76,9 +118,11 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; returns its Future.
 
-        Raises RuntimeError after ``shutdown``, SerializationError (a
-        TypeError) if the function or an argument does not pickle. Blocks
-        while the client's window of tasks in flight is full.
+        Raises RuntimeError after ``shutdown``, InitializerError (a
+        ``BrokenProcessPool``) once the initializer failed, SerializationError
+        (a TypeError and a ``pickle.PicklingError``) if the function or an
+        argument does not pickle. Blocks while the client's window of tasks in
+        flight is full.
         """
         return self._tasks.submit(self._calls.call(fn), *args, **kwargs)
 
@@ -106,6 +150,8 @@ class Executor(concurrent.futures.Executor):
         one, so running tasks are cancelled too (and stopped as the client closes).
         """
         self._tasks.close()
+        with _live_lock:
+            _live.discard(self._tasks)  # from now on, shutdown's own wait (or its thread) is the one
         if cancel_futures:
             self._tasks.cancel()
         if wait:
@@ -119,6 +165,7 @@ class Executor(concurrent.futures.Executor):
         self._client.close()
 
     def __repr__(self) -> str:
-        state = "shut down" if self._tasks.closed else f"{len(self._tasks.futures)} pending"
+        state = ("broken" if self._tasks.broken else "shut down" if self._tasks.closed
+                 else f"{len(self._tasks.futures)} pending")
         return f"<zpar.Executor on {self._client!r}, {state}>"
 

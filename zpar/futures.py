@@ -15,7 +15,10 @@ _CANCELLED = "CANCELLED"  # concurrent.futures' state before waiters are told
 class Future(concurrent.futures.Future[Any]):
     """A ``concurrent.futures.Future`` for a zpar task; also awaitable from asyncio.
 
-    ``concurrent.futures.wait`` and ``as_completed`` accept it as they are.
+    ``concurrent.futures.wait`` and ``as_completed`` accept it as they are,
+    and its ``repr`` is the stdlib's (``<Future at 0x... state=pending>``).
+    It is never RUNNING: the client cannot tell a queued task from a running
+    one (``running()`` is False until the result is in).
     ``cancel()`` succeeds until the result is in: a queued task is dropped by
     the broker and never runs; the result of one already running is discarded,
     or, with ``cancel(force=True)``, its worker is stopped. A task that streams
@@ -39,17 +42,30 @@ class Future(concurrent.futures.Future[Any]):
         self._on_feed = on_feed
 
     def cancel(self, force: bool = False) -> bool:
+        """Cancel the task unless its result is in (True if cancelled; ``force``: stop it even if running).
+
+        As with the stdlib's futures, the state is CANCELLED at once, and
+        CANCELLED_AND_NOTIFIED (done for ``wait`` and ``as_completed``) once
+        the client's I/O thread has taken the cancel, an instant later.
+        """
         if not super().cancel():
             return False
-        # No executor will do this for us: without it concurrent.futures.wait and as_completed
-        # never see the future as done. Once, whoever cancels first (the lock is reentrant).
-        with self._condition:
-            if self._state == _CANCELLED:
-                self.set_running_or_notify_cancel()
-        if self._on_cancel is not None:
+        if self._on_cancel is None:
+            self._notify_cancelled()  # nobody else will: a future of no client, or of one that closed
+        else:
             # A stream left running would wait at its window for ever: stop it.
             self._on_cancel(self, force or self._stream is not None)
         return True
+
+    def _notify_cancelled(self) -> None:
+        """CANCELLED -> CANCELLED_AND_NOTIFIED, telling ``wait`` and ``as_completed``; once, whoever calls first.
+
+        The executor's step (``set_running_or_notify_cancel``), for the client's
+        I/O thread (zpar._pending) once it has seen the cancel.
+        """
+        with self._condition:  # reentrant: set_running_or_notify_cancel takes it too
+            if self._state == _CANCELLED:
+                self.set_running_or_notify_cancel()
 
     def result(self, timeout: float | None = None) -> Any:
         if not self._claimed:  # inline: this is every task's path
@@ -67,9 +83,6 @@ class Future(concurrent.futures.Future[Any]):
         if not self._claimed:
             self._give_up_items()
         return asyncio.wrap_future(self).__await__()
-
-    def __repr__(self) -> str:
-        return f"<zpar.Future task {self.task_id} {self._state.lower()}>"
 
     # ------------------------------------------------------------------ streams (zpar.streaming)
 

@@ -9,14 +9,19 @@ is fast; cloudpickle takes over for lambdas, closures and ``__main__`` code.
 from __future__ import annotations
 
 import collections
+import functools
+import io
 import pickle
 import struct
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import cloudpickle
 
+from . import _source
 from . import protocol as P
 from .errors import PayloadTooLarge, RemoteTraceback, SerializationError, TaskError
 
@@ -202,34 +207,67 @@ def dump_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
     if not callable(fn):
         raise TypeError(f"{_describe(fn)} is not callable")
     try:
-        blob = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        with io.BytesIO() as buf:  # code shipped by value carries its file name and lines (zpar._source)
+            _source.dump(fn, buf, PROTOCOL)
+            blob = buf.getvalue()
     except Exception as exc:
         raise SerializationError(f"cannot pickle the function {_describe(fn)}: {exc}") from exc
     return P.digest(blob), blob  # the name every hop caches it under, and verifies
 
 
 class FunctionCache:
-    """Pickles each function once per client (by identity, most recent kept).
+    """Pickles each function once per client, for as long as it lives (the ``size`` most recent kept).
 
-    The cache holds the function itself, so its ``id`` cannot be reused by
-    another object while it is cached.
+    Keyed by the function's identity and held by a weak reference: the cache
+    never keeps a function alive, nor what it holds (a bound method's object,
+    a closure's cells), and an entry goes with its function, so no other
+    object can take over its ``id``. ``owner`` and ``kind``: a wrapper that
+    only adds a kind to a function it holds (``_wrappers.identity``) is cached
+    under that function, so each new wrapper is no new pickle. A callable that
+    takes no weak reference (``operator.itemgetter``, an object with
+    ``__slots__``) is pickled at each call. Thread-safe.
     """
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._entries: collections.OrderedDict[int, tuple[Any, bytes, bytes]] = collections.OrderedDict()
+        # Reentrant: a weakref callback (_forget) may run in this thread inside get(), from a collection.
+        self._lock = threading.RLock()
+        self._entries: collections.OrderedDict[tuple[int, Hashable], _Cached] = collections.OrderedDict()
 
-    def get(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
-        key = id(fn)
+    def get(self, fn: Callable[..., Any], owner: Any = None, kind: Hashable = ()) -> tuple[bytes, bytes]:
+        """``(digest, blob)`` of ``fn``; ``owner`` (default ``fn``) is what the entry lives as long as."""
+        owner = fn if owner is None else owner
+        key = (id(owner), kind)
+        # A hit takes no lock (every submit comes here): each OrderedDict call is atomic.
         hit = self._entries.get(key)
-        if hit is not None and hit[0] is fn:
-            self._entries.move_to_end(key)
+        if hit is not None and hit[0]() is owner:
+            try:
+                self._entries.move_to_end(key)
+            except KeyError:
+                pass  # evicted meanwhile, by another thread: still a right answer
             return hit[1], hit[2]
-        d, blob = dump_function(fn)
-        self._entries[key] = (fn, d, blob)
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        d, blob = dump_function(fn)  # outside the lock: pickling runs the user's code
+        try:
+            ref = weakref.ref(owner, functools.partial(_forget, self._entries, self._lock, key))
+        except TypeError:
+            return d, blob  # takes no weak reference: holding it strongly would keep it alive
+        with self._lock:
+            self._entries[key] = (ref, d, blob)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
         return d, blob
+
+
+_Cached = tuple[weakref.ref[Any], bytes, bytes]  # (the function, weakly; its digest; its blob)
+
+
+def _forget(entries: collections.OrderedDict[tuple[int, Hashable], _Cached], lock: threading.RLock,
+            key: tuple[int, Hashable], ref: weakref.ref[Any]) -> None:
+    """A cached function died: drop its entry (unless a newer one took the key) and so its blob."""
+    with lock:
+        hit = entries.get(key)
+        if hit is not None and hit[0] is ref:
+            del entries[key]
 
 
 # --------------------------------------------------------------------------
