@@ -465,7 +465,9 @@ def test_exchange_start_runs_a_channel_aware_call_with_its_arguments(client):
         exchange.start(tasks.pp_rows, i, 1)
     exchange.finish()
     assert sorted(exchange.got) == [(i, 0, i) for i in range(5)]
-    assert exchange.most <= 3
+    # As in pprocess, a waiting call starts when a running one delivers, before that one is seen to end:
+    # for a moment the exchange watches both (each takes over its deliverer's worker: see test_pprocess_capacity).
+    assert exchange.most <= 2 * 3
 
 
 def test_continuous_queue_takes_every_message_of_every_call(client):

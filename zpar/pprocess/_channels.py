@@ -1,36 +1,33 @@
-"""The channels of zpar.pprocess: between a creating process and each call it created.
+"""The channels of zpar.pprocess between a creating process and each call it created, when calls are tasks.
 
-A call runs either as a zpar task or in a forked child:
+A call runs as a zpar task (this module), in a forked child (``_fork``), or
+in a persistent background process (``_persistent``). For a task:
 
-- ``TaskChannel`` is the creating end of a task. A call of a
+- ``TaskChannel`` is the creating end. A call of a
   ``MakeParallel``/``MakeReusable`` wrapper is a plain task whose return value
   is its one message; any other call gets a channel of its own
   (``client.start``, zpar.streaming), and ``_CalledChannel`` is its end in
   the worker.
-- ``ForkChannel`` is either end of a socket pair to a child that ``fork()``
-  made, as pprocess's ``create()`` does; messages are length-prefixed pickles.
+- ``_Runner`` is what the worker runs: the call, with random generators as a
+  forked child's would be (``_state``), and the exchanges it uses itself
+  placed on the same cluster (``_layer.inside``).
 
-An Exchange watches channels: ``_has_data()``, ``_ended()``, and, for task
-channels, a callback (``_watch``) from the client's I/O thread whenever
-something arrives; fork channels it watches by file descriptor.
+An Exchange watches channels: ``_has_data()``, ``_ended()``, and ``_watch``,
+which task channels answer with a callback from the client's I/O thread
+whenever something arrives, and fd channels with a file descriptor to poll.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import logging
-import os
-import pickle
-import socket
-import struct
-import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .. import client as _client_module
+from . import _layer, _state
+from ._capacity import Slot, Where
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -82,12 +79,29 @@ class Channel:
         """Wait for the call at the other end to end (nothing to wait for at the created end)."""
 
     # How an Exchange watches a channel: whether it holds a message, whether
-    # the other end is gone with nothing left, and how it says it changed.
+    # the other end is gone with nothing left, whether it takes objects, and
+    # how it says it changed (a callback, or a file descriptor to poll).
     def _has_data(self) -> bool:
         raise NotImplementedError
 
     def _ended(self) -> bool:
         raise NotImplementedError
+
+    def _takes_input(self) -> bool:
+        return True
+
+    def _poll_fd(self) -> int | None:
+        return None
+
+    def _watch(self, watcher: Callable[[Channel], None]) -> None:
+        watcher(self)  # whatever it holds already
+
+    def _unwatch(self, watcher: Callable[[Channel], None]) -> None:
+        pass
+
+    def _exit(self) -> NoReturn:
+        """``exit(channel)``: end the created side."""
+        raise RuntimeError(f"exit({self!r}) is for the created side of a channel; this is the creating side")
 
 
 class TaskChannel(Channel):
@@ -98,11 +112,12 @@ class TaskChannel(Channel):
     its own (zpar.streaming), and its messages are what it sends.
     """
 
-    def __init__(self, future: Future, callable: Callable[..., Any], *, streamed: bool) -> None:
+    def __init__(self, future: Future, callable: Callable[..., Any], *, streamed: bool,
+                 slot: Slot | None = None) -> None:
         self.future = future
         self.callable = callable
         self.streamed = streamed
-        self.reusable = False  # set by an Exchange with reuse=1 for a channel-aware call
+        self._slot = slot  # the worker reserved for it, handed to the next call when it delivers (Exchange)
         self._cv = threading.Condition()
         self._inbox: collections.deque[Any] = collections.deque()
         self._done = False  # the task ended and whatever it sent is in _inbox
@@ -175,6 +190,9 @@ class TaskChannel(Channel):
             self._pull(0)
         return self._done and not self._inbox
 
+    def _takes_input(self) -> bool:
+        return self.streamed and not self._closed and not self.future.done()
+
     # -- the pprocess API
 
     def receive(self) -> Any:
@@ -207,97 +225,33 @@ class TaskChannel(Channel):
         concurrent.futures.wait([self.future])
 
 
-class ForkChannel(Channel):
-    """Either end of a socket pair between a forked child and its parent.
+class Unstarted(Channel):
+    """A call that could not start (arguments that do not pickle, no cluster): its one message is that error."""
 
-    Each message is a length-prefixed pickle. The parent's end is watched by
-    an Exchange through its file descriptor.
-    """
-
-    _HEADER = struct.Struct("!Q")
-
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid = pid
-        self._sock = sock
-        self._buf = bytearray()
-        self._eof = False
+    def __init__(self, callable: Callable[..., Any], exc: BaseException) -> None:
+        self.callable = callable
+        self._exc: BaseException | None = exc
 
     def __repr__(self) -> str:
-        side = "to the parent" if self.pid == 0 else f"to child {self.pid}"
-        return f"<zpar.pprocess channel {side}>"
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def _frame_end(self) -> int:
-        """Where the first whole message in the buffer ends; 0 while there is none."""
-        size = self._HEADER.size
-        if len(self._buf) < size:
-            return 0
-        end = size + self._HEADER.unpack_from(self._buf)[0]
-        return end if len(self._buf) >= end else 0
-
-    def _frame(self) -> bytes | None:
-        end = self._frame_end()
-        if not end:
-            return None
-        frame = bytes(self._buf[self._HEADER.size:end])
-        del self._buf[:end]
-        return frame
-
-    def _fill(self, block: bool) -> None:
-        """Read what the socket holds (at least something, if ``block``)."""
-        flags = 0 if block else socket.MSG_DONTWAIT
-        while not self._eof:
-            try:
-                data = self._sock.recv(1 << 16, flags)
-            except BlockingIOError:
-                return
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self._eof = True
-                return
-            self._buf += data
-            if block:
-                return
-
-    def _has_data(self) -> bool:
-        self._fill(block=False)
-        return bool(self._frame_end())
-
-    def _ended(self) -> bool:
-        return self._eof and not self._frame_end()
-
-    def send(self, obj: Any) -> None:
-        """Send ``obj`` to the other end (pickled)."""
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self._sock.sendall(self._HEADER.pack(len(data)) + data)
+        return f"<zpar.pprocess channel to a call of {_name(self.callable)} that could not start>"
 
     def receive(self) -> Any:
-        """The next object from the other end; EOFError once it closed and all was taken."""
-        while (frame := self._frame()) is None:
-            if self._eof:
-                raise EOFError(f"{self!r}: the other end has closed and everything it sent was received")
-            self._fill(block=True)
-        return _deliver(pickle.loads(frame))
+        exc, self._exc = self._exc, None
+        if exc is None:
+            raise EOFError(f"{self!r} has nothing more to receive")
+        raise exc
 
-    def close(self) -> None:
-        self._sock.close()
+    def send(self, obj: Any) -> None:
+        raise BrokenPipeError(f"{self!r} never ran; nothing can be sent to it")
 
-    def __del__(self) -> None:  # a channel dropped unclosed (an exchange left unfinished) frees its socket
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            sock.close()
+    def _has_data(self) -> bool:
+        return self._exc is not None
 
-    def wait(self, options: int = 0) -> None:
-        """At the parent's end, reap the child (``os.waitpid`` with ``options``)."""
-        if self.pid:
-            try:
-                if os.waitpid(self.pid, options)[0]:
-                    _forked.discard(self.pid)
-            except ChildProcessError:
-                _forked.discard(self.pid)
+    def _ended(self) -> bool:
+        return self._exc is None
+
+    def _takes_input(self) -> bool:
+        return False
 
 
 class _TaskExit(BaseException):
@@ -321,28 +275,72 @@ class _CalledChannel(Channel):
     def close(self) -> None:
         """Nothing to close: the channel ends with the call."""
 
+    def _exit(self) -> NoReturn:
+        raise _TaskExit()
 
-class _WithChannel:
-    """What a worker runs for a channel-aware call: ``callable(channel, *args, **kw)``, its return value ignored.
 
-    It travels as the task's function (cloudpickle, cached by digest on the
-    workers), so the callable inside goes by value where it must, as any
-    function does.
+class _Runner:
+    """What a worker runs for one call: the callable, as a forked child of its parent would run it.
+
+    ``random`` is freshly seeded and numpy's global generator is the parent's
+    as it was when it started the call; the exchanges the call uses run on
+    the cluster the call runs on. It travels as the task's function
+    (cloudpickle, cached by digest on the workers), so the callable inside
+    goes by value where it must, as any function does; calls started while
+    nothing changed share one runner, pickled once.
     """
 
-    def __init__(self, callable: Callable[..., Any]) -> None:
+    def __init__(self, callable: Callable[..., Any], streamed: bool, where: Where | None,
+                 state: _state.Inherited | None) -> None:
         self.callable = callable
+        self.streamed = streamed
+        self.where = where
+        self.state = state
 
-    def __call__(self, stream: Any, *args: Any, **kw: Any) -> None:
-        try:
-            self.callable(_CalledChannel(stream), *args, **kw)
-        except _TaskExit:
-            pass
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        with _layer.inside(self.where), _state.as_forked(self.state):
+            if not self.streamed:
+                return self.callable(*args, **kw)
+            stream, *rest = args
+            try:
+                self.callable(_CalledChannel(stream), *rest, **kw)
+            except _TaskExit:
+                pass
+            return None
 
 
-@functools.lru_cache(maxsize=256)
-def _with_channel(callable: Callable[..., Any]) -> _WithChannel:
-    return _WithChannel(callable)  # one per callable, so the client pickles it once
+class _Runners:
+    """The runners made lately, by callable: reused while nothing they carry has changed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.made: collections.OrderedDict[int, tuple[Any, tuple[Any, ...], _Runner]] = collections.OrderedDict()
+
+    def get(self, callable: Callable[..., Any], streamed: bool, where: Where | None) -> _Runner:
+        key = (streamed, where, _state.snapshot())
+        with self.lock:
+            hit = self.made.get(id(callable))
+            if hit is not None and hit[0] is callable and hit[1] == key:
+                self.made.move_to_end(id(callable))
+                return hit[2]
+            runner = _Runner(callable, streamed, where, key[2])
+            self.made[id(callable)] = (callable, key, runner)  # holds callable, so its id stays its own
+            if len(self.made) > 256:
+                self.made.popitem(last=False)
+            return runner
+
+
+_runners = _Runners()
+
+
+def _runner(callable: Callable[..., Any], streamed: bool, where: Where | None) -> _Runner:
+    """The runner for a call starting now: the last one made for ``callable`` while nothing changed."""
+    return _runners.get(callable, streamed, where)
+
+
+def forget() -> None:
+    """In a forked child: a fresh cache (another thread may have held its lock at the fork)."""
+    _runners.__init__()  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------- wrappers and launching
@@ -371,71 +369,34 @@ class MakeReusable(MakeParallel):
             channel.send(self.callable(*args, **kw))
 
 
-def _plain(callable: Callable[..., Any]) -> Callable[..., Any] | None:
-    """The function inside a MakeParallel/MakeReusable whose ``__call__`` is ours, else None."""
-    if isinstance(callable, MakeParallel) and type(callable).__call__ in (MakeParallel.__call__,
-                                                                         MakeReusable.__call__):
-        return callable.callable
+def _plain(callable: Callable[..., Any], reuse: bool) -> Callable[..., Any] | None:
+    """The function inside a MakeParallel (or, without reuse, a MakeReusable) of ours, else None."""
+    kind = type(callable).__call__ if isinstance(callable, MakeParallel) else None
+    if kind is MakeParallel.__call__ or (kind is MakeReusable.__call__ and not reuse):
+        return callable.callable  # type: ignore[attr-defined, no-any-return]
     return None
 
 
-def launch(client: Client, callable: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> TaskChannel:
-    """Start ``callable(channel, *args, **kw)`` on ``client``'s cluster; the creating end of its channel."""
-    fn = _plain(callable)
-    if fn is not None:
-        return TaskChannel(client.submit(fn, *args, **kw), callable, streamed=False)
-    return TaskChannel(client.start(_with_channel(callable), *args, **kw), callable, streamed=True)
+def streams(callable: Callable[..., Any], reuse: bool) -> bool:
+    """Whether a call of ``callable`` gets a channel (it may send, receive, wait, or never end)."""
+    return _plain(callable, reuse) is None
 
 
-# ---------------------------------------------------------------------- forking
+def launch(client: Client, callable: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any], *,
+           where: Where | None, slot: Slot | None = None, reuse: bool = False) -> TaskChannel:
+    """Start ``callable(channel, *args, **kw)`` on ``client``'s cluster; the creating end of its channel.
 
-
-#: The children create() forked and nobody reaped yet (waitall() reaps only these).
-_forked: set[int] = set()
-
-
-def fork() -> ForkChannel:
-    """Fork this process; a channel to the other side: ``pid`` 0 in the child, the child's pid in the parent."""
-    parent, child = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        parent.close()
-        # This copy must never close the parent's clients at exit: that would
-        # stop the parent's embedded cluster. Their I/O threads did not survive the fork anyway.
-        _client_module._live_clients.clear()
-        _forked.clear()
-        return ForkChannel(0, child)
-    child.close()
-    _forked.add(pid)
-    return ForkChannel(pid, parent)
-
-
-def exit_created(channel: Channel) -> NoReturn:
-    """End the created side: the forked child exits; a call running as a task returns.
-
-    Raises RuntimeError at the creating end (which pprocess would have ended).
+    A MakeParallel's function runs as a plain task; so does a MakeReusable's
+    unless ``reuse`` (then it runs with a channel, to be sent more arguments).
     """
-    if isinstance(channel, ForkChannel) and channel.pid == 0:
-        channel.close()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # closed or broken: nothing more to save
-                continue
-        os._exit(0)
-    if isinstance(channel, _CalledChannel):
-        raise _TaskExit()
-    raise RuntimeError(f"exit({channel!r}) is for the created side of a channel; this is the creating side")
-
-
-def wait_all() -> None:
-    """Wait for every child ``create()`` forked to exit, and reap it."""
-    while _forked:
-        pid = _forked.pop()
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    fn = _plain(callable, reuse)
+    if fn is not None:
+        future = client.submit(_runner(fn, False, where), *args, **kw)
+    else:
+        future = client.start(_runner(callable, True, where), *args, **kw)
+    if slot is not None:
+        slot.future = future
+    return TaskChannel(future, callable, streamed=fn is None, slot=slot)
 
 
 def _name(fn: Any) -> str:

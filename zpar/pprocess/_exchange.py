@@ -1,35 +1,42 @@
-"""pprocess's exchanges on zpar: ``Exchange``, and its ``Map`` and ``Queue``.
+"""pprocess's ``Exchange`` on zpar (its ``Map`` and ``Queue`` are in ``_results``).
 
 An exchange watches channels (zpar.pprocess._channels): task channels tell
 it through a callback from the client's I/O thread, which writes a byte to
-the exchange's wake-up pipe; fork channels it polls by file descriptor. So
-``ready()`` blocks in one ``poll`` for both kinds, and costs nothing per
-channel that did not change.
+the exchange's wake-up pipe; fd channels (forked children, persistent
+calls) it polls by file descriptor. So ``ready()`` blocks in one ``poll``
+for both kinds, and costs nothing per channel that did not change.
+
+Scheduling follows pprocess's hooks, called where pprocess calls them, so a
+subclass that overrides them steers the same way: ``start`` asks
+``_set_waiting`` whether the call must wait; after each message ``store``
+calls ``start_waiting(channel)``, which asks ``_get_waiting(channel)`` for
+the next waiting call (handed to that channel's call with ``reuse``; none
+for ``continuous`` exchanges); ``store`` starts waiting calls itself only
+when no channel is left; ``create`` hands the forked channel to
+``_get_channel_for_process``.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import select
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from ..client import Client
 from ..errors import ConfigError
-from . import _channels, _layer
-from ._channels import Channel, Failure, ForkChannel, MakeParallel, TaskChannel
+from . import _channels, _fork, _layer
+from ._capacity import Slot, Where
+from ._channels import Channel, TaskChannel, Unstarted
 
 log = logging.getLogger(__name__)
 
-
-class Undefined:
-    """The place of a ``Map`` result not in yet (pprocess's marker)."""
+Waiting = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 class ManagedCallable:
@@ -43,14 +50,6 @@ class ManagedCallable:
         self.exchange.start(self.callable, *args, **kw)
 
 
-@dataclass(slots=True)
-class _Call:
-    callable: Callable[..., Any]
-    args: tuple[Any, ...]
-    kw: dict[str, Any]
-    tag: int | None  # a Map's place for the result
-
-
 def _close_pipe(r: int, w: int) -> None:
     os.close(r)
     os.close(w)
@@ -60,11 +59,12 @@ class Exchange:
     """Watches channels and hands those with data to ``store_data`` (define it in a subclass).
 
     ``limit``: at most that many channels at once; calls started past it wait
-    in ``waiting``. ``reuse``: a channel-aware call that delivered data is
-    sent the next waiting call's ``(args, kw)``, or None when none waits.
-    ``continuous``: calls send many messages (no reuse hand-off). ``autoclose``:
-    close a channel, and wait for its call, when it is removed. ``client``:
-    the zpar client to run calls on (default: see ``use``).
+    in ``waiting``, as ``(callable, args, kw)``. ``reuse``: a channel-aware
+    call that delivered data is sent the next waiting call's ``(args, kw)``,
+    or None when none waits. ``continuous``: calls send many messages (and
+    waiting calls start once no channel is left). ``autoclose``: close a
+    channel, and wait for its call, when it is removed. ``client``: the zpar
+    client to run calls on (default: see ``use``).
     """
 
     def __init__(self, channels: Iterable[Channel] | None = None, limit: int | None = None, reuse: int = 0,
@@ -75,7 +75,7 @@ class Exchange:
         self.reuse = reuse
         self.continuous = continuous
         self.autoclose = autoclose
-        self.waiting: collections.deque[_Call] = collections.deque()
+        self.waiting: list[Waiting] = []  # the next to start is the last (pprocess inserts at 0, pops the end)
         self.removed: list[Channel] = []
         self._client = client
         self._channels: dict[Channel, None] = {}  # the active ones, in the order they came
@@ -89,40 +89,37 @@ class Exchange:
         weakref.finalize(self, _close_pipe, self._wake_r, self._wake_w).atexit = False
         self._poller = select.poll()
         self._poller.register(self._wake_r, select.POLLIN)
-        self._by_fd: dict[int, ForkChannel] = {}
+        self._by_fd: dict[int, Channel] = {}
         for channel in channels or ():
             self.add(channel)
 
     # -- channels
 
     def add(self, channel: Channel) -> None:
-        """Watch ``channel`` (from ``start()`` or ``create()``)."""
-        if isinstance(channel, ForkChannel):
-            if channel.pid == 0:
-                raise ValueError(f"{channel!r} is the created end; add the creating end")
-            self._channels[channel] = None
-            self._by_fd[channel.fileno()] = channel
-            self._poller.register(channel.fileno(), select.POLLIN)
-            self._mark(channel)  # it may hold data read already
-        elif isinstance(channel, TaskChannel):
-            self._channels[channel] = None
-            channel._watch(self._event)
-        else:
+        """Watch ``channel`` (from ``start()``, ``create()`` or ``connect_persistent()``)."""
+        if not isinstance(channel, Channel):
             raise TypeError(f"an Exchange watches the channels of start() and create(), not {channel!r}")
+        if getattr(channel, "created_end", False):
+            raise ValueError(f"{channel!r} is the created end; add the creating end")
+        if channel in self._channels:  # added again (reuse): nothing more to watch
+            return
+        fd = channel._poll_fd()
+        self._channels[channel] = None
+        if fd is not None:
+            self._by_fd[fd] = channel
+            self._poller.register(fd, select.POLLIN)
+        channel._watch(self._event)
 
     def _event(self, channel: Channel) -> None:
         """From any thread: ``channel`` may have data, or may have ended."""
-        self._mark(channel)
+        with self._lock:
+            self._dirty[channel] = None
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # the pipe is full, so a wake-up is pending anyway
             pass
         except OSError as exc:  # the exchange is being torn down
             log.debug("zpar.pprocess: exchange wake-up failed: %s", exc)
-
-    def _mark(self, channel: Channel) -> None:
-        with self._lock:
-            self._dirty[channel] = None
 
     def active(self) -> list[Channel]:
         """The channels being watched."""
@@ -133,14 +130,16 @@ class Exchange:
         del self._channels[channel]
         with self._lock:
             self._dirty.pop(channel, None)
-        if isinstance(channel, ForkChannel):
-            del self._by_fd[channel.fileno()]
-            self._poller.unregister(channel.fileno())
-        elif isinstance(channel, TaskChannel):
-            channel._unwatch(self._event)
+        for fd, watched in list(self._by_fd.items()):
+            if watched is channel:
+                del self._by_fd[fd]
+                self._poller.unregister(fd)
+        channel._unwatch(self._event)
         if self.autoclose:
             channel.close()
             channel.wait()
+        if not self._channels and not self.waiting:
+            _layer.settle()
 
     def ready(self, timeout: float | None = None) -> list[Channel]:
         """The channels holding data, waiting up to ``timeout`` milliseconds (None: until there is some).
@@ -164,7 +163,7 @@ class Exchange:
                 if fd == self._wake_r:
                     _drain(fd)
                 elif fd in self._by_fd:
-                    self._mark(self._by_fd[fd])
+                    self._event(self._by_fd[fd])
 
     def _sweep(self) -> list[Channel]:
         with self._lock:
@@ -184,7 +183,7 @@ class Exchange:
             self._dirty.update(keep)
         return readable
 
-    # -- limits and waiting calls
+    # -- limits
 
     def unfinished(self) -> bool:
         """Whether calls are running or waiting."""
@@ -210,96 +209,136 @@ class Exchange:
             self.store()
 
     def store(self, timeout: float | None = None) -> None:
-        """Hand each channel with data to ``store_data``, waiting up to ``timeout`` ms for some; start waiting calls."""
-        if self._channels:
-            for channel in self.ready(timeout):
+        """Hand each channel with data to ``store_data``, waiting up to ``timeout`` ms for some.
+
+        After each, ``start_waiting(channel)``. A channel whose ``store_data``
+        raises OSError (pprocess's IOError: the other end went away) is
+        removed with a warning. With no channel left, waiting calls start.
+        """
+        if not self._channels:
+            while self.waiting and not self.busy():
+                fn, args, kw = self.waiting.pop()
+                self.add(self._launch(fn, args, kw))
+            return
+        for channel in self.ready(timeout):
+            try:
                 self.store_data(channel)
                 self.start_waiting(channel)
-                if channel in self._channels and channel._ended():  # its slot is free now, not at the next ready()
+            except OSError as exc:
+                if channel in self._channels:
                     self.remove(channel)
-                    self.removed.append(channel)
-        self._start_calls()
+                warnings.warn(f"zpar.pprocess: removed {channel!r} after an OSError: {exc}",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            if channel in self._channels and channel._ended():  # its place is free now, not at the next ready()
+                self.remove(channel)
+                self.removed.append(channel)
 
     def store_data(self, channel: Channel) -> None:
         """Take the data ``channel`` holds (``channel.receive()``): define it in a subclass."""
         raise NotImplementedError("define store_data(self, channel) in a subclass of Exchange, "
                                   "or use a Map or a Queue")
 
+    # -- pprocess's scheduling hooks (override them to steer which calls start when)
+
+    def _get_waiting(self, channel: Channel) -> Waiting | None:
+        """After data from ``channel``: the waiting call to start now, if any.
+
+        With ``reuse`` the next waiting call's ``(args, kw)`` goes to
+        ``channel``'s running call instead (None when nothing waits, which
+        ends a MakeReusable call). Continuous exchanges start none here.
+        """
+        if self.waiting and not self.continuous:
+            details = self.waiting.pop()
+            if not (self.reuse and channel._takes_input()):
+                return details
+            try:
+                channel.send((details[1], details[2]))
+            except BrokenPipeError:
+                if channel._takes_input():
+                    raise
+                self.waiting.append(details)  # it ended meanwhile: the call waits for a start of its own
+                return None
+            self.add(channel)  # again: a Map places the next result
+        elif self.reuse and channel._takes_input():
+            channel.send(None)
+        return None
+
+    def _set_waiting(self, callable: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> int:
+        """Whether the call must wait (then it is queued in ``waiting``): 1 while the exchange is busy."""
+        if self.busy():
+            self.waiting.insert(0, (callable, args, kw))
+            return 1
+        return 0
+
+    def _get_channel_for_process(self, channel: Channel) -> Channel | None:
+        """After a fork: the child gets its channel; the parent watches it (once not busy) and gets None."""
+        if channel.pid == 0:
+            return channel
+        self.add_wait(channel)
+        return None
+
     def start_waiting(self, channel: Channel) -> None:
-        """After data from ``channel``: with ``reuse``, give its call the next waiting arguments, or None."""
-        if not (self.reuse and not self.continuous and isinstance(channel, TaskChannel) and channel.reusable):
-            return
-        if channel.future.done():
-            return
-        call = self.waiting.popleft() if self.waiting and self.waiting[0].callable is channel.callable else None
-        try:
-            channel.send(None if call is None else (call.args, call.kw))
-        except Exception:
-            if not channel.future.done():
-                raise
-            if call is not None:  # it ended meanwhile: the call waits for a task of its own
-                self.waiting.appendleft(call)
-            return
-        if call is not None:
-            self._placed(channel, call.tag)
+        """After data from ``channel``: start the waiting call ``_get_waiting`` names, if any."""
+        details = self._get_waiting(channel)
+        if details is not None:
+            fn, args, kw = details
+            self.add(self._launch(fn, args, kw, after=channel))
 
     # -- starting calls
 
     def start(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        """Run ``callable(channel, *args, **kw)`` as a task, now or, past ``limit``, when a call ends."""
-        self.waiting.append(_Call(callable, args, kw, self._reserve()))
-        self._start_calls()
+        """Run ``callable(channel, *args, **kw)`` as a task, now or, past ``limit``, when a call makes room."""
+        if self._set_waiting(callable, args, kw):
+            return
+        self.add_wait(self._launch(callable, args, kw))
 
-    def _start_calls(self) -> None:
-        if self.waiting and not self._channels and self.busy():
-            raise ConfigError(f"limit={self.limit!r} leaves no room for the {len(self.waiting)} waiting calls")
-        while self.waiting and not self.busy():
-            call = self.waiting.popleft()
-            try:
-                channel = _channels.launch(self._get_client(), call.callable, call.args, call.kw)
-            except Exception as exc:  # e.g. arguments that do not pickle
-                if self._not_started(call, exc):
-                    continue
-                raise
-            channel.reusable = bool(self.reuse) and channel.streamed
-            self._placed(channel, call.tag)
-            self.add(channel)
+    def _launch(self, callable: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any],
+                after: Channel | None = None) -> Channel:
+        """Start one call; its channel (an Unstarted one holding the error if it could not start).
 
-    def _get_client(self) -> Client:
-        if self._client is None:
-            self._client = _layer.get_client()
-        return self._client
+        A channel-aware call, or any call of an exchange with a limit, holds a
+        worker for as long as it lives; on the embedded default it gets one of
+        its own (the pool starts more as needed). A call started because
+        ``after`` delivered takes over the worker reserved for ``after``.
+        """
+        reuse = bool(self.reuse)
+        slot: Slot | None = None
+        try:
+            if self._client is not None:
+                client, where = self._client, Where.of(self._client)
+            else:
+                slot = self._take_over(after)
+                if slot is not None:
+                    client, where = slot.client, slot.where
+                else:
+                    held = _channels.streams(callable, reuse) or self.limit is not None
+                    hint = max(1, self.limit - len(self._channels)) if self.limit else 1
+                    client, slot, where = _layer.place(held, hint)
+            return _channels.launch(client, callable, args, kw, where=where, slot=slot, reuse=reuse)
+        except Exception as exc:  # noqa: BLE001 - e.g. arguments that do not pickle: the call's error, where it is read
+            if slot is not None:
+                slot.release()
+            return Unstarted(callable, exc)
+
+    def _take_over(self, after: Channel | None) -> Slot | None:
+        if self.continuous or not isinstance(after, TaskChannel):
+            return None
+        slot, after._slot = after._slot, None
+        return slot if slot is not None and slot.live() else None
 
     def create(self) -> Channel | None:
         """Fork this process: the child gets its channel, the parent None (the exchange watches the child).
 
-        Waits first while the exchange is busy. Raises RemoteForkError if this
-        exchange runs its calls on a cluster given by address.
+        Raises RemoteForkError if this exchange runs its calls on a cluster
+        given by address.
         """
         _layer.check_fork(self._client)
-        tag = self._reserve()
-        self.wait()
-        channel = _layer.fork()
-        if channel.pid == 0:
-            return channel
-        self._placed(channel, tag)
-        self.add(channel)
-        return None
+        return self._get_channel_for_process(_fork.create_socketpair())
 
     def manage(self, callable: Callable[..., Any]) -> ManagedCallable:
         """A callable that starts ``callable`` through this exchange each time it is called."""
         return ManagedCallable(callable, self)
-
-    # Where a Map puts results: a place reserved when a call is made, tied to its channel.
-    def _reserve(self) -> int | None:
-        return None
-
-    def _placed(self, channel: Channel, tag: int | None) -> None:
-        pass
-
-    def _not_started(self, call: _Call, exc: Exception) -> bool:
-        """A call could not start: True if it was kept as its result (a Map's way), False to raise ``exc``."""
-        return False
 
 
 def _drain(fd: int) -> None:
@@ -308,125 +347,3 @@ def _drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
-
-
-class Map(Exchange):
-    """An exchange that keeps one result per call, in the order the calls were made.
-
-    ``results[i]`` and ``results[i:j]`` wait for those results; iterating
-    yields each in order as soon as it and those before it are in. A call's
-    exception is raised where its result is read.
-    """
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.init()
-
-    def init(self) -> None:
-        """Forget previous results."""
-        self.results: list[Any] = []
-        self.current_index = 0
-        self._places: dict[Channel, int] = {}
-
-    def _reserve(self) -> int:
-        self.results.append(Undefined)
-        return len(self.results) - 1
-
-    def _placed(self, channel: Channel, tag: int | None) -> None:
-        if tag is not None:
-            self._places[channel] = tag
-
-    def _not_started(self, call: _Call, exc: Exception) -> bool:
-        if call.tag is None:
-            return False
-        self.results[call.tag] = Failure(exc)
-        return True
-
-    def add(self, channel: Channel) -> None:
-        if channel not in self._places:
-            self._places[channel] = self._reserve()
-        super().add(channel)
-
-    def remove(self, channel: Channel) -> None:
-        place = self._places.pop(channel, None)
-        super().remove(channel)
-        if place is not None and self.results[place] is Undefined:
-            self.results[place] = Failure(EOFError(f"call {place} ended without sending a result"))
-
-    def __call__(self, callable: Callable[..., Any], sequence: Iterable[Any]) -> Map:
-        """Start ``callable(item)`` for each item (wrapped in MakeParallel unless it is one); returns self."""
-        wrapped = callable if isinstance(callable, MakeParallel) else MakeParallel(callable)
-        self.init()
-        for item in sequence:
-            self.start(wrapped, item)
-        return self
-
-    def store_data(self, channel: Channel) -> None:
-        place = self._places.pop(channel, None)
-        if place is None:
-            raise RuntimeError(f"{channel!r} sent a second message, but a Map keeps one result per call; "
-                               "collect continuous calls with a Queue")
-        try:
-            self.results[place] = channel.receive()
-        except Exception as exc:  # noqa: BLE001 - the call's own exception, kept for whoever reads this result
-            self.results[place] = Failure(exc)
-
-    def __iter__(self) -> Map:
-        return self
-
-    def __next__(self) -> Any:
-        while True:
-            if self.current_index < len(self.results) and self.results[self.current_index] is not Undefined:
-                self.current_index += 1
-                return _deliver_result(self.results[self.current_index - 1])
-            if not self.unfinished():
-                raise StopIteration
-            self.store()
-
-    next = __next__  # pprocess programs written for Python 2 call it by this name
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, int) and not -len(self.results) <= i < len(self.results):
-            raise IndexError(i)
-        while True:
-            values = self.results[i]
-            if not (values is Undefined or (isinstance(i, slice) and any(v is Undefined for v in values))):
-                if isinstance(i, slice):
-                    return [_deliver_result(v) for v in values]
-                return _deliver_result(values)
-            if not self.unfinished():
-                raise IndexError(i)
-            self.store()
-
-
-def _deliver_result(value: Any) -> Any:
-    if isinstance(value, Failure):
-        raise value.exc
-    return value
-
-
-class Queue(Exchange):
-    """An exchange whose messages are read in the order they arrive: iterate over it."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.queue: collections.deque[Any] = collections.deque()
-
-    def store_data(self, channel: Channel) -> None:
-        self.queue.append(channel.receive())
-
-    def __iter__(self) -> Queue:
-        return self
-
-    def __next__(self) -> Any:
-        while not self.queue:
-            if not self.unfinished():
-                raise StopIteration
-            self.store()
-        return self.queue.popleft()
-
-    next = __next__
-
-    def __len__(self) -> int:
-        """How many messages have arrived and are not read yet."""
-        return len(self.queue)
