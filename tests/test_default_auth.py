@@ -198,3 +198,17 @@ def test_a_broker_run_insecure_refuses_a_default_client_saying_it_runs_insecure(
     with pytest.raises(zpar.AuthenticationError, match="runs --insecure"):
         zpar.Client(c.frontend, connect_timeout=REFUSAL_BAR + 5)
     assert time.monotonic() - start <= REFUSAL_BAR
+
+
+def _bytes_of(n: int) -> bytes:
+    return b"\x01" * n
+
+
+def test_a_64_mib_first_result_on_a_new_authenticated_connection_reaches_the_client(new_cluster):
+    """With CurveZMQ and ZAP a socket may say POLLIN before a large first message has arrived: the
+    broker's reader must wait for it, not die (it once did, on a fresh default cluster)."""
+    cluster = new_cluster(agents=1, workers=1)
+    with cluster.client() as client:
+        assert len(client.submit(_bytes_of, 64 << 20).result(timeout=50)) == 64 << 20
+        assert client.submit(tasks.square, 7).result(timeout=20) == 49
+    assert cluster.broker.poll() is None

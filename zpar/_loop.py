@@ -77,7 +77,12 @@ class Reader:
             events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]  # pyzmq: int | bytes
             if not events & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
                 return None
-            frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+            try:
+                frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+            except zmq.Again:
+                # With CurveZMQ and ZAP, a socket can say POLLIN before a large first message
+                # on a new connection has fully arrived: it is read at the next wake-up.
+                return None
             while frames[-1].more and len(frames) <= self.max_frames:
                 frames.append(sock.recv(copy=False))
             if not frames[-1].more:

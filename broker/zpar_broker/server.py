@@ -129,6 +129,7 @@ class BrokerServer:
         #: Agents in this same process: their messages are calls, not frames.
         self.local_agents: dict[bytes, Callable[[P.Message], None]] = {}
         self._bad_log = RateLimitedLog()  # a flood of garbage must not become a flood of log lines
+        self._malformed_told: dict[bytes, float] = {}  # producer -> when it was last told MALFORMED
         self.poller = poller or zmq.Poller()
         handlers = {"frontend": self._on_frontend, "backend": self._on_backend, "collector": self._on_collector}
         # Agents first: results and credits free work for what producers send next.
@@ -306,7 +307,8 @@ class BrokerServer:
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
         peer, msg = self._decode(frames, "frontend", routed=True)
         if msg is None:
-            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.MALFORMED)))
+            if self._tell_malformed(peer):
+                self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.MALFORMED)))
             return
         if self._key_refused("frontend", frames[1]):
             self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.KEY_REVOKED)))
@@ -359,6 +361,17 @@ class BrokerServer:
             self._send(self.core.items(now, msg))
         else:
             self._send(self.core.results(now, msg))
+
+    def _tell_malformed(self, peer: bytes) -> bool:
+        """Whether to answer a malformed message with ERROR: once a second per peer, so that a flood
+        of garbage does not cost a reply each (a real client's mistake is still named)."""
+        now = time.monotonic()
+        if now - self._malformed_told.get(peer, -1.0) < 1.0:
+            return False
+        if len(self._malformed_told) >= 10_000:
+            self._malformed_told.clear()
+        self._malformed_told[peer] = now
+        return True
 
     def _sender_holds(self, agent: bytes, header: zmq.Frame) -> bool:
         """Whether the key that sent ``header`` on the collector is the one ``agent`` said HELLO with.
