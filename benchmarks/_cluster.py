@@ -3,9 +3,12 @@ processes' RSS, summarizing its log, and stopping it with nothing left behind.""
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +19,21 @@ import psutil
 from zpar.testing import LocalCluster
 
 now = time.monotonic
+
+
+def private_config_home() -> str:
+    """Point ``XDG_CONFIG_HOME`` at a fresh directory (removed at exit) for this process and its children.
+
+    A cluster given no secret authenticates with this user's own secret,
+    ``$XDG_CONFIG_HOME/zpar/secret``, made on first use (zpar._secrets.user_secret):
+    the benchmarks that measure that default make theirs here, as the test
+    suite does, and never create or read the one in the home of whoever runs them.
+    Call it before the first cluster or client; returns the directory.
+    """
+    home = tempfile.mkdtemp(prefix="zpar-bench-config-")
+    os.environ["XDG_CONFIG_HOME"] = home
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    return home
 
 
 def start_cluster(log_path: str, **kwargs: Any) -> LocalCluster:
@@ -154,7 +172,7 @@ def summarize_log(path: str, width: int) -> dict[str, Any]:
     kinds: collections.Counter[str] = collections.Counter()
     tracebacks: list[str] = []
     for i, line in enumerate(lines):
-        if line.startswith("Traceback"):
+        if "Traceback (most recent call last)" in line:  # plain, or in a box drawn by rich
             tracebacks.append("\n".join(lines[max(0, i - 1):i + 25]))
         for level in ("CRITICAL", "ERROR", "WARNING", "INFO"):
             if f" {level} " in line:
@@ -162,3 +180,75 @@ def summarize_log(path: str, width: int) -> dict[str, Any]:
                 break
     return {"lines": len(lines), "bytes": size, "top": kinds.most_common(15), "tracebacks": len(tracebacks),
             "first_tracebacks": tracebacks[:3], "tail": lines[-15:]}
+
+
+class StallWatch(threading.Thread):
+    """How long the broker's loop answered nobody: a STATUS round trip every ``interval`` s on one connection.
+
+    A DEALER of its own (with ``creds``, the producer's credentials, or None
+    for an insecure cluster) stays connected to the frontend, so a round trip
+    is the broker's loop and nothing else (``zpar status`` pays a new
+    connection and handshake each time). A reply later than ``timeout`` counts
+    as ``timeout``; replies that come after it are discarded. ``rtts``: (t,
+    seconds) since the start; ``worst(t0, t1)`` the longest round trip that
+    began in that window.
+    """
+
+    def __init__(self, address: str, creds: Any, interval: float = 0.01, timeout: float = 5.0) -> None:
+        super().__init__(name="stall-watch", daemon=True)
+        self.address, self.creds, self.interval, self.timeout = address, creds, interval, timeout
+        self.stop_event = threading.Event()
+        self.started = threading.Event()
+        self.rtts: list[tuple[float, float]] = []
+        self.errors: list[str] = []
+        self.max_queued = 0  # the most tasks the broker's status said were queued
+
+    def run(self) -> None:
+        import zmq
+
+        from zpar import protocol as P
+        from zpar import security
+
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        security.apply_client(sock, self.creds)
+        sock.connect(self.address)
+        request = P.encode(P.StatusMsg())
+        try:
+            while not self.stop_event.is_set():
+                while sock.poll(0):  # a late reply to an ask that timed out
+                    sock.recv_multipart()
+                t = now()
+                sock.send_multipart(request)
+                got = sock.poll(int(self.timeout * 1000))
+                rtt = now() - t
+                if got:
+                    self.note(P.decode(sock.recv_multipart()))
+                self.rtts.append((t, rtt if got else self.timeout))
+                self.started.set()
+                self.stop_event.wait(self.interval)
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.started.set()
+            sock.close(linger=0)
+
+    def note(self, msg: Any) -> None:
+        info = getattr(msg, "info", None) or {}
+        queued = info.get("queued")
+        if isinstance(queued, int):
+            self.max_queued = max(self.max_queued, queued)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def worst(self, t0: float = 0.0, t1: float = float("inf")) -> float | None:
+        """The longest round trip (s) that began between the monotonic times ``t0`` and ``t1``."""
+        return max((rtt for t, rtt in self.rtts if t0 <= t <= t1), default=None)
+
+    def quantile(self, q: float, t0: float = 0.0, t1: float = float("inf")) -> float | None:
+        values = sorted(rtt for t, rtt in self.rtts if t0 <= t <= t1)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
