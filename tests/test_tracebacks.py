@@ -73,3 +73,22 @@ def test_a_function_s_digest_is_the_same_each_time_it_is_pickled():
 
     assert serialize.dump_function(square) == serialize.dump_function(square)
     assert len(serialize.dump_function(os.path.join)[1]) < 100  # by reference: no code, no source
+
+
+class _ExitsWhenUnpickled(Exception):
+    """An exception whose unpickling raises SystemExit (as a hostile or broken __reduce__ might)."""
+
+    def __reduce__(self):
+        return (sys.exit, (3,))
+
+
+def _raise_exits_when_unpickled(_):
+    raise _ExitsWhenUnpickled("odd")
+
+
+def test_an_exception_that_exits_when_unpickled_travels_as_a_stand_in_and_the_worker_lives(client):
+    import zpar
+
+    with pytest.raises(zpar.TaskError, match="_ExitsWhenUnpickled: odd"):
+        client.submit(_raise_exits_when_unpickled, 1).result(timeout=30)
+    assert client.submit(divmod, 7, 2).result(timeout=30) == (3, 1)

@@ -285,7 +285,7 @@ def dump_exception(exc: BaseException, host: str, pid: int) -> list[Any]:
         frames = dumps((exc, tb, host, pid), what="exception")
         pickle.loads(frames[0], buffers=frames[1:])  # some pickle but do not unpickle
         return frames
-    except Exception:  # noqa: BLE001 - whatever the round trip raised, a stand-in travels instead
+    except BaseException:  # noqa: BLE001 - whatever the round trip raised (SystemExit too), a stand-in travels
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         stand_in = TaskError(f"{name}: {exc}", name, tb)
         return dumps((stand_in, tb, host, pid), what="exception")
