@@ -71,7 +71,6 @@ __all__ = [  # the secrets' rules live in zpar._secrets; callers reach them here
     "Credentials",
     "HandshakeMonitor",
     "KeyPair",
-    "PeerKeys",
     "ZapPolicy",
     "apply_client",
     "apply_server",
@@ -400,35 +399,6 @@ class ZapPolicy:
         ok, reason = self.decide(domain, mechanism, frames[8:])
         status = (b"200", b"OK") if ok else (b"400", reason.encode())
         # The user id rides on every message of the connection ("User-Id"): the key, so that
-        # the broker can tell which connected peers a revocation cuts off (PeerKeys).
+        # the broker can tell which connected peers a revocation cuts off.
         user = zmq.utils.z85.encode(frames[8]) if ok else b""
         return [*envelope, b"1.0", request_id, *status, user, b""], ok, f"{address}: {reason}"
-
-
-class PeerKeys:
-    """Which key each connected peer holds, so that a revoked key cuts off its live peers.
-
-    A handshake is checked once; a connection outlives it. The broker checks
-    every message's key (:meth:`ZapPolicy.admits`); this remembers the key of
-    each agent at its HELLO so that ``sweep()``, run each heartbeat, also
-    finds the silent ones whose key left the allow-list, and their tasks go
-    elsewhere.
-    """
-
-    def __init__(self, policy: ZapPolicy) -> None:
-        self.policy = policy
-        self.keys: dict[bytes, tuple[str, bytes]] = {}  # peer routing id -> (socket, z85 public key)
-
-    def note(self, peer: bytes, name: str, key: bytes) -> None:
-        if key:
-            self.keys[peer] = (name, key)
-
-    def forget(self, peer: bytes) -> None:
-        self.keys.pop(peer, None)
-
-    def sweep(self) -> list[bytes]:
-        """Peers whose key was taken out since the last sweep."""
-        gone = [peer for peer, (name, key) in self.keys.items() if not self.policy.admits(name, key)]
-        for peer in gone:
-            del self.keys[peer]
-        return gone

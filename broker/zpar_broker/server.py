@@ -83,7 +83,6 @@ class BrokerServer:
         self._zap_policy: security.ZapPolicy | None = None
         self._monitors: list[security.HandshakeMonitor] = []
         self.reload_requested = False  # SIGHUP: read the allow-list again
-        self._peer_keys: security.PeerKeys | None = None  # key-file mode: which key each agent holds
         #: With credentials: the key (ZAP User-Id) each agent routing id said HELLO with, kept after
         #: the agent is gone (bounded): another key cannot take over that id and the tasks it held,
         #: and what arrives on the collector for that agent must come from that key.
@@ -91,8 +90,6 @@ class BrokerServer:
         if self.creds is not None:
             # The ZAP handler exists before any socket binds: no window where a handshake goes unchecked.
             self._zap_policy = security.ZapPolicy(self.creds)
-            if self._zap_policy.revocable:
-                self._peer_keys = security.PeerKeys(self._zap_policy)
             self._zap = self.ctx.socket(zmq.ROUTER)
             self._zap.setsockopt(zmq.LINGER, 0)
             try:
@@ -183,8 +180,10 @@ class BrokerServer:
         if self.reload_requested and self._zap_policy is not None:
             self.reload_requested = False
             self._zap_policy.reload()
-        if self._peer_keys is not None:
-            for peer in self._peer_keys.sweep():
+        policy = self._zap_policy
+        if policy is not None and policy.revocable:  # silent agents too: their tasks go elsewhere
+            for peer in [p for p, key in self._agent_keys.items()
+                         if self.core.has_agent(p) and not policy.admits("backend", key.encode())]:
                 self._cut_off(now, peer)
         self._sessions.prune()
         parent = self.config.parent_pid
@@ -255,15 +254,18 @@ class BrokerServer:
             self._bad_log.warn(log, "a peer failed the CurveZMQ handshake on the %s (no secret, a wrong "
                                "one, or not a zpar peer)", monitor.address)
 
-    def _key_refused(self, name: str, header: zmq.Frame) -> bool:
+    def _key_refused(self, name: str, header: zmq.Frame, key: str | None = None) -> bool:
         """Whether the key a message came with (ZAP User-Id on its frames) is no longer admitted.
 
         Checked on every message of every socket: with key files, removing a
         key's file cuts off its open connections at once, not at the next
-        handshake. Shared-secret keys last as long as the secret.
+        handshake. Shared-secret keys last as long as the secret. ``key``: the
+        User-Id, if the caller has read it already.
         """
         policy = self._zap_policy
-        if policy is None or not policy.revocable or policy.admits(name, _user_id(header).encode()):
+        if policy is None or not policy.revocable:
+            return False
+        if policy.admits(name, (_user_id(header) if key is None else key).encode()):
             return False
         self.core.counters["revoked_messages"] += 1
         self._bad_log.warn(log, "dropped a message on the %s from a key no longer in its allow-list", name)
@@ -273,8 +275,6 @@ class BrokerServer:
         """An agent whose key was revoked: its tasks go elsewhere, its results are refused."""
         self.core.counters["peers_revoked"] += 1
         log.warning("key of agent %s was removed from the allow-list: cutting it off", agent.hex())
-        if self._peer_keys is not None:
-            self._peer_keys.forget(agent)
         self._send(self.core.revoke(now, agent))
 
     def _hello_key_taken(self, peer: bytes, key: str) -> bool:
@@ -335,8 +335,6 @@ class BrokerServer:
             key = _user_id(frames[1])
             if self._hello_key_taken(peer, key):
                 return
-            if self._peer_keys is not None:
-                self._peer_keys.note(peer, "backend", key.encode())
         self._send(self.core.agent_message(now, peer, msg))
 
     def _on_collector(self, frames: list[zmq.Frame]) -> None:
@@ -346,9 +344,10 @@ class BrokerServer:
         if not isinstance(msg, P.Result | P.Items | P.Bye) or not msg.agent:
             self.core.protocol_error("collector")  # only an agent's results, items or goodbye come here
             return
-        if self._key_refused("collector", frames[0]):
+        key = _user_id(frames[0]) if self.creds is not None else ""  # read once: it is on every frame
+        if self._key_refused("collector", frames[0], key):
             return
-        if self.creds is not None and not self._sender_holds(msg.agent, frames[0]):
+        if self.creds is not None and not self._sender_holds(msg.agent, key):
             self.core.counters["collector_identity_mismatch"] += 1
             self._bad_log.warn(log, "dropped a %s on the collector claiming agent %s: %s", msg.kind.name,
                                msg.agent.hex(), "not a registered agent" if msg.agent not in self._agent_keys
@@ -373,16 +372,15 @@ class BrokerServer:
         self._malformed_told[peer] = now
         return True
 
-    def _sender_holds(self, agent: bytes, header: zmq.Frame) -> bool:
-        """Whether the key that sent ``header`` on the collector is the one ``agent`` said HELLO with.
+    def _sender_holds(self, agent: bytes, key: str) -> bool:
+        """Whether ``key``, which sent a message on the collector, is the one ``agent`` said HELLO with.
 
         The collector is a PULL socket: the agent a message claims (``msg.agent``) is a header
         field, so the connection's key (ZAP User-Id, on every frame) must back it, or an admitted
         agent could end, feed or drop another's tasks. With key files that names one node; with a
         shared secret every agent holds the same key, so this proves only "an agent".
         """
-        key = self._agent_keys.get(agent)
-        return key is not None and key == _user_id(header) and self.core.has_agent(agent)
+        return self._agent_keys.get(agent) == key and self.core.has_agent(agent)
 
     # ------------------------------------------------------------------ sending
 
