@@ -6,6 +6,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -69,3 +70,16 @@ def write_json(path: str, doc: Any, indent: int = 2) -> None:
     """``doc`` as JSON at ``path``; what JSON cannot hold is written as its ``str``."""
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=indent, default=str)
+
+
+def finish_run(args: Any, workdir: str, results: Any, code: int) -> int:
+    """The end of a benchmark run: ``--json`` written, its log folder removed if all went well, the exit code said."""
+    if args.json:
+        write_json(args.json, {"args": vars(args), "commit": git_state(), "results": results, "exit_code": code},
+                   indent=1)
+    if code == 0 and not args.keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"logs kept in {workdir}")
+    print(f"\nexit code {code}")
+    return code

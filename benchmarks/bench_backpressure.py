@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ import psutil
 
 # benchmarks/ is on sys.path
 from _cluster import RssWatch, cluster_pids, start_cluster, stop_cluster, summarize_log
-from _common import count_zpar_logs, git_state, print_verdicts, write_json
+from _common import count_zpar_logs, finish_run, print_verdicts
 from _tasks import expected
 
 from zpar.testing import LocalCluster
@@ -342,14 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0 and not ok:
             code = 1
     finally:
-        if args.json:
-            write_json(args.json, {"args": vars(args), "commit": git_state()["commit"], "results": results,
-                                   "exit_code": code}, indent=1)
-        if code == 0 and not args.keep_logs:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"cluster logs kept in {workdir}")
-    print(f"\nexit code {code}")
+        code = finish_run(args, workdir, results, code)
     return code
 
 

@@ -58,7 +58,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ import psutil
 
 # benchmarks/ is on sys.path
 from _cluster import RssWatch, StallWatch, private_config_home, start_cluster, stop_cluster, summarize_log
-from _common import git_state, print_verdicts, write_json
+from _common import finish_run, print_verdicts
 from _tasks import noop
 
 now = time.monotonic
@@ -513,13 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = print_report(results)
         code = 2 if any("broken" in r for r in results) else (0 if ok else 1)
     finally:
-        if args.json:
-            write_json(args.json, {"args": vars(args), "commit": git_state(), "results": results, "exit_code": code})
-        if code == 0 and not args.keep_logs:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
-    print(f"exit code {code}")
+        code = finish_run(args, workdir, results, code)
     return code
 
 

@@ -63,7 +63,6 @@ import logging
 import os
 import random
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
@@ -77,7 +76,7 @@ import psutil
 
 # benchmarks/ is on sys.path
 from _cluster import RssWatch, StallWatch, private_config_home, start_cluster, stop_cluster, summarize_log
-from _common import count_zpar_logs, git_state, print_verdicts, write_json
+from _common import count_zpar_logs, finish_run, print_verdicts
 
 now = time.monotonic
 
@@ -1083,14 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
         code = max(codes)
         print_summary(results, args.bar)
     finally:
-        if args.json:
-            write_json(args.json, {"args": vars(args), "commit": git_state()["commit"], "results": results,
-                                   "exit_code": code}, indent=1)
-        if code == 0 and not args.keep_logs:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
-    print(f"\nexit code {code}")
+        code = finish_run(args, workdir, results, code)
     return code
 
 

@@ -162,6 +162,31 @@ def client(request):
     return request.getfixturevalue("embedded_client" if request.param == "embedded" else "cluster_client")
 
 
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def address(request):
+    """None: each Executor starts its own embedded cluster; else the session cluster's frontend."""
+    return None if request.param == "embedded" else request.getfixturevalue("cluster").frontend
+
+
+@pytest.fixture(scope="module")
+def executor(address):
+    """One Executor per topology and module, for the tests that do not shut it down."""
+    ex = zpar.Executor(2, address)
+    yield ex
+    ex.shutdown(cancel_futures=True)
+
+
+@pytest.fixture
+def pprocess_default():
+    """zpar.pprocess tests start and end with the module's default layer, and nothing it started running."""
+    from zpar import pprocess
+
+    pprocess.use()
+    yield
+    pprocess.use()
+    pprocess.shutdown()
+
+
 @pytest.fixture(params=TOPOLOGIES)
 def own_client(request):
     """A client of a cluster of this test's own, for tests that stop workers (their replacements are new

@@ -23,20 +23,6 @@ from zpar.executor import Executor
 from zpar.testing import free_port, wait_for
 
 
-@pytest.fixture(scope="module", params=["embedded", "tcp"])
-def address(request):
-    """None: each Executor starts its own cluster; else the session cluster's frontend."""
-    return None if request.param == "embedded" else request.getfixturevalue("cluster").frontend
-
-
-@pytest.fixture(scope="module")
-def executor(address):
-    """One executor per topology for the tests that do not shut it down."""
-    ex = Executor(2, address)
-    yield ex
-    ex.shutdown(cancel_futures=True)
-
-
 @pytest.fixture
 def make(address, request):
     """Fresh executors on this topology, for the tests that shut them down; shut down at teardown too.

@@ -18,14 +18,7 @@ import zpar.pprocess._layer
 from zpar import pprocess
 from zpar.testing import wait_for
 
-
-@pytest.fixture(autouse=True)
-def default_layer():
-    """Every test starts and ends with the module's default (and nothing it started still running)."""
-    pprocess.use()
-    yield
-    pprocess.use()
-    pprocess.shutdown()
+pytestmark = pytest.mark.usefixtures("pprocess_default")
 
 
 def open_gate(path: str) -> None:

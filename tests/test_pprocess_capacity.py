@@ -24,13 +24,7 @@ from zpar.testing import wait_for
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # these tasks travel by value
 
 
-@pytest.fixture(autouse=True)
-def default_layer():
-    """Every test starts and ends with the module's default, and nothing it started still running."""
-    pprocess.use()
-    yield
-    pprocess.use()
-    pprocess.shutdown()
+pytestmark = pytest.mark.usefixtures("pprocess_default")
 
 
 def follower(channel, name):

@@ -184,18 +184,6 @@ def stdlib(tmp_path_factory):
 # ---------------------------------------------------------------------- zpar, on both topologies
 
 
-@pytest.fixture(scope="module", params=["embedded", "tcp"])
-def address(request):
-    return None if request.param == "embedded" else request.getfixturevalue("cluster").frontend
-
-
-@pytest.fixture(scope="module")
-def executor(address):
-    ex = Executor(2, address)
-    yield ex
-    ex.shutdown(cancel_futures=True)
-
-
 def _caught(exc, clause):
     try:
         raise exc
