@@ -179,3 +179,108 @@ def test_results_go_out_in_bounded_chunks(core):
     core.put_back_results(entries)  # could not go now: first in line again
     assert [e.id for e in core.take_results()] == [P.BATCH_MAX_TASKS, n, n + 1]
     assert [e.id for e in core.take_results()] == [n + 2] and core.take_results() is None
+
+
+# ---------------------------------------------------------------------- a short queue, results as they are made
+
+
+def two_ready(core: Slots, queued) -> tuple:
+    """w1 (measured) and w2 both idle, then ``queued`` arrive: what each worker got."""
+    core.add_worker(b"w2")
+    core.worker_ready(b"w2", 102, 0.0)
+    return tuple(core.tasks(tasks(queued, ship=False), 0.0))
+
+
+def test_tasks_queued_while_several_workers_are_idle_are_spread_over_them(core):
+    measured(core, 10)  # a batch of 150 would fit the budget
+    first, second = two_ready(core, [1, 2, 3])
+    assert (first.identity, ids(first)) == (b"w1", [1, 2]) and (second.identity, ids(second)) == (b"w2", [3])
+
+
+def test_a_lone_idle_worker_takes_a_full_batch_while_the_others_are_busy(core):
+    measured(core, 10)
+    core.add_worker(b"w2")
+    core.worker_ready(b"w2", 102, 0.0)
+    (busy,) = core.tasks(tasks([1]), 0.0)  # w1 takes it: w2 stays idle
+    (full,) = core.tasks(tasks(range(2, 1001), ship=False), 0.0)
+    assert busy.identity == b"w1" and full.identity == b"w2" and len(full.msg.tasks) == BATCH_TARGET_US // 10
+
+
+def test_a_long_queue_still_goes_in_batches_sized_by_duration(core):
+    measured(core, 10)
+    first, second = two_ready(core, range(1, 1001))
+    assert len(first.msg.tasks) == len(second.msg.tasks) == BATCH_TARGET_US // 10
+
+
+def test_tasks_a_worker_gives_back_are_first_in_line_for_the_next_idle_worker(core):
+    measured(core, 10)
+    core.add_worker(b"w2")
+    (send,) = core.tasks(tasks(range(1, 5), ship=False), 0.0)  # w1: its batch runs long at task 1
+    core.tasks(tasks([5, 6], ship=False), 0.0)
+    assert ids(send) == [1, 2, 3, 4] and [t.id for t in core.queue] == [5, 6]
+    assert core.given_back(b"w1", (3, 4), 0.0) == []  # no worker is idle: they wait ahead of the others
+    assert [t.id for t in core.queue] == [3, 4, 5, 6] and [t.id for t in core.workers[b"w1"].batch] == [1, 2]
+    (took,) = core.worker_ready(b"w2", 102, 0.0)
+    assert took.identity == b"w2" and ids(took)[:2] == [3, 4]
+    assert core.busy() == 2  # w1 still runs task 1, and will run 2
+    rest = P.Result(tuple(P.ResultEntry(i, P.Status.OK, (b"ok",), 10) for i in (1, 2)))
+    core.worker_results(b"w1", rest, 0.0)  # its batch is done: w1 takes what is left
+    assert [e.id for e in core.take_results()] == [1, 2]
+
+
+def test_tasks_given_back_by_an_unknown_idle_or_doomed_holder_are_not_queued_twice(core):
+    measured(core, 10)
+    core.tasks(tasks(range(1, 4), ship=False), 0.0)
+    assert core.given_back(b"nobody", (2,), 0.0) == []
+    assert core.cancel((3,)) == [b"w1"]  # being killed for task 3: its death reports it
+    assert core.given_back(b"w1", (2, 3, 99), 0.0) == []
+    assert [t.id for t in core.queue] == [2] and [t.id for t in core.workers[b"w1"].batch] == [1, 3]
+    assert core.given_back(b"w1", (2,), 0.0) == []  # not held any more: a repeat is ignored
+    assert [t.id for t in core.queue] == [2]
+
+
+def test_a_worker_that_gives_back_its_whole_batch_is_idle_again(core):
+    measured(core, 10)
+    core.tasks(tasks([1, 2], ship=False), 0.0)
+    (again,) = core.given_back(b"w1", (1, 2), 0.0)  # it started none: it takes work again
+    assert again.identity == b"w1" and ids(again) == [1, 2]
+
+
+def test_tasks_given_back_for_a_broker_that_is_gone_are_dropped(core):
+    measured(core, 10)
+    core.tasks(tasks(range(1, 4), ship=False), 0.0)
+    core.forget_tasks()
+    assert core.given_back(b"w1", (2, 3), 0.0) == [] and not core.queue
+
+
+def test_a_workers_first_results_go_on_while_it_runs_the_rest(core):
+    measured(core, 10)
+    (send,) = core.tasks(tasks(range(1, 6), ship=False), 0.0)
+    assert ids(send) == [1, 2, 3, 4, 5]
+    done = P.Result(tuple(P.ResultEntry(i, P.Status.OK, (b"ok",), 10) for i in (1, 2)))
+    assert core.worker_results(b"w1", done, 0.0) == []  # it is still busy: no new batch yet
+    assert [e.id for e in core.take_results()] == [1, 2]  # they do not wait for the batch's end
+    assert [t.id for t in core.workers[b"w1"].batch] == [3, 4, 5] and core.busy() == 1
+    core.tasks(tasks([6], ship=False), 0.0)
+    rest = P.Result(tuple(P.ResultEntry(i, P.Status.OK, (b"ok",), 10) for i in (3, 4, 5)))
+    (after,) = core.worker_results(b"w1", rest, 0.0)
+    assert [e.id for e in core.take_results()] == [3, 4, 5] and ids(after) == [6]
+
+
+def test_results_sent_ahead_are_measured(core):
+    measured(core, 10)
+    core.tasks(tasks(range(1, 4), ship=False), 0.0)
+    core.worker_results(b"w1", P.Result((P.ResultEntry(1, P.Status.OK, (b"ok",), 5_000_000),)), 0.0)
+    assert core.durations[D] > ALONE_US  # the next tasks of this function go alone, at once
+
+
+def test_a_cancelled_tasks_result_sent_ahead_is_left_to_its_workers_death(core):
+    measured(core, 10)
+    core.tasks(tasks(range(1, 4), ship=False), 0.0)
+    assert core.cancel((1,)) == [b"w1"]
+    core.worker_results(b"w1", P.Result((P.ResultEntry(1, P.Status.OK, (b"ok",), 10),)), 0.0)
+    assert core.take_results() is None
+    core.worker_exited(b"w1", -15)
+    ((tid, status, *_),) = core.take_results()
+    assert (tid, status) == (1, P.Status.CANCELLED)
+    assert [t.id for t in core.queue] == [2, 3]  # innocent: run again elsewhere

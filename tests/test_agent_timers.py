@@ -336,6 +336,55 @@ def test_runs_the_collector_cannot_take_wait_first_in_line_and_in_order(agent):
     assert sent_ids(agent.flush()) == [1]
 
 
+# ---------------------------------------------------------------------- results as made, no task behind a long one
+
+
+def tiny(agent: Agent, identity: bytes, *ids: int) -> list[Action]:
+    """The worker reports these tasks done in 10 us each (the agent now batches this function)."""
+    entries = tuple(P.ResultEntry(i, P.Status.OK, (b"result %d" % i,), 10) for i in ids)
+    return agent.core.from_worker(agent.now, identity, P.Result(entries))
+
+
+def batches(actions: list[Action]) -> list[tuple[bytes, list[int]]]:
+    return [(a.identity, [t.id for t in a.msg.tasks]) for a in of(ToWorker, actions) if isinstance(a.msg, P.Tasks)]
+
+
+def test_results_a_worker_sends_while_its_batch_runs_go_to_the_broker_in_that_turn(agent):
+    agent.tasks(1)
+    tiny(agent, b"w1", 1)
+    agent.flush()
+    assert batches(agent.tasks(2, 3, 4)) == [(b"w1", [2, 3, 4])]  # one worker: a batch of tiny tasks
+    agent.now = 0.001
+    assert tiny(agent, b"w1", 2) == []
+    assert sent_ids(agent.flush()) == [2]  # not held for 3 and 4
+    assert of(P.Heartbeat, agent.at(1.0)) == [P.Heartbeat(1)]  # still busy with them
+    agent.now = 1.5
+    assert tiny(agent, b"w1", 3, 4) == []
+    assert sent_ids(agent.flush()) == [3, 4] and of(P.Heartbeat, agent.at(2.0)) == [P.Heartbeat(0)]
+
+
+def test_tasks_a_worker_gives_back_while_a_long_one_runs_go_to_the_idle_worker():
+    a = Agent(workers=2)
+    a.welcome()
+    a.ready(b"w1", 101)
+    a.ready(b"w2", 102)
+    a.tasks(1)
+    tiny(a, b"w1", 1)  # sleep(0): measured tiny
+    # map(time.sleep, [6, 0, 0, 0]): spread over the two idle workers, the 6 s call first on w1
+    assert batches(a.tasks(2, 3, 4, 5)) == [(b"w1", [2, 3]), (b"w2", [4, 5])]
+    a.now = 0.001
+    assert tiny(a, b"w2", 4, 5) == []  # w2 idle, nothing queued
+    a.now = 0.002  # w1's batch runs long: it gives back the task it has not started
+    assert batches(a.core.from_worker(a.now, b"w1", P.GiveBack((3,)))) == [(b"w2", [3])]
+    a.now = 0.003
+    tiny(a, b"w2", 3)
+    assert sent_ids(a.flush()) == [1, 4, 5, 3]  # all before the 6 s call ends
+    assert of(P.Heartbeat, a.at(1.0)) == [P.Heartbeat(1)]  # w1 still runs it
+    a.now = 6.0
+    tiny(a, b"w1", 2)
+    assert sent_ids(a.flush()) == [2] and of(P.Heartbeat, a.at(7.0)) == [P.Heartbeat(0)]
+
+
 # ---------------------------------------------------------------------- memory
 
 

@@ -75,6 +75,7 @@ SAMPLES = [
     (P.Bye(P.ByeReason.LEAVING, b"agent-id"), 0),
     (P.Bye(P.ByeReason.RECYCLED), 0),
     (P.Ack((1, 2, 3)), 0),
+    (P.GiveBack((4, 5)), 0),
     (P.Items((P.ItemEntry(1, 0, (b"x",)), P.ItemEntry(1, 1, (b"obj", b"buf"))), (P.Credit(4, 300),), b"agent-id",
              "epoch-1"), 2),
     (P.Items((), (P.Credit(4, 300),)), 0),

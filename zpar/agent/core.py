@@ -6,7 +6,7 @@ actions it returns, in order (see ``actions``)::
     event                                        actions it may return
     start(now)                                   Spawn x N, HELLO
     from_broker(now, msg)                        ToWorker, Kill, HELLO, RESULT again, Exit
-    from_worker(now, identity, msg)              ToWorker (batches; BYE to recycle)
+    from_worker(now, identity, msg)              ToWorker (batches, given-back tasks; BYE to recycle)
     worker_exited(now, identity, pid, code)      Spawn (now, or after a back-off)
     rss_after_task(now, identity, rss)           ToWorker (BYE to recycle)
     rss_while_busy(now, identity, rss)           Kill (past 1.5 x the limit: MEMORY)
@@ -117,9 +117,12 @@ class AgentCore:
         return []
 
     def from_worker(self, now: float, identity: bytes, msg: P.Message) -> list[Action]:
-        """A worker's message: its results (its next batch goes), its stream's items, or its HELLO (ready)."""
+        """A worker's message: its results (its next batch goes once all are in), tasks it gives back (GIVE_BACK:
+        not started, for another worker), its stream's items, or its HELLO (ready)."""
         if isinstance(msg, P.Result):
             return self._recycle(self.slots.worker_results(identity, msg, now))
+        if isinstance(msg, P.GiveBack):
+            return self._recycle(self.slots.given_back(identity, msg.ids, now))
         if isinstance(msg, P.Hello):
             self.backoff.ready()  # workers start again: forget earlier failures
             return self._recycle(self.slots.worker_ready(identity, msg.pid, now))

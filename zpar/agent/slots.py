@@ -8,8 +8,15 @@ holds it with the agent's other rules.
 Batches are sized from measured task durations: an idle worker takes tasks
 while their estimated total stays near ``BATCH_TARGET_US`` of work, so tiny
 tasks do not each pay a round trip, and a task estimated at 1 ms or more goes
-alone, so nothing waits behind a long task while another worker is idle.
-Credits are sized from the batch: ``workers x batch x 2``.
+alone. Workers idle at the same moment share what is queued (none takes more
+than its even part). Credits are sized from the batch: ``workers x batch x 2``.
+
+An estimate can be wrong (``sleep(0)``, then ``sleep(6)``): nothing then waits
+behind the long task for more than a few milliseconds (``courier.DELAY``).
+The worker sends the results it has while that task runs (``worker_results``
+takes a batch's results a part at a time, and they go on at once), and gives
+back the tasks it has not started (``given_back``: first in line for the next
+idle worker).
 
 Streams (zpar.streaming) pass through ``streams.StreamPassing``, which it
 holds. A task that has exchanged an item is never re-run here: if its worker
@@ -70,8 +77,9 @@ class Slots:
         if slot is None or slot.state is not WorkerState.BUSY:
             return []
         self.streams.ended(entry.id for entry in msg.results)
-        if len(msg.results) < len(slot.batch):  # a stream's result, sent ahead of the rest of its batch
-            return self._some_results(slot, msg)
+        if len(msg.results) < len(slot.batch):  # sent on as they were made: the worker runs the rest
+            self._some_results(slot, msg)
+            return []
         if slot.doomed:
             return []  # it is being killed; its death reports the batch
         if not slot.stale:
@@ -82,24 +90,66 @@ class Slots:
                     self._measure(task.entry.digest, entry.duration_us)
             self.results.extend(msg.results)
         slot.tasks_done += len(slot.batch)
+        self._batch_over(slot)
+        return self.assign(now)
+
+    def _batch_over(self, slot: WorkerSlot) -> None:
         slot.batch, slot.deadline, slot.stale = [], 0.0, False
         if slot.retire or (self.max_tasks_per_worker and slot.tasks_done >= self.max_tasks_per_worker):
             self._retire_now(slot)
         else:
             slot.state = WorkerState.IDLE
-        return self.assign(now)
 
-    def _some_results(self, slot: WorkerSlot, msg: P.Result) -> list[ToWorker]:
-        """Part of a batch is done; the worker is still busy with the rest."""
-        done = {entry.id for entry in msg.results}
-        finished = [t for t in slot.batch if t.id in done and t.id not in slot.doomed]
-        slot.batch = [t for t in slot.batch if t.id not in done]
+    def _some_results(self, slot: WorkerSlot, msg: P.Result) -> None:
+        """The first tasks of a batch are done; the worker is still busy with the rest.
+
+        Their results go on at once (``take_results``). Costs what the message
+        holds, not what the batch holds: a worker may send a long batch's
+        results in many parts.
+        """
+        results, batch = msg.results, slot.batch
+        n = len(results)
+        if not slot.doomed and all(t.id == e.id for t, e in zip(batch, results, strict=False)):  # in order
+            finished, slot.batch = batch[:n], batch[n:]
+        else:  # a doomed task stays in the batch: the worker's death reports it (timeout, cancel, memory)
+            done = {entry.id for entry in results if entry.id not in slot.doomed}
+            finished = [t for t in batch if t.id in done]
+            slot.batch = [t for t in batch if t.id not in done]
         slot.tasks_done += len(finished)
         if slot.stale:
+            return
+        by_id = {t.id: t for t in finished}
+        for entry in results:
+            task = by_id.get(entry.id)
+            if task is not None:
+                self._measure(task.entry.digest, entry.duration_us)
+                self.results.append(entry)
+
+    def given_back(self, identity: bytes, ids: tuple[int, ...], now: float) -> list[ToWorker]:
+        """The worker will not run these tasks of its batch (a task of it ran long): queued again, first in line.
+
+        The worker stays busy with the task it runs, if any. A doomed task
+        stays in its batch (its worker's death reports it); one that was sent
+        objects is not run again (lost, as if its worker died).
+        """
+        slot = self.workers.get(identity)
+        if slot is None or slot.state is not WorkerState.BUSY:
             return []
-        ok = {t.id for t in finished}
-        self.results.extend(entry for entry in msg.results if entry.id in ok)
-        return []
+        back = set(ids).difference(slot.doomed)
+        returned = [t for t in slot.batch if t.id in back]
+        if not returned:
+            return []
+        slot.batch = [t for t in slot.batch if t.id not in back]
+        if not slot.stale:  # else for a broker that is gone: dropped
+            for task in reversed(returned):
+                if task.streamed:  # the objects went to that worker
+                    self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=P.Cause(
+                        self.node, slot.pid, detail="given back by its worker after it was sent objects")))
+                else:
+                    self.queue.appendleft(task)
+        if not slot.batch:  # it had not started any of them
+            self._batch_over(slot)
+        return self.assign(now)
 
     def worker_items(self, identity: bytes, msg: P.Items) -> None:
         self.streams.worker_items(identity, msg)
@@ -282,14 +332,18 @@ class Slots:
         self._recent_us += _ALPHA * (us - self._recent_us)
 
     def assign(self, now: float) -> list[ToWorker]:
-        """Give each idle worker a batch from the queue."""
+        """Give each idle worker a batch from the queue: at most its share of it (see ``_take_batch``)."""
         out: list[ToWorker] = []
         if not self.queue:
             return out
+        share = 0
         for slot in self.workers.values():
             if slot.state is not WorkerState.IDLE:
                 continue
-            batch = self._take_batch()
+            if not share:  # spread what is queued over the workers idle now
+                idle = sum(1 for s in self.workers.values() if s.state is WorkerState.IDLE)
+                share = -(-len(self.queue) // idle)
+            batch = self._take_batch(share)
             if not batch:
                 break
             out.append(self._to_worker(slot, batch))
@@ -303,11 +357,13 @@ class Slots:
                 break
         return out
 
-    def _take_batch(self) -> list[QueuedTask]:
+    def _take_batch(self, share: int) -> list[QueuedTask]:
+        """The next batch: about BATCH_TARGET_US of estimated work, a long task alone, at most ``share`` tasks."""
         batch: list[QueuedTask] = []
         budget = float(BATCH_TARGET_US)
         nbytes = 0
-        while self.queue and len(batch) < P.BATCH_MAX_TASKS and nbytes < P.BATCH_MAX_BYTES:
+        limit = min(share, P.BATCH_MAX_TASKS)
+        while self.queue and len(batch) < limit and nbytes < P.BATCH_MAX_BYTES:
             task = self.queue[0]
             cost = self._estimate(task)
             alone = task.alone or task.entry.timeout_ms or cost >= ALONE_US

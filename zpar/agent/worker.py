@@ -1,15 +1,19 @@
-"""The worker loop: receive a batch, run each task, send the batch's results.
+"""The worker loop: receive a batch, run its tasks, send their results.
 
 Started by the agent as ``python -m zpar.agent.worker ENDPOINT IDENTITY PARENT_PID``.
 A worker talks only to its agent, over one DEALER socket on an ipc pipe of its
 own; the agent sends it work only while it is idle, so the agent always knows
 which tasks a worker holds.
 
+The batch is watched by a ``courier.Courier``: the results of tiny tasks go
+in one message, yet none waits behind a long task for more than
+``courier.DELAY``, and the tasks not started by then go back to the agent
+(GIVE_BACK) for an idle worker to take.
+
 A task that streams (a generator, or one using its channel: zpar.streaming)
 sends ITEMS as it runs and reads FEED from the same socket while it waits for
 credits or input. The results of the tasks before it in the batch go ahead of
-its first item, and its own result right after it ends, so the agent never
-holds a finished task's result behind a stream that may run for hours.
+its first item, and its own result right after it ends.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import zmq
 from .. import _flow, serialize, streaming
 from .. import protocol as P
 from ..errors import SerializationError, TaskError
+from .courier import Courier
 
 _PR_SET_PDEATHSIG = 1
 
@@ -73,46 +78,51 @@ class Worker:
         self.sock.connect(endpoint)
         self.current: int | None = None  # the id of the task running now (zpar.streaming.channel())
         self.streams: dict[int, _Stream] = {}  # tasks of this batch that stream or were sent objects
-        self._entries: list[P.ResultEntry] = []  # results of this batch not sent yet
+        # The courier's thread sends results and gives tasks back while a task runs that has not streamed:
+        # every send holds courier.lock, and we read the socket only between batches or while a task streams.
+        self.courier = Courier(self._send_results, self._give_back)
         self._bye = False  # the agent asked us to exit while a task ran
         streaming._port = self
 
     def run(self) -> None:
-        self.sock.send_multipart(P.encode(P.Hello(P.Role.WORKER, pid=self.pid, host=self.host)))
+        with self.courier.lock:
+            self.sock.send_multipart(P.encode(P.Hello(P.Role.WORKER, pid=self.pid, host=self.host)))
         while not self._bye:
-            if not self.sock.poll(1000):
+            if not self.sock.poll(1000):  # between batches the courier does not touch the socket
                 if os.getppid() != self.parent:
                     return  # the agent is gone; nobody wants our results
                 continue
-            frames = self.sock.recv_multipart(copy=False)
-            msg = P.decode(frames)  # the agent is trusted
+            msg = P.decode(self.sock.recv_multipart(copy=False))  # the agent is trusted
             if isinstance(msg, P.Bye):
                 return
             if isinstance(msg, P.Tasks):
                 self.run_batch(msg)
-                self._send_results()
                 self.streams.clear()
             # A FEED now is for a task that has ended: nobody will read it.
 
     def run_batch(self, msg: P.Tasks) -> None:
-        """Run the batch; its results (those not sent ahead for a stream) are left to ``_send_results``."""
+        """Run the batch's tasks (those the courier did not give back), and send every result."""
         for func in msg.funcs:
             self._load_function(func.digest, func.blob)
-        for task in msg.tasks:
+        courier = self.courier
+        task = courier.begin(msg.tasks)
+        while task is not None:
             start = time.perf_counter_ns()
             self.current = task.id
             status, rframes = self._run_one(task)
             self.current = None
-            took = (time.perf_counter_ns() - start) // 1000
-            # Not cached in a local: a stream sends (and replaces) this list mid-batch.
-            self._entries.append(P.ResultEntry(task.id, status, rframes, took))
-            if self.streams and task.id in self.streams:  # a stream's result goes at once, behind its items
-                self._send_results()
+            entry = P.ResultEntry(task.id, status, rframes, (time.perf_counter_ns() - start) // 1000)
+            # A stream's result goes at once, behind its items.
+            task = courier.done(entry, send=bool(self.streams) and task.id in self.streams)
+        courier.end()
 
-    def _send_results(self) -> None:
-        if self._entries:
-            self.sock.send_multipart(P.encode(P.Result(tuple(self._entries))), copy=False)
-            self._entries = []
+    def _send_results(self, entries: list[P.ResultEntry]) -> None:
+        """Send these results (the courier calls it, holding its lock)."""
+        self.sock.send_multipart(P.encode(P.Result(tuple(entries))), copy=False)
+
+    def _give_back(self, ids: list[int]) -> None:
+        """Tell the agent these tasks of the batch will not run here (the courier calls it, holding its lock)."""
+        self.sock.send_multipart(P.encode(P.GiveBack(tuple(ids))))
 
     def _load_function(self, d: bytes, blob: Any) -> None:
         if d in self.funcs:
@@ -182,9 +192,9 @@ class Worker:
             gen.close()
 
     def _stream(self, tid: int) -> _Stream:
-        # The batch's earlier results go now, ahead of this task's items: it may run a long time.
-        if self._entries:
-            self._send_results()
+        # The batch's earlier results go now, ahead of this task's items, and its later tasks go back to the
+        # agent: this one may run for hours.
+        self.courier.streaming()
         return self.streams.setdefault(tid, _Stream())
 
     def send_item(self, tid: int, frames: list[Any]) -> None:
@@ -194,7 +204,8 @@ class Worker:
         while not stream.outbound.may_send():
             self._pump(None)
         seq = stream.outbound.sent(P.payload_bytes(frames))
-        self.sock.send_multipart(P.encode(P.Items((P.ItemEntry(tid, seq, frames),))), copy=False)
+        with self.courier.lock:
+            self.sock.send_multipart(P.encode(P.Items((P.ItemEntry(tid, seq, frames),))), copy=False)
 
     def receive_item(self, tid: int, timeout: float | None) -> P.Payload:
         """The frames of the next object the producer sent; EOFError at its end, TimeoutError."""
@@ -214,19 +225,23 @@ class Worker:
         frames = stream.inbox.popleft()
         upto = stream.inbound.taken(P.payload_bytes(frames))
         if upto is not None:
-            self.sock.send_multipart(P.encode(P.Items((), (P.Credit(tid, upto),))))
+            with self.courier.lock:
+                self.sock.send_multipart(P.encode(P.Items((), (P.Credit(tid, upto),))))
         return frames
 
     def _pump(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` seconds (None: for ever) for messages from the agent, and take them."""
+        """Wait up to ``timeout`` seconds (None: for ever) for messages from the agent, and take them.
+
+        A stream's task sent the results before it and gave back the tasks
+        after it (``_stream``): the courier has nothing to send while we wait.
+        """
         if not self.sock.poll(None if timeout is None else math.ceil(timeout * 1000)):
             return
         while True:
             events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]  # pyzmq: int | bytes
             if not events & zmq.POLLIN:
                 return
-            frames = self.sock.recv_multipart(copy=False)
-            msg = P.decode(frames)
+            msg = P.decode(self.sock.recv_multipart(copy=False))
             if isinstance(msg, P.Feed):
                 self._feed(msg)
             elif isinstance(msg, P.Bye):
@@ -245,6 +260,7 @@ class Worker:
             self.streams.setdefault(tid, _Stream()).closed = True
 
     def close(self) -> None:
+        self.courier.close()
         self.sock.close()
         self.ctx.term()
 

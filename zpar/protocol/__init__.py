@@ -18,6 +18,7 @@ msgpack header frame, then payload frames the broker forwards untouched::
        | STATUS ------------>  |                          |                 |
        | <------------ STATUS  | <-> HEARTBEAT            |                 |
        | BYE ----------------> | <------------------- BYE |                 |
+       |                       |                          | <---- GIVE_BACK |
 
 Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
 function blobs named in ``f`` first, then each task's frames in order (its
@@ -56,6 +57,7 @@ from ._messages import (
     Feed,
     Frame,
     Function,
+    GiveBack,
     Heartbeat,
     Hello,
     ItemEntry,
@@ -103,6 +105,7 @@ __all__ = [
     "Feed",
     "Frame",
     "Function",
+    "GiveBack",
     "Heartbeat",
     "Hello",
     "ItemEntry",

@@ -31,6 +31,7 @@ from ._messages import (
     Feed,
     Frame,
     Function,
+    GiveBack,
     Heartbeat,
     Hello,
     ItemEntry,
@@ -176,7 +177,7 @@ def encode(msg: Message) -> list[Frame]:
             h["reason"] = int(reason)
             if agent:
                 h["a"] = agent
-        case Ack(ids=ids):
+        case Ack(ids=ids) | GiveBack(ids=ids):
             h["ids"] = ids
         case Error(code=code, ids=ids, detail=detail):
             h["code"] = int(code)
@@ -431,6 +432,8 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
         msg = Bye(_enum(ByeReason, _get(h, "reason", int, 0), "goodbye reason"), _get(h, "a", bytes, b""))
     elif k is Kind.ACK:
         msg = Ack(_ids(h, "ids"))
+    elif k is Kind.GIVE_BACK:
+        msg = GiveBack(_ids(h, "ids"))
     else:  # Kind.ERROR
         msg = Error(_enum(ErrorCode, _get(h, "code", int), "error code"), _ids(h, "ids", []),
                     _get(h, "detail", str, ""))

@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     ACK = 12
     ITEMS = 13
     FEED = 14
+    GIVE_BACK = 15
 
 
 class Role(str, enum.Enum):
@@ -308,6 +309,18 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class GiveBack:
+    """A worker to its agent: these tasks of its batch will not run here (one before them runs long).
+
+    The agent queues them again for an idle worker. Only on the worker's own
+    pipe: the broker never sees it.
+    """
+
+    kind: ClassVar[Kind] = Kind.GIVE_BACK
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StatusMsg:
     """A request (info empty) or the broker's answer (info filled)."""
 
@@ -373,4 +386,4 @@ class Feed:
 
 
 Message: TypeAlias = (Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye
-                      | Error | Ack | Items | Feed)
+                      | Error | Ack | Items | Feed | GiveBack)
