@@ -15,6 +15,7 @@ from zpar import protocol as P
 from zpar.agent.actions import Action, Exit, Kill, Measure, Probe, Spawn, ToWorker
 from zpar.agent.core import AgentCore, Settings
 from zpar.agent.lifecycle import KILL_GRACE, MEMORY_CHECK_S, SHUTDOWN_GRACE
+from zpar.agent.prefetch import RETURN_AFTER
 
 BLOB = b"the function"
 D = P.digest(BLOB)  # hops verify content addressing
@@ -383,6 +384,32 @@ def test_tasks_a_worker_gives_back_while_a_long_one_runs_go_to_the_idle_worker()
     a.now = 6.0
     tiny(a, b"w1", 2)
     assert sent_ids(a.flush()) == [2] and of(P.Heartbeat, a.at(7.0)) == [P.Heartbeat(0)]
+
+
+def test_tasks_waiting_behind_long_ones_go_back_to_the_broker_with_the_credits(agent):
+    # A node of one worker runs a call that waits for tasks of its own (a nested map): the one
+    # prefetched here would wait for ever behind it.
+    agent.tasks(1, 2, 3)
+    assert of(P.GiveBack, agent.at(RETURN_AFTER / 2)) == []
+    assert agent.core.next_deadline() == RETURN_AFTER  # the tick comes when they are due
+    back = of(P.GiveBack, agent.at(RETURN_AFTER + 0.001))
+    assert back == [P.GiveBack((2, 3))]
+    assert of(P.GiveBack, agent.at(1.0)) == []  # once
+    assert of(P.Ready, agent.flush()) == []  # and no new ones until a worker is free
+    agent.now = 2.0
+    agent.finish(b"w1", 1)
+    assert of(P.Ready, agent.flush()) == [P.Ready(2)]
+
+
+def test_channel_tasks_and_tasks_while_a_worker_starts_are_kept():
+    a = Agent(workers=2)
+    a.welcome()
+    a.ready(b"w1", 101)  # w2 still starting: it will take what waits
+    a.tasks(1, 2)
+    assert of(P.GiveBack, a.at(1.0)) == []
+    a.ready(b"w2", 102)
+    a.tasks(3, 4, 5, flags=P.FLAG_CHANNEL)  # both workers busy: channel tasks wait here
+    assert of(P.GiveBack, a.at(2.0)) == []
 
 
 # ---------------------------------------------------------------------- memory

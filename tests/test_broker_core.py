@@ -268,6 +268,36 @@ def test_agent_bye_hands_its_tasks_at_once_to_an_agent_with_credit(b):
     assert [(peer, d) for peer, _, d in dispatched(b.agent(b"a1", P.Bye()))] == [(b"a2", b"p:1")]
 
 
+def test_tasks_an_agent_gives_back_go_first_to_the_next_free_worker_and_its_credits_with_them(b):
+    # a1's one worker runs a call that waits for its own nested tasks; one was prefetched to a1.
+    b.join(b"a1"), b.join(b"a2")
+    b.ready(b"a1", 3)
+    sent = dispatched(b.submit(b"p", [1, 2, 3]))
+    assert [d for _, _, d in sent] == [b"p:1", b"p:2", b"p:3"]
+    gids = [gid for _, gid, _ in sent]
+    assert dispatched(b.agent(b"a1", P.GiveBack(tuple(gids[1:])))) == []  # nobody has credits yet
+    assert b.core._agents[b"a1"].credits == 0 and b.core.counters["given_back"] == 2
+    assert dispatched(b.submit(b"p", [4])) == []  # a1 asks again only when a worker of its is free
+    assert [(peer, d) for peer, _, d in dispatched(b.ready(b"a2", 3))] == [(b"a2", b"p:2"), (b"a2", b"p:3"),
+                                                                            (b"a2", b"p:4")]
+    assert delivered(b.finish(b"a2", gids[1:])) == [(b"p", 2, b"result %d" % gids[1]),
+                                                     (b"p", 3, b"result %d" % gids[2])]
+
+
+def test_an_agent_cannot_give_back_tasks_it_does_not_hold_nor_channel_tasks(b):
+    b.join(b"a1"), b.join(b"a2")
+    b.ready(b"a1", 1), b.ready(b"a2", 1)
+    entries = (P.TaskEntry(1, D, (b"x",), P.FLAG_CHANNEL), P.TaskEntry(2, D, (b"y",)))
+    holders = {t.id: peer for peer, t in [(o.peer, t) for o in b.producer(b"p", P.Submit(entries, (
+        P.Function(D, BLOB),))) if isinstance(o.msg, P.Tasks) for t in o.msg.tasks]}
+    (channel_gid, channel_agent), (other_gid, other_agent) = sorted(holders.items())
+    assert channel_agent != other_agent
+    b.agent(channel_agent, P.GiveBack((channel_gid, other_gid, 999)))
+    assert b.core.counters["given_back"] == 0
+    assert channel_gid in b.core._agents[channel_agent].assigned
+    assert other_gid in b.core._agents[other_agent].assigned
+
+
 def test_cancel_drops_a_queued_task_and_leaves_a_running_one(b):
     b.submit(b"p", [1, 2, 3])
     b.join(b"a")

@@ -125,6 +125,9 @@ class BrokerCore:
             self._dispatch(out)
         elif isinstance(msg, P.Heartbeat):
             agent.busy = msg.busy
+        elif isinstance(msg, P.GiveBack):
+            self._given_back(agent, msg.ids)
+            self._dispatch(out)
         elif isinstance(msg, P.Bye):
             log.info("agent %s left (%s)", printable(agent.name), msg.reason.name.lower())
             self._drop_agent(agent, "left", out)
@@ -314,13 +317,29 @@ class BrokerCore:
             return False
         log.info("task %d of %s lost on %s; running it again (attempt %d of %d)", task.ptid,
                  printable(task.producer.label()), printable(cause.node), task.attempts + 1, task.entry.retries + 1)
+        self._requeue(task)
+        self.counters["retried"] += 1
+        return True
+
+    def _requeue(self, task: TaskRecord) -> None:
+        """Back to the front of its producer's queue, from the agent that held it."""
         if task.agent is not None:
             task.agent.assigned.pop(task.gid, None)
             task.agent = None
         task.producer.enqueue(task, front=True)
         self._activate(task.producer)
-        self.counters["retried"] += 1
-        return True
+
+    def _given_back(self, agent: AgentRecord, ids: tuple[int, ...]) -> None:
+        """Its workers are held by long tasks (zpar.agent.prefetch): these go first to the next free worker.
+
+        With them go its unused credits: it asks again once a worker of its is free.
+        """
+        agent.credits = 0
+        for gid in reversed(ids):  # each to the front: the first given ends first
+            task = agent.assigned.get(gid)
+            if task is not None and not (task.streamed or task.entry.flags & P.FLAG_CHANNEL):  # no stream's
+                self._requeue(task)
+                self.counters["given_back"] += 1
 
     @staticmethod
     def _gave_up(task: TaskRecord, cause: P.Cause) -> P.Cause:

@@ -41,6 +41,7 @@ from zpar._text import printable
 
 from .actions import Action, Exit, Measure, Probe, Spawn, ToWorker
 from .lifecycle import KILL_GRACE, SHUTDOWN_GRACE, Backoff, Drain, MemoryLimit, next_kill, overdue, terminate
+from .prefetch import RETURN_AFTER
 from .records import WorkerState
 from .session import BrokerSession
 from .slots import Slots
@@ -201,6 +202,10 @@ class AgentCore:
             out.append(Exit(0))
             return out
         out += [self._spawn() for _ in range(self.backoff.due(now))]
+        back = self.slots.give_back(now)
+        if back:
+            log.info("%d tasks waited %.1f s behind long ones: given back to the broker", len(back), RETURN_AFTER)
+            out += [P.GiveBack(tuple(back[i:i + P.MAX_ENTRIES])) for i in range(0, len(back), P.MAX_ENTRIES)]
         if self.session.beat_due(now):
             out.append(Probe())
             out.append(P.Heartbeat(self.slots.busy()))

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from zpar import protocol as P
 
 from .actions import ToWorker
+from .prefetch import Prefetch
 from .records import QueuedTask, WorkerSlot, WorkerState
 from .streams import StreamPassing
 
@@ -58,6 +59,7 @@ class Slots:
         self._recent_us = float(UNKNOWN_US)  # across functions: sizes the credit
         self.results: list[P.ResultEntry] = []  # to send to the collector
         self.accepting = True
+        self.prefetch = Prefetch()  # tasks waiting behind long ones go back to the broker
         self._retiring: list[bytes] = []  # workers to tell to exit, not told yet
 
     # ------------------------------------------------------------------ workers
@@ -70,6 +72,7 @@ class Slots:
         if slot is None or slot.state is not WorkerState.STARTING:
             return []
         slot.state, slot.pid = WorkerState.IDLE, pid
+        self.prefetch.worker_free()
         return self.assign(now)
 
     def worker_results(self, identity: bytes, msg: P.Result, now: float) -> list[ToWorker]:
@@ -99,6 +102,7 @@ class Slots:
             self._retire_now(slot)
         else:
             slot.state = WorkerState.IDLE
+            self.prefetch.worker_free()
 
     def _some_results(self, slot: WorkerSlot, msg: P.Result) -> None:
         """The first tasks of a batch are done; the worker is still busy with the rest.
@@ -301,10 +305,17 @@ class Slots:
         return True
 
     def next_deadline(self) -> float:
-        """The earliest task timeout still to fire, or infinity."""
+        """The earliest task timeout still to fire, or when waiting tasks go back to the broker; or infinity."""
         deadlines = [s.deadline for s in self.workers.values()
                      if s.state is WorkerState.BUSY and s.deadline and not s.doomed]
-        return min(deadlines, default=float("inf"))
+        return min([*deadlines, self.prefetch.deadline()])
+
+    def give_back(self, now: float) -> list[int]:
+        """Tasks waiting behind long ones for too long, to give back to the broker (see ``prefetch``)."""
+        back = self.prefetch.give_back(now, self.queue, self.workers.values())
+        if back:
+            self.requested = 0  # the broker drops our unused credits with them
+        return back
 
     def forget_tasks(self) -> list[bytes]:
         """The broker that sent our tasks is gone (a restarted one has a new epoch): drop them.
@@ -334,8 +345,12 @@ class Slots:
     def assign(self, now: float) -> list[ToWorker]:
         """Give each idle worker a batch from the queue: at most its share of it (see ``_take_batch``)."""
         out: list[ToWorker] = []
-        if not self.queue:
-            return out
+        if self.queue:
+            self._assign(now, out)
+        self.prefetch.assigned(now, bool(out), bool(self.queue))
+        return out
+
+    def _assign(self, now: float, out: list[ToWorker]) -> None:
         share = 0
         for slot in self.workers.values():
             if slot.state is not WorkerState.IDLE:
@@ -355,7 +370,6 @@ class Slots:
                 slot.deadline = now + batch[0].entry.timeout_ms / 1000
             if not self.queue:
                 break
-        return out
 
     def _take_batch(self, share: int) -> list[QueuedTask]:
         """The next batch: about BATCH_TARGET_US of estimated work, a long task alone, at most ``share`` tasks."""
@@ -389,7 +403,7 @@ class Slots:
         return max(1, min(P.BATCH_MAX_TASKS, int(BATCH_TARGET_US / max(self._recent_us, 1.0))))
 
     def credit_target(self) -> int:
-        if not self.accepting:
+        if not self.accepting or self.prefetch.holding:
             return 0
         return max(2, self.live() * self.batch_size() * 2)
 
