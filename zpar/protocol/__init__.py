@@ -18,7 +18,7 @@ msgpack header frame, then payload frames the broker forwards untouched::
        | STATUS ------------>  |                          |                 |
        | <------------ STATUS  | <-> HEARTBEAT            |                 |
        | BYE ----------------> | <------------------- BYE |                 |
-       |                       |                          | <---- GIVE_BACK |
+       |                       | <------------- GIVE_BACK | <---- GIVE_BACK |
 
 Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
 function blobs named in ``f`` first, then each task's frames in order (its

@@ -310,10 +310,10 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class GiveBack:
-    """A worker to its agent: these tasks of its batch will not run here (one before them runs long).
+    """These tasks will not run here soon: one before them runs long. Queue them again for a free worker.
 
-    The agent queues them again for an idle worker. Only on the worker's own
-    pipe: the broker never sees it.
+    From a worker to its agent (tasks of its batch), and from an agent to the
+    broker (tasks it prefetched; its unused credits go with them).
     """
 
     kind: ClassVar[Kind] = Kind.GIVE_BACK
