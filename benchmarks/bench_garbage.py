@@ -607,8 +607,8 @@ def launch_attackers(args: argparse.Namespace, workdir: str, case: str, addresse
         with open(spec_path, "w") as fh:
             json.dump(spec, fh)
         with open(os.path.join(workdir, f"{tag}-{role}.err"), "w") as err:  # the child keeps its copy
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attacker", spec_path],
-                                    stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen([*niced(args.attacker_nice), sys.executable, os.path.abspath(__file__),
+                                     "--attacker", spec_path], stdout=subprocess.DEVNULL, stderr=err)
         attackers.append((role, proc, spec["out"]))
     return attackers
 
@@ -655,14 +655,19 @@ def read_stats(attackers: list[tuple[str, subprocess.Popen, str]]) -> dict[str, 
     return stats
 
 
-def start_sink(workdir: str, case: str) -> tuple[subprocess.Popen, dict[str, str]]:
+def niced(level: int) -> list[str]:
+    """The command prefix that runs a process at this nice level (none for 0)."""
+    return ["nice", "-n", str(level)] if level else []
+
+
+def start_sink(workdir: str, case: str, nice: int = 0) -> tuple[subprocess.Popen, dict[str, str]]:
     """A process with the broker's three sockets that reads every message and drops it: the control of
     ``--control``. Plaintext for ``insecure``; the broker's CurveZMQ keys otherwise, admitting anyone
     (``auth``) or, for ``unauth``, refusing every handshake (ZAP enforced, no handler) after its
     cryptography, as the broker does. Returns it and its addresses."""
     path = os.path.join(workdir, "sink.json")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--sink", path, "--sink-case", case],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([*niced(nice), sys.executable, os.path.abspath(__file__), "--sink", path,
+                             "--sink-case", case], stdout=subprocess.DEVNULL)
     end = now() + 20
     while now() < end and not os.path.exists(path):
         time.sleep(0.05)
@@ -761,7 +766,7 @@ def run(args: argparse.Namespace, workdir: str, case: str) -> dict[str, Any]:
             # the same attack at a sink that reads and drops everything (its own process): what the attackers
             # take from the machine alone, whatever the broker does
             phase["phase"] = "control"
-            sink, sink_addresses = start_sink(workdir, case)
+            sink, sink_addresses = start_sink(workdir, case, args.attacker_nice)
             try:
                 control = launch_attackers(args, workdir, case, sink_addresses, duration, hard, "control")
                 attackers.extend(control)
@@ -1033,6 +1038,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default="WARNING", help="of the broker and agent (their log goes to a file)")
     ap.add_argument("--deadline", type=float, help="seconds for each case (default 300; 150 with --quick)")
     ap.add_argument("--bar", type=float, default=0.8, help="throughput ratio bar (0.8)")
+    ap.add_argument("--attacker-nice", type=int, default=0, metavar="N",
+                    help="run the attackers (and the control's sink) at this nice level: on a machine the "
+                         "attackers share with the cluster, what the broker's handling costs the good producer, "
+                         "without the CPU the attackers take by themselves (0: same priority)")
     ap.add_argument("--seed", type=int, default=20261126)
     ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     ap.add_argument("--keep-logs", action="store_true", help="keep the cluster log (kept anyway on failure)")

@@ -6,6 +6,7 @@ import pytest
 
 from zpar import protocol as P
 from zpar_broker.core import BrokerCore, Dest
+from zpar_broker.scheduling import PREFETCH_BYTES
 
 BLOB = b"the function"
 D = P.digest(BLOB)  # hops verify content addressing
@@ -248,6 +249,30 @@ def test_idle_workers_are_filled_before_any_node_prefetches(b):
     out = b.submit(b"p", list(range(3, 103)))
     per_agent = [peer for peer, _, _ in dispatched(out)]
     assert per_agent.count(b"a1") == 100 and per_agent.count(b"a2") == 0
+
+
+def test_a_node_gets_large_arguments_past_its_idle_workers_only_up_to_a_bound_of_bytes(b):
+    # One producer's 1 MiB arguments, a node that asked for many credits: the broker (and the node)
+    # hold what its workers run plus PREFETCH_BYTES, not the whole queue; the rest follows results.
+    big = 1 << 20
+    b.join(b"a1", workers=2)
+    b.ready(b"a1", 1000)
+    entries = tuple(P.TaskEntry(i, D, (bytes([i % 256]) * big,)) for i in range(100))
+    sent = dispatched(b.producer(b"p", P.Submit(entries, (P.Function(D, BLOB),))))
+    held = len(sent)
+    assert PREFETCH_BYTES // big <= held <= PREFETCH_BYTES // big + 2
+    assert b.core._agents[b"a1"].held_bytes == held * big
+    more = dispatched(b.finish(b"a1", [gid for _, gid, _ in sent[:4]]))
+    assert len(more) == 4  # each result makes room for one more
+
+
+def test_an_idle_worker_gets_a_task_however_many_bytes_its_node_holds(b):
+    b.join(b"a1", workers=3)
+    b.ready(b"a1", 10)
+    sizes = [PREFETCH_BYTES, 10, 10, 10]
+    entries = tuple(P.TaskEntry(i, D, (b"x" * n,)) for i, n in enumerate(sizes))
+    sent = dispatched(b.producer(b"p", P.Submit(entries, (P.Function(D, BLOB),))))
+    assert [len(d) for _, _, d in sent] == sizes[:3]  # one per worker, none prefetched
 
 
 def test_agent_bye_puts_its_tasks_back_at_the_front(b):

@@ -113,6 +113,28 @@ def test_a_task_larger_than_the_bytes_quota_still_goes_alone():
     assert b.submit(b"p", [1], size=500) == []
 
 
+def test_objects_sent_to_queued_channel_tasks_count_in_the_bytes_quota_and_past_it_fail_that_task():
+    b = Broker(queued_bytes=1000)
+    entries = tuple(P.TaskEntry(i, A_DIGEST, (b"x" * 8,), P.FLAG_CHANNEL) for i in (1, 2))
+    b.send(b"A", P.Submit(entries, (P.Function(A_DIGEST, A_BLOB),)))
+    assert b.send(b"A", P.Feed((P.ItemEntry(1, 0, (b"o" * 500,)),))) == []  # kept with the queued task
+    assert b.core._producers[b"A"].queued_bytes == 16 + 500
+    out = b.send(b"A", P.Feed((P.ItemEntry(2, 0, (b"o" * 600,)),)))  # past the quota: task 2 fails, alone
+    assert errors(out, P.ErrorCode.QUOTA_EXCEEDED) == [(b"A", (2,))]
+    assert b.core.status(b.now)["queued"] == 1 and b.core._producers[b"A"].queued_bytes == 8 + 500
+    (tasks, feed) = [o.msg for o in b.agent(credits=10) if isinstance(o.msg, P.Tasks | P.Feed)]
+    assert [t.id for t in tasks.tasks] == [1] and [bytes(i.payload[0]) for i in feed.items] == [b"o" * 500]
+    assert b.core._producers[b"A"].queued_bytes == 0  # what went with the task no longer counts
+
+
+def test_objects_past_a_producers_window_for_a_queued_task_are_dropped():
+    b = Broker()
+    b.send(b"A", P.Submit((P.TaskEntry(1, A_DIGEST, (b"x",), P.FLAG_CHANNEL),), (P.Function(A_DIGEST, A_BLOB),)))
+    big = P.STREAM_BYTES
+    b.send(b"A", P.Feed(tuple(P.ItemEntry(1, seq, (b"o" * big,)) for seq in range(4))))
+    assert b.core.counters["feed_over_window"] == 2  # the first goes whatever its size; then 2 x STREAM_BYTES
+
+
 def test_function_blobs_past_the_quota_are_refused_while_in_use_and_evicted_when_idle():
     b = Broker(functions=2)
     blobs = [b"f%d" % i for i in range(3)]

@@ -59,7 +59,7 @@ class BrokerCore:
         self._agents: dict[bytes, AgentRecord] = {}
         self._next_beat = now + heartbeat
         self.counters: collections.Counter[str] = collections.Counter()
-        self._streams = StreamRouting(self._tasks, self.counters)
+        self._streams = StreamRouting(self._tasks, self.counters, self.limits.queued_bytes)
 
     # ------------------------------------------------------------------ events
 
@@ -87,7 +87,14 @@ class BrokerCore:
         elif isinstance(msg, P.Cancel):
             self._cancel(prod, msg.ids, msg.force, out)
         elif isinstance(msg, P.Feed):
-            self._streams.feed(prod, msg, out)
+            over = self._streams.feed(prod, msg, out)
+            if over:  # a clear refusal for those tasks; nothing of the others is touched
+                self._cancel(prod, over, False, out)
+                self.counters["refused_over_quota"] += len(over)
+                out.append(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.QUOTA_EXCEEDED, tuple(over), (
+                    f"the objects sent to its tasks not started yet pass the broker's limit of "
+                    f"{self.limits.queued_bytes} queued bytes; start fewer channel tasks at once, or raise "
+                    "--max-queued-bytes"))))
         elif isinstance(msg, P.StatusMsg):
             out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now))))
         elif isinstance(msg, P.Bye):
@@ -324,7 +331,7 @@ class BrokerCore:
     def _requeue(self, task: TaskRecord) -> None:
         """Back to the front of its producer's queue, from the agent that held it."""
         if task.agent is not None:
-            task.agent.assigned.pop(task.gid, None)
+            task.agent.release(task.gid)
             task.agent = None
         task.producer.enqueue(task, front=True)
         self._activate(task.producer)
@@ -358,7 +365,7 @@ class BrokerCore:
         if task.producer.tasks.pop(task.ptid, None) is not None:
             task.producer.funcs.release(task.entry.digest)
         if task.agent is not None:
-            task.agent.assigned.pop(task.gid, None)
+            task.agent.release(task.gid)
             task.agent = None
 
     def _forget_producer(self, prod: ProducerRecord, out: list[Outgoing]) -> None:
@@ -367,7 +374,7 @@ class BrokerCore:
         for task in prod.tasks.values():
             self._tasks.pop(task.gid, None)
             if task.agent is not None:
-                task.agent.assigned.pop(task.gid, None)
+                task.agent.release(task.gid)
                 stop.setdefault(task.agent.id, []).append(task.gid)
         out += forced_cancels(stop)
         prod.tasks.clear()
@@ -394,7 +401,7 @@ class BrokerCore:
             self.counters["failed"] += 1
             failed.setdefault(task.producer.id, []).append(
                 P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
-        agent.assigned.clear()
+        agent.release_all()
         for pid, entries in failed.items():
             out.append(Outgoing(Dest.FRONTEND, pid, P.Result(tuple(entries))))
         self.counters[f"agents_{why}"] += 1
@@ -402,7 +409,7 @@ class BrokerCore:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self, out: list[Outgoing]) -> None:
-        """Hand queued tasks to agents with credits (see ``_quotas``), fair across producers."""
+        """Hand queued tasks to agents with credits (see ``scheduling.quotas``), fair across producers."""
         while self._active:
             ready = [a for a in self._agents.values() if a.credits > 0]
             if not ready:
@@ -415,7 +422,10 @@ class BrokerCore:
                     prod.active = False
                 self._active.clear()
                 return
-            for agent, quota in zip(ready, quotas(ready, queued), strict=True):
+            shares = quotas(ready, queued)
+            if not any(shares):  # no idle worker, and the nodes with credits hold enough bytes already
+                return
+            for agent, quota in zip(ready, shares, strict=True):
                 if quota:
                     self._send_batch(agent, min(quota, P.BATCH_MAX_TASKS), out)
                 if not self._active:
@@ -455,7 +465,7 @@ class BrokerCore:
             task.state = TaskState.ASSIGNED
             task.agent = agent
             task.holders += (agent.id,)
-            agent.assigned[task.gid] = task
+            agent.hold(task)
             entries.append(entry._replace(id=task.gid))  # the payload goes on as it came
             if task.feed is not None:
                 fed.append(task)

@@ -46,12 +46,13 @@ class TaskRecord:
 
 
 class Feed:
-    """FEED for a task still queued here: it follows the task to its agent."""
+    """FEED for a task still queued here: it follows the task to its agent. Its bytes count as queued."""
 
-    __slots__ = ("closed", "items")
+    __slots__ = ("closed", "items", "nbytes")
 
     def __init__(self) -> None:
         self.items: list[P.ItemEntry] = []  # already renumbered with the task's gid
+        self.nbytes = 0
         self.closed = False
 
 
@@ -102,7 +103,7 @@ class ProducerRecord:
         tombstones outnumber live tasks, so it never holds more than twice what is queued."""
         task.state = TaskState.GONE
         self.queued -= 1
-        self.queued_bytes -= task.nbytes
+        self.queued_bytes -= task.nbytes + (task.feed.nbytes if task.feed is not None else 0)
         self.gone += 1
         if not self.queued:
             self.queue.clear()
@@ -113,7 +114,10 @@ class ProducerRecord:
 
 
 class AgentRecord:
-    __slots__ = ("assigned", "busy", "credits", "host", "id", "last_seen", "name", "pid", "shipped", "workers")
+    """An agent and the tasks it holds (``assigned``: change it through ``hold``/``release``, which count bytes)."""
+
+    __slots__ = ("assigned", "busy", "credits", "held_bytes", "host", "id", "last_seen", "name", "pid", "shipped",
+                 "workers")
 
     def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
         self.id = aid
@@ -125,7 +129,23 @@ class AgentRecord:
         self.credits = 0
         self.shipped = P.Shipped()  # the function blobs this agent already has
         self.assigned: dict[int, TaskRecord] = {}
+        self.held_bytes = 0  # the payload bytes of the tasks in ``assigned``
         self.last_seen = now
+
+    def hold(self, task: TaskRecord) -> None:
+        self.assigned[task.gid] = task
+        self.held_bytes += task.nbytes
+
+    def release(self, gid: int) -> TaskRecord | None:
+        """The task no longer held here (None if it was not)."""
+        task = self.assigned.pop(gid, None)
+        if task is not None:
+            self.held_bytes -= task.nbytes
+        return task
+
+    def release_all(self) -> None:
+        self.assigned.clear()
+        self.held_bytes = 0
 
 
 def status_of(agent: AgentRecord, now: float) -> dict[str, Any]:

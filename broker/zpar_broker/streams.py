@@ -19,9 +19,11 @@ from .records import AgentRecord, Feed, ProducerRecord, TaskRecord, TaskState
 class StreamRouting:
     """Routes streams' objects and credits by task id, over the core's assignment table and counters."""
 
-    def __init__(self, tasks: dict[int, TaskRecord], counters: collections.Counter[str]) -> None:
+    def __init__(self, tasks: dict[int, TaskRecord], counters: collections.Counter[str],
+                 max_queued_bytes: int) -> None:
         self._tasks = tasks  # the core's assignment table, shared, never replaced
         self.counters = counters
+        self.max_queued_bytes = max_queued_bytes  # a producer's quota, which what queued tasks are sent counts in
 
     def items(self, msg: P.Items) -> list[Outgoing]:
         """Streams' items (and read credits) from the collector: to each task's producer, in order."""
@@ -47,9 +49,14 @@ class StreamRouting:
         out += [Outgoing(Dest.FRONTEND, pid, P.Items(tuple(e), tuple(c))) for pid, (e, c) in by_producer.items()]
         return out
 
-    def feed(self, prod: ProducerRecord, msg: P.Feed, out: list[Outgoing]) -> None:
-        """A producer's objects, credits and closes for its tasks: to their agents, or kept with them."""
+    def feed(self, prod: ProducerRecord, msg: P.Feed, out: list[Outgoing]) -> list[int]:
+        """A producer's objects, credits and closes for its tasks: to their agents, or kept with them.
+
+        Returns the (producer's) ids of queued tasks sent more than the
+        producer's queued-bytes quota holds: the caller fails them.
+        """
         by_agent: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit], list[int]]] = {}
+        over: list[int] = []
         for entry in msg.items:
             task = prod.tasks.get(entry.id)
             if task is None:
@@ -59,10 +66,18 @@ class StreamRouting:
             if task.agent is None:  # queued: it goes with the task (a producer keeps to its window)
                 if task.feed is None:
                     task.feed = Feed()
-                if len(task.feed.items) >= 2 * P.STREAM_WINDOW:
-                    self.counters["feed_over_window"] += 1
+                nbytes = P.payload_bytes(entry.payload)
+                if len(task.feed.items) >= 2 * P.STREAM_WINDOW or (
+                        task.feed.items and task.feed.nbytes + nbytes > 2 * P.STREAM_BYTES):
+                    self.counters["feed_over_window"] += 1  # past what a producer's window lets it send
+                    continue
+                if prod.queued_bytes + nbytes > self.max_queued_bytes:
+                    if entry.id not in over:
+                        over.append(entry.id)
                     continue
                 task.feed.items.append(gentry)
+                task.feed.nbytes += nbytes
+                prod.queued_bytes += nbytes
                 continue
             task.streamed = True
             by_agent.setdefault(task.agent.id, ([], [], []))[0].append(gentry)
@@ -83,6 +98,7 @@ class StreamRouting:
             by_agent.setdefault(task.agent.id, ([], [], []))[2].append(task.gid)
         for aid, (items, credits, closed) in by_agent.items():
             out.append(Outgoing(Dest.BACKEND, aid, P.Feed(tuple(items), tuple(credits), tuple(closed))))
+        return over
 
     @staticmethod
     def send_kept_feed(agent: AgentRecord, tasks: list[TaskRecord], out: list[Outgoing]) -> None:
@@ -93,6 +109,7 @@ class StreamRouting:
             feed, task.feed = task.feed, None
             if feed is None:
                 continue
+            task.producer.queued_bytes -= feed.nbytes
             task.streamed = True
             items += feed.items
             if feed.closed:
