@@ -401,6 +401,21 @@ def test_tasks_waiting_behind_long_ones_go_back_to_the_broker_with_the_credits(a
     assert of(P.Ready, agent.flush()) == [P.Ready(2)]
 
 
+def test_once_tasks_run_long_a_node_asks_only_for_what_its_workers_take():
+    a = Agent(workers=2)
+    a.welcome()
+    a.ready(b"w1", 101)
+    a.ready(b"w2", 102)
+    assert of(P.Ready, a.flush()) == [P.Ready(4)]  # unknown durations: a task ahead for each worker
+    a.tasks(1, 2)
+    a.now = 1.0
+    for i, w in ((1, b"w1"), (2, b"w2")):
+        a.core.from_worker(a.now, w, P.Result((P.ResultEntry(i, P.Status.OK, (b"r",), 1_000_000),)))
+    a.flush()
+    a.tasks(3, 4)  # both workers busy with 1 s tasks: nothing asked ahead, nothing to give back later
+    assert of(P.Ready, a.flush()) == [] and of(P.GiveBack, a.at(5.0)) == []
+
+
 def test_channel_tasks_and_tasks_while_a_worker_starts_are_kept():
     a = Agent(workers=2)
     a.welcome()

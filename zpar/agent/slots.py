@@ -9,7 +9,8 @@ Batches are sized from measured task durations: an idle worker takes tasks
 while their estimated total stays near ``BATCH_TARGET_US`` of work, so tiny
 tasks do not each pay a round trip, and a task estimated at 1 ms or more goes
 alone. Workers idle at the same moment share what is queued (none takes more
-than its even part). Credits are sized from the batch: ``workers x batch x 2``.
+than its even part). Credits are sized from the batch: ``workers x batch x 2``,
+or just ``workers`` once tasks take ``prefetch.RETURN_AFTER`` or more.
 
 An estimate can be wrong (``sleep(0)``, then ``sleep(6)``): nothing then waits
 behind the long task for more than a few milliseconds (``courier.DELAY``).
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from zpar import protocol as P
 
 from .actions import ToWorker
-from .prefetch import Prefetch
+from .prefetch import RETURN_AFTER, Prefetch
 from .records import QueuedTask, WorkerSlot, WorkerState
 from .streams import StreamPassing
 
@@ -405,6 +406,8 @@ class Slots:
     def credit_target(self) -> int:
         if not self.accepting or self.prefetch.holding:
             return 0
+        if self._recent_us >= RETURN_AFTER * 1e6:  # a round trip is nothing to tasks this long: no prefetch
+            return max(1, self.live())
         return max(2, self.live() * self.batch_size() * 2)
 
     def held(self) -> int:
