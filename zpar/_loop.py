@@ -7,7 +7,6 @@ thread), ``run()`` (its poll loop) and ``close()``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import signal
 import socket
@@ -167,11 +166,10 @@ def keep_big_buffers_out_of_the_heap(threshold: int = 256 * 1024) -> None:
     from the heap, and the daemon's RSS stays up long after. A fixed
     threshold returns each big buffer to the OS when it is freed.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
     try:
-        libc = ctypes.CDLL(name)
+        # The symbols this process already has: no ctypes.util.find_library, which runs `ldconfig -p`
+        # (a process, 10-20 ms of every daemon's start).
+        libc = ctypes.CDLL(None)
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: its allocator makes its own choices
         pass
