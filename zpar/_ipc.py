@@ -23,8 +23,10 @@ import os
 import stat
 import tempfile
 import threading
+from typing import TYPE_CHECKING
 
-import zmq
+if TYPE_CHECKING:
+    import zmq
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
             sock.bind(endpoint)
         finally:
             os.umask(previous)
+    import zmq  # here: private_dir is imported by a worker's earliest start (zpar.agent.spawn), before zmq
+
     bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # ipc://* names its file only now
     path = ipc_path(bound) or ""
     try:

@@ -1,11 +1,9 @@
-"""The embedded cluster's one process: a broker and an agent in one loop.
+"""``python -m zpar_broker.embedded``: the embedded cluster's process, started by ``zpar.Client()``.
 
-``zpar.Client()`` with no address starts this as a child process
-(``python -m zpar_broker.embedded``). It is the same BrokerCore and the same
-AgentServer as the two daemons, but the agent reaches the broker by a method
-call instead of two sockets: one ZeroMQ hop fewer each way, so a round trip is
-a third shorter. Its only endpoint is the producers' frontend, an ipc socket
-in the client's private directory.
+It starts its workers first, before it imports the broker and the agent
+(``zpar.agent.spawn.prestart``): a worker's start and the hub's then overlap,
+and the first result comes about a worker's start-up sooner. Then it runs a
+broker and an agent in one loop (``hub.EmbeddedNode``).
 """
 
 from __future__ import annotations
@@ -13,67 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-import zmq
-
-from zpar import protocol as P
-from zpar._loop import Waker, run_loop, run_until_signalled
-from zpar.agent.server import AgentServer
-from zpar.config import AgentConfig, BrokerConfig
-
-from .server import BrokerServer
-
-
-class _LocalUplink:
-    """The agent's side of the in-process link."""
-
-    def __init__(self, broker: BrokerServer, identity: bytes) -> None:
-        self.broker, self.identity = broker, identity
-
-    def send(self, msg: P.Message) -> None:
-        self.broker.from_local_agent(self.identity, msg)
-
-    def send_results(self, msg: P.Result | P.Items) -> bool:
-        self.broker.from_local_agent(self.identity, msg)
-        return True
-
-    def welcomed(self, msg: P.Welcome) -> None:
-        pass
-
-    def auth_failure(self) -> None:  # no handshake in-process
-        return None
-
-    def socket(self) -> None:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-class EmbeddedNode:
-    """A broker and its one agent, sharing a context, a poller and a wake-up."""
-
-    def __init__(self, broker_config: BrokerConfig, agent_config: AgentConfig) -> None:
-        self.ctx = zmq.Context()
-        self.poller = zmq.Poller()
-        self.waker = Waker()
-        self.broker = BrokerServer(broker_config, self.ctx, poller=self.poller, waker=self.waker)
-        uplink = _LocalUplink(self.broker, b"")
-        self.agent = AgentServer(agent_config, uplink=uplink, ctx=self.ctx, poller=self.poller, waker=self.waker)
-        uplink.identity = self.agent.identity
-        self.broker.local_agents[self.agent.identity] = self.agent.from_broker
-
-    def stop(self) -> None:
-        self.waker.wake()
-
-    def run(self) -> None:
-        # The agent stops first: it hands its tasks back while the broker still listens.
-        run_loop([self.agent, self.broker], self.poller, self.waker)
-
-    def close(self) -> None:
-        self.agent.close()
-        self.broker.close()
-        self.waker.close()
-        self.ctx.term()
+from zpar.agent.spawn import prestart, usable_cores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +24,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    broker = BrokerConfig(frontend=args.frontend, backend="", collector="", heartbeat=args.heartbeat,
-                          parent_pid=args.parent_pid, log_level=args.log_level)
-    agent = AgentConfig(broker="(in-process)", workers=args.workers, heartbeat=args.heartbeat,
-                        max_tasks_per_worker=args.max_tasks_per_worker,
-                        parent_pid=args.parent_pid, log_level=args.log_level)
-    return run_until_signalled(EmbeddedNode(broker, agent))
+    workers = args.workers if args.workers > 0 else usable_cores()
+    started = prestart(workers)
+    try:
+        # Imported only now: these take as long as a worker's start, which runs meanwhile.
+        from zpar._loop import run_until_signalled
+        from zpar.config import AgentConfig, BrokerConfig
+
+        from .hub import EmbeddedNode
+
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        broker = BrokerConfig(frontend=args.frontend, backend="", collector="", heartbeat=args.heartbeat,
+                              parent_pid=args.parent_pid, log_level=args.log_level)
+        agent = AgentConfig(broker="(in-process)", workers=workers, heartbeat=args.heartbeat,
+                            max_tasks_per_worker=args.max_tasks_per_worker,
+                            parent_pid=args.parent_pid, log_level=args.log_level)
+        node = EmbeddedNode(broker, agent, started)
+    except BaseException:
+        started.stop()
+        raise
+    return run_until_signalled(node)
 
 
 if __name__ == "__main__":

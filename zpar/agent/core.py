@@ -45,6 +45,7 @@ from .prefetch import RETURN_AFTER
 from .records import WorkerState
 from .session import BrokerSession
 from .slots import Slots
+from .spawn import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ class AgentCore:
 
     def _spawn(self) -> Spawn:
         self._generation += 1
-        identity = f"w{self._generation}".encode()
+        identity = worker_identity(self._generation)
         self.slots.add_worker(identity)
         return Spawn(identity)
 

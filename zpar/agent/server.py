@@ -20,13 +20,11 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import psutil
 import zmq
 
 from zpar import _ipc, security
@@ -37,6 +35,7 @@ from zpar.errors import ProtocolError
 
 from .actions import Action, Exit, Kill, Measure, Probe, Spawn, ToWorker
 from .core import AgentCore, Settings
+from .spawn import Prestarted, pipe_endpoint, start_worker
 from .uplink import SocketUplink, Uplink, configure
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ class AgentServer:
 
     def __init__(self, config: AgentConfig, *, uplink: Uplink | None = None,
                  ctx: zmq.Context[zmq.Socket[bytes]] | None = None, poller: zmq.Poller | None = None,
-                 waker: Waker | None = None) -> None:
+                 waker: Waker | None = None, prestarted: Prestarted | None = None) -> None:
         self.config = config
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.identity = uuid.uuid4().bytes
@@ -67,13 +66,15 @@ class AgentServer:
                                              self._creds)
         self.exit_code = 0
         self._exiting = False  # the core said Exit: the loop stops at its next turn
-        self.rundir = _ipc.private_dir("zpar-agent-")  # 0700: only we reach our workers
+        # 0700: only we reach our workers (a hub may have made it, and started workers for it: spawn.prestart)
+        self._prestarted = prestarted
+        self.rundir = prestarted.rundir if prestarted is not None else _ipc.private_dir("zpar-agent-")
         self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
         self._pipe_reader = Reader(self.pipe, self._on_worker, log)
         up = self.uplink.socket()
         self._uplink_reader = Reader(up, self._on_broker_frames, log) if up is not None else None
         self.pipe.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.pipe_endpoint = f"ipc://{self.rundir}/workers"
+        self.pipe_endpoint = pipe_endpoint(self.rundir)
         _ipc.bind(self.pipe, self.pipe_endpoint)  # 0600 whatever the umask, in a 0700 directory
         self.poller = poller or zmq.Poller()
         self._own_waker = waker is None
@@ -107,6 +108,8 @@ class AgentServer:
     def start(self) -> None:
         now = time.monotonic()
         self._perform(self.core.start(now), now)
+        if self._prestarted is not None:
+            self._prestarted.stop()  # any its core did not ask for
         log.info("zpar-agent %s: %d workers, broker %s", self.name, len(self.procs), self.config.broker)
 
     def handle(self, events: dict[Any, int]) -> None:
@@ -248,11 +251,9 @@ class AgentServer:
             log.warning("could not reach worker %s: %s", send.identity.decode(), exc)
 
     def _spawn(self, identity: bytes) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "zpar.agent.worker", self.pipe_endpoint, identity.decode(), str(os.getpid()),
-             *(["--chunk"] if self._creds is not None else [])],
-            stdin=subprocess.DEVNULL,
-        )
+        proc = self._prestarted.take(identity) if self._prestarted is not None else None
+        if proc is None:
+            proc = start_worker(self.pipe_endpoint, identity, chunk=self._creds is not None)
         fd = os.pidfd_open(proc.pid)
         self.procs[fd] = (identity, proc)
         self._pidfds[identity] = fd
@@ -276,6 +277,8 @@ def _settings(config: AgentConfig, name: str, identity: bytes) -> Settings:
 
 def _rss(pid: int) -> int:
     """Resident bytes of process ``pid``; 0 if it is gone."""
+    import psutil  # here: only a memory limit needs it, and it is 10 ms of the agent's start
+
     try:
         return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:

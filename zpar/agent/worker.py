@@ -36,6 +36,7 @@ from .. import _flow, serialize, streaming
 from .. import protocol as P
 from ..errors import SerializationError, TaskError
 from .courier import Courier
+from .spawn import RECONNECT_IVL
 
 _PR_SET_PDEATHSIG = 1
 
@@ -75,6 +76,7 @@ class Worker:
         self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL)  # a prestarted worker may beat the pipe's bind
         self.sock.connect(endpoint)
         self.current: int | None = None  # the id of the task running now (zpar.streaming.channel())
         self.streams: dict[int, _Stream] = {}  # tasks of this batch that stream or were sent objects
