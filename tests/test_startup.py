@@ -16,12 +16,23 @@ pytestmark = pytest.mark.timeout(60)
 
 def identity_of(proc: psutil.Process) -> str:
     """A worker's identity, from its command line (``-m zpar.agent.worker ENDPOINT IDENTITY PARENT``)."""
-    args = proc.cmdline()
+    try:
+        args = proc.cmdline()
+    except psutil.Error:  # it died since we listed it
+        return "gone"
     return args[args.index("zpar.agent.worker") + 2]
 
 
 def workers_of(hub: psutil.Process) -> list[psutil.Process]:
-    return [p for p in hub.children() if "zpar.agent.worker" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE]
+    """The hub's live workers (one just killed may be a zombie for a moment, or gone)."""
+    live = []
+    for proc in hub.children():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "zpar.agent.worker" in proc.cmdline():
+                live.append(proc)
+        except psutil.Error:
+            continue
+    return live
 
 
 def test_the_hubs_workers_are_started_ahead_adopted_by_identity_and_replaced_when_they_die():
