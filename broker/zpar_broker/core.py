@@ -28,15 +28,10 @@ from zpar._text import printable
 from .limits import Limits, admit_functions, over_quota
 from .outgoing import Dest, Outgoing, forced_cancels
 from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, report
-from .scheduling import quotas
+from .scheduling import dispatch
 from .streams import StreamRouting
 
 log = logging.getLogger(__name__)
-
-#: A TASKS message stops taking tasks past this many payload frames (MAX_FRAMES, less room
-#: for function blobs and one more task of the most frames a task may have).
-_FRAMES_PER_BATCH = P.MAX_FRAMES - P.MAX_TASK_FRAMES - P.BATCH_MAX_TASKS
-
 
 class BrokerCore:
     """Queues, credits, round-robin fairness, the assignment table, liveness, per-producer quotas.
@@ -409,68 +404,5 @@ class BrokerCore:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self, out: list[Outgoing]) -> None:
-        """Hand queued tasks to agents with credits (see ``scheduling.quotas``), fair across producers."""
-        while self._active:
-            ready = [a for a in self._agents.values() if a.credits > 0]
-            if not ready:
-                return
-            if len(ready) > 1:
-                ready.sort(key=lambda a: len(a.assigned) / (a.workers or 1))  # least loaded first
-            queued = sum(p.queued for p in self._active)
-            if not queued:  # their last queued tasks were cancelled, or finished late elsewhere
-                for prod in self._active:
-                    prod.active = False
-                self._active.clear()
-                return
-            shares = quotas(ready, queued)
-            if not any(shares):  # no idle worker, and the nodes with credits hold enough bytes already
-                return
-            for agent, quota in zip(ready, shares, strict=True):
-                if quota:
-                    self._send_batch(agent, min(quota, P.BATCH_MAX_TASKS), out)
-                if not self._active:
-                    return
-
-    def _send_batch(self, agent: AgentRecord, limit: int, out: list[Outgoing]) -> None:
-        batch: list[TaskRecord] = []
-        nbytes = nframes = 0
-        # Round-robin: in each round, every active producer gives an even share of what is left.
-        while len(batch) < limit and nbytes < P.BATCH_MAX_BYTES and self._active:
-            in_round = len(self._active)
-            for served in range(in_round):
-                if len(batch) >= limit or nbytes >= P.BATCH_MAX_BYTES:
-                    break
-                prod = self._active.popleft()
-                share = max(1, (limit - len(batch)) // (in_round - served))
-                while share and prod.queued and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
-                    task = prod.take()
-                    if task is None:
-                        break
-                    batch.append(task)
-                    nbytes += task.nbytes
-                    nframes += len(task.entry.payload)
-                    share -= 1
-                if prod.queued:
-                    self._active.append(prod)
-                else:
-                    prod.active = False
-        if not batch:
-            return
-        entries: list[P.TaskEntry] = []
-        fed: list[TaskRecord] = []
-        blobs: dict[bytes, P.Frame] = {}
-        for task in batch:
-            entry = task.entry
-            blobs.setdefault(entry.digest, task.producer.funcs[entry.digest])
-            task.state = TaskState.ASSIGNED
-            task.agent = agent
-            task.holders += (agent.id,)
-            agent.hold(task)
-            entries.append(entry._replace(id=task.gid))  # the payload goes on as it came
-            if task.feed is not None:
-                fed.append(task)
-        agent.credits -= len(batch)
-        funcs = agent.shipped.functions(entries, blobs.__getitem__)
-        out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), funcs)))
-        if fed:  # what producers sent them while queued, right behind them
-            self._streams.send_kept_feed(agent, fed, out)
+        """Hand queued tasks to agents with credits, fair across producers (``scheduling.dispatch``)."""
+        dispatch(self._active, self._agents.values(), out)

@@ -1,10 +1,20 @@
-"""How the broker shares queued tasks among the agents that have credits."""
+"""How the broker shares queued tasks among the agents that have credits, fair across producers."""
 
 from __future__ import annotations
 
+import collections
 import math
+from collections.abc import Iterable
 
-from .records import AgentRecord
+from zpar import protocol as P
+
+from .outgoing import Dest, Outgoing
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState
+from .streams import StreamRouting
+
+#: A TASKS message stops taking tasks past this many payload frames (MAX_FRAMES, less room
+#: for function blobs and one more task of the most frames a task may have).
+_FRAMES_PER_BATCH = P.MAX_FRAMES - P.MAX_TASK_FRAMES - P.BATCH_MAX_TASKS
 
 #: Past this many payload bytes held by a node, it gets tasks only for its idle workers: what one
 #: producer's large arguments can make the broker (and the node) hold is bounded, and a prefetched
@@ -38,3 +48,78 @@ def quotas(ready: list[AgentRecord], queued: int) -> list[int]:
         quotas[i] += extra
         left -= extra
     return quotas
+
+
+def dispatch(active: collections.deque[ProducerRecord], agents: Iterable[AgentRecord], out: list[Outgoing]) -> None:
+    """Hand the queued tasks of the ``active`` producers to agents with credits (see ``quotas``), as TASKS in ``out``.
+
+    Each task moves to its agent's ``assigned`` table; a producer leaves
+    ``active`` once nothing of its is queued.
+    """
+    agents = list(agents)
+    while active:
+        ready = [a for a in agents if a.credits > 0]
+        if not ready:
+            return
+        if len(ready) > 1:
+            ready.sort(key=lambda a: len(a.assigned) / (a.workers or 1))  # least loaded first
+        queued = sum(p.queued for p in active)
+        if not queued:  # their last queued tasks were cancelled, or finished late elsewhere
+            for prod in active:
+                prod.active = False
+            active.clear()
+            return
+        shares = quotas(ready, queued)
+        if not any(shares):  # no idle worker, and the nodes with credits hold enough bytes already
+            return
+        for agent, quota in zip(ready, shares, strict=True):
+            if quota:
+                _send_batch(active, agent, min(quota, P.BATCH_MAX_TASKS), out)
+            if not active:
+                return
+
+
+def _send_batch(active: collections.deque[ProducerRecord], agent: AgentRecord, limit: int,
+                out: list[Outgoing]) -> None:
+    batch: list[TaskRecord] = []
+    nbytes = nframes = 0
+    # Round-robin: in each round, every active producer gives an even share of what is left.
+    while len(batch) < limit and nbytes < P.BATCH_MAX_BYTES and active:
+        in_round = len(active)
+        for served in range(in_round):
+            if len(batch) >= limit or nbytes >= P.BATCH_MAX_BYTES:
+                break
+            prod = active.popleft()
+            share = max(1, (limit - len(batch)) // (in_round - served))
+            while share and prod.queued and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
+                task = prod.take()
+                if task is None:
+                    break
+                batch.append(task)
+                nbytes += task.nbytes
+                nframes += len(task.entry.payload)
+                share -= 1
+            if prod.queued:
+                active.append(prod)
+            else:
+                prod.active = False
+    if not batch:
+        return
+    entries: list[P.TaskEntry] = []
+    fed: list[TaskRecord] = []
+    blobs: dict[bytes, P.Frame] = {}
+    for task in batch:
+        entry = task.entry
+        blobs.setdefault(entry.digest, task.producer.funcs[entry.digest])
+        task.state = TaskState.ASSIGNED
+        task.agent = agent
+        task.holders += (agent.id,)
+        agent.hold(task)
+        entries.append(entry._replace(id=task.gid))  # the payload goes on as it came
+        if task.feed is not None:
+            fed.append(task)
+    agent.credits -= len(batch)
+    funcs = agent.shipped.functions(entries, blobs.__getitem__)
+    out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), funcs)))
+    if fed:  # what producers sent them while queued, right behind them
+        StreamRouting.send_kept_feed(agent, fed, out)
