@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from ._ipc import private_dir
+from .config import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class EmbeddedCluster:
         self.frontend = f"ipc://{self.dir}/frontend"
         args = ["zpar_broker.embedded", "--frontend", self.frontend, "--heartbeat", str(heartbeat),
                 "--parent-pid", str(os.getpid()), "--log-level", log_level]
-        if workers:
-            args += ["--workers", str(workers)]
+        # Always said: the hub starts its workers before it imports what would tell it the default.
+        args += ["--workers", str(workers or usable_cores())]
         if max_tasks_per_worker:
             args += ["--max-tasks-per-worker", str(max_tasks_per_worker)]
         self.procs: list[subprocess.Popen[bytes]] = []

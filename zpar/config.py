@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .agent.spawn import usable_cores as usable_cores  # the default number of workers, for every layer
 from .errors import ConfigError
 from .protocol import MAX_MESSAGE_SIZE
 
@@ -108,6 +107,14 @@ class AgentConfig:
 
     def worker_count(self) -> int:
         return self.workers or usable_cores()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity and cgroup-aware where possible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _check_timing(heartbeat: float, liveness: int) -> None:

@@ -11,20 +11,24 @@ from __future__ import annotations
 import argparse
 import logging
 
-from zpar.agent.spawn import prestart, usable_cores
+from zpar.agent.spawn import prestart
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zpar_broker.embedded",
                                      description="zpar's embedded cluster (started by zpar.Client()).")
     parser.add_argument("--frontend", required=True)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="(zpar.Client gives it: the workers start first)")
     parser.add_argument("--max-tasks-per-worker", type=int, default=0)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    workers = args.workers if args.workers > 0 else usable_cores()
+    if args.workers <= 0:  # run by hand: what the agent would start (zpar.config costs what prestart saves)
+        from zpar.config import usable_cores
+
+        args.workers = usable_cores()
+    workers = args.workers
     started = prestart(workers)
     try:
         # Imported only now: these take as long as a worker's start, which runs meanwhile.

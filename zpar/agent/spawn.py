@@ -26,14 +26,6 @@ from .._ipc import private_dir
 RECONNECT_IVL = 5
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (affinity-aware where the OS says): the default number of workers."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def worker_identity(generation: int) -> bytes:
     """The routing identity of the agent's ``generation``-th worker (w1, w2, ...)."""
     return f"w{generation}".encode()
