@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import tasks
@@ -123,6 +124,15 @@ def test_the_results_of_a_batch_of_short_tasks_leave_in_one_message():
         courier.close()
 
 
+def courier_acts(now: list[float], done: Callable[[], bool]) -> bool:
+    """Move the courier's fake clock a millisecond at a time until ``done`` (its thread looks meanwhile)."""
+    def time_passes() -> bool:
+        now[0] += 0.001
+        return done()
+
+    return wait_for(time_passes, timeout=10, what="the courier acting")
+
+
 def test_while_the_loop_is_inside_a_long_task_the_courier_sends_the_results_and_gives_back_the_rest():
     sent, now = Sent(), [0.0]
     courier = Courier(sent.results, sent.back, delay=0.002, clock=lambda: now[0])
@@ -130,11 +140,8 @@ def test_while_the_loop_is_inside_a_long_task_the_courier_sends_the_results_and_
         first = courier.begin([task(1), task(2), task(3)])
         assert courier.done(entry(first.id)).id == 2  # the loop goes on to a long task
 
-        def time_passes() -> bool:
-            now[0] += 0.001  # the courier looks at it now and then: once it has seen it run 2 ms, it acts
-            return len(sent.messages) == 2
-
-        assert wait_for(time_passes, timeout=10, what="the courier acting")
+        # The courier looks at it now and then: once it has seen it run 2 ms, it acts.
+        assert courier_acts(now, lambda: len(sent.messages) == 2)
         assert sent.messages == [("results", [1]), ("back", [3])]
         assert courier.done(entry(2)) is None  # task 3 is not ours any more
         courier.end()
@@ -155,11 +162,7 @@ def test_the_courier_sleeps_between_busy_spells_and_the_next_batch_wakes_it():
         assert wait_for(lambda: not courier.looking, timeout=10, what="the courier going to sleep")
         assert courier.begin([task(2), task(3)]).id == 2  # a long task after the quiet spell is still seen
 
-        def time_passes() -> bool:
-            now[0] += 0.001
-            return bool(sent.messages[1:])
-
-        assert wait_for(time_passes, timeout=10, what="the courier acting") and sent.messages[1:] == [("back", [3])]
+        assert courier_acts(now, lambda: bool(sent.messages[1:])) and sent.messages[1:] == [("back", [3])]
     finally:
         courier.close()
 

@@ -35,21 +35,21 @@ class HandshakeMonitor:
         failure = None
         while self.socket.poll(0):
             try:
-                event = _next_event(self.socket)
+                event, value = _next_event(self.socket)
             except zmq.Again:
                 break
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.succeeded += 1
                 failure, self._unexplained = None, 0
                 continue
             self.failed += 1
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 # Also what a peer hanging up mid-handshake looks like (a plaintext broker closing
                 # on us, a proxy whose far end is not up yet): conclude only if it keeps happening.
                 self._unexplained += 1
                 if self._unexplained < self.UNEXPLAINED_LIMIT:
                     continue
-            failure = self._explain(event["event"], event["value"])
+            failure = self._explain(event, value)
         return failure
 
     def _explain(self, event: int, value: int) -> str:
@@ -81,7 +81,7 @@ class HandshakeMonitor:
         self.socket.close(linger=0)
 
 
-def _next_event(sock: zmq.Socket[bytes]) -> dict[str, int]:
+def _next_event(sock: zmq.Socket[bytes]) -> tuple[int, int]:
     """The next socket-monitor event: ZeroMQ 4's first frame is a uint16 event and a uint32 value.
 
     Parsed here rather than with ``zmq.utils.monitor``, which imports asyncio
@@ -89,4 +89,4 @@ def _next_event(sock: zmq.Socket[bytes]) -> dict[str, int]:
     """
     first = sock.recv_multipart(zmq.NOBLOCK)[0]
     event, value = struct.unpack("=hi", first[:6])
-    return {"event": event, "value": value}
+    return event, value

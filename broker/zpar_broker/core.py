@@ -405,4 +405,4 @@ class BrokerCore:
 
     def _dispatch(self, out: list[Outgoing]) -> None:
         """Hand queued tasks to agents with credits, fair across producers (``scheduling.dispatch``)."""
-        dispatch(self._active, self._agents.values(), out)
+        dispatch(self._active, self._agents, out)

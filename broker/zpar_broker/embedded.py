@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    if args.workers <= 0:  # run by hand: what the agent would start (zpar.config costs what prestart saves)
+    workers = args.workers
+    if workers <= 0:  # run by hand: what the agent would start (zpar.config costs what prestart saves)
         from zpar.config import usable_cores
 
-        args.workers = usable_cores()
-    workers = args.workers
+        workers = usable_cores()
     started = prestart(workers)
     try:
         # Imported only now: these take as long as a worker's start, which runs meanwhile.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from zpar import protocol as P
 
@@ -50,15 +50,15 @@ def quotas(ready: list[AgentRecord], queued: int) -> list[int]:
     return quotas
 
 
-def dispatch(active: collections.deque[ProducerRecord], agents: Iterable[AgentRecord], out: list[Outgoing]) -> None:
+def dispatch(active: collections.deque[ProducerRecord], agents: Mapping[bytes, AgentRecord],
+             out: list[Outgoing]) -> None:
     """Hand the queued tasks of the ``active`` producers to agents with credits (see ``quotas``), as TASKS in ``out``.
 
     Each task moves to its agent's ``assigned`` table; a producer leaves
     ``active`` once nothing of its is queued.
     """
-    agents = list(agents)
     while active:
-        ready = [a for a in agents if a.credits > 0]
+        ready = [a for a in agents.values() if a.credits > 0]
         if not ready:
             return
         if len(ready) > 1:
