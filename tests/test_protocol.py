@@ -81,6 +81,9 @@ SAMPLES = [
     (P.Items((), (P.Credit(4, 300),)), 0),
     (P.Feed((P.ItemEntry(2, 5, (BIG,)),), (P.Credit(2, 256),), (2, 3)), 1),
     (P.Feed(closed=(9,)), 0),
+    (P.Submit((P.TaskEntry(5, D, (b"x",), refs=(P.digest(b"o1"), P.digest(b"o2"))),),
+              (P.Function(P.digest(b"o1"), b"o1"),)), 1),
+    (P.Release((P.digest(b"o1"), P.digest(b"o2"))), 0),
 ]
 SAMPLE_IDS = [f"{i}-{type(m).__name__}" for i, (m, _) in enumerate(SAMPLES)]
 
@@ -273,6 +276,13 @@ REJECTED = {
     "feed with a negative closed id": [header(k=FEED, i=[], closed=[-1])],
     "feed with a bool seq": [header(k=FEED, i=[[1, True, 0, b"x"]])],
     "feed declaring more frames than came": [header(k=FEED, i=[[1, 0, 2, b""]]), b"obj"],
+    "task with empty refs": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, []]])],
+    "task with a text ref digest": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, ["digest"]]])],
+    "task with text refs": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, "refs"]])],
+    "task with too many refs": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, [D] * (P.MAX_REFS + 1)]])],
+    "release without digests": [header(k=int(P.Kind.RELEASE))],
+    "release of text": [header(k=int(P.Kind.RELEASE), d=["a" * 16])],
+    "release of no digest": [header(k=int(P.Kind.RELEASE), d=[])],
 }
 
 

@@ -27,6 +27,7 @@ PUBLIC = [
     "Process",
     "ProtocolError",
     "QuotaExceeded",
+    "Ref",
     "RemoteTraceback",
     "ResultTimeout",
     "SerializationError",

@@ -23,11 +23,19 @@ a positive ``n_jobs`` is capped at the cluster's worker count; ``n_jobs=1``
 runs in this process, as with every joblib backend. A Parallel call made
 inside a zpar task runs sequentially in that worker: a worker is one slot on
 one core, and a task waiting for tasks of the same cluster could wait forever.
+
+Large arrays go once per node, as loky memory-maps them once: a NumPy array
+of ``max_nbytes`` or more (joblib's option, default 1 MB; None: never) among
+a call's arguments (at the top, or in a list, tuple or dict there) is
+scattered (``Client.scatter``) the first time a Parallel call meets it, and
+every task of that call refers to it. Workers get it read-only, as loky's
+memory-mapped arrays are. The Parallel call's end lets them go.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import logging
 import queue
 import sys
@@ -46,6 +54,7 @@ from joblib._parallel_backends import (  # no public base for backends
     SequentialBackend,
 )
 
+from ._refs import Ref
 from .client import Client
 from .errors import ConfigError
 
@@ -62,6 +71,8 @@ _STATUS_TTL = 1.0
 _Batch = concurrent.futures.Future[list[Any]]
 #: joblib's completion callback, given the batch's future.
 _Callback = Callable[[_Batch], object]
+#: joblib's default for ``max_nbytes``: arrays this large or larger go once per node.
+MAX_NBYTES = 1 << 20
 
 
 def register() -> None:
@@ -159,6 +170,8 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
         self._completions: _Completions | None = None
         self._parallel_ref: weakref.ref[joblib.Parallel] | None = None
         self._closer: weakref.finalize[[], ZparBackend] | None = None
+        self._max_nbytes: int | None = MAX_NBYTES
+        self._scattered = _Scattered()
 
     # joblib sets and reads ``backend.parallel``. Held weakly: a Parallel holds
     # its backend, and the cycle would keep an embedded cluster alive until the
@@ -225,12 +238,15 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
         """Ready the backend for one Parallel call; returns the effective n_jobs.
 
         ``n_jobs=1`` (and any call inside a zpar worker) falls back to
-        joblib's sequential backend. Memory-mapping options are loky's and
-        are ignored: arguments travel as pickle-5 buffers.
+        joblib's sequential backend. Of loky's memory-mapping options,
+        ``max_nbytes`` is kept: arrays that large go once per node (see the
+        module docstring); the others are ignored.
         """
         if n_jobs is None or n_jobs == 1 or _in_zpar_worker():
             self.effective_n_jobs(n_jobs)  # the warning, inside a worker
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        max_nbytes = memmapping_args.get("max_nbytes", MAX_NBYTES)
+        self._max_nbytes = joblib.parallel.memstr_to_bytes(max_nbytes) if isinstance(max_nbytes, str) else max_nbytes
         self.parallel = parallel
         self._counted_at = -_STATUS_TTL  # a fresh worker count for each call
         return self.effective_n_jobs(n_jobs)
@@ -242,6 +258,8 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
         as a failed future, so joblib raises its error in the caller's thread.
         """
         try:
+            if self._max_nbytes is not None:
+                func = self._scattered.swap(func, self._max_nbytes, self.client)
             future: _Batch = self.client.submit(_run_batch, func)
         except Exception as exc:  # noqa: BLE001  (any error: joblib raises it in the caller's thread)
             future = concurrent.futures.Future()
@@ -286,6 +304,7 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
         if self._completions is not None:
             self._completions.stop()
             self._completions = None
+        self._scattered.clear()  # the call's large arrays: freed on the cluster once no task uses them
         self.reset_batch_stats()
 
     def get_nested_backend(self) -> tuple[SequentialBackend, int | None]:
@@ -295,6 +314,64 @@ class ZparBackend(AutoBatchingMixin, ParallelBackendBase):
     def __repr__(self) -> str:
         where = self._client if self._client is not None else (self._address or "embedded, not started")
         return f"<ZparBackend {where!r}>"
+
+
+class _Scattered:
+    """The large arrays of one Parallel call, each scattered once: its calls refer to them by Ref."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # id(array) -> (array, its Ref); the array is held so that its id names it until the call ends
+        self._refs: dict[int, tuple[Any, Ref]] = {}
+
+    def swap(self, batch: Callable[[], Any], max_nbytes: int, client: Client) -> Callable[[], Any]:
+        """``batch`` (joblib's BatchedCalls) with its large arrays replaced by Refs; itself if it has none."""
+        items = getattr(batch, "items", None)
+        if type(items) is not list:
+            return batch
+        swapped, changed = [], False
+        for item in items:
+            fn, args, kwargs = item
+            new_args = tuple(self._value(a, max_nbytes, client) for a in args)
+            new_kwargs = {k: self._value(v, max_nbytes, client) for k, v in kwargs.items()}
+            if any(a is not b for a, b in zip(new_args, args, strict=True)) or any(
+                    new_kwargs[k] is not v for k, v in kwargs.items()):
+                changed = True
+                item = (fn, new_args, new_kwargs)
+            swapped.append(item)
+        if not changed:
+            return batch
+        clone = copy.copy(batch)  # joblib keeps its own batch as it was
+        clone.items = swapped  # type: ignore[attr-defined]
+        return clone
+
+    def _value(self, value: Any, max_nbytes: int, client: Client, depth: int = 1) -> Any:
+        if _large_array(value, max_nbytes):
+            with self._lock:
+                hit = self._refs.get(id(value))
+                if hit is None or hit[0] is not value:
+                    hit = self._refs[id(value)] = (value, client.scatter(value))
+            return hit[1]
+        if depth and type(value) in (list, tuple):
+            new = [self._value(v, max_nbytes, client, depth - 1) for v in value]
+            if any(a is not b for a, b in zip(new, value, strict=True)):
+                return type(value)(new)
+        elif depth and type(value) is dict:
+            new_d = {k: self._value(v, max_nbytes, client, depth - 1) for k, v in value.items()}
+            if any(new_d[k] is not v for k, v in value.items()):
+                return new_d
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._refs.clear()
+
+
+def _large_array(value: Any, max_nbytes: int) -> bool:
+    """A NumPy array (or subclass, such as a memmap) of ``max_nbytes`` or more; numpy is not imported here."""
+    module = type(value).__module__
+    return (module == "numpy" or module.startswith("numpy.")) and hasattr(value, "__array_interface__") and \
+        getattr(value, "nbytes", 0) >= max_nbytes
 
 
 register()

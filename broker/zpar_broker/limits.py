@@ -31,6 +31,9 @@ class Limits:
     #: Function blobs kept, and their bytes.
     functions: int = 10_000
     function_bytes: int = 64 << 20
+    #: Scattered objects kept (zpar.Client.scatter; objects.py), and their bytes.
+    objects: int = 10_000
+    object_bytes: int = 1 << 30
 
 
 class Functions:
@@ -53,15 +56,15 @@ class Functions:
     def __len__(self) -> int:
         return len(self._blobs)
 
-    def add(self, func: P.Function, limits: Limits, keep: frozenset[bytes] = frozenset()) -> bool:
-        """Keep ``func`` (False if it would be over the quota even after evicting idle blobs not in
-        ``keep``). The caller has checked its digest."""
+    def add(self, func: P.Function, most: int, most_bytes: int, keep: frozenset[bytes] = frozenset()) -> bool:
+        """Keep ``func`` (False if it would be over ``most`` blobs or ``most_bytes`` even after evicting
+        idle blobs not in ``keep``). The caller has checked its digest."""
         if func.digest in self._blobs:
             return True
         size = len(func.blob)
-        if size > limits.function_bytes:
+        if size > most_bytes:
             return False
-        while len(self._blobs) >= limits.functions or self.nbytes + size > limits.function_bytes:
+        while len(self._blobs) >= most or self.nbytes + size > most_bytes:
             victim = next((d for d in self._idle if d not in keep), None)
             if victim is None:
                 return False
@@ -114,7 +117,7 @@ def admit_functions(prod: Holder, funcs: tuple[P.Function, ...], limits: Limits,
             # Content addressing is verified: another producer's digest cannot be made to run this.
             counters["functions_mismatched"] += 1
             refused[func.digest] = P.ErrorCode.BAD_FUNCTION
-        elif not prod.funcs.add(func, limits, keep):
+        elif not prod.funcs.add(func, limits.functions, limits.function_bytes, keep):
             counters["functions_over_quota"] += 1
             never = len(func.blob) > limits.function_bytes
             refused[func.digest] = P.ErrorCode.QUOTA_EXCEEDED if never else P.ErrorCode.QUEUE_FULL
