@@ -46,7 +46,9 @@ def embedded_clusters() -> set[int]:
     pids = set()
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "zpar_broker.embedded" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+            # The hub's workers are forked from it (same command line): they are named zpar-worker-wN.
+            if ("zpar_broker.embedded" in " ".join(proc.cmdline()) and not proc.name().startswith("zpar-worker")
+                    and proc.status() != psutil.STATUS_ZOMBIE):
                 pids.add(proc.pid)
         except psutil.Error:
             pass

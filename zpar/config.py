@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -177,6 +176,8 @@ def load(
     values: dict[str, Any] = {}
     fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     if file:
+        import tomllib  # here: a client and the embedded hub, which read no file, skip its imports
+
         try:
             with open(file, "rb") as fh:
                 table = tomllib.load(fh).get(section, {})

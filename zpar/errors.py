@@ -24,8 +24,12 @@ The stdlib's ``except`` clauses catch them where the meaning matches:
 and a failed initializer, ``except pickle.PicklingError`` a value that does
 not pickle. A task that raised ``SystemExit``, ``KeyboardInterrupt`` or
 ``GeneratorExit`` (its worker survives them) re-raises it as itself from
-``result()``, as ``ProcessPoolExecutor`` does. ``concurrent.futures.process``
-is imported here for ``BrokenProcessPool``: a few milliseconds, no thread.
+``result()``, as ``ProcessPoolExecutor`` does.
+
+``WorkerLost``, ``MemoryLimitExceeded``, ``InitializerError`` and
+``ResultTimeout`` load on first use (``zpar._pool_errors``): their stdlib
+bases live in ``concurrent.futures.process`` and ``multiprocessing``, about
+15 ms of imports that the daemons and workers, which never raise them, skip.
 
 Cancellation raises ``concurrent.futures.CancelledError`` itself, so existing
 ``except`` clauses keep working.
@@ -34,9 +38,30 @@ Cancellation raises ``concurrent.futures.CancelledError`` itself, so existing
 from __future__ import annotations
 
 import concurrent.futures
-import concurrent.futures.process
-import multiprocessing
 import pickle
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # at run time: __getattr__
+    from ._pool_errors import InitializerError as InitializerError
+    from ._pool_errors import MemoryLimitExceeded as MemoryLimitExceeded
+    from ._pool_errors import ResultTimeout as ResultTimeout
+    from ._pool_errors import WorkerLost as WorkerLost
+
+_LAZY = frozenset({"InitializerError", "MemoryLimitExceeded", "ResultTimeout", "WorkerLost"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import _pool_errors
+
+    value = getattr(_pool_errors, name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)
 
 
 class ZparError(Exception):
@@ -97,43 +122,10 @@ class TaskError(ZparError):
         return raised
 
 
-class WorkerLost(ZparError, concurrent.futures.process.BrokenProcessPool):
-    """The process or node running the task died, and its retries (if any) ran out.
-
-    A ``BrokenProcessPool``, what ``ProcessPoolExecutor`` raises when a worker
-    dies, so the stdlib's ``except`` clauses catch it; unlike a process pool,
-    the Executor or Client goes on: its other tasks and new ones run.
-
-    ``exitcode`` or ``signal`` says how the worker process ended, when it is
-    known (None otherwise: a node that went silent, say); ``node`` names the
-    agent, ``pid`` the worker process, ``attempts`` the runs lost.
-    """
-
-    def __init__(self, message: str, *, node: str = "", pid: int = 0, exitcode: int | None = None,
-                 signal: int | None = None, attempts: int = 0) -> None:
-        super().__init__(message)
-        self.node, self.pid, self.exitcode, self.signal, self.attempts = node, pid, exitcode, signal, attempts
-
-    def __reduce__(self) -> tuple[object, ...]:  # keep the fields across pickling
-        return (_rebuild, (type(self), self.args[0], self.node, self.pid, self.exitcode, self.signal,
-                           self.attempts))
-
-
 def _rebuild(cls: type[WorkerLost], message: str, node: str, pid: int, exitcode: int | None, signal: int | None,
              attempts: int) -> WorkerLost:
+    """Unpickles a WorkerLost with its fields (here, where pickles made before it moved still find it)."""
     return cls(message, node=node, pid=pid, exitcode=exitcode, signal=signal, attempts=attempts)
-
-
-class MemoryLimitExceeded(WorkerLost):
-    """The task took its worker past the agent's memory limit and was stopped (not retried)."""
-
-
-class InitializerError(ZparError, concurrent.futures.process.BrokenProcessPool):
-    """An Executor's ``initializer`` raised in a worker (its exception is the ``__cause__``).
-
-    As with ``ProcessPoolExecutor``, the Executor is broken from then on: its
-    pending futures fail with this error, and ``submit`` raises it.
-    """
 
 
 class TaskTimeout(ZparError, concurrent.futures.TimeoutError):
@@ -150,13 +142,6 @@ class BrokenCluster(BrokerUnavailable, concurrent.futures.BrokenExecutor):
     A ``concurrent.futures.BrokenExecutor`` (what ``ProcessPoolExecutor``
     raises when its pool breaks) and a BrokerUnavailable. Unlike a broken
     process pool, a client recovers if its broker comes back: new tasks run.
-    """
-
-
-class ResultTimeout(ZparError, multiprocessing.TimeoutError, TimeoutError):
-    """``Pool``'s ``get(timeout)`` or ``next(timeout)``: the result was not in in time (it may come later).
-
-    Caught by ``except multiprocessing.TimeoutError`` as by ``except TimeoutError``.
     """
 
 
