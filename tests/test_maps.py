@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import gc
 import itertools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -379,3 +380,79 @@ def test_a_failed_chunk_raises_its_error_in_its_place() -> None:
     assert list(itertools.islice(out, 2)) == [1, 2]
     with pytest.raises(ValueError, match="negative: -3"):
         next(out)
+
+
+# ---------------------------------------------------------------------- reading a map in chunks
+
+
+class Held:
+    """A value a test can watch being freed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def held(x: int) -> Held:
+    return Held(x)
+
+
+@pytest.mark.parametrize("chunksize", [None, 3])
+def test_next_and_a_for_loop_read_one_stream_in_order_losing_nothing(chunksize: int | None) -> None:
+    tasks = Tasks()
+    out = results(tasks, square, list(range(10)), chunksize=chunksize)
+    tasks.run_all()
+    got = [next(out)]
+    for value in out:  # the rest of the first chunk first
+        got.append(value)
+        if len(got) == 5:
+            break
+    got.append(next(out))
+    got += list(out)
+    assert got == [i * i for i in range(10)]
+
+
+def test_a_value_left_by_next_in_a_chunk_comes_first_in_a_for_loop() -> None:
+    tasks = Tasks()
+    out = results(tasks, square, list(range(6)), chunksize=3)
+    tasks.run_all()
+    assert out.next() == 0  # Pool's way in: the rest of the chunk waits in ``ready``
+    assert list(out) == [1, 4, 9, 16, 25]
+
+
+@pytest.mark.parametrize("chunksize", [None, 3])
+def test_a_for_loop_over_a_map_holds_no_value_it_handed_out(chunksize: int | None) -> None:
+    tasks = Tasks()
+    out = results(tasks, held, list(range(6)), chunksize=chunksize)
+    tasks.run_all()
+    tasks.submitted.clear()  # the map alone holds the futures now, as a client's map does
+    refs = []
+    for value in out:
+        refs.append(weakref.ref(value))
+        del value
+        assert refs[-1]() is None, "the map keeps no value once the loop let go of it"
+    assert len(refs) == 6
+
+
+def test_leaving_a_for_loop_over_a_temporary_map_cancels_the_rest_without_a_collection() -> None:
+    tasks = Tasks()
+    tasks_of = results(tasks, square, list(range(5)), window=3)
+    tasks.run(0)
+    gc.disable()  # the map must go with the loop, not wait for the cycle collector
+    try:
+        for value in tasks_of:
+            assert value == 0
+            break
+        del tasks_of, value
+        assert [tasks.future(i).cancelled() for i in range(1, 4)] == [True] * 3
+    finally:
+        gc.enable()
+
+
+def test_an_error_in_a_for_loop_ends_the_map() -> None:
+    tasks = Tasks()
+    out = results(tasks, fail_on_negative, [1, -2, 3])
+    tasks.run_all()
+    seen: list[int] = []
+    with pytest.raises(ValueError, match="negative: -2"):
+        seen.extend(out)  # a for loop: what came before the error stays
+    assert seen == [1] and list(out) == []

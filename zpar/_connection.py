@@ -32,6 +32,7 @@ from ._loop import DRAIN, Reader
 from ._pending import PendingTask
 from ._producer import ProducerCore
 from .errors import ProtocolError
+from .futures import Future
 from .streaming import FeedOp
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Connection(threading.Thread):
         self.creds = creds
         self.submits, self.cancels = submits, cancels
         self.feeds: collections.deque[FeedOp] = collections.deque()  # from streams: objects, credits, closes
+        self.releases: collections.deque[bytes] = collections.deque()  # scattered objects no Ref holds (zpar._refs)
         hello = P.Hello(P.Role.PRODUCER, f"client-{os.getpid()}", socket.gethostname(), os.getpid())
         self.core = ProducerCore(address, release, broker_timeout, hello)
         self.welcomed = threading.Event()  # the first WELCOME
@@ -81,6 +83,16 @@ class Connection(threading.Thread):
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:
                 pass
+
+    def cancel(self, fut: Future, force: bool = False) -> None:
+        """A future's cancel, for this thread (each Future's ``on_cancel``)."""
+        self.cancels.append((fut.task_id, force))
+        self.wake()
+
+    def feed(self, op: FeedOp) -> None:
+        """A stream's objects, credits and closes, for this thread (each Future's ``on_feed``: zpar.streaming)."""
+        self.feeds.append(op)
+        self.wake()
 
     def stop(self) -> None:
         self._stopping = True
@@ -116,10 +128,11 @@ class Connection(threading.Thread):
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 20)
-        # Over ipc (the embedded cluster, starting as we connect) a failed try costs nothing: keep trying
-        # every 20 ms, not after doubling waits, which made Client() wait up to 0.3 s more than the hub.
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 20 if self.address.startswith("ipc://") else 1000)
+        # Over ipc (the embedded cluster, starting as we connect) a failed try costs two system calls: keep
+        # trying every 5 ms, not after doubling waits, which made Client() wait up to 0.3 s more than the hub.
+        ipc = self.address.startswith("ipc://")
+        sock.setsockopt(zmq.RECONNECT_IVL, 5 if ipc else 20)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5 if ipc else 1000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
@@ -180,6 +193,8 @@ class Connection(threading.Thread):
             # Feeds taken before submits: a task's SUBMIT goes ahead of what is sent to it.
             cancels, feeds, submits = _drain(self.cancels), _drain(self.feeds), _drain(self.submits)
             self._send(core.handed_over(cancels, submits, feeds))
+            if self.releases:  # after the SUBMITs that use them
+                self._send(core.released(_drain(self.releases)))
             self._send(core.tick(time.monotonic()))
             if core.ended:
                 return

@@ -118,29 +118,37 @@ class Results:
     The first window (or every task) is submitted when it is made; each
     result taken lets one more task go. Not thread-safe, except ``ready``:
     one consumer at a time (Pool's iterator holds a lock).
+
+    A ``for`` loop, ``list()`` or ``next()`` over a map that ends on errors
+    reads one generator (``_Map.values``), or for chunks an ``itertools.chain``
+    over them (``_Map.chunks``): no Python call per item of a chunk.
+    ``next(timeout)`` is Pool's way in, one item at a time; a map is read one
+    way or the other.
     """
 
-    _cancel, _count = False, 0  # for __del__ if __init__ failed early
+    __slots__ = ("_chain", "_map", "ready")
 
     def __init__(self, submit: Submit, work: Work, options: MapOptions) -> None:
-        # Everything set before the first submit: close() and __del__ may run on a half-made map.
-        self._submit, self._task, self._calls, self._chunked = submit, work.task, work.calls, work.chunked
-        self._ordered, self._errors_end, self._cancel = options.ordered, options.errors_end, options.cancel_on_exit
-        self._window = sys.maxsize if options.window is None else options.window
-        self._timeout, self._timeout_error = options.timeout, options.timeout_error
-        self._clock = options.clock
-        self._deadline = None if options.timeout is None else self._clock() + options.timeout
+        self._chain: Iterator[Any] | None = None
+        self._map = _Map(submit, work, options)
         #: Values of a chunk already in, not handed out yet. ``popleft()`` is safe from any thread.
-        self.ready: collections.deque[Any] = collections.deque()
-        self._count = 0  # tasks submitted, not yet taken
-        self._more = True  # the input may have more
-        self._in_order: collections.deque[cf.Future[Any]] = collections.deque()  # ordered: pending, in order
-        self._flying: set[cf.Future[Any]] = set()  # unordered: pending
-        self._done: queue.SimpleQueue[cf.Future[Any]] = queue.SimpleQueue()  # unordered: as they complete
-        self._fill()
+        self.ready = self._map.ready
 
-    def __iter__(self) -> Results:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        if not self._map.errors_end:
+            return self  # next() goes on past an error: one item at a time
+        fast = self._chain
+        if fast is None:  # one per map: a chunk half read stays where the next loop finds it
+            # It holds the map, not this object: a for loop over a temporary still finds the
+            # map alive, and the map is let go (and cancelled) with the loop.
+            fast = self._chain = (itertools.chain.from_iterable(self._map.chunks()) if self._map.chunked
+                                  else self._map.values())
+        return fast
+
+    def __next__(self) -> Any:
+        if self._map.errors_end:
+            return next(self.__iter__())  # the same stream a for loop reads
+        return self._map.next()
 
     def next(self, timeout: float | None = None) -> Any:
         """The next result; StopIteration after the last.
@@ -149,6 +157,37 @@ class Results:
         result is in within ``timeout`` seconds or by the map's deadline
         (nothing is taken then). With ``errors_end`` either ends the iteration.
         """
+        return self._map.next(timeout)
+
+    def close(self) -> None:
+        """Read no more input and let go of what is pending, cancelled if ``cancel_on_exit``."""
+        self._map.close()
+
+
+class _Map:
+    """What ``Results`` reads: the tasks in flight, the input, the deadline; cancelled when let go."""
+
+    _cancel, _count = False, 0  # for __del__ if __init__ failed early
+
+    def __init__(self, submit: Submit, work: Work, options: MapOptions) -> None:
+        # Everything set before the first submit: close() and __del__ may run on a half-made map.
+        self._submit, self._task, self._calls, self.chunked = submit, work.task, work.calls, work.chunked
+        self.errors_end, self._cancel = options.errors_end, options.cancel_on_exit
+        self._ordered = options.ordered
+        self._window = sys.maxsize if options.window is None else options.window
+        self._timeout, self._timeout_error = options.timeout, options.timeout_error
+        self._clock = options.clock
+        self._deadline = None if options.timeout is None else self._clock() + options.timeout
+        self.ready: collections.deque[Any] = collections.deque()
+        self._count = 0  # tasks submitted, not yet taken
+        self._more = True  # the input may have more
+        self._in_order: collections.deque[cf.Future[Any]] = collections.deque()  # ordered: pending, in order
+        self._flying: set[cf.Future[Any]] = set()  # unordered: pending
+        self._done: queue.SimpleQueue[cf.Future[Any]] = queue.SimpleQueue()  # unordered: as they complete
+        self._fill()
+
+    def next(self, timeout: float | None = None) -> Any:
+        """One value (see ``Results.next``)."""
         ready = self.ready
         while True:
             if ready:
@@ -158,25 +197,47 @@ class Results:
                     pass
             if not self._count:
                 raise StopIteration
-            fut = self._take(timeout)
-            try:
-                value = fut.result()  # in order and without a timeout, the wait is here
-            except BaseException:
-                waiting = not fut.done()  # interrupted while it waited (KeyboardInterrupt): still pending
-                if waiting:
-                    self._put_back(fut)
-                if self._errors_end:
-                    self.close()
-                elif self._more and not waiting:
-                    self._fill(fut)
-                raise
-            if self._more:  # not once the input has ended (always, when every task went at once)
-                self._fill(fut)
-            if not self._chunked:
+            value = self._value(timeout)
+            if not self.chunked:
                 return value
             ready.extend(value)
 
-    __next__ = next  # no call deeper per item
+    def values(self) -> Iterator[Any]:
+        """Each value in turn, unchunked (``errors_end`` only: an error ends it)."""
+        while self._count:
+            yield self._value(None)  # not kept in a local: the consumer alone holds what it took
+
+    def chunks(self) -> Iterator[Iterator[Any]]:
+        """Each chunk's values, as an iterator that lets go of each value it hands out (``errors_end`` only)."""
+        ready = self.ready
+        while True:
+            if ready:  # left by next()
+                values = collections.deque(ready)
+                ready.clear()
+            elif self._count:
+                values = collections.deque(self._value(None))
+            else:
+                return
+            # popleft() per value, in C, with no comparison with a sentinel (an array's == is no bool).
+            yield itertools.starmap(values.popleft, itertools.repeat((), len(values)))
+
+    def _value(self, timeout: float | None) -> Any:
+        """The next task's value (a chunk's list), or its exception raised; there is one to take."""
+        fut = self._take(timeout)
+        try:
+            value = fut.result()  # in order and without a timeout, the wait is here
+        except BaseException:
+            waiting = not fut.done()  # interrupted while it waited (KeyboardInterrupt): still pending
+            if waiting:
+                self._put_back(fut)
+            if self.errors_end:
+                self.close()
+            elif self._more and not waiting:
+                self._fill(fut)
+            raise
+        if self._more:  # not once the input has ended (always, when every task went at once)
+            self._fill(fut)
+        return value
 
     def close(self) -> None:
         """Read no more input and let go of what is pending, cancelled if ``cancel_on_exit``."""
@@ -191,7 +252,7 @@ class Results:
                 fut.cancel()
 
     def __del__(self) -> None:
-        # A consumer that leaves a for loop early drops its iterator: as a generator's finally would.
+        # A consumer that leaves a for loop early drops its iterator (and the map): as a generator's finally would.
         if self._cancel and self._count:
             self.close()
 
@@ -220,7 +281,7 @@ class Results:
                     self._flying.add(fut)
                     fut.add_done_callback(self._done.put)
         except BaseException:
-            if self._errors_end or taken is None:
+            if self.errors_end or taken is None:
                 self.close()
             else:
                 self._put_back(taken)
@@ -268,6 +329,6 @@ class Results:
             message = f"{late} results not in within {self._timeout:g} s of the map call"
         else:
             message = f"no result within {timeout:g} s"
-        if self._errors_end:
+        if self.errors_end:
             self.close()
         raise self._timeout_error(message)

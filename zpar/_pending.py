@@ -17,7 +17,9 @@ or ``abandon`` meets it notifies it, once (``Future._notify_cancelled``).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
+import queue
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,11 +33,13 @@ log = logging.getLogger(__name__)
 class PendingTask:
     """A task the producer has not seen finish; kept whole (its entry, payload attached) so it can be sent again."""
 
-    __slots__ = ("blob", "entry", "future", "id", "opts", "reruns")
+    __slots__ = ("blob", "entry", "future", "id", "objects", "opts", "reruns")
 
-    def __init__(self, entry: P.TaskEntry, blob: bytes, opts: TaskOptions, future: Future) -> None:
+    def __init__(self, entry: P.TaskEntry, blob: bytes, opts: TaskOptions, future: Future,
+                 objects: dict[bytes, P.Frame] | None = None) -> None:
         self.id, self.entry, self.blob = entry.id, entry, blob
         self.opts, self.future = opts, future
+        self.objects = objects  # the blobs of the scattered objects its entry's ``refs`` name (zpar._refs)
         self.reruns = 0  # runs asked again because the task raised one of opts.retry_on
 
     @property
@@ -43,6 +47,32 @@ class PendingTask:
         """The task has sent or been sent a stream item: running it again could repeat or lose one."""
         stream = self.future._stream
         return stream is not None and stream.exchanged
+
+
+class Window:
+    """The client's window: ``acquire`` takes one of ``size`` slots, ``release`` (any thread) gives one back.
+
+    A ``threading.Semaphore`` is a Python lock and condition: about 1 us a task
+    between ``acquire`` and ``release``. Here the slots are tokens in a queue
+    written in C, and ``release`` is its ``put``.
+    """
+
+    __slots__ = ("_get", "release")
+
+    def __init__(self, size: int) -> None:
+        tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(size):
+            tokens.put(None)
+        self._get = tokens.get
+        self.release: Callable[[], None] = functools.partial(tokens.put, None)
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take a slot; False if none came free within ``timeout`` seconds (None: wait for one)."""
+        try:
+            self._get(timeout=timeout)
+        except queue.Empty:
+            return False
+        return True
 
 
 class PendingTable:

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-from .errors import InitializerError
+from . import errors  # its InitializerError loads when first used (zpar.errors says why)
 
 if TYPE_CHECKING:
     from .futures import Future
@@ -82,7 +82,7 @@ class Initializer:
             if not self.breaks:
                 raise
             name = getattr(self.fn, "__qualname__", repr(self.fn))
-            raise InitializerError(f"the initializer {name} raised {type(exc).__name__}: {exc}; the Executor is "
+            raise errors.InitializerError(f"the initializer {name} raised {type(exc).__name__}: {exc}; the Executor is "
                                    "broken: fix the initializer and make a new Executor") from exc
         _initialised.add(key)
 

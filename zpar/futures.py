@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import _thread
+import collections
 import concurrent.futures
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -10,6 +11,55 @@ from typing import Any
 from .streaming import FeedOp, StreamState
 
 _CANCELLED = "CANCELLED"  # concurrent.futures' state before waiters are told
+_PENDING = "PENDING"
+
+
+class _Condition(_thread.RLock):  # type: ignore[misc]  # typeshed says final; CPython allows it
+    """What a stdlib Future asks of its ``threading.Condition``, in one object.
+
+    A ``threading.Condition`` is eight objects for the collector to track (its
+    dict, its deque, five bound methods of its lock), made for every task
+    whether anyone waits or not; this is an RLock (entered and left in C) with
+    a queue of waiters made by the first ``wait``. ``concurrent.futures``
+    calls ``acquire``, ``release``, ``wait`` and ``notify_all``, under the lock.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: collections.deque[Any] | None = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Release the lock until notified or ``timeout`` seconds pass; True if notified."""
+        if not self._is_owned():  # type: ignore[attr-defined]  # the C RLock's, as threading.Condition uses
+            raise RuntimeError("cannot wait on un-acquired lock")
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = collections.deque()
+        waiters.append(waiter)
+        saved = self._release_save()  # type: ignore[attr-defined]
+        notified = False
+        try:
+            if timeout is None:
+                notified = waiter.acquire()
+            else:
+                notified = waiter.acquire(True, timeout) if timeout > 0 else waiter.acquire(False)
+            return notified
+        finally:
+            self._acquire_restore(saved)  # type: ignore[attr-defined]
+            if not notified:
+                try:
+                    waiters.remove(waiter)
+                except ValueError:
+                    pass  # notified just after the timeout
+
+    def notify_all(self) -> None:
+        """Wake every thread in ``wait``."""
+        waiters = self._waiters
+        while waiters:
+            waiters.popleft().release()
 
 
 class Future(concurrent.futures.Future[Any]):
@@ -36,7 +86,14 @@ class Future(concurrent.futures.Future[Any]):
 
     def __init__(self, task_id: int = 0, on_cancel: Callable[[Future, bool], None] | None = None,
                  on_feed: Callable[[FeedOp], None] | None = None) -> None:
-        super().__init__()
+        # concurrent.futures.Future.__init__'s fields (a test pins them), with a lighter condition:
+        # one is made per task.
+        self._condition = _Condition()  # type: ignore[assignment]
+        self._state = _PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[concurrent.futures.Future[Any]], object]] = []
         self.task_id = task_id
         self._on_cancel = on_cancel
         self._on_feed = on_feed
@@ -82,6 +139,8 @@ class Future(concurrent.futures.Future[Any]):
     def __await__(self) -> Generator[Any, None, Any]:
         if not self._claimed:
             self._give_up_items()
+        import asyncio  # here: 20 ms of imports that a client never awaiting a future does without
+
         return asyncio.wrap_future(self).__await__()
 
     # ------------------------------------------------------------------ streams (zpar.streaming)
@@ -114,16 +173,7 @@ class Future(concurrent.futures.Future[Any]):
         ``timeout`` bounds the wait for each next item (TimeoutError).
         """
         self._claimed = True
-        return self._items(self._stream_state(), timeout)
-
-    @staticmethod
-    def _items(st: StreamState, timeout: float | None) -> Iterator[Any]:
-        while True:
-            try:
-                item = st.take(timeout)
-            except EOFError:
-                return
-            yield item
+        return self._stream_state().iterate(timeout)
 
     def receive(self, timeout: float | None = None) -> Any:
         """The next object the task sent; EOFError once it returned and all were taken."""
