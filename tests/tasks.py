@@ -366,6 +366,28 @@ def sleepy_generator(seconds):
     yield "never"
 
 
+def stamped(n, pause):
+    """A slow generator: yields ``time.monotonic()`` as it makes each of ``n`` items, ``pause`` s apart."""
+    for _ in range(n):
+        yield time.monotonic()
+        time.sleep(pause)
+
+
+def bursts_stamped(bursts, size, pause):
+    """``bursts`` times: ``size`` items at once, the last one ``time.monotonic()``, then ``pause`` s of no yield."""
+    for _ in range(bursts):
+        yield from range(size - 1)
+        yield time.monotonic()
+        time.sleep(pause)
+
+
+def burst_then_wait(n, gate):
+    """Yields 0 .. n-1 at once, then waits (yielding nothing) for the file ``gate``."""
+    yield from range(n)
+    block_until(gate)
+    return "released"
+
+
 def echo(channel, prefix):
     """A channel task: sends back ``prefix + obj`` for each object until the input closes."""
     for obj in channel:

@@ -234,8 +234,8 @@ def state() -> tuple[streaming.StreamState, list[Any], concurrent.futures.Future
 def test_the_producer_grants_credit_as_items_are_taken_and_drops_repeats():
     st_, feeds, _ = state()
     for seq in range(WINDOW // 2):
-        assert st_.arrived(seq, serialize.dumps(seq)) is None
-    assert st_.arrived(0, serialize.dumps("again")) is None  # a repeat: not queued again
+        assert st_.arrived([P.ItemEntry(7, seq, serialize.dumps(seq))]) is None
+    assert st_.arrived([P.ItemEntry(7, 0, serialize.dumps("again"))]) is None  # a repeat: not queued again
     assert len(st_.items) == WINDOW // 2 and st_.exchanged
     assert [st_.take(timeout=0) for _ in range(WINDOW // 2)] == list(range(WINDOW // 2))
     assert feeds == [("credit", 7, WINDOW + WINDOW // 2)]
@@ -243,18 +243,18 @@ def test_the_producer_grants_credit_as_items_are_taken_and_drops_repeats():
 
 def test_the_producer_reports_a_gap_as_a_loss():
     st_, _, _ = state()
-    assert st_.arrived(0, [b"x"]) is None
-    assert st_.arrived(2, [b"x"]) == ("lost", 2)
+    assert st_.arrived([P.ItemEntry(7, 0, [b"x"])]) is None
+    assert st_.arrived([P.ItemEntry(7, 2, [b"x"])]) == ("lost", 2)
     assert st_.next_seq == 1
 
 
 def test_discarding_credits_what_waits_and_what_comes():
     st_, feeds, _ = state()
     for seq in range(WINDOW // 2 - 1):
-        st_.arrived(seq, [b"x"])
+        st_.arrived([P.ItemEntry(7, seq, [b"x"])])
     st_.discard()
     assert not st_.items and feeds == []
-    st_.arrived(WINDOW // 2 - 1, [b"x"])  # discarded as it comes
+    st_.arrived([P.ItemEntry(7, WINDOW // 2 - 1, [b"x"])])  # discarded as it comes
     assert not st_.items and feeds == [("credit", 7, WINDOW + WINDOW // 2)]
 
 
@@ -277,3 +277,45 @@ def test_a_stream_whose_task_ended_says_so():
         st_.take(timeout=0)
     with pytest.raises(EOFError):
         st_.send("late", timeout=0)
+
+
+def test_a_run_of_items_arrives_at_once_and_keeps_what_came_before_a_gap():
+    st_, _, _ = state()
+    woken: list[int] = []
+    st_.add_callback(lambda: woken.append(len(st_.items)))
+    run = [P.ItemEntry(7, seq, serialize.dumps(seq)) for seq in range(100)]
+    assert st_.arrived(run) is None
+    assert woken == [100] * 100  # queued together; a ready callback still runs once an item
+    assert st_.arrived(run[:10]) is None and len(st_.items) == 100  # repeats dropped
+    assert st_.arrived([P.ItemEntry(7, 100, [b"x"]), P.ItemEntry(7, 102, [b"y"])]) == ("lost", 102)
+    assert st_.next_seq == 101
+
+
+def test_a_stream_iterator_takes_runs_and_keeps_none_from_other_readers():
+    st_, _, fut = state()
+    n = streaming.RUN + 10
+    st_.arrived([P.ItemEntry(7, seq, serialize.dumps(seq)) for seq in range(n)])
+    first = st_.iterate(timeout=0)
+    assert [next(first) for _ in range(3)] == [0, 1, 2]
+    assert st_.take(timeout=0) == 3  # the next one, though the iterator moved a run out of the queue
+    assert next(first) == 4
+    first.close()
+    fut.set_result(None)
+    assert list(st_.iterate(timeout=0)) == list(range(5, n))
+    assert st_.inbound.taken_items == n
+
+
+def test_a_stream_iterator_credits_only_what_was_read():
+    st_, feeds, _ = state()
+    st_.arrived([P.ItemEntry(7, seq, serialize.dumps(seq)) for seq in range(WINDOW)])
+    items = st_.iterate(timeout=0)
+    read = [next(items) for _ in range(WINDOW // 2 + 1)]
+    assert read == list(range(WINDOW // 2 + 1))
+    # Credit comes by whole runs, never for an item still unread: the task stays at most WINDOW ahead.
+    assert all(op[2] <= st_.inbound.taken_items + WINDOW for op in feeds)
+    assert st_.inbound.taken_items <= len(read)
+    rest = [next(items) for _ in range(WINDOW - len(read))]
+    with pytest.raises(TimeoutError):
+        next(items)  # waits (timeout 0) for more: everything read is credited first
+    assert rest[-1] == WINDOW - 1 and st_.inbound.taken_items == WINDOW
+    assert feeds[-1] == ("credit", 7, 2 * WINDOW)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import statistics
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -87,6 +89,47 @@ def test_an_exception_in_the_generator_comes_after_the_items_before_it(client):
     assert seen == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="broke at 5"):
         fut.result(timeout=10)
+
+
+def test_a_hundred_thousand_items_arrive_in_order_each_once(client):
+    fut = client.submit(tasks.count_up, 100_000, "all sent")
+    assert list(fut.stream(timeout=30)) == list(range(100_000))
+    assert fut.result(timeout=10) == "all sent"
+
+
+def test_every_item_is_here_when_the_result_is(client):
+    fut = client.submit(tasks.count_up, W // 2, "after the items")
+    assert fut.receive(timeout=10) == 0  # claimed: the items are kept for us
+    concurrent.futures.wait([fut], timeout=30)
+    assert fut.result(timeout=0) == "after the items"
+    assert [fut.receive(timeout=0) for _ in range(W // 2 - 1)] == list(range(1, W // 2))
+
+
+def test_items_held_in_the_worker_go_while_the_task_runs_on_without_yielding(client, tmp_path):
+    gate = str(tmp_path / "gate")
+    fut = client.submit(tasks.burst_then_wait, 10, gate)
+    assert [fut.receive(timeout=10) for _ in range(10)] == list(range(10))  # not held until the task ends
+    assert not fut.done()
+    open(gate, "w").close()
+    assert fut.result(timeout=10) == "released"
+
+
+def latencies(fut) -> list[float]:
+    """Seconds from each stamped item's making (``time.monotonic()`` in the worker: the same clock) to here."""
+    return [time.monotonic() - item for item in fut.stream(timeout=30) if isinstance(item, float)]
+
+
+def test_a_slow_generators_items_arrive_within_milliseconds(client):
+    waits = latencies(client.submit(tasks.stamped, 30, 0.01))
+    assert len(waits) == 30
+    assert statistics.median(waits) < 0.005, waits
+
+
+def test_the_last_item_of_a_burst_arrives_within_milliseconds_though_the_task_yields_no_more(client):
+    # Held in the worker until the courier's next look finds it held a millisecond: about 2 ms, then the hops.
+    waits = latencies(client.submit(tasks.bursts_stamped, 20, 50, 0.02))
+    assert len(waits) == 20
+    assert statistics.median(waits) < 0.010, waits
 
 
 def test_a_slow_reader_pauses_the_generator_at_the_window(own_client, tmp_path):

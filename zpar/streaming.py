@@ -106,13 +106,20 @@ limits (protocol.MAX_TASK_FRAMES frames, the cluster's max message size).
 Flow control: ``WINDOW``
 ------------------------
 
-Each direction of each task has a window of ``WINDOW`` (256) objects and
+Each direction of each task has a window of ``WINDOW`` (4096) objects and
 ``WINDOW_BYTES`` (8 MiB): the sender may be at most that many objects ahead of
 what the receiver has taken (``fut.stream()``/``receive()`` on the producer,
 ``Channel.receive()`` in the task), and waits while that many bytes it sent
 are unread (one larger object still goes, alone). A generator whose items are
 not read is paused at its ``yield``, and the memory any process spends on one
 stream is bounded by the window.
+
+Items travel many to a message: the worker holds what a task sends for at
+most about a millisecond (or ``zpar.agent.worker.ITEMS_BATCH`` items, 64 KiB),
+and sends at once an item made after a pause, what it holds when the task
+waits (for the window, or in ``Channel.receive()``), and a task's items ahead
+of its result. So a fast generator sends a message per few hundred small
+items, and a slow one's items arrive within milliseconds.
 
 A stream future is done only when the task has returned, which needs its
 items taken: by ``stream()``/``receive()``, or by discarding them (above).
@@ -164,6 +171,8 @@ __all__ = ["WINDOW", "WINDOW_BYTES", "Channel", "channel", "wait_ready"]
 WINDOW = P.STREAM_WINDOW
 #: ... and how many bytes of them may be unread before it waits.
 WINDOW_BYTES = P.STREAM_BYTES
+#: Items ``fut.stream()`` takes from the queue at once.
+RUN = 256
 
 
 # --------------------------------------------------------------------------
@@ -273,6 +282,8 @@ class StreamState:
         self.feed = feed
         self.cond = threading.Condition(threading.Lock())
         self.items: collections.deque[Sequence[Any]] = collections.deque()
+        self._run: collections.deque[Sequence[Any]] = collections.deque()  # taken from items, ahead of them
+        self._unsettled = (0, 0)  # (items, bytes) moved to _run and not yet counted taken (_settle)
         self.inbound = ReceiveWindow()  # the task's items to us
         self.outbound = SendWindow()  # our objects to the task
         self.discarding = False
@@ -292,22 +303,38 @@ class StreamState:
 
     # ------------------------------------------------------------------ I/O thread
 
-    def arrived(self, seq: int, frames: Sequence[Any]) -> tuple[str, int] | None:
-        """An item from the task. None, or ``("lost", seq)`` when one before it was lost (fail the stream).
+    def arrived(self, entries: Iterable[P.ItemEntry]) -> tuple[str, int] | None:
+        """Items from the task (a run of one message), in order. None, or ``("lost", seq)`` when one before
+        ``seq`` was lost (fail the stream; the items before the gap are kept).
 
-        Credits go by ``feed``.
+        One lock and one wake-up for the run, not one an item. Credits go by ``feed``.
         """
+        lost: tuple[str, int] | None = None
         with self.cond:
-            arrival = self.inbound.arrived(seq)
-            if arrival is not Arrival.NEW:
-                return None if arrival is Arrival.REPEAT else ("lost", seq)
-            self.exchanged = True
-            if self.discarding:
-                self._taken(_nbytes(frames))
-            else:
-                self.items.append(frames)
-            self._notify()
-        return None
+            new = 0
+            nbytes = 0
+            arrived = self.inbound.arrived
+            for entry in entries:
+                arrival = arrived(entry.seq)
+                if arrival is not Arrival.NEW:
+                    if arrival is Arrival.GAP:
+                        lost = ("lost", entry.seq)
+                        break
+                    continue
+                new += 1
+                if self.discarding:
+                    nbytes += _nbytes(entry.payload)
+                else:
+                    self.items.append(entry.payload)
+            if new:
+                self.exchanged = True
+                if self.discarding:
+                    self._taken(nbytes, new)
+                self.cond.notify_all()
+                for _ in range(new):  # listeners are told of each item (Future.add_ready_callback's promise)
+                    for event in self.listeners:
+                        event.set()
+        return lost
 
     def granted(self, upto: int) -> None:
         """The task has room for our objects with seq < ``upto``."""
@@ -338,8 +365,9 @@ class StreamState:
             if self.discarding:
                 return
             self.discarding = True
-            nbytes = sum(_nbytes(frames) for frames in self.items)
-            self._taken(nbytes, len(self.items))
+            self._run.clear()
+            self._settle()
+            self._taken(sum(_nbytes(frames) for frames in self.items), len(self.items))
             self.items.clear()
 
     def _end(self) -> None:
@@ -351,23 +379,74 @@ class StreamState:
             raise exc
         raise EOFError(f"task {self.tid} has ended and every item it sent was taken")
 
+    def _wait(self, deadline: float | None, timeout: float | None) -> None:
+        """Under the lock, until an item is here (in ``_run`` or ``items``); the end, or TimeoutError."""
+        self._settle()  # what was read is credited before we wait for more
+        while not self._run and not self.items:
+            if self.fut.done():
+                self._end()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"task {self.tid} sent nothing within {timeout:g} s")
+            self.cond.wait(left)
+
     def take(self, timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while not self.items:
-                if self.fut.done():
-                    self._end()
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"task {self.tid} sent nothing within {timeout:g} s")
-                self.cond.wait(left)
-            frames = self.items.popleft()
-            self._taken(_nbytes(frames))
+            self._wait(deadline, timeout)
+            if self._run:
+                frames = self._run.popleft()
+                self._settle()
+            else:
+                frames = self.items.popleft()
+                self._taken(_nbytes(frames))
         return serialize.loads(frames, what=lambda: f"object task {self.tid} sent")
+
+    def iterate(self, timeout: float | None) -> Iterator[Any]:
+        """Each item, in order, until the task ended (``fut.stream()``); then the task's error, if it failed.
+
+        The items here move to ``_run`` (``RUN`` at most) under one lock;
+        readers then pop them from there without the lock (``deque.popleft``
+        is atomic), ahead of ``items``, and they count as taken (credit for
+        the task) once ``_run`` is empty. An iterator holds no item of its
+        own: other readers (``take``) see the same queue.
+        """
+        what = lambda: f"object task {self.tid} sent"  # noqa: E731 - made once, not an item
+        run = self._run
+        while True:
+            try:
+                frames = run.popleft()
+            except IndexError:
+                try:
+                    self._refill(timeout)
+                except EOFError:
+                    return
+                continue
+            yield serialize.loads(frames, what=what)
+
+    def _refill(self, timeout: float | None) -> None:
+        """Move the items here to ``_run`` (at most RUN), counted taken, waiting up to ``timeout`` for one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            self._wait(deadline, timeout)
+            items = self.items
+            if self._run or not items:
+                return  # another reader refilled it
+            n = min(RUN, len(items))
+            run = [items.popleft() for _ in range(n)]
+            self._unsettled = (n, sum(_nbytes(frames) for frames in run))
+            self._run.extend(run)
+
+    def _settle(self) -> None:
+        """Under the lock: once every item of ``_run`` was read, count them taken (credit the task)."""
+        count, nbytes = self._unsettled
+        if count and not self._run:
+            self._unsettled = (0, 0)
+            self._taken(nbytes, count)
 
     def ready(self) -> bool:
         with self.cond:
-            return bool(self.items) or self.fut.done()
+            return bool(self._run) or bool(self.items) or self.fut.done()
 
     def send(self, obj: Any, timeout: float | None) -> None:
         frames = serialize.dumps(obj, what="object sent to the task")
@@ -401,8 +480,7 @@ class StreamState:
             self.feed(("close", self.tid))
 
 
-def _nbytes(frames: Sequence[Any]) -> int:
-    return sum(len(f) for f in frames)  # bytes, zmq Frames and pickle's raw buffers: len is bytes
+_nbytes = P.payload_bytes  # bytes, zmq Frames and pickle's raw buffers: len is bytes
 
 
 class _Streaming(Protocol):

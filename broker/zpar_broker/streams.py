@@ -30,16 +30,25 @@ class StreamRouting:
         out: list[Outgoing] = []
         by_producer: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit]]] = {}
         orphans: set[int] = set()
-        for entry in msg.items:
-            task = self._tasks.get(entry.id)
+        items = msg.items
+        start, end = 0, len(items)
+        while start < end:  # a run of one task's items at a time (a worker batches its task's items)
+            gid = items[start].id
+            stop = start + 1
+            while stop < end and items[stop].id == gid:
+                stop += 1
+            task = self._tasks.get(gid)
             if (task is None or task.state is not TaskState.ASSIGNED
                     or task.agent is None or task.agent.id != msg.agent):  # only from the agent running it
-                self.counters["late_items"] += 1
+                self.counters["late_items"] += stop - start
                 if task is None:
-                    orphans.add(entry.id)  # nobody will read them: stop the task, not leave it at its window
-                continue
-            task.streamed = True
-            by_producer.setdefault(task.producer.id, ([], []))[0].append(entry._replace(id=task.ptid))
+                    orphans.add(gid)  # nobody will read them: stop the task, not leave it at its window
+            else:
+                task.streamed = True
+                ptid, entry_ = task.ptid, P.ItemEntry
+                by_producer.setdefault(task.producer.id, ([], []))[0].extend(
+                    [entry_(ptid, e.seq, e.payload) for e in items[start:stop]])
+            start = stop
         for credit in msg.credits:
             task = self._tasks.get(credit.id)
             if task is not None and task.agent is not None and task.agent.id == msg.agent:

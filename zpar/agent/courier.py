@@ -23,6 +23,9 @@ one), it steps in:
 
 A task that streams does both at its first item, from the loop: a stream
 may run for hours, and reads the socket while it waits for its producer.
+Its items go in batches too (zpar.agent.worker holds them): the courier
+sends, at each look, the items a task made and then stopped yielding for a
+while, and before a task's result it sends the task's items.
 
 A batch of short tasks is never split, however long it runs in all; no
 result and no task waits more than about twice ``DELAY`` behind a long task
@@ -52,6 +55,8 @@ from zpar import protocol as P
 DELAY = 0.002
 #: Looks with no batch under way before the courier's thread sleeps until the next batch (100 ms).
 IDLE_LOOKS = 50
+#: Seconds between looks while a task streams: the items it holds and then stops yielding wait no longer.
+STREAM_LOOK = 0.001
 
 
 class Batch:
@@ -132,23 +137,29 @@ class Batch:
 class Courier:
     """A worker's batch and the thread that watches it.
 
-    ``send_results(entries)`` and ``give_back(ids)`` are called with ``lock``
-    held. ``begin``, ``done``, ``streaming`` and ``end`` are the loop's (one
-    lock a task); ``close`` stops the thread.
+    ``send_results(entries)``, ``give_back(ids)`` and ``send_items(due)``
+    (send the stream items the loop holds; ``due``: only if it has held them
+    a while) are called with ``lock`` held.
+    ``begin``, ``done``, ``streaming`` and ``end`` are the loop's (one lock a
+    task); ``close`` stops the thread.
 
-    The thread looks every ``delay`` while batches come, and sleeps once none
+    The thread looks every ``delay`` while batches come (every
+    ``STREAM_LOOK`` while a task streams), and sleeps once none
     has run for ``IDLE_LOOKS`` looks: the loop does not wake it per batch (a
     wake-up, and a turn of the GIL, for each of many small batches).
     """
 
     def __init__(self, send_results: Callable[[list[P.ResultEntry]], None], give_back: Callable[[list[int]], None],
-                 delay: float = DELAY, clock: Callable[[], float] = time.monotonic) -> None:
+                 delay: float = DELAY, clock: Callable[[], float] = time.monotonic,
+                 send_items: Callable[[bool], None] = lambda due: None) -> None:
         self.lock = threading.Lock()  # held around the batch and every send on the worker's socket
         self._send_results = send_results
         self._give_back = give_back
+        self._send_items = send_items
         self._clock = clock
         self._batch = Batch(delay)
         self._looking = threading.Event()  # set while batches come: the thread looks every delay
+        self._streaming = False  # the task running now streams: look every STREAM_LOOK
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="zpar-courier", daemon=True)
         self._thread.start()
@@ -171,8 +182,10 @@ class Courier:
         later task runs long), and the next task to run; None when the batch is over (the rest may have
         been given back)."""
         with self.lock:
+            self._streaming = False
             self._batch.done(entry)
             if send:
+                self._send_items(False)  # a stream's items go ahead of its result
                 self._flush_locked()
             return self._batch.next()
 
@@ -183,6 +196,7 @@ class Courier:
         may read the socket.
         """
         with self.lock:
+            self._streaming = True
             self._flush_locked()
             back = self._batch.give_back()
             if back:
@@ -191,6 +205,7 @@ class Courier:
     def end(self) -> None:
         """The batch is over: the results held go now."""
         with self.lock:
+            self._send_items(False)
             self._flush_locked()
             self._batch.end()
 
@@ -209,8 +224,11 @@ class Courier:
             self._looking.wait()
             if self._closed:
                 return
-            time.sleep(self._batch.delay)  # without the GIL: the task runs on
+            time.sleep(STREAM_LOOK if self._streaming else self._batch.delay)  # without the GIL: the task runs on
             with self.lock:
+                # Items a task made and then stopped yielding for a while: they go now, not at its next
+                # yield. The loop sends them itself while it yields (worker.ITEMS_DELAY).
+                self._send_items(True)
                 results, back = self._batch.look(self._clock())
                 if results:
                     self._send_results(results)

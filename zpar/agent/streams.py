@@ -33,12 +33,19 @@ class StreamPassing:
         slot = self._workers.get(identity)
         if slot is None or slot.state is not WorkerState.BUSY or slot.stale:
             return
-        for entry in msg.items:
-            task = _held_by(slot, entry.id)
-            if task is not None and entry.id not in slot.doomed:
+        items = msg.items
+        start, end = 0, len(items)
+        while start < end:  # a run of one task's items at a time (the worker batches them)
+            tid = items[start].id
+            stop = start + 1
+            while stop < end and items[stop].id == tid:
+                stop += 1
+            task = _held_by(slot, tid)
+            if task is not None and tid not in slot.doomed:
                 task.streamed = True
-                self._streaming[entry.id] = slot
-                self.items.append(entry)
+                self._streaming[tid] = slot
+                self.items.extend(items[start:stop])
+            start = stop
         for credit in msg.credits:
             if _held_by(slot, credit.id) is not None:
                 self.item_credits.append(credit)
@@ -127,8 +134,12 @@ class StreamPassing:
         """Pop the next run of streams' items (and credits) to send, or None."""
         if not self.items and not self.item_credits:
             return None
-        entries = list(next(P.batches(self.items))) if self.items else []
-        self.items = self.items[len(entries):]
+        run = next(P.batches(self.items)) if self.items else []
+        if len(run) == len(self.items):  # the common case: all of them fit
+            entries, self.items = self.items, []
+        else:
+            entries = list(run)
+            del self.items[:len(entries)]
         credits, self.item_credits = self.item_credits[:P.BATCH_MAX_TASKS], self.item_credits[P.BATCH_MAX_TASKS:]
         return entries, credits
 
