@@ -245,10 +245,11 @@ def test_idle_workers_are_filled_before_any_node_prefetches(b):
     b.ready(b"a1", 2000), b.ready(b"a2", 2)
     out = b.submit(b"p", [1, 2])
     assert sorted(peer for peer, _, _ in dispatched(out)) == [b"a1", b"a2"]
-    # Past the idle workers, the rest is prefetched in proportion to the credits left.
+    # Past the idle workers, the rest is prefetched within each node's credits: a2 asked for
+    # one task ahead, a1 takes the rest.
     out = b.submit(b"p", list(range(3, 103)))
     per_agent = [peer for peer, _, _ in dispatched(out)]
-    assert per_agent.count(b"a1") == 100 and per_agent.count(b"a2") == 0
+    assert per_agent.count(b"a1") == 99 and per_agent.count(b"a2") == 1
 
 
 def test_a_node_gets_large_arguments_past_its_idle_workers_only_up_to_a_bound_of_bytes(b):
@@ -494,3 +495,49 @@ def test_no_one_is_declared_dead_while_messages_wait_unread(b):
     b.now += 10.0
     b.core.tick(b.now, judge=False)
     assert b.core.status(b.now)["nodes"] and b.core.status(b.now)["producers"] == 1
+
+
+def test_nodes_busy_with_tiny_tasks_get_their_prefetch_in_batches_not_a_task_each(b):
+    # Ten nodes that asked for many credits (they measured tiny tasks) share a backlog evenly;
+    # a trickle of new tasks then waits at the broker until a node is a quarter short of its
+    # share, and goes to it in one TASKS message: with a hundred nodes, a task or two to each
+    # would cost the broker a message a task.
+    nodes = [b"a%d" % i for i in range(10)]
+    for node in nodes:
+        b.join(node)
+        b.ready(node, 1000)
+    first = dispatched(b.submit(b"p", range(1000)))
+    assert sorted({peer: sum(1 for p, _, _ in first if p == peer) for peer in nodes}.values()) == [100] * 10
+    assert dispatched(b.submit(b"p", range(1000, 1010))) == []  # every node is near its share
+    held = [gid for peer, gid, _ in first if peer == b"a3"]
+    assert dispatched(b.finish(b"a3", held[:40])) == []
+    out = b.submit(b"p", range(1010, 1040))
+    tasks = [o for o in out if isinstance(o.msg, P.Tasks)]
+    assert [(o.peer, len(o.msg.tasks)) for o in tasks] == [(b"a3", 40)]  # the 40 queued, in one message
+
+
+def test_a_coalescing_core_sends_a_turns_results_and_tasks_once_at_flush():
+    core = BrokerCore(0.0, collector="tcp://127.0.0.1:9", coalesce=True)
+    core.producer_message(0.0, b"p", P.Hello(P.Role.PRODUCER))
+    for node in (b"a1", b"a2"):
+        core.agent_message(0.0, node, P.Hello(P.Role.AGENT, node.decode(), "host", 1, 2))
+        assert core.agent_message(0.0, node, P.Ready(10)) == []  # nothing queued yet
+    entries = tuple(P.TaskEntry(i, D, (b"%d" % i,)) for i in range(8))
+    assert not [o for o in core.producer_message(0.0, b"p", P.Submit(entries, (P.Function(D, BLOB),)))
+                if isinstance(o.msg, P.Tasks)]
+    out = core.flush()
+    sent = dispatched(out)
+    assert len(sent) == 8 and {peer for peer, _, _ in sent} == {b"a1", b"a2"}
+    assert len([o for o in out if isinstance(o.msg, P.Tasks)]) == 2  # one TASKS per node
+    # Results from four collector messages in one turn: one ACK per node, one RESULT for the producer.
+    for peer, gid, _ in sent[:4]:
+        assert core.results(0.0, P.Result((P.ResultEntry(gid, P.Status.OK, (b"r",), 1),), peer)) == []
+    out = core.flush()
+    acks = sorted((o.peer, sorted(o.msg.ids)) for o in out if isinstance(o.msg, P.Ack))
+    by_node: dict[bytes, list[int]] = {}
+    for peer, gid, _ in sent[:4]:
+        by_node.setdefault(peer, []).append(gid)
+    assert acks == sorted((peer, sorted(gids)) for peer, gids in by_node.items())
+    results = [o for o in out if isinstance(o.msg, P.Result)]
+    assert len(results) == 1 and results[0].peer == b"p" and len(results[0].msg.results) == 4
+    assert core.flush() == []

@@ -388,12 +388,13 @@ def test_the_embedded_cluster_listens_on_no_tcp_port_and_keeps_its_sockets_priva
             assert not listening, f"pid {p.pid} listens on {listening}"
 
 
-def test_an_argument_over_the_frame_limit_fails_at_submit_before_anything_is_sent(embedded_client):
+def test_an_argument_over_the_frame_limit_fails_at_submit_before_anything_is_sent(cluster_client):
+    # Over the wire (the embedded cluster moves big buffers through shared memory: no frame limit there).
     np = pytest.importorskip("numpy")
     huge = np.zeros((zpar.protocol.MAX_MESSAGE_SIZE // 8) + 1)  # calloc'd: no memory is touched
     with pytest.raises(zpar.PayloadTooLarge, match="MiB"):
-        embedded_client.submit(len, huge)
-    assert embedded_client.submit(len, huge[:10]).result(timeout=30) == 10
+        cluster_client.submit(len, huge)
+    assert cluster_client.submit(len, huge[:10]).result(timeout=30) == 10
 
 
 from hypothesis import example, given  # noqa: E402

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 from zpar import protocol as P
 
+from . import objects
 from .outgoing import Dest, Outgoing
-from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, renumbered
 from .streams import StreamRouting
 
 #: A TASKS message stops taking tasks past this many payload frames (MAX_FRAMES, less room
@@ -23,14 +24,14 @@ PREFETCH_BYTES = 32 << 20
 
 
 def quotas(ready: list[AgentRecord], queued: int) -> list[int]:
-    """How many of ``queued`` tasks each agent in ``ready`` takes now (none in all: nobody can take any now).
+    """How many of ``queued`` tasks each agent in ``ready`` (least loaded first) takes now (none in all: none now).
 
     Idle workers first: a task must not wait behind a long one (a stream, a
     channel task waiting for its producer) prefetched on one node while a
     worker idles on another, whatever credits each node asked for (a node
-    that ran tiny tasks asks for many). What is left goes as prefetch, in
-    proportion to the credits left, to nodes holding less than
-    PREFETCH_BYTES.
+    that ran tiny tasks asks for many). What is left goes as prefetch, within
+    each node's credits, to nodes holding less than PREFETCH_BYTES, toward an
+    even number of tasks per worker once all are out (``_prefetch``).
     """
     quotas = []
     left = queued
@@ -38,16 +39,37 @@ def quotas(ready: list[AgentRecord], queued: int) -> list[int]:
         take = min(agent.credits, max(0, agent.workers - len(agent.assigned)), left)
         quotas.append(take)
         left -= take
-    spare = [agent.credits - take if agent.held_bytes < PREFETCH_BYTES else 0
-             for agent, take in zip(ready, quotas, strict=True)]
-    total, rest = sum(spare), left
-    for i, room in enumerate(spare):
-        if left <= 0 or not total:
-            break
-        extra = min(room, max(1, math.ceil(rest * room / total)), left) if room > 0 else 0
-        quotas[i] += extra
-        left -= extra
+    if left > 0:
+        _prefetch(ready, quotas, left)
     return quotas
+
+
+def _prefetch(ready: list[AgentRecord], quotas: list[int], left: int) -> None:
+    """Add to ``quotas`` the ``left`` tasks' prefetch: each node up to its share of the load, in one batch.
+
+    A node's share is what it would hold if every queued task went out and
+    every worker held as many. A node short of its share by less than a quarter
+    of it, and with more credits than that, gets nothing this time: its workers
+    are busy for a while yet, and the tasks go in a larger batch a little later
+    (with many nodes, topping each up with a task or two would cost the
+    broker a message per task).
+    """
+    open_ = [i for i, agent in enumerate(ready) if agent.credits > quotas[i] and agent.held_bytes < PREFETCH_BYTES]
+    if not open_:
+        return
+    load = sum(len(ready[i].assigned) + quotas[i] for i in open_)
+    per_worker = (left + load) / sum(max(1, ready[i].workers) for i in open_)
+    for i in open_:
+        agent = ready[i]
+        share = per_worker * max(1, agent.workers)
+        room = agent.credits - quotas[i]
+        want = min(room, math.ceil(share - len(agent.assigned) - quotas[i]), left)
+        if want <= 0 or (want < room and want < share / 4):
+            continue
+        quotas[i] += want
+        left -= want
+        if not left:
+            return
 
 
 def dispatch(active: collections.deque[ProducerRecord], agents: Mapping[bytes, AgentRecord],
@@ -108,18 +130,24 @@ def _send_batch(active: collections.deque[ProducerRecord], agent: AgentRecord, l
     entries: list[P.TaskEntry] = []
     fed: list[TaskRecord] = []
     blobs: dict[bytes, P.Frame] = {}
+    refs = False  # some task uses scattered objects (objects.py)
     for task in batch:
         entry = task.entry
         blobs.setdefault(entry.digest, task.producer.funcs[entry.digest])
+        if entry.refs:
+            objects.blobs(task.producer, entry.refs, blobs)
+            refs = True
         task.state = TaskState.ASSIGNED
         task.agent = agent
         task.holders += (agent.id,)
         agent.hold(task)
-        entries.append(entry._replace(id=task.gid))  # the payload goes on as it came
+        entries.append(renumbered(entry, task.gid))  # the payload goes on as it came
         if task.feed is not None:
             fed.append(task)
     agent.credits -= len(batch)
     funcs = agent.shipped.functions(entries, blobs.__getitem__)
+    if refs:
+        objects.to_node(agent, entries, funcs, out)
     out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), funcs)))
     if fed:  # what producers sent them while queued, right behind them
         StreamRouting.send_kept_feed(agent, fed, out)

@@ -25,7 +25,7 @@ import zmq
 
 from zpar import _ipc, security
 from zpar import protocol as P
-from zpar._loop import Reader, Waker, run_loop, run_until_signalled
+from zpar._loop import POLLIN, Reader, Waker, run_loop, run_until_signalled
 from zpar.config import BrokerConfig
 from zpar.errors import ProtocolError
 
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 #: (a 512 MiB argument: 0.6 s of cryptography) does not hold up every other connection meanwhile.
 #: Tiny-task throughput is the same as with one (measured, 2 cores).
 IO_THREADS = 2
+
+#: Connections waiting to be accepted on each listening socket.
+LISTEN_BACKLOG = 4096
 
 #: Agent routing ids remembered with their keys (those of agents that left are let go past this).
 _MAX_AGENT_IDS = 100_000
@@ -125,6 +128,7 @@ class BrokerServer:
             security=_describe_security(config, self.creds),
             limits=Limits(queued_tasks=config.max_queued_tasks, queued_bytes=config.max_queued_bytes,
                           functions=config.max_functions, function_bytes=config.max_function_bytes),
+            coalesce=True,  # dispatch and results once per turn of the loop: see handle()
         )
         self._sessions = KeySessions(config.max_producers_per_key, self.core.has_producer)
         #: Agents in this same process: their messages are calls, not frames.
@@ -146,6 +150,9 @@ class BrokerServer:
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        # A thousand agents connect at once when a cluster starts (two connections each): libzmq's
+        # listen backlog of 100 overflows (SYN cookies). The kernel caps this at net.core.somaxconn.
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -173,6 +180,9 @@ class BrokerServer:
         for monitor in self._monitors:
             if monitor.socket in events:
                 self._check_handshakes(monitor)
+        # Once every socket was read: this turn's credits and tasks make few large TASKS, and its
+        # results one RESULT per producer and one ACK per agent.
+        self._send(self.core.flush())
 
     def next_deadline(self) -> float:
         return self.core.next_deadline()
@@ -181,6 +191,7 @@ class BrokerServer:
         if now < self.core.next_deadline():
             return False
         self._send(self.core.tick(now, judge=not self._backlog()))
+        self._send(self.core.flush())
         if self.reload_requested and self._zap_policy is not None:
             self.reload_requested = False
             self._zap_policy.reload()
@@ -198,7 +209,7 @@ class BrokerServer:
 
     def _backlog(self) -> bool:
         """Messages wait unread in a socket (we were busy): peers' heartbeats may be among them."""
-        return any(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets.values())
+        return any(int(sock.getsockopt(zmq.EVENTS)) & POLLIN for sock in self.sockets.values())
 
     def shutdown(self) -> None:
         log.info("zpar-broker stopping")
@@ -223,6 +234,8 @@ class BrokerServer:
             self._send(self.core.items(now, msg))
         else:
             self._send(self.core.agent_message(now, peer, msg))
+        # The agent's part of the loop calls this after the broker's part has flushed this turn.
+        self._send(self.core.flush())
 
     def _oversized(self, source: str) -> None:
         self.core.protocol_error(source)
@@ -280,6 +293,7 @@ class BrokerServer:
         self.core.counters["peers_revoked"] += 1
         log.warning("key of agent %s was removed from the allow-list: cutting it off", agent.hex())
         self._send(self.core.revoke(now, agent))
+        self._send(self.core.flush())
 
     def _hello_key_taken(self, peer: bytes, key: str) -> bool:
         """Tie an agent routing id to the key of its first HELLO; another key saying HELLO as it is refused."""
@@ -389,17 +403,25 @@ class BrokerServer:
     # ------------------------------------------------------------------ sending
 
     def _send(self, out: list[Outgoing]) -> None:
+        shared: tuple[P.Message | None, list[P.Frame]] = (None, [])
         for item in out:
+            if item.msg is shared[0]:  # the same message to many peers (heartbeats): encoded once
+                self._send_one(item, [item.peer, *shared[1]])
+                continue
+            if isinstance(item.msg, P.Heartbeat):
+                shared = (item.msg, P.encode(item.msg))
+                self._send_one(item, [item.peer, *shared[1]])
+                continue
             self._send_one(item)
 
-    def _send_one(self, item: Outgoing) -> None:
+    def _send_one(self, item: Outgoing, frames: list[P.Frame] | None = None) -> None:
         if item.dest is Dest.BACKEND and item.peer in self.local_agents:
             self.local_agents[item.peer](item.msg)
             return
         sock = self.sockets["frontend" if item.dest is Dest.FRONTEND else "backend"]
         self.core.counters[f"sent_{item.dest.value}"] += 1
         try:
-            sock.send_multipart(P.encode_routed(item.peer, item.msg), zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames or P.encode_routed(item.peer, item.msg), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.core.counters["send_dropped_hwm"] += 1
             log.warning("%s peer %s is not reading; dropped a %s", item.dest.value, item.peer.hex(), item.msg.kind.name)
