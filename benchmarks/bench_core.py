@@ -17,6 +17,9 @@ Measures (see benchmarks/README.md):
 4. cpu        a pure-Python CPU-bound function, 8*W calls: serial time / parallel time
 5. numpy      a 50 MB array sent to a worker and returned (MB/s, both directions counted)
 6. start-up   pool/client creation to the first result back (seconds, fresh pools)
+7. stream     one task streams many tiny items back (items/s): zpar, a generator yielding
+              ints (``fut.stream()``), embedded and over TCP (broker + agent); in the Pool
+              column, a multiprocessing.Process putting each int on a multiprocessing.Queue
 
 The tiny task and the CPU-bound one live in benchmarks/_tasks.py, which
 every tool's workers import: all of them get them by reference. ``echo`` lives
@@ -69,6 +72,20 @@ def echo(arr):
     return arr
 
 
+def count_up(n):
+    """The streaming task: yields 0 .. n-1, one tiny item each, and returns n."""
+    yield from range(n)
+    return n
+
+
+def put_each(queue, n):
+    """multiprocessing's stream: each int on the queue, then None."""
+    put = queue.put
+    for i in range(n):
+        put(i)
+    put(None)
+
+
 # ---------------------------------------------------------------------------
 # Sizes
 
@@ -86,10 +103,12 @@ class Sizes:
     array_mb: int
     array_reps: int
     startup_reps: int
+    stream_n: int = 1_000_000  # items one streaming task yields
 
 
 QUICK = Sizes(reps=3, submit_n=4000, map_n={100: 100_000, 1: 4000}, latency_n=400, latency_block=100,
-              cpu_ms=50, cpu_calls_per_worker=8, cpu_reps=3, array_mb=50, array_reps=3, startup_reps=3)
+              cpu_ms=50, cpu_calls_per_worker=8, cpu_reps=3, array_mb=50, array_reps=3, startup_reps=3,
+              stream_n=200_000)
 FULL = Sizes(reps=3, submit_n=20_000, map_n={100: 500_000, 1: 20_000}, latency_n=1000, latency_block=100,
              cpu_ms=80, cpu_calls_per_worker=8, cpu_reps=5, array_mb=50, array_reps=5, startup_reps=5)
 
@@ -132,6 +151,7 @@ class Tool:
     def submit_all(self, fn: Callable, args: list) -> list: raise NotImplementedError
     def map(self, fn: Callable, items: list, chunksize: int) -> list: raise NotImplementedError
     def call(self, fn: Callable, arg: Any) -> Any: raise NotImplementedError
+    def stream(self, n: int) -> int: raise NotImplementedError  # items back, counted
 
 
 class FuturesTool(Tool):
@@ -160,6 +180,15 @@ class ZparTool(FuturesTool):
 
     def stop(self, h):
         h.close()  # also the abort: cancels every pending future and stops the embedded cluster
+
+    def stream(self, n):
+        fut = self.h.submit(count_up, n)
+        count = 0
+        for _ in fut.stream():
+            count += 1
+        if fut.result() != n:
+            raise AssertionError("wrong result")
+        return count
 
     def diagnose(self, h):
         """The client's I/O state, the broker's counters, and (BENCH_PYSPY=1) stack dumps."""
@@ -196,6 +225,7 @@ class ZparTool(FuturesTool):
         return info
 
 
+
 class PoolTool(Tool):
     name = "Pool"
 
@@ -226,6 +256,40 @@ class PoolTool(Tool):
 
     def call(self, fn, arg):
         return self.h.apply(fn, (arg,))
+
+    def stream(self, n):
+        # A pool's task cannot stream: the stdlib's way is a process putting each item on a Queue.
+        queue = self.ctx.Queue()
+        proc = self.ctx.Process(target=put_each, args=(queue, n), daemon=True)
+        proc.start()
+        get = queue.get
+        count = 0
+        while get() is not None:
+            count += 1
+        proc.join()
+        return count
+
+
+class ZparTcpTool(ZparTool):
+    """zpar through a broker and an agent over loopback TCP (CurveZMQ), one hop more than embedded."""
+
+    name = "zpar-tcp"
+
+    def start(self):
+        import tempfile
+
+        from _cluster import private_config_home, start_cluster
+        if "XDG_CONFIG_HOME" not in os.environ:
+            private_config_home()
+        cluster = start_cluster(os.path.join(tempfile.gettempdir(), f"bench-core-tcp-{os.getpid()}.log"),
+                                agents=1, workers=self.workers, heartbeat=1.0)
+        client = cluster.client()
+        client._bench_cluster = cluster  # stopped with it
+        return client
+
+    def stop(self, h):
+        h.close()
+        h._bench_cluster.stop()
 
 
 class ExecutorTool(FuturesTool):
@@ -565,15 +629,44 @@ class Bench:
                         row.add(tool.name, r)
             self.finish(row)
 
+    # ------------------------------------------------------------------ 7. stream
+
+    def bench_stream(self, tools: list[Tool]) -> None:
+        s = self.sizes
+        n = s.stream_n
+        row = self.row("stream", title="stream of tiny items from one task", unit="items/s", higher_is_better=True,
+                       fmt=rate, note=f"{n:,} ints: zpar, one generator task read with fut.stream(); in the Pool "
+                                      "column, a multiprocessing.Process putting each int on a "
+                                      f"multiprocessing.Queue (a pool's task cannot stream); best of {s.reps}, "
+                                      "every sample in the JSON")
+        for tool in tools:
+            self.guarded(row, tool, lambda tool=tool: tool.stream(n // 10), "warm-up")
+        for order in self.rotations(tools, s.reps):
+            for tool in order:
+                def once(tool=tool):
+                    gc.collect()
+                    t0 = perf()
+                    got = tool.stream(n)
+                    took = perf() - t0
+                    if got != n:
+                        raise AssertionError(f"{got} of {n} items back")
+                    return n / took
+
+                r = self.guarded(row, tool, once)
+                if r is not None:
+                    row.add(tool.name, r)
+        self.finish(row)
+        row.extra["spread"] = {t: [min(v), max(v)] for t, v in row.samples.items() if v}
+
     # ------------------------------------------------------------------ 3. latency
 
-    def bench_latency(self, tools: list[Tool]) -> None:
+    def bench_latency(self, tools: list[Tool], key: str = "latency", title: str = "round trip") -> None:
         s = self.sizes
         tools = [t for t in tools if not isinstance(t, JoblibTool)]
         note = (f"{s.latency_n} round trips each (submit, wait), after warm-up, in blocks of "
                 f"{s.latency_block} interleaved across tools")
-        p50 = self.row("latency_p50", title="round trip p50", unit="us", higher_is_better=False, fmt=micro, note=note)
-        p99 = self.row("latency_p99", title="round trip p99", unit="us", higher_is_better=False, fmt=micro, note="")
+        p50 = self.row(f"{key}_p50", title=f"{title} p50", unit="us", higher_is_better=False, fmt=micro, note=note)
+        p99 = self.row(f"{key}_p99", title=f"{title} p99", unit="us", higher_is_better=False, fmt=micro, note="")
         for tool in tools:
             def warm(tool=tool):
                 for i in range(100):
@@ -697,21 +790,31 @@ def ratio_bar(key: str, text: str, minimum: float) -> Bar:
     return Bar(key, f"zpar/Pool >= {minimum:g} ({text})", check)
 
 
-def absolute_bar(key: str, text: str, maximum: float, fmt: Callable[[float], str]) -> Bar:
+def absolute_bar(key: str, text: str, maximum: float, fmt: Callable[[float], str], tool: str = "zpar") -> Bar:
+    def check(row: Row) -> tuple[float | None, bool]:
+        v = row.figures.get(tool)
+        return v, v is not None and v <= maximum
+    return Bar(key, f"{tool} <= {fmt(maximum)} ({text})", check)
+
+
+def floor_bar(key: str, text: str, minimum: float, fmt: Callable[[float], str]) -> Bar:
     def check(row: Row) -> tuple[float | None, bool]:
         v = row.figures.get("zpar")
-        return v, v is not None and v <= maximum
-    return Bar(key, f"zpar <= {fmt(maximum)} ({text})", check)
+        return v, v is not None and v >= minimum
+    return Bar(key, f"zpar >= {fmt(minimum)} ({text})", check)
 
 
+#: Issue 12's bars.
 BARS = [
     ratio_bar("cpu", "speed-up", 0.95),
-    ratio_bar("submit", "vs Pool.apply_async", 1.0),
-    ratio_bar("map_c100", "vs Pool.map, same chunksize", 0.5),
-    ratio_bar("map_c1", "vs Pool.map, same chunksize", 0.5),
-    absolute_bar("latency_p50", "absolute", 1000.0, micro),
-    absolute_bar("startup", "absolute", 0.5, secs),
-    ratio_bar("numpy", "MB/s", 1.5),
+    ratio_bar("submit", "vs Pool.apply_async", 3.0),
+    ratio_bar("map_c100", "vs Pool.map, same chunksize", 0.9),
+    ratio_bar("map_c1", "vs Pool.map, same chunksize", 0.9),
+    absolute_bar("latency_p50", "absolute", 500.0, micro),
+    absolute_bar("latency_tcp_p50", "absolute", 900.0, micro, tool="zpar-tcp"),
+    absolute_bar("startup", "absolute", 0.2, secs),
+    ratio_bar("numpy", "MB/s", 4.0),
+    floor_bar("stream", "absolute", 250_000.0, rate),
 ]
 
 
@@ -722,7 +825,8 @@ BARS = [
 def report(bench: Bench, tool_names: list[str], console: Any) -> list[dict[str, Any]]:
     verdicts: list[dict[str, Any]] = []
     bars = {b.row: b for b in BARS}
-    order = ["cpu", "submit", "map_c100", "map_c1", "latency_p50", "latency_p99", "numpy", "startup",
+    order = ["cpu", "submit", "map_c100", "map_c1", "latency_p50", "latency_p99", "latency_tcp_p50",
+             "latency_tcp_p99", "numpy", "stream", "startup",
              "startup_spawn"]
     rows = [bench.rows[k] for k in order if k in bench.rows]
 
@@ -814,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds one measurement may take before the tool counts as hung "
                              "(default 30, 10 with --quick)")
     parser.add_argument("--only", metavar="LIST", default="",
-                        help="comma-separated subset: startup,cpu,submit,map,latency,numpy")
+                        help="comma-separated subset: startup,cpu,submit,map,latency,numpy,stream")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     W = args.workers
@@ -871,9 +975,28 @@ def main(argv: list[str] | None = None) -> int:
         if want("latency"):
             bench.log("round-trip latency ...")
             bench.bench_latency(tools)
+            bench.log("round-trip latency, a broker and an agent on loopback TCP ...")
+            tcp = ZparTcpTool(W)
+            tcp.open()
+            opened.append(tcp)
+            names.insert(1, tcp.name)
+            bench.bench_latency([t for t in tools if t.name == "Pool"] + [tcp], key="latency_tcp",
+                                title="round trip, TCP broker + agent")
         if want("numpy"):
             bench.log("NumPy array ...")
             bench.bench_numpy(tools)
+        if want("stream"):
+            bench.log("stream of tiny items ...")
+            tcp = ZparTcpTool(W)
+            try:
+                if "zpar-tcp" not in names:  # opened for the latency rows already
+                    tcp.open()
+                    opened.append(tcp)
+                    tcp.first(tcp.h)
+                    names.insert(1, tcp.name)
+            except Exception as exc:  # noqa: BLE001 - the embedded figure stands alone
+                bench.log(f"zpar over TCP did not start, left out: {exc}", "red")
+            bench.bench_stream([t for t in opened if t.name in ("zpar", "zpar-tcp", "Pool")])
     finally:
         for tool in reversed(opened):
             try:

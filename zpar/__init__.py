@@ -15,22 +15,21 @@ from .errors import (
     BrokenCluster,
     BrokerUnavailable,
     ConfigError,
-    MemoryLimitExceeded,
     PayloadTooLarge,
     ProtocolError,
     QuotaExceeded,
     RemoteTraceback,
-    ResultTimeout,
     SerializationError,
     TaskError,
     TaskTimeout,
-    WorkerLost,
     ZparError,
 )
 
 if TYPE_CHECKING:
+    from ._refs import Ref
     from .aio import as_completed_async
     from .client import Client
+    from .errors import MemoryLimitExceeded, ResultTimeout, WorkerLost
     from .executor import Executor
     from .futures import Future
     from .options import TaskOptions
@@ -55,6 +54,7 @@ __all__ = [
     "Process",
     "ProtocolError",
     "QuotaExceeded",
+    "Ref",
     "RemoteTraceback",
     "ResultTimeout",
     "SerializationError",
@@ -69,8 +69,10 @@ __all__ = [
 
 # The producer's API loads on first use: a worker process imports this package too (its modules
 # live in it) and needs none of it, and every worker's start-up is on the path to a first result.
+# So do the errors whose stdlib bases are heavy to import (zpar.errors says why).
 _LAZY = {"as_completed_async": ".aio", "Client": ".client", "Executor": ".executor", "Future": ".futures",
-         "TaskOptions": ".options", "Pool": ".pool", "Process": ".process", "Channel": ".streaming"}
+         "TaskOptions": ".options", "Pool": ".pool", "Process": ".process", "Channel": ".streaming", "Ref": "._refs",
+         "MemoryLimitExceeded": ".errors", "ResultTimeout": ".errors", "WorkerLost": ".errors"}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from . import _shm
 from ._ipc import private_dir
 from .config import usable_cores
 
@@ -84,13 +85,20 @@ class EmbeddedCluster:
         if max_tasks_per_worker:
             args += ["--max-tasks-per-worker", str(max_tasks_per_worker)]
         self.procs: list[subprocess.Popen[bytes]] = []
+        # Large buffers go through shared memory here (zpar._shm).
+        self.shm_dir = _shm.make_dir()
+        env = _inherited_path_env()
+        if self.shm_dir:
+            env[_shm.ENV] = self.shm_dir  # the hub's workers write results there
         try:
-            self.procs.append(spawn_daemon(args, env=_inherited_path_env()))
+            self.procs.append(spawn_daemon(args, env=env))
         except BaseException:
             self.stop()
             raise
+        _shm.sweep()  # what killed clients left there: while the hub starts, not before
 
     def stop(self) -> None:
         stop_processes(self.procs)
         self.procs = []
         shutil.rmtree(self.dir, ignore_errors=True)
+        _shm.remove_dir(self.shm_dir)

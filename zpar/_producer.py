@@ -17,6 +17,7 @@ Events, each returning the messages to send, in order:
 - ``submitted(tasks)``: new tasks (PendingTask) into the pending table; SUBMIT when connected.
 - ``cancelled(requests)``: ``(task id, force)`` of futures the user cancelled; CANCEL what was sent.
 - ``fed(ops)``: a stream's objects, credits and closes (zpar.streaming.FeedOp); FEED.
+- ``released(digests)``: scattered objects (zpar._refs) no Ref holds any more; RELEASE.
 - ``handed_over(cancels, tasks, feeds)``: the three above, in the order the wire needs.
 - ``received(now, msg)``: a message from the broker; ``heard(now)`` for one that did not decode.
 - ``tick(now)``: heartbeats, the broker's liveness, ``broker_timeout``; due at ``next_deadline()``.
@@ -40,21 +41,19 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import errors, serialize  # errors: WorkerLost, MemoryLimitExceeded load when first used (zpar.errors)
 from . import protocol as P
-from . import serialize
 from ._liveness import PRODUCER_SLACK, Liveness
 from ._pending import PendingTable, PendingTask, abandon
 from ._text import printable
 from .errors import (
     AuthenticationError,
     BrokenCluster,
-    MemoryLimitExceeded,
     ProtocolError,
     QuotaExceeded,
     TaskError,
     TaskTimeout,
     UnpicklingError,
-    WorkerLost,
 )
 from .streaming import FeedOp
 
@@ -177,6 +176,13 @@ class ProducerCore:
             out.append(P.Feed(tuple(items), tuple(credits), tuple(closed)))
         return out
 
+    def released(self, digests: list[bytes]) -> list[P.Message]:
+        """Scattered objects no Ref holds any more: the broker may free them (once no task uses them)."""
+        self.shipped.forget(digests)  # scattered again later, they go again
+        if not digests or self.link is not Link.CONNECTED:
+            return []  # a broker that lost us freed them already
+        return [P.Release(tuple(digests[i:i + P.MAX_ENTRIES])) for i in range(0, len(digests), P.MAX_ENTRIES)]
+
     def heard(self, now: float) -> None:
         """Something came from the broker (a message that did not decode still shows it lives)."""
         self._last_heard = now
@@ -275,6 +281,7 @@ class ProducerCore:
         elif msg.code is P.ErrorCode.UNKNOWN_FUNCTION:  # it lost a function blob: send those tasks with it
             retry = [task for task in map(self.pending.get, msg.ids) if task is not None]
             self.shipped.forget(task.entry.digest for task in retry)
+            self.shipped.forget(d for task in retry for d in task.entry.refs)  # its scattered objects too
             out += self._submit(retry)
         elif msg.code is P.ErrorCode.KEY_REVOKED:
             self._cut_off(self._revoked())
@@ -318,7 +325,10 @@ class ProducerCore:
     def _submit(self, tasks: list[PendingTask]) -> list[P.Message]:
         """SUBMIT in batches that fit a message, each function blob once per connection."""
         entries = [task.entry for task in tasks]
-        blobs = {task.entry.digest: task.blob for task in tasks}
+        blobs: dict[bytes, P.Frame] = {task.entry.digest: task.blob for task in tasks}
+        for task in tasks:
+            if task.objects:
+                blobs.update(task.objects)
         # A blob for every task at worst: keep room for them in each message.
         return [P.Submit(tuple(batch), self.shipped.functions(batch, blobs.__getitem__))
                 for batch in P.batches(entries, reserved_frames=min(len(blobs), P.BATCH_MAX_TASKS))]
@@ -340,6 +350,8 @@ class ProducerCore:
         for entry in msg.results:
             task = self.pending.get(entry.id)
             if task is None:
+                if entry.payload:
+                    serialize.discard(entry.payload)  # a result in shared memory nobody will map
                 continue  # cancelled, or a duplicate after a resubmission
             try:
                 self._ended(task, entry, out)
@@ -379,14 +391,20 @@ class ProducerCore:
     # ------------------------------------------------------------------ streams (zpar.streaming)
 
     def _items(self, msg: P.Items, out: list[P.Message]) -> None:
-        for entry in msg.items:
-            task = self.pending.get(entry.id)
-            if task is None:
-                continue  # cancelled, failed, or done
-            stream = task.future._stream_state()
-            if stream.arrived(entry.seq, entry.payload) is not None:
-                self._stream_broken(task, f"item {stream.next_seq} of task {task.id} was lost on the way "
-                                          "(a connection broke)", out)
+        items = msg.items
+        start, end = 0, len(items)
+        while start < end:  # a run of one task's items at a time: one lock and one wake-up a run
+            tid = items[start].id
+            stop = start + 1
+            while stop < end and items[stop].id == tid:
+                stop += 1
+            task = self.pending.get(tid)
+            if task is not None:  # else cancelled, failed, or done
+                stream = task.future._stream_state()
+                if stream.arrived(items[start:stop]) is not None:
+                    self._stream_broken(task, f"item {stream.next_seq} of task {task.id} was lost on the way "
+                                              "(a connection broke)", out)
+            start = stop
         for credit in msg.credits:
             task = self.pending.get(credit.id)
             if task is not None:
@@ -398,8 +416,8 @@ class ProducerCore:
         stream = task.future._stream
         arrived = stream.next_seq if stream is not None else 0
         if arrived < count:
-            self.pending.fail(task, WorkerLost(f"{count - arrived} of the {count} items task {task.id} sent were "
-                                               "lost on the way (a connection broke)"))
+            self.pending.fail(task, errors.WorkerLost(f"{count - arrived} of the {count} items task {task.id} "
+                                                      "sent were lost on the way (a connection broke)"))
         else:
             self.pending.resolve(task, value)
 
@@ -407,7 +425,7 @@ class ProducerCore:
         """Fail a stream that cannot go on, and stop its task."""
         if self.link is Link.CONNECTED:
             out.append(P.Cancel((task.id,), True))
-        self.pending.fail(task, WorkerLost(reason))
+        self.pending.fail(task, errors.WorkerLost(reason))
 
     def _fail_streams(self, out: list[P.Message]) -> None:
         """After the broker lost track of us: a task that exchanged items cannot be sent again."""
@@ -427,7 +445,7 @@ def _ended_without_value(entry: P.ResultEntry) -> BaseException:
     fields: dict[str, Any] = {"node": cause.node, "pid": cause.pid, "exitcode": cause.exitcode,
                               "signal": cause.signal, "attempts": cause.attempts}
     if entry.status is P.Status.MEMORY:
-        return MemoryLimitExceeded(f"task {entry.id}: {worker} {cause.detail}; it was stopped", **fields)
+        return errors.MemoryLimitExceeded(f"task {entry.id}: {worker} {cause.detail}; it was stopped", **fields)
     ended = cause.ended()
     if ended:
         text = f"task {entry.id} was lost: {worker} {ended}" + (f" ({cause.detail})" if cause.detail else "")
@@ -435,4 +453,4 @@ def _ended_without_value(entry: P.ResultEntry) -> BaseException:
         text = f"task {entry.id} was lost on {cause.node or 'its node'}" + (f": {cause.detail}" if cause.detail else "")
     if cause.attempts:
         text += f"; gave up after {cause.attempts} attempt{'s' if cause.attempts != 1 else ''}"
-    return WorkerLost(text, **fields)
+    return errors.WorkerLost(text, **fields)

@@ -24,12 +24,12 @@ from typing import Any, Self
 
 import zmq
 
-from . import aio, config, security, serialize
+from . import _refs, _shm, config, security, serialize
 from . import protocol as P
 from ._connection import Connection
 from ._embedded import EmbeddedCluster
 from ._maps import MapOptions, Results, over
-from ._pending import PendingTask
+from ._pending import PendingTask, Window
 from ._wrappers import Wrappers, identity
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
@@ -46,6 +46,7 @@ class _Unset:
 
 
 _UNSET = _Unset()
+_NO_KWARGS: dict[str, Any] = {}  # a map's calls: pickled at once, never changed
 
 
 class Submitter:
@@ -101,7 +102,7 @@ class Submitter:
         one raised. Leaving the loop early cancels what is still pending.
         """
         work = over(fn, iterables, chunksize, self._client._wrappers)
-        return Results(self.submit, work, MapOptions(window=self._client.window, timeout=timeout))
+        return Results(self._map_submit(work.task), work, MapOptions(window=self._client.window, timeout=timeout))
 
     imap = map
 
@@ -109,7 +110,18 @@ class Submitter:
                        chunksize: int | None = None, timeout: float | None = None) -> Iterator[Any]:
         """Like ``map``, but yields each result as soon as it is in."""
         work = over(fn, iterables, chunksize, self._client._wrappers)
-        return Results(self.submit, work, MapOptions(ordered=False, window=self._client.window, timeout=timeout))
+        return Results(self._map_submit(work.task), work,
+                       MapOptions(ordered=False, window=self._client.window, timeout=timeout))
+
+    def _map_submit(self, task: Callable[..., Any]) -> Callable[..., Future]:
+        """``submit`` for the tasks of one map: ``task``'s pickle is looked up once, not once per item."""
+        client, opts = self._client, self._opts
+        pickled = client._funcs.get(task, *identity(task))  # the map holds ``task``: its pickle stays right
+
+        def submit(fn: Callable[..., Any], *args: Any) -> Future:
+            return client._submit(fn, (args, _NO_KWARGS), 0, opts, pickled if fn is task else None)
+
+        return submit
 
 
     def __repr__(self) -> str:
@@ -163,10 +175,13 @@ class Client(Submitter):
             raise ConfigError("max_tasks_per_worker= recycles the embedded cluster's workers; a remote "
                               "cluster's agents set it (zpar-agent --max-tasks-per-worker N)")
         self.address = address
+        # On the embedded cluster's host, large arguments go through shared memory (zpar._shm).
+        shm_dir = self._cluster.shm_dir if self._cluster else None
+        self._shm = _shm.Space(shm_dir, handoff=False) if shm_dir else None
         # With nothing given: this user's own secret; plaintext only when asked for (insecure=True).
         creds = None if self._cluster else _credentials(secret, secret_file, key_file, broker_key, insecure, address)
         self._creds = creds
-        self._window = threading.Semaphore(window)
+        self._window = Window(window)
         self._window_size = window
         self._funcs = serialize.FunctionCache()
         self._ids = itertools.count(1)
@@ -175,6 +190,8 @@ class Client(Submitter):
         self._closed = False
         self._io = Connection(address, self._submits, self._cancels, self._window.release, broker_timeout, creds)
         self._wake = self._io.wake
+        self._on_cancel, self._on_feed = self._io.cancel, self._io.feed  # bound once, not per task
+        self._objects = _refs.Store(self._released, self._shm)  # scattered values (zpar._refs)
         self._io.start()
         if not self._io.welcomed.wait(connect_timeout) or self._io.failure is not None:
             failure = self._io.failure
@@ -188,15 +205,25 @@ class Client(Submitter):
 
     # ------------------------------------------------------------------ submit
 
-    def _submit(self, fn: Callable[..., Any], payload: Any, flags: int, opts: TaskOptions) -> Future:
+    def _submit(self, fn: Callable[..., Any], payload: Any, flags: int, opts: TaskOptions,
+                pickled: tuple[bytes, bytes] | None = None) -> Future:
         if self._closed:  # the stdlib's words, then ours
             raise RuntimeError("cannot schedule new futures after shutdown: this zpar Client is closed; "
                                "create a new one")
-        digest, blob = self._funcs.get(fn, *identity(fn))
+        digest, blob = pickled or self._funcs.get(fn, *identity(fn))
         def what() -> str:  # built only if something fails
             return f"arguments of {_name(fn)}"
 
-        frames = serialize.dumps(payload, what, chunk=self._creds is not None)
+        refs: tuple[bytes, ...] = ()
+        if _refs.made:  # note the Refs the arguments hold (zpar._refs): their digests go with the task
+            _refs.begin()
+            try:
+                frames = serialize.dumps(payload, what, chunk=self._creds is not None, shared=self._shm)
+            finally:
+                refs = _refs.taken()
+        else:
+            frames = serialize.dumps(payload, what, chunk=self._creds is not None, shared=self._shm)
+        objects = self._objects.blobs(refs) if refs else None  # ValueError for another client's Ref
         if len(frames) > 1:
             serialize.check_payload(frames, what)
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
@@ -204,13 +231,36 @@ class Client(Submitter):
                 if not self._io.is_alive():
                     raise RuntimeError("this zpar Client's connection has stopped; create a new one")
         tid = next(self._ids)
-        fut = Future(tid, self._cancel_one, self._feed)
-        task = PendingTask(P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms), blob, opts, fut)
+        fut = Future(tid, self._on_cancel, self._on_feed)
+        entry = P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms, refs)
+        task = PendingTask(entry, blob, opts, fut, objects)
         self._submits.append(task)
         self._wake()
         if self._io.finished:  # the I/O thread ended (refused, or failed): nothing would send it
             self._io.abandon(task)
         return fut
+
+    def scatter(self, obj: Any, /) -> _refs.Ref:
+        """Put ``obj`` on the cluster once; returns a ``Ref`` to pass to any number of tasks instead of it.
+
+        The value travels once to each node that runs a task using it (not
+        once per task) and is kept there, unpickled once per worker: each task
+        gets the value itself, read-only where it is a buffer (a NumPy array).
+        A Ref may sit anywhere in a task's arguments: at the top, or inside
+        lists, tuples, dicts, or any object they hold. The value is freed on
+        the cluster once this process drops every Ref to it (or calls
+        ``Ref.release()``), or the client closes, and no task using it is left.
+        Raises SerializationError if ``obj`` does not pickle, PayloadTooLarge
+        past the protocol's size. ``put`` is the same call (Ray's name).
+        """
+        return self._objects.put(obj)
+
+    put = scatter
+
+    def _released(self, digest: bytes) -> None:
+        """No Ref holds ``digest`` any more (any thread, even the garbage collector's): tell the broker."""
+        self._io.releases.append(digest)
+        self._wake()
 
     def _feed(self, op: FeedOp) -> None:
         """A stream's objects, credits and closes, for the I/O thread (zpar.streaming)."""
@@ -249,6 +299,8 @@ class Client(Submitter):
     def as_completed_async(futures: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None,
                            ) -> AsyncIterator[concurrent.futures.Future[Any]]:
         """``async for fut in client.as_completed_async(futures)``: each future once it is done."""
+        from . import aio  # here: asyncio is 20 ms of imports that a client without it does without
+
         return aio.as_completed_async(futures, timeout)
 
     @staticmethod
@@ -299,6 +351,7 @@ class Client(Submitter):
             return
         self._closed = True
         _live_clients.discard(self)
+        self._objects.close()  # the broker frees them when we leave
         self._io.stop()
         if self._cluster is not None:
             self._cluster.stop()

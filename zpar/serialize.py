@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _source
+from . import _shm, _source
 from . import protocol as P
 from .errors import PayloadTooLarge, RemoteTraceback, SerializationError, TaskError
 
@@ -39,6 +39,13 @@ _MAX_CHUNKS = 2000
 #: A chunked value's first frame: this, the chunk count of each buffer (uint32 each,
 #: little-endian, behind a uint32 count), then the pickle stream.
 _CHUNKED = b"\x00zpar-chunks\x00"
+#: A value whose large buffers are in a shared-memory segment (zpar._shm; one host only): its first
+#: frame is this, a flags byte (1: the receiver removes the segment once mapped), the segment's path
+#: (uint16 length, then UTF-8), the buffer count (uint32), and per buffer its offset and size in the
+#: segment (uint64 each; offset _IN_FRAME: the buffer is the next frame instead), then the pickle stream.
+_SHARED = b"\x00zpar-shm\x00"
+_IN_FRAME = (1 << 64) - 1
+_HANDOFF = 1
 
 
 def _describe(obj: Any) -> str:
@@ -94,16 +101,22 @@ def _label(what: Label) -> str:
     return what if isinstance(what, str) else what()
 
 
-def dumps(obj: Any, what: Label = "value", chunk: bool = False) -> list[Any]:
+def dumps(obj: Any, what: Label = "value", chunk: bool = False, shared: _shm.Space | None = None) -> list[Any]:
     """``obj`` as frames: ``[pickle, buffer, ...]``. Raises SerializationError naming it.
 
     ``chunk``: split large buffers into CHUNK_BYTES frames (for encrypted links).
+    ``shared``: put buffers of _shm.THRESHOLD bytes or more in a shared-memory
+    segment there (the receiver is on this host), sending only where they are.
     """
     frames = _dumps(obj, what)
     if len(frames[0]) >= OOB_THRESHOLD:  # only a large stream can hold large bytes
         lifted = _lift(obj, 2, len(frames[0]) // _LIFT_BYTES_PER_ITEM)
         if lifted is not obj:
             frames = _dumps(lifted, what)
+    if shared is not None and len(frames) > 1:
+        placed = _placed(frames, shared)
+        if placed is not None:
+            return placed
     if chunk and len(frames) > 1 and max(memoryview(b).nbytes for b in frames[1:]) >= 2 * CHUNK_BYTES:
         return _chunked(frames[0], frames[1:])
     return frames
@@ -145,6 +158,73 @@ def _chunked(head: bytes, buffers: list[memoryview]) -> list[Any]:
         frames.extend(parts)
     layout = struct.pack(f"<I{len(counts)}I", len(counts), *counts)
     return [_CHUNKED + layout + head, *frames]
+
+
+def _placed(frames: list[Any], space: _shm.Space) -> list[Any] | None:
+    """``frames`` with their large buffers in a segment of ``space``; None if none is large, or no segment."""
+    large = [b for b in frames[1:] if b.nbytes >= _shm.THRESHOLD]
+    if not large:
+        return None
+    put = space.put(large)
+    if put is None:
+        return None  # /dev/shm full or gone: the frames go as they are
+    path, offsets = put
+    at = iter(offsets)
+    rows: list[int] = []
+    rest: list[Any] = []
+    for buf in frames[1:]:
+        if buf.nbytes >= _shm.THRESHOLD:
+            rows += (next(at), buf.nbytes)
+        else:
+            rows += (_IN_FRAME, 0)
+            rest.append(buf)
+    name = path.encode()
+    layout = struct.pack(f"<BH{len(name)}sI{len(rows)}Q", _HANDOFF if space.handoff else 0, len(name), name,
+                         len(rows) // 2, *rows)
+    out = [_SHARED + layout + frames[0], *rest]
+    return out if space.handoff else space.own(out, path)
+
+
+def _layout(head: memoryview) -> tuple[int, str, tuple[int, ...], int]:
+    """``(flags, path, rows, pickle offset)`` of a shared value's first frame, after the marker."""
+    flags, size = struct.unpack_from("<BH", head)
+    path = bytes(head[3:3 + size]).decode()
+    (n,) = struct.unpack_from("<I", head, 3 + size)
+    pos = 7 + size
+    if 16 * n > head.nbytes - pos:
+        raise ValueError("a shared value's layout is cut short")
+    return flags, path, struct.unpack_from(f"<{2 * n}Q", head, pos), pos + 16 * n
+
+
+def _attached(views: list[Any]) -> tuple[Any, list[Any]]:
+    """The pickle stream and buffers of a shared value: the segment mapped, no copy."""
+    flags, path, rows, start = _layout(memoryview(views[0])[len(_SHARED):])
+    whole = memoryview(_shm.attach(path, handoff=bool(flags & _HANDOFF)))
+    frames = iter(views[1:])
+    buffers: list[Any] = []
+    for i in range(0, len(rows), 2):
+        offset, nbytes = rows[i], rows[i + 1]
+        if offset == _IN_FRAME:
+            buffers.append(next(frames))
+        elif offset + nbytes > whole.nbytes:
+            raise ValueError(f"a buffer lies past the end of its segment {path}")
+        else:
+            buffers.append(whole[offset:offset + nbytes])
+    if len(buffers) != len(rows) // 2 or next(frames, None) is not None:
+        raise ValueError("a shared value's frames do not match its layout")
+    return memoryview(views[0])[len(_SHARED) + start:], buffers
+
+
+def discard(frames: Sequence[Any]) -> None:
+    """Remove the segment of a value nobody will load (a result dropped unread), if it has one to remove."""
+    try:
+        head = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
+        if head[0] == 0 and bytes(memoryview(head)[:len(_SHARED)]) == _SHARED:
+            flags, path, _rows, _start = _layout(memoryview(head)[len(_SHARED):])
+            if flags & _HANDOFF:
+                _shm.discard(path)
+    except (IndexError, ValueError, struct.error, UnicodeDecodeError):
+        pass  # not one of ours: nothing to remove
 
 
 def _joined(views: list[Any]) -> tuple[Any, list[Any]]:
@@ -194,9 +274,14 @@ def loads(frames: Sequence[Any], what: Label = "value") -> Any:
     """The object ``dumps`` made; zmq Frames are read in place, without copies."""
     try:
         views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
-        if len(views) > 1 and bytes(memoryview(views[0])[:len(_CHUNKED)]) == _CHUNKED:
-            head, buffers = _joined(views)
-            return pickle.loads(head, buffers=buffers)
+        if views[0][0] == 0:  # a marker: a pickle stream starts with PROTO (0x80)
+            marker = bytes(memoryview(views[0])[:len(_CHUNKED)])
+            if marker.startswith(_SHARED):
+                head, buffers = _attached(views)
+                return pickle.loads(head, buffers=buffers)
+            if len(views) > 1 and marker == _CHUNKED:
+                head, buffers = _joined(views)
+                return pickle.loads(head, buffers=buffers)
         return pickle.loads(views[0], buffers=views[1:])
     except Exception as exc:
         raise SerializationError(f"cannot unpickle the {_label(what)}: {type(exc).__name__}: {exc}") from exc

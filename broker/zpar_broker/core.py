@@ -25,9 +25,10 @@ from zpar import protocol as P
 from zpar._liveness import PRODUCER_SLACK, Liveness
 from zpar._text import printable
 
+from . import objects
 from .limits import Limits, admit_functions, over_quota
 from .outgoing import Dest, Outgoing, forced_cancels
-from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, report
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, renumbered, report
 from .scheduling import dispatch
 from .streams import StreamRouting
 
@@ -38,10 +39,18 @@ class BrokerCore:
 
     ``limits``: what one producer may hold here (``limits.Limits``: queued tasks and bytes,
     function blobs); past them its tasks are refused with QUOTA_EXCEEDED.
+
+    ``coalesce``: the loop calls ``flush()`` once per turn, after reading every
+    socket, and only then are tasks dispatched, results sent on (one RESULT per
+    producer) and ACKs sent (one per agent): a turn's READYs and SUBMITs make a
+    few large TASKS instead of one small one each (with many agents, each
+    message would otherwise carry a task or two). Without it (the tests' way,
+    one event at a time) every event's messages come out at once.
     """
 
     def __init__(self, now: float, *, heartbeat: float = 1.0, liveness: int = 3, collector: str = "",
-                 max_message_size: int = 0, security: str = "none", limits: Limits | None = None) -> None:
+                 max_message_size: int = 0, security: str = "none", limits: Limits | None = None,
+                 coalesce: bool = False) -> None:
         self.limits = limits or Limits()  # per-producer quotas (limits.py)
         self.epoch = uuid.uuid4().hex
         self.security = security  # shown in status: how peers are authenticated
@@ -55,6 +64,11 @@ class BrokerCore:
         self._next_beat = now + heartbeat
         self.counters: collections.Counter[str] = collections.Counter()
         self._streams = StreamRouting(self._tasks, self.counters, self.limits.queued_bytes)
+        self._coalesce = coalesce
+        self._dispatch_due = False
+        self._acks: dict[bytes, list[int]] = {}  # agent -> result ids to ACK at the next flush
+        self._routed: dict[bytes, list[P.ResultEntry]] = {}  # producer -> results to send at the next flush
+        self._heartbeat = P.Heartbeat()  # one object for every agent: the loop encodes it once a tick
 
     # ------------------------------------------------------------------ events
 
@@ -96,6 +110,9 @@ class BrokerCore:
             self._forget_producer(prod, out)
         elif isinstance(msg, P.Heartbeat):
             out.append(Outgoing(Dest.FRONTEND, peer, P.Heartbeat()))  # so the producer knows we live
+        elif isinstance(msg, P.Release):  # scattered objects it dropped: freed here, then on the nodes
+            objects.let_go(prod, msg.digests)
+            out += self._sweep_objects()
         else:
             self.counters["protocol_errors"] += 1
             out.append(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.NOT_ALLOWED, (), msg.kind.name)))
@@ -143,7 +160,10 @@ class BrokerCore:
         """Results from the collector: route each to its producer, once; retry lost runs."""
         out: list[Outgoing] = []
         if msg.agent:  # the agent keeps results until we say we have them
-            out.append(Outgoing(Dest.BACKEND, msg.agent, P.Ack(tuple(e.id for e in msg.results))))
+            if self._coalesce:
+                self._acks.setdefault(msg.agent, []).extend(e.id for e in msg.results)
+            else:
+                out.append(Outgoing(Dest.BACKEND, msg.agent, P.Ack(tuple(e.id for e in msg.results))))
         if msg.epoch and msg.epoch != self.epoch:
             # Tasks of a broker before a restart: their ids mean nothing here (producers resubmit).
             self.counters["stale_epoch_results"] += len(msg.results)
@@ -173,9 +193,27 @@ class BrokerCore:
                 self.counters["late_results_accepted"] += 1
             self._unlink(task)
             self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
-            by_producer.setdefault(task.producer.id, []).append(entry._replace(id=task.ptid))
-        out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e))) for pid, e in by_producer.items()]
+            by_producer.setdefault(task.producer.id, []).append(renumbered(entry, task.ptid))
+        if self._coalesce:
+            for pid, entries in by_producer.items():
+                self._routed.setdefault(pid, []).extend(entries)
+        else:
+            out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e))) for pid, e in by_producer.items()]
         self._dispatch(out)
+        return out
+
+    def flush(self) -> list[Outgoing]:
+        """What this turn's events left to send (``coalesce``): ACKs, results, then new TASKS."""
+        out: list[Outgoing] = []
+        for aid, ids in self._acks.items():
+            out += [Outgoing(Dest.BACKEND, aid, P.Ack(tuple(ids[i:i + P.MAX_ENTRIES])))
+                    for i in range(0, len(ids), P.MAX_ENTRIES)]
+        for pid, entries in self._routed.items():
+            out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(batch))) for batch in P.batches(entries)]
+        self._acks, self._routed = {}, {}
+        if self._dispatch_due:
+            self._dispatch_due = False
+            dispatch(self._active, self._agents, out)
         return out
 
     def items(self, now: float, msg: P.Items) -> list[Outgoing]:
@@ -205,13 +243,14 @@ class BrokerCore:
                             printable(agent.name), now - agent.last_seen, len(agent.assigned))
                 self._drop_agent(agent, "silent", out)
             else:
-                out.append(Outgoing(Dest.BACKEND, agent.id, P.Heartbeat()))
+                out.append(Outgoing(Dest.BACKEND, agent.id, self._heartbeat))
         for prod in list(self._producers.values()):
             if prod.last_seen < producer_deadline:
                 log.warning("producer %s on %s silent for %.1f s; dropping its %d tasks",
                             printable(prod.label()), printable(prod.host), now - prod.last_seen, len(prod.tasks))
                 self._forget_producer(prod, out)
                 self.counters["producers_silent"] += 1
+        out += self._sweep_objects()
         self._dispatch(out)
         return out
 
@@ -255,7 +294,8 @@ class BrokerCore:
 
     def _accept(self, prod: ProducerRecord, msg: P.Submit, out: list[Outgoing]) -> None:
         limits = self.limits
-        refused = admit_functions(prod, msg.funcs, limits, self.counters)  # digest -> why its blob was refused
+        funcs, refused_objects = objects.admit(prod, msg, limits, self.counters)  # scattered objects apart
+        refused = admit_functions(prod, funcs, limits, self.counters)  # digest -> why its blob was refused
         missing: list[int] = []
         bad: list[int] = []
         over: dict[P.ErrorCode, tuple[str, list[int]]] = {}  # QUEUE_FULL, QUOTA_EXCEEDED: (first why, ids)
@@ -268,6 +308,11 @@ class BrokerCore:
                 bad.append(entry.id)
                 continue
             refusal = over_quota(prod, P.payload_bytes(entry.payload), why, limits)
+            if refusal is None and entry.refs:
+                refusal = objects.refusal(prod, entry, refused_objects, limits)
+                if refusal is not None and refusal[0] in (P.ErrorCode.UNKNOWN_FUNCTION, P.ErrorCode.BAD_FUNCTION):
+                    (missing if refusal[0] is P.ErrorCode.UNKNOWN_FUNCTION else bad).append(entry.id)
+                    continue
             if refusal is not None:
                 over.setdefault(refusal[0], (refusal[1], []))[1].append(entry.id)
                 continue
@@ -279,6 +324,8 @@ class BrokerCore:
             self._tasks[task.gid] = task
             prod.tasks[entry.id] = task
             prod.funcs.use(entry.digest)
+            if entry.refs:
+                objects.hold(prod, entry.refs)
             prod.enqueue(task)
             self.counters["submitted"] += 1
         if missing:
@@ -359,6 +406,8 @@ class BrokerCore:
     def _unlink(self, task: TaskRecord) -> None:
         if task.producer.tasks.pop(task.ptid, None) is not None:
             task.producer.funcs.release(task.entry.digest)
+            if task.entry.refs:
+                objects.unhold(task.producer, task.entry.refs)
         if task.agent is not None:
             task.agent.release(task.gid)
             task.agent = None
@@ -374,11 +423,14 @@ class BrokerCore:
         out += forced_cancels(stop)
         prod.tasks.clear()
         prod.queue.clear()
+        self._routed.pop(prod.id, None)  # nobody will read them
         prod.queued = prod.queued_bytes = prod.gone = 0
         if prod.active:
             self._active.remove(prod)
             prod.active = False
         del self._producers[prod.id]
+        prod.objects.clear()  # its scattered objects: freed here, and on the nodes no other producer needs them
+        out += objects.sweep(self._producers.values(), self._agents.values(), prod.objects.dropped)
 
     def _drop_agent(self, agent: AgentRecord, why: str, out: list[Outgoing]) -> None:
         """The agent is gone: its tasks go back to the front of their queues, or fail past their retries."""
@@ -401,8 +453,16 @@ class BrokerCore:
             out.append(Outgoing(Dest.FRONTEND, pid, P.Result(tuple(entries))))
         self.counters[f"agents_{why}"] += 1
 
+    def _sweep_objects(self) -> list[Outgoing]:
+        """RELEASE to the nodes the scattered objects no producer holds any more (objects.sweep)."""
+        return objects.sweep(self._producers.values(), self._agents.values())
+
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self, out: list[Outgoing]) -> None:
-        """Hand queued tasks to agents with credits, fair across producers (``scheduling.dispatch``)."""
-        dispatch(self._active, self._agents, out)
+        """Hand queued tasks to agents with credits, fair across producers (``scheduling.dispatch``);
+        with ``coalesce``, at the next ``flush``."""
+        if self._coalesce:
+            self._dispatch_due = True
+        else:
+            dispatch(self._active, self._agents, out)

@@ -7,11 +7,13 @@ import enum
 import os
 import socket
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from zpar import protocol as P
 
 from .limits import Functions
+from .objects import NodeObjects, Objects
+from .objects import status as objects_status
 
 
 class TaskState(enum.Enum):
@@ -57,14 +59,15 @@ class Feed:
 
 
 class ProducerRecord:
-    __slots__ = ("active", "funcs", "gone", "host", "id", "last_seen", "name", "queue", "queued", "queued_bytes",
-                 "tasks")
+    __slots__ = ("active", "funcs", "gone", "host", "id", "last_seen", "name", "objects", "queue", "queued",
+                 "queued_bytes", "tasks")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
         self.name = ""
         self.host = ""
         self.funcs = Functions()  # digest -> function blob frame, verified
+        self.objects = Objects()  # digest -> scattered object's blob frame, verified (objects.py)
         # Its queued tasks, in order, and GONE tombstones among them (skipped at dispatch).
         self.queue: collections.deque[TaskRecord] = collections.deque()
         self.queued = self.queued_bytes = 0  # live tasks in ``queue``, and their payload bytes
@@ -113,11 +116,19 @@ class ProducerRecord:
             self.gone = 0
 
 
+E = TypeVar("E", P.TaskEntry, P.ResultEntry)
+
+
+def renumbered(entry: E, new_id: int) -> E:
+    """``entry`` under another task id (a hop's ids differ): ``_replace`` costs twice as much, per task."""
+    return tuple.__new__(type(entry), (new_id, *entry[1:]))
+
+
 class AgentRecord:
     """An agent and the tasks it holds (``assigned``: change it through ``hold``/``release``, which count bytes)."""
 
-    __slots__ = ("assigned", "busy", "credits", "held_bytes", "host", "id", "last_seen", "name", "pid", "shipped",
-                 "workers")
+    __slots__ = ("assigned", "busy", "credits", "held_bytes", "host", "id", "last_seen", "name", "objects", "pid",
+                 "shipped", "workers")
 
     def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
         self.id = aid
@@ -127,7 +138,8 @@ class AgentRecord:
         self.workers = hello.workers
         self.busy = 0
         self.credits = 0
-        self.shipped = P.Shipped()  # the function blobs this agent already has
+        self.shipped = P.Shipped()  # the function blobs (and scattered objects) this agent already has
+        self.objects = NodeObjects()  # the scattered objects among them, least recently used first
         self.assigned: dict[int, TaskRecord] = {}
         self.held_bytes = 0  # the payload bytes of the tasks in ``assigned``
         self.last_seen = now
@@ -160,6 +172,9 @@ def status_of(agent: AgentRecord, now: float) -> dict[str, Any]:
         "running": len(agent.assigned),
         "credits": agent.credits,
         "last_seen_s": round(now - agent.last_seen, 3),
+        "objects": len(agent.objects.sizes),  # scattered objects cached there now, and their bytes
+        "object_bytes": agent.objects.nbytes,
+        "objects_sent": agent.objects.sent,  # ... and sent there in all
     }
 
 
@@ -182,5 +197,6 @@ def report(now: float, epoch: str, started: float, security: str, agents: Iterab
         "running": tasks - queued,
         "done": counters["done"],
         "failed": counters["failed"],
+        "objects": objects_status(producers),  # scattered objects held for producers
         "counters": dict(counters),
     }

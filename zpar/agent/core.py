@@ -36,6 +36,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from zpar import _refs
 from zpar import protocol as P
 from zpar._text import printable
 
@@ -101,6 +102,8 @@ class AgentCore:
             return []
         if isinstance(msg, P.Feed):
             return list(self.slots.feed(msg))
+        if isinstance(msg, P.Release):
+            return self._release(msg.digests)
         if isinstance(msg, P.Cancel):  # the user's own doing: no warning
             return self._kills(now, self.slots.cancel(msg.ids), "its task was cancelled", logging.INFO)
         if isinstance(msg, P.Welcome):
@@ -276,8 +279,22 @@ class AgentCore:
             log.warning("the broker restarted (epoch %s, was %s); dropping the %d tasks of the old one",
                         printable(msg.epoch[:8]), printable(self.session.epoch[:8]), self.slots.held())
             out += self._kills(now, self.slots.forget_tasks(), "its stream was for a broker that is gone")
+            # The new broker knows nothing of the old one's scattered objects: nobody would release them.
+            out += self._release([d for d, blob in self.slots.funcs.items() if _refs.is_object(blob)])
         out += self.session.welcome(now, msg)
         log.info("registered with broker %s (epoch %s)", self.settings.broker, printable(msg.epoch[:8]))
+        return out
+
+    def _release(self, digests: Iterable[bytes]) -> list[Action]:
+        """Scattered objects the broker let go (RELEASE): dropped here, and in each worker that has one."""
+        funcs = self.slots.funcs
+        gone = [d for d in digests if funcs.pop(d, None) is not None]
+        out: list[Action] = []
+        for slot in self.slots.workers.values():
+            there = tuple(d for d in gone if d in slot.shipped.known)
+            if there:
+                slot.shipped.forget(there)
+                out.append(ToWorker(slot.identity, P.Release(there)))
         return out
 
     def _kills(self, now: float, identities: Iterable[bytes], why: str, level: int = logging.WARNING) -> list[Action]:

@@ -10,7 +10,8 @@ Every rule and timer is the core's (``core.AgentCore``): this shell decodes
 what arrives, hands it to the core with the time, and performs the actions
 the core returns (send, spawn, signal, measure, stop). Workers are fresh
 interpreters (``python -m zpar.agent.worker``): the agent holds a ZeroMQ
-context and so never forks.
+context and so never forks (the embedded hub forks its first workers before it
+has one, and the agent adopts them: ``spawn.prestart``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,7 +35,7 @@ from zpar.errors import ProtocolError
 
 from .actions import Action, Exit, Kill, Measure, Probe, Spawn, ToWorker
 from .core import AgentCore, Settings
-from .spawn import Prestarted, pipe_endpoint, start_worker
+from .spawn import Prestarted, WorkerProcess, pipe_endpoint, start_worker
 from .uplink import SocketUplink, Uplink, configure
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class AgentServer:
             self.poller.register(up, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
         self.poller.register(self._signal_r.fileno(), zmq.POLLIN)
-        self.procs: dict[int, tuple[bytes, subprocess.Popen[bytes]]] = {}  # pidfd -> (identity, process)
+        self.procs: dict[int, tuple[bytes, WorkerProcess]] = {}  # pidfd -> (identity, process)
         self._pidfds: dict[bytes, int] = {}  # identity -> pidfd
 
     # ------------------------------------------------------------------ the loop's part

@@ -30,6 +30,7 @@ import collections
 import logging
 from collections.abc import Iterable, Sequence
 
+from zpar import _refs
 from zpar import protocol as P
 
 from .actions import ToWorker
@@ -241,12 +242,16 @@ class Slots:
     def tasks(self, msg: P.Tasks, now: float) -> list[ToWorker]:
         bad: set[bytes] = set()
         for func in msg.funcs:
-            if P.digest(func.blob) != func.digest:  # defence in depth: the broker checks it too
+            # Defence in depth: the broker checks it too. Not for a scattered object (zpar._refs), often
+            # hundreds of MB: hashing it again here would cost more than its trip.
+            if not _refs.is_object(func.blob) and P.digest(func.blob) != func.digest:
                 bad.add(func.digest)
             elif func.digest not in self.funcs:  # first verified blob stays: same digest, same bytes
                 self.funcs[func.digest] = func.blob
         entries: Sequence[P.TaskEntry] = msg.tasks
-        if bad or any(entry.digest not in self.funcs for entry in entries):
+        funcs = self.funcs
+        if bad or any(entry.digest not in funcs or (entry.refs and not all(d in funcs for d in entry.refs))
+                      for entry in entries):
             entries = self._refuse_unknown(entries, bad)
         self.queue.extend(QueuedTask(entry) for entry in entries)
         self.requested = max(0, self.requested - len(msg.tasks))
@@ -256,10 +261,11 @@ class Slots:
         """``entries`` whose function blob we hold; the others are reported lost, not given a worker."""
         kept = []
         for entry in entries:
-            if entry.digest in self.funcs and entry.digest not in bad:
+            blobs = (entry.digest, *entry.refs)  # its function's, and its scattered objects' (zpar._refs)
+            if all(d in self.funcs and d not in bad for d in blobs):
                 kept.append(entry)
                 continue
-            why = "does not hash to its digest" if entry.digest in bad else "never came"
+            why = "does not hash to its digest" if any(d in bad for d in blobs) else "never came"
             log.error("task %d refused: its function blob %s", entry.id, why)
             self.results.append(P.ResultEntry(entry.id, P.Status.LOST, cause=P.Cause(
                 self.node, detail=f"refused by the agent: its function blob {why}")))

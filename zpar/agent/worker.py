@@ -14,6 +14,13 @@ A task that streams (a generator, or one using its channel: zpar.streaming)
 sends ITEMS as it runs and reads FEED from the same socket while it waits for
 credits or input. The results of the tasks before it in the batch go ahead of
 its first item, and its own result right after it ends.
+
+Its items go many to a message, as results do: held until ``ITEMS_BATCH``
+of them (or ``ITEMS_BYTES``) are here, until the task waits (for credits or
+for input), ends, or yields again ``ITEMS_DELAY`` after the last message;
+an item made after a pause goes at once, and the courier sends what a task
+holds and then stops yielding for a while. So a fast generator sends a
+message per ITEMS_BATCH items, and a slow one's items are not held back.
 """
 
 from __future__ import annotations
@@ -32,13 +39,22 @@ from typing import Any
 
 import zmq
 
-from .. import _flow, serialize, streaming
+from .. import _flow, _refs, _shm, serialize, streaming
 from .. import protocol as P
 from ..errors import SerializationError, TaskError
 from .courier import Courier
 from .spawn import RECONNECT_IVL
 
+_POLLIN = int(zmq.POLLIN)  # a plain int: ``int & IntFlag`` builds an enum member each time
+
 _PR_SET_PDEATHSIG = 1
+
+#: A stream's items held before they go in one message (far fewer than protocol.STREAM_WINDOW) ...
+ITEMS_BATCH = 256
+#: ... or their bytes (a large item goes alone, at once) ...
+ITEMS_BYTES = 64 * 1024
+#: ... or seconds since the last message: an item yielded this long after it goes at once.
+ITEMS_DELAY = 0.001
 
 
 def _die_with_parent(parent: int) -> None:
@@ -55,22 +71,26 @@ def _die_with_parent(parent: int) -> None:
 class _Stream:
     """One task's stream state in this worker: its items out, the producer's objects in (zpar._flow's rule)."""
 
-    __slots__ = ("closed", "inbound", "inbox", "outbound")
+    __slots__ = ("closed", "inbound", "inbox", "outbound", "streaming")
 
     def __init__(self) -> None:
         self.outbound = _flow.SendWindow()  # our items to the producer
         self.inbound = _flow.ReceiveWindow()  # its objects to us
         self.inbox: collections.deque[P.Payload] = collections.deque()
         self.closed = False  # the producer will send nothing more
+        self.streaming = False  # the courier was told (Courier.streaming)
 
 
 class Worker:
     def __init__(self, endpoint: str, identity: bytes, parent: int, chunk: bool = False) -> None:
         self.parent = parent
         self.chunk = chunk  # results cross an encrypted link: send large buffers in chunks
+        shm_dir = _shm.from_environment()  # the embedded cluster's: its producer is on this host
+        self.shared = _shm.Space(shm_dir, handoff=True) if shm_dir else None
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.funcs: dict[bytes, Callable[..., Any]] = {}
+        self.objects = _refs._worker.objects = _refs.WorkerObjects()  # scattered values (Client.scatter)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, identity)
@@ -82,7 +102,12 @@ class Worker:
         self.streams: dict[int, _Stream] = {}  # tasks of this batch that stream or were sent objects
         # The courier's thread sends results and gives tasks back while a task runs that has not streamed:
         # every send holds courier.lock, and we read the socket only between batches or while a task streams.
-        self.courier = Courier(self._send_results, self._give_back)
+        self.courier = Courier(self._send_results, self._give_back, send_items=self._send_held)
+        # A stream's items not sent yet (send_item), their bytes, when the first of them was made and when the
+        # last ITEMS went; under courier.lock.
+        self._items: list[P.ItemEntry] = []
+        self._items_bytes = 0
+        self._items_held_at = self._items_sent_at = 0.0
         self._bye = False  # the agent asked us to exit while a task ran
         streaming._port = self
 
@@ -100,6 +125,8 @@ class Worker:
             if isinstance(msg, P.Tasks):
                 self.run_batch(msg)
                 self.streams.clear()
+            elif isinstance(msg, P.Release):
+                self.objects.drop(msg.digests)
             # A FEED now is for a task that has ended: nobody will read it.
 
     def run_batch(self, msg: P.Tasks) -> None:
@@ -129,6 +156,9 @@ class Worker:
     def _load_function(self, d: bytes, blob: Any) -> None:
         if d in self.funcs:
             return
+        if _refs.is_object(blob):  # a scattered object rides with the functions: unpickled on first use
+            self.objects.add(d, blob)
+            return
         try:
             self.funcs[d] = serialize.loads([blob], what="function")
         except Exception as exc:  # noqa: BLE001 - kept as a stand-in that raises, so each task reports it
@@ -142,7 +172,11 @@ class Worker:
     def _run_one(self, task: P.TaskEntry) -> tuple[P.Status, list[Any]]:
         try:
             fn = self.funcs[task.digest]
-            payload = serialize.loads(task.payload, what="task arguments")
+            if task.refs:
+                with _refs.resolving(self.objects):
+                    payload = serialize.loads(task.payload, what="task arguments")
+            else:
+                payload = serialize.loads(task.payload, what="task arguments")
             args, kwargs = payload
             if task.flags & P.FLAG_CHANNEL:
                 args = (streaming.Channel(task.id, self), *args)
@@ -168,7 +202,7 @@ class Worker:
         if stream is not None and stream.outbound.next_seq:  # the producer checks it got every item
             status, value = P.Status.STREAMED, (stream.outbound.next_seq, value)
         try:
-            frames = serialize.dumps(value, what="result", chunk=self.chunk)
+            frames = serialize.dumps(value, what="result", chunk=self.chunk, shared=self.shared)
             serialize.check_payload(frames, "result")
             return status, frames
         except Exception as exc:  # noqa: BLE001 - an unpicklable or oversized result is the task's error
@@ -194,20 +228,69 @@ class Worker:
             gen.close()
 
     def _stream(self, tid: int) -> _Stream:
-        # The batch's earlier results go now, ahead of this task's items, and its later tasks go back to the
-        # agent: this one may run for hours.
-        self.courier.streaming()
-        return self.streams.setdefault(tid, _Stream())
+        stream = self.streams.get(tid)
+        if stream is None:
+            stream = self.streams[tid] = _Stream()
+        if not stream.streaming:
+            # The batch's earlier results go now, ahead of this task's items, and its later tasks go back to
+            # the agent: this one may run for hours.
+            self.courier.streaming()
+            stream.streaming = True
+        return stream
 
     def send_item(self, tid: int, frames: list[Any]) -> None:
-        """Send one object to the producer; blocks (reading credits) while the window is full."""
-        serialize.check_payload(frames, "object sent")
-        stream = self._stream(tid)
-        while not stream.outbound.may_send():
-            self._pump(None)
-        seq = stream.outbound.sent(P.payload_bytes(frames))
+        """Send one object to the producer (held a moment, see the module's docstring); blocks (reading
+        credits) while the window is full."""
+        if len(frames) > 1:  # one frame always fits
+            serialize.check_payload(frames, "object sent")
+        stream = self.streams.get(tid)
+        if stream is None or not stream.streaming:
+            stream = self._stream(tid)
+        window = stream.outbound
+        if not window.may_send():
+            self._wait_items()  # the producer credits only what it got
+            while not window.may_send():
+                self._pump(None)
+            self._items_sent_at = time.monotonic()  # a wait, not a pause: the next items are batched
+        nbytes = P.payload_bytes(frames)
+        seq = window.sent(nbytes)
+        now = time.monotonic()
         with self.courier.lock:
-            self.sock.send_multipart(P.encode(P.Items((P.ItemEntry(tid, seq, frames),))), copy=False)
+            items = self._items
+            if not items:
+                self._items_held_at = now
+            items.append(P.ItemEntry(tid, seq, frames))
+            self._items_bytes += nbytes
+            if (len(items) >= ITEMS_BATCH or self._items_bytes >= ITEMS_BYTES
+                    or now - self._items_sent_at >= ITEMS_DELAY):
+                self._send_items(now=now)
+
+    def _send_items(self, credits: tuple[P.Credit, ...] = (), now: float | None = None) -> None:
+        """Send the items held, and these read credits, if any (called holding courier.lock)."""
+        items = self._items
+        if items:
+            self._items, self._items_bytes = [], 0
+            for run in P.batches(items):
+                last = run[-1] is items[-1]
+                self.sock.send_multipart(P.encode(P.Items(tuple(run), credits if last else ())), copy=False)
+            self._items_sent_at = time.monotonic() if now is None else now
+        elif credits:
+            self.sock.send_multipart(P.encode(P.Items((), credits)))
+
+    def _send_held(self, due: bool) -> None:
+        """The courier's call (holding its lock): send the items held; ``due``: only those held ITEMS_DELAY.
+
+        While a task yields, it sends them itself within ITEMS_DELAY; the
+        courier's look finds nothing due then, and sends nothing.
+        """
+        if self._items and (not due or time.monotonic() - self._items_held_at >= ITEMS_DELAY):
+            self._send_items()
+
+    def _wait_items(self) -> None:
+        """Before the task waits (and the loop reads the socket): the items held go now."""
+        if self._items:
+            with self.courier.lock:
+                self._send_items()
 
     def receive_item(self, tid: int, timeout: float | None) -> P.Payload:
         """The frames of the next object the producer sent; EOFError at its end, TimeoutError."""
@@ -215,6 +298,7 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         looked = False
         while not stream.inbox:
+            self._wait_items()
             if stream.inbound.broken:
                 raise ConnectionError(f"an object sent to task {tid} was lost on the way")
             if stream.closed:
@@ -228,26 +312,29 @@ class Worker:
         upto = stream.inbound.taken(P.payload_bytes(frames))
         if upto is not None:
             with self.courier.lock:
-                self.sock.send_multipart(P.encode(P.Items((), (P.Credit(tid, upto),))))
+                self._send_items((P.Credit(tid, upto),))
         return frames
 
     def _pump(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds (None: for ever) for messages from the agent, and take them.
 
         A stream's task sent the results before it and gave back the tasks
-        after it (``_stream``): the courier has nothing to send while we wait.
+        after it (``_stream``), and its items (``_wait_items``): the courier
+        has nothing to send while we wait.
         """
         if not self.sock.poll(None if timeout is None else math.ceil(timeout * 1000)):
             return
         while True:
             events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]  # pyzmq: int | bytes
-            if not events & zmq.POLLIN:
+            if not events & _POLLIN:
                 return
             msg = P.decode(self.sock.recv_multipart(copy=False))
             if isinstance(msg, P.Feed):
                 self._feed(msg)
             elif isinstance(msg, P.Bye):
                 self._bye = True  # after this batch
+            elif isinstance(msg, P.Release):
+                self.objects.drop(msg.digests)
 
     def _feed(self, msg: P.Feed) -> None:
         for entry in msg.items:

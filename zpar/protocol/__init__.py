@@ -19,6 +19,7 @@ msgpack header frame, then payload frames the broker forwards untouched::
        | <------------ STATUS  | <-> HEARTBEAT            |                 |
        | BYE ----------------> | <------------------- BYE |                 |
        |                       | <------------- GIVE_BACK | <---- GIVE_BACK |
+       | RELEASE ----------->  | RELEASE ---------------> | RELEASE ------> |
 
 Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
 function blobs named in ``f`` first, then each task's frames in order (its
@@ -40,6 +41,7 @@ from ._messages import (
     MAX_FRAMES,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_SIZE,
+    MAX_REFS,
     MAX_RETRIES,
     MAX_TASK_FRAMES,
     STREAM_BYTES,
@@ -66,6 +68,7 @@ from ._messages import (
     Message,
     Payload,
     Ready,
+    Release,
     Result,
     ResultEntry,
     Role,
@@ -88,6 +91,7 @@ __all__ = [
     "MAX_FRAMES",
     "MAX_HEADER_BYTES",
     "MAX_MESSAGE_SIZE",
+    "MAX_REFS",
     "MAX_RETRIES",
     "MAX_TASK_FRAMES",
     "STREAM_BYTES",
@@ -114,6 +118,7 @@ __all__ = [
     "Message",
     "Payload",
     "Ready",
+    "Release",
     "Result",
     "ResultEntry",
     "Role",

@@ -18,6 +18,7 @@ from ._messages import (
     MAX_ENTRIES,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
+    MAX_REFS,
     MAX_RETRIES,
     VALUE_STATUSES,
     VERSION,
@@ -41,6 +42,7 @@ from ._messages import (
     Message,
     Payload,
     Ready,
+    Release,
     Result,
     ResultEntry,
     Role,
@@ -133,10 +135,13 @@ def encode(msg: Message) -> list[Frame]:
         case Submit(tasks=tasks, funcs=funcs) | Tasks(tasks=tasks, funcs=funcs):
             h["f"] = [f.digest for f in funcs]
             frames.extend(f.blob for f in funcs)
-            rows = []
+            rows: list[tuple[Any, ...]] = []
             for t in tasks:
                 nframes, data = _place(t.payload, frames)
-                rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms))
+                if t.refs:
+                    rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms, t.refs))
+                else:
+                    rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms))
             h["t"] = rows
         case Result(results=results, agent=agent, epoch=epoch):
             rows_r = []
@@ -180,6 +185,8 @@ def encode(msg: Message) -> list[Frame]:
                 h["a"] = agent
         case Ack(ids=ids) | GiveBack(ids=ids):
             h["ids"] = ids
+        case Release(digests=digests):
+            h["d"] = digests
         case Error(code=code, ids=ids, detail=detail):
             h["code"] = int(code)
             h["ids"] = ids
@@ -281,8 +288,12 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
     fr.pos += len(digests)
     out = []
     for row in rows:
+        refs: tuple[bytes, ...] = ()
+        if type(row) is list and len(row) == 8:
+            refs = _digests(row.pop(), MAX_REFS, "a task's object references")
         if type(row) is not list or len(row) != 7:
-            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms]")
+            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms]"
+                                " and, if it refers to objects, their digests")
         tid, digest, nframes, flags, data, retries, timeout_ms = row
         if (type(tid) is not int or tid < 0 or type(digest) is not bytes or type(nframes) is not int
                 or nframes < 0 or type(flags) is not int or flags < 0 or type(data) is not bytes
@@ -290,8 +301,18 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
                 or type(timeout_ms) is not int or timeout_ms < 0):
             raise ProtocolError(f"malformed task entry {row!r:.200}")
         payload = (data,) if nframes == 0 and data else fr.take(nframes, data, "a task")
-        out.append(TaskEntry(tid, digest, payload, flags, retries, timeout_ms))
+        out.append(TaskEntry(tid, digest, payload, flags, retries, timeout_ms, refs))
     return tuple(out), funcs
+
+
+def _digests(value: Any, most: int, what: str) -> tuple[bytes, ...]:
+    """A list of 1 to ``most`` digests (bytes, as a function's digest: a wrong one names nothing held)."""
+    if type(value) is not list or not 0 < len(value) <= most:
+        raise ProtocolError(f"{what} must be a list of 1 to {most} digests")
+    for d in value:
+        if type(d) is not bytes:
+            raise ProtocolError(f"{what} must be digests (bytes)")
+    return tuple(value)
 
 
 def _cause(row: Any) -> Cause:
@@ -348,10 +369,11 @@ def _items(h: dict[str, Any], fr: _Frames) -> tuple[tuple[ItemEntry, ...], tuple
 
 
 def _enum(cls: type[enum.IntEnum], value: Any, what: str) -> Any:
-    try:
-        return cls(_nonneg_int(value, what))
-    except ValueError:
-        raise ProtocolError(f"unknown {what} {value!r}") from None
+    # The members by value, not cls(value): a quarter of the cost, on every message of every hop.
+    member = cls._value2member_map_.get(_nonneg_int(value, what))
+    if member is None:
+        raise ProtocolError(f"unknown {what} {value!r}")
+    return member
 
 
 #: What one header may declare, from the protocol's own limits: a declared length past these is
@@ -447,6 +469,8 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
         msg = Ack(_ids(h, "ids"))
     elif k is Kind.GIVE_BACK:
         msg = GiveBack(_ids(h, "ids"))
+    elif k is Kind.RELEASE:
+        msg = Release(_digests(_get(h, "d", list), MAX_ENTRIES, "RELEASE"))
     else:  # Kind.ERROR
         msg = Error(_enum(ErrorCode, _get(h, "code", int), "error code"), _ids(h, "ids", []),
                     _get(h, "detail", str, ""))

@@ -33,7 +33,7 @@ INLINE_MAX = 32 * 1024
 
 #: Stream flow control (zpar.streaming): a sender may be this many items ahead of
 #: what the receiver has taken (credits move the limit on: ``upto`` = taken + window) ...
-STREAM_WINDOW = 256
+STREAM_WINDOW = 4096
 #: ... and stops while this many bytes it sent are unread (a larger object still goes, alone).
 STREAM_BYTES = 8 << 20
 
@@ -59,6 +59,7 @@ class Kind(enum.IntEnum):
     ITEMS = 13
     FEED = 14
     GIVE_BACK = 15
+    RELEASE = 16
 
 
 class Role(str, enum.Enum):
@@ -106,6 +107,9 @@ class ByeReason(enum.IntEnum):
     RECYCLED = 3  # the agent retires this worker between tasks
 
 
+#: Most scattered objects (zpar.Client.scatter) one task may refer to.
+MAX_REFS = 256
+
 #: Task flags, a bit field in each task entry (1 was a chunk of calls; chunks are _wrappers.Chunk now).
 FLAG_CHANNEL = 2  # client.start: the function gets the task's channel as its first argument
 
@@ -140,7 +144,8 @@ class Shipped:
         self.known: set[bytes] = set()
 
     def functions(self, entries: Iterable[TaskEntry], blob: Callable[[bytes], Frame]) -> tuple[Function, ...]:
-        """The blobs (``blob(digest)``) of ``entries``' functions the peer lacks, now counted as sent."""
+        """The blobs (``blob(digest)``) of ``entries``' functions and scattered objects (``refs``) the peer
+        lacks, now counted as sent."""
         out: list[Function] = []
         known = self.known
         for entry in entries:
@@ -148,6 +153,11 @@ class Shipped:
             if digest not in known:
                 known.add(digest)
                 out.append(Function(digest, blob(digest)))
+            if entry.refs:  # objects go the way functions go: once per peer, by digest
+                for digest in entry.refs:
+                    if digest not in known:
+                        known.add(digest)
+                        out.append(Function(digest, blob(digest)))
         return tuple(out)
 
     def forget(self, digests: Iterable[bytes] | None = None) -> None:
@@ -159,11 +169,14 @@ class Shipped:
 
 
 class TaskEntry(NamedTuple):
-    """One task in SUBMIT or TASKS. Wire: ``[id, digest, nframes, flags, data, retries, timeout_ms]``.
+    """One task in SUBMIT or TASKS. Wire: ``[id, digest, nframes, flags, data, retries, timeout_ms]``,
+    then ``refs`` when it has any.
 
     ``retries``: how many more times the broker runs it after losing it to a
     dead worker or node. ``timeout_ms``: the agent stops it after this long
-    running (0: never).
+    running (0: never). ``refs``: the digests of the scattered objects its
+    arguments refer to (zpar.Client.scatter); their blobs travel beside the
+    function blobs, once per peer.
     """
 
     id: int
@@ -172,6 +185,7 @@ class TaskEntry(NamedTuple):
     flags: int = 0
     retries: int = 0
     timeout_ms: int = 0
+    refs: tuple[bytes, ...] = ()
 
 
 class Cause(NamedTuple):
@@ -385,5 +399,17 @@ class Feed:
     closed: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Forget these scattered objects (zpar.Client.scatter): their producer dropped its references.
+
+    Producer -> broker (its own objects), broker -> agent (objects no producer
+    holds any more, or past the node's cache), agent -> worker.
+    """
+
+    kind: ClassVar[Kind] = Kind.RELEASE
+    digests: tuple[bytes, ...]
+
+
 Message: TypeAlias = (Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye
-                      | Error | Ack | Items | Feed | GiveBack)
+                      | Error | Ack | Items | Feed | GiveBack | Release)
