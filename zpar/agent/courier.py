@@ -79,6 +79,11 @@ class Batch:
         """A batch is under way: a task runs, or some wait."""
         return self.running or bool(self.todo)
 
+    @property
+    def acted(self) -> bool:
+        """The task running now ran long and the courier has done what it can for it (results sent, tasks back)."""
+        return self.running and self.looked_after == self.seq
+
     def begin(self, tasks: Sequence[P.TaskEntry]) -> None:
         self.todo.extend(tasks)
         self.gave_back = False
@@ -187,7 +192,10 @@ class Courier:
             if send:
                 self._send_items(False)  # a stream's items go ahead of its result
                 self._flush_locked()
-            return self._batch.next()
+            task = self._batch.next()
+            if task is not None and not self._looking.is_set():  # it stopped looking at a long task
+                self._looking.set()
+            return task
 
     def streaming(self) -> None:
         """The task running now streams: the results before it go now, the tasks after it go back.
@@ -197,6 +205,8 @@ class Courier:
         """
         with self.lock:
             self._streaming = True
+            if not self._looking.is_set():
+                self._looking.set()
             self._flush_locked()
             back = self._batch.give_back()
             if back:
@@ -235,6 +245,10 @@ class Courier:
                 if back:
                     self._give_back(back)  # behind the results before it: the agent sees them in order
                 idle = 0 if self._batch.busy else idle + 1
-                if idle >= IDLE_LOOKS:
+                if self._batch.acted and not self._streaming:
+                    # Nothing more to do for a long task: no wake-up (and turn of the GIL) every delay
+                    # while it computes; done() or streaming() wakes the thread.
+                    self._looking.clear()
+                elif idle >= IDLE_LOOKS:
                     idle = 0
                     self._looking.clear()  # the next batch's begin sets it again
