@@ -101,6 +101,10 @@ def _label(what: Label) -> str:
     return what if isinstance(what, str) else what()
 
 
+#: Types pickled in band by plain pickle whatever their value (str and bytes may be large: not these).
+_PLAIN = frozenset({int, float, bool, complex, type(None)})
+
+
 def dumps(obj: Any, what: Label = "value", chunk: bool = False, shared: _shm.Space | None = None) -> list[Any]:
     """``obj`` as frames: ``[pickle, buffer, ...]``. Raises SerializationError naming it.
 
@@ -108,6 +112,8 @@ def dumps(obj: Any, what: Label = "value", chunk: bool = False, shared: _shm.Spa
     ``shared``: put buffers of _shm.THRESHOLD bytes or more in a shared-memory
     segment there (the receiver is on this host), sending only where they are.
     """
+    if type(obj) in _PLAIN:  # no buffer, no reference to any module: plain pickle (a stream's items)
+        return [pickle.dumps(obj, protocol=PROTOCOL)]
     frames = _dumps(obj, what)
     if len(frames[0]) >= OOB_THRESHOLD:  # only a large stream can hold large bytes
         lifted = _lift(obj, 2, len(frames[0]) // _LIFT_BYTES_PER_ITEM)
