@@ -14,6 +14,7 @@ UNKNOWN_FUNCTION, so only blobs in use count against the quota.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,17 +111,26 @@ class Holder(Protocol):
 def admit_functions(prod: Holder, funcs: tuple[P.Function, ...], limits: Limits,
                     counters: collections.Counter[str]) -> dict[bytes, P.ErrorCode]:
     """Keep a SUBMIT's blobs that hash to their digest and fit the quota; the others' digests, and why."""
+    return admit_blobs(prod.funcs, funcs, limits.functions, limits.function_bytes, counters, "functions")
+
+
+def admit_blobs(store: Functions, blobs: Sequence[P.Function], most: int, most_bytes: int,
+                counters: collections.Counter[str], what: str) -> dict[bytes, P.ErrorCode]:
+    """Keep in ``store`` the ``blobs`` that hash to their digest and fit ``most`` blobs and ``most_bytes``;
+    the others' digests, and why (``what`` names the counters: functions, objects)."""
     refused: dict[bytes, P.ErrorCode] = {}
-    keep = frozenset(f.digest for f in funcs)  # not evicted to make room for each other
-    for func in funcs:
-        if P.digest(func.blob) != func.digest:
+    keep = frozenset(b.digest for b in blobs)  # not evicted to make room for each other
+    for blob in blobs:
+        if blob.digest in store:  # sent again (a reconnect): what we hold was verified; no second hash
+            store.add(blob, most, most_bytes, keep)
+        elif P.digest(blob.blob) != blob.digest:
             # Content addressing is verified: another producer's digest cannot be made to run this.
-            counters["functions_mismatched"] += 1
-            refused[func.digest] = P.ErrorCode.BAD_FUNCTION
-        elif not prod.funcs.add(func, limits.functions, limits.function_bytes, keep):
-            counters["functions_over_quota"] += 1
-            never = len(func.blob) > limits.function_bytes
-            refused[func.digest] = P.ErrorCode.QUOTA_EXCEEDED if never else P.ErrorCode.QUEUE_FULL
+            counters[f"{what}_mismatched"] += 1
+            refused[blob.digest] = P.ErrorCode.BAD_FUNCTION
+        elif not store.add(blob, most, most_bytes, keep):
+            counters[f"{what}_over_quota"] += 1
+            never = len(blob.blob) > most_bytes
+            refused[blob.digest] = P.ErrorCode.QUOTA_EXCEEDED if never else P.ErrorCode.QUEUE_FULL
     return refused
 
 

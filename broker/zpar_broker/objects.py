@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from zpar import protocol as P
 
-from .limits import Functions, Limits
+from .limits import Functions, Limits, admit_blobs
 from .outgoing import Dest, Outgoing
 
 if TYPE_CHECKING:
@@ -102,19 +102,7 @@ def admit(prod: ProducerRecord, msg: P.Submit, limits: Limits,
         return msg.funcs, {}
     funcs = tuple(f for f in msg.funcs if f.digest not in named)
     blobs = [f for f in msg.funcs if f.digest in named]
-    keep = frozenset(f.digest for f in blobs)
-    refused: dict[bytes, P.ErrorCode] = {}
-    for blob in blobs:
-        if blob.digest in prod.objects:  # sent again (a reconnect): what we hold was verified; no second hash
-            prod.objects.add(blob, limits.objects, limits.object_bytes, keep)
-        elif P.digest(blob.blob) != blob.digest:
-            counters["objects_mismatched"] += 1
-            refused[blob.digest] = P.ErrorCode.BAD_FUNCTION
-        elif not prod.objects.add(blob, limits.objects, limits.object_bytes, keep):
-            counters["objects_over_quota"] += 1
-            never = len(blob.blob) > limits.object_bytes
-            refused[blob.digest] = P.ErrorCode.QUOTA_EXCEEDED if never else P.ErrorCode.QUEUE_FULL
-    return funcs, refused
+    return funcs, admit_blobs(prod.objects, blobs, limits.objects, limits.object_bytes, counters, "objects")
 
 
 def refusal(prod: ProducerRecord, entry: P.TaskEntry, refused: Mapping[bytes, P.ErrorCode],
