@@ -305,6 +305,24 @@ def test_a_segment_name_outside_zpar_directories_is_refused(tmp_path):
     space = _shm.Space(str(tmp_path), handoff=True)
     frames = serialize.dumps(np.ones(2 * MB // 8), shared=space)  # a layout naming a file outside /dev/shm
     with pytest.raises(SerializationError, match="not a zpar shared-memory segment"):
-        serialize.loads(frames)
+        serialize.loads(frames, shared=True)
     serialize.discard(frames)  # refuses it too
     assert victim.exists() and any(p.name != "victim" for p in tmp_path.iterdir())
+
+
+def test_only_the_embedded_clusters_processes_accept_a_value_naming_a_segment(shm_client, cluster_client):
+    # A node of a TCP cluster could send a result naming a segment: the producer refuses it, whatever
+    # the name (a value from the embedded cluster's own workers is mapped).
+    from zpar import _refs, serialize
+    from zpar.errors import SerializationError
+
+    space = _shm.Space(shm_client._cluster.shm_dir, handoff=False)
+    arr = np.arange(2 * MB // 8, dtype=np.float64)
+    frames = serialize.dumps(arr, shared=space)
+    with pytest.raises(SerializationError, match="not on this host's embedded cluster"):
+        serialize.loads(frames)
+    assert np.array_equal(serialize.loads(frames, shared=True), arr)
+    with pytest.raises(SerializationError, match="not on its producer's embedded cluster"):
+        _refs.unpack(_refs.pack(arr, space))
+    assert shm_client._io.core.shared and not cluster_client._io.core.shared
+    serialize.discard(frames)

@@ -50,7 +50,7 @@ class Connection(threading.Thread):
 
     def __init__(self, address: str, submits: collections.deque[PendingTask],
                  cancels: collections.deque[tuple[int, bool]], release: Callable[[], None], broker_timeout: float,
-                 creds: security.Credentials | None = None) -> None:
+                 creds: security.Credentials | None = None, shared: bool = False) -> None:
         super().__init__(name="zpar-client-io", daemon=True)
         self.address = address
         self.creds = creds
@@ -58,7 +58,7 @@ class Connection(threading.Thread):
         self.feeds: collections.deque[FeedOp] = collections.deque()  # from streams: objects, credits, closes
         self.releases: collections.deque[bytes] = collections.deque()  # scattered objects no Ref holds (zpar._refs)
         hello = P.Hello(P.Role.PRODUCER, f"client-{os.getpid()}", socket.gethostname(), os.getpid())
-        self.core = ProducerCore(address, release, broker_timeout, hello)
+        self.core = ProducerCore(address, release, broker_timeout, hello, shared)
         self.welcomed = threading.Event()  # the first WELCOME
         self._monitor: security.HandshakeMonitor | None = None
         self._wake_r, self._wake_w = os.pipe()

@@ -79,8 +79,9 @@ class ProducerCore:
     """
 
     def __init__(self, address: str, release: Callable[[], None], broker_timeout: float,
-                 hello: P.Hello | None = None) -> None:
+                 hello: P.Hello | None = None, shared: bool = False) -> None:
         self.address = address
+        self.shared = shared  # the embedded cluster's: results may name shared-memory segments (zpar._shm)
         self.release = release
         self.broker_timeout = broker_timeout
         self.hello = hello or P.Hello(P.Role.PRODUCER)
@@ -364,7 +365,7 @@ class ProducerCore:
         """Resolve or fail ``task`` as its RESULT ``entry`` says; raises what decoding raised."""
         if entry.status is P.Status.OK:
             what = functools.partial(_RESULT_OF.format, entry.id)
-            self.pending.resolve(task, serialize.loads(entry.payload, what=what))
+            self.pending.resolve(task, serialize.loads(entry.payload, what=what, shared=self.shared))
         elif entry.status is P.Status.STREAMED:
             self._stream_ended(task, entry.payload)
         elif entry.status is P.Status.RAISED:
@@ -412,7 +413,7 @@ class ProducerCore:
 
     def _stream_ended(self, task: PendingTask, payload: P.Payload) -> None:
         """A task that sent items returned: its result, once every item it counted is here."""
-        count, value = serialize.loads(payload, what=f"result of task {task.id}")
+        count, value = serialize.loads(payload, what=f"result of task {task.id}", shared=self.shared)
         stream = task.future._stream
         arrived = stream.next_seq if stream is not None else 0
         if arrived < count:

@@ -92,8 +92,9 @@ def pack(obj: Any, shared: Any = None) -> bytes:
     return blob
 
 
-def unpack(blob: P.Frame) -> Any:
-    """The value in an object blob; its buffers are read-only views of ``blob``, not copies."""
+def unpack(blob: P.Frame, shared: bool = False) -> Any:
+    """The value in an object blob; its buffers are read-only views of ``blob``, not copies.
+    ``shared``: as ``serialize.loads``'s (only the embedded cluster's workers map segments)."""
     from .errors import SerializationError
 
     try:
@@ -103,6 +104,10 @@ def unpack(blob: P.Frame) -> Any:
         parts = [view[spans[i]:spans[i] + spans[i + 1]] for i in range(0, 2 * n, 2)]
         if parts[0][0] == 0:  # serialize's marker: a value whose buffers are in shared memory (zpar._shm)
             from .serialize import _attached
+
+            if not shared:
+                raise ValueError("it names a shared-memory segment, and this worker is not on its producer's "
+                                 "embedded cluster")
 
             head, buffers = _attached(parts)  # the segment mapped copy-on-write; read-only here, as frames are
             return pickle.loads(head, buffers=[memoryview(b).toreadonly() for b in buffers])
@@ -234,9 +239,10 @@ def taken() -> tuple[bytes, ...]:
 class WorkerObjects:
     """A worker's scattered objects: blobs as they came, values unpickled once, on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
         self.blobs: dict[bytes, P.Frame] = {}
         self.values: dict[bytes, Any] = {}
+        self.shared = shared  # on the embedded cluster: blobs may name shared-memory segments
 
     def add(self, digest: bytes, blob: P.Frame) -> None:
         self.blobs.setdefault(digest, blob)
@@ -255,7 +261,7 @@ class WorkerObjects:
         if blob is None:
             raise LookupError(f"the scattered object {digest.hex()[:12]} is not on this node (released before the "
                               "task ran?)")
-        value = self.values[digest] = unpack(blob)
+        value = self.values[digest] = unpack(blob, self.shared)
         return value
 
 

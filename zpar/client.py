@@ -188,7 +188,8 @@ class Client(Submitter):
         self._submits: collections.deque[PendingTask] = collections.deque()
         self._cancels: collections.deque[tuple[int, bool]] = collections.deque()
         self._closed = False
-        self._io = Connection(address, self._submits, self._cancels, self._window.release, broker_timeout, creds)
+        self._io = Connection(address, self._submits, self._cancels, self._window.release, broker_timeout, creds,
+                              shared=self._shm is not None)
         self._wake = self._io.wake
         self._on_cancel, self._on_feed = self._io.cancel, self._io.feed  # bound once, not per task
         self._objects = _refs.Store(self._released, self._shm)  # scattered values (zpar._refs)

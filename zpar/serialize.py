@@ -276,13 +276,20 @@ def _names_by_value_module(head: bytes) -> bool:
     return any(name.encode() in head for name in _BY_VALUE)
 
 
-def loads(frames: Sequence[Any], what: Label = "value") -> Any:
-    """The object ``dumps`` made; zmq Frames are read in place, without copies."""
+def loads(frames: Sequence[Any], what: Label = "value", shared: bool = False) -> Any:
+    """The object ``dumps`` made; zmq Frames are read in place, without copies.
+
+    ``shared``: the frames come from this host's embedded cluster, and may name
+    a shared-memory segment (zpar._shm); from anyone else such a value is refused.
+    """
     try:
         views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
         if views[0][0] == 0:  # a marker: a pickle stream starts with PROTO (0x80)
             marker = bytes(memoryview(views[0])[:len(_CHUNKED)])
             if marker.startswith(_SHARED):
+                if not shared:
+                    raise ValueError("it names a shared-memory segment, and its sender is not on this "
+                                     "host's embedded cluster")
                 head, buffers = _attached(views)
                 return pickle.loads(head, buffers=buffers)
             if len(views) > 1 and marker == _CHUNKED:

@@ -90,7 +90,7 @@ class Worker:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.funcs: dict[bytes, Callable[..., Any]] = {}
-        self.objects = _refs._worker.objects = _refs.WorkerObjects()  # scattered values (Client.scatter)
+        self.objects = _refs._worker.objects = _refs.WorkerObjects(shared=self.shared is not None)  # Client.scatter's
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, identity)
@@ -174,9 +174,9 @@ class Worker:
             fn = self.funcs[task.digest]
             if task.refs:
                 with _refs.resolving(self.objects):
-                    payload = serialize.loads(task.payload, what="task arguments")
+                    payload = serialize.loads(task.payload, what="task arguments", shared=self.shared is not None)
             else:
-                payload = serialize.loads(task.payload, what="task arguments")
+                payload = serialize.loads(task.payload, what="task arguments", shared=self.shared is not None)
             args, kwargs = payload
             if task.flags & P.FLAG_CHANNEL:
                 args = (streaming.Channel(task.id, self), *args)
