@@ -25,6 +25,8 @@ SETTINGS = {  # BrokerConfig field -> Limits field
     "max_queued_bytes": "queued_bytes",
     "max_functions": "functions",
     "max_function_bytes": "function_bytes",
+    "max_objects": "objects",
+    "max_object_bytes": "object_bytes",
 }
 BROKER = os.path.join(os.path.dirname(sys.executable), "zpar-broker")
 

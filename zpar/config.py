@@ -26,6 +26,8 @@ DEFAULT_MAX_QUEUED_TASKS = 100_000
 DEFAULT_MAX_QUEUED_BYTES = 64 << 20  # 64 MiB
 DEFAULT_MAX_FUNCTIONS = 10_000
 DEFAULT_MAX_FUNCTION_BYTES = 64 << 20  # 64 MiB
+DEFAULT_MAX_OBJECTS = 10_000
+DEFAULT_MAX_OBJECT_BYTES = 1 << 30  # 1 GiB
 # Producers one key may have connected at once (with a shared secret: all of a cluster's producers).
 DEFAULT_MAX_PRODUCERS_PER_KEY = 1024
 
@@ -50,6 +52,8 @@ class BrokerConfig:
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES  # per producer: argument bytes of those tasks
     max_functions: int = DEFAULT_MAX_FUNCTIONS  # per producer: function blobs kept while its tasks use them
     max_function_bytes: int = DEFAULT_MAX_FUNCTION_BYTES  # per producer: bytes of those blobs
+    max_objects: int = DEFAULT_MAX_OBJECTS  # per producer: scattered objects kept (zpar.Client.scatter)
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # per producer: bytes of those objects
     max_producers_per_key: int = DEFAULT_MAX_PRODUCERS_PER_KEY  # producers connected at once with one key
     parent_pid: int = 0  # exit when this process goes (the embedded cluster)
     log_level: str = "INFO"
@@ -57,7 +61,7 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
         for name in ("max_queued_tasks", "max_queued_bytes", "max_functions", "max_function_bytes",
-                     "max_producers_per_key"):
+                     "max_objects", "max_object_bytes", "max_producers_per_key"):
             _check_positive_int(name, getattr(self, name))
         check_scheme(self.frontend, "frontend")
         for name in ("backend", "collector"):  # empty: none (an embedded broker's agent is in-process)

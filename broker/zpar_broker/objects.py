@@ -114,10 +114,11 @@ def refusal(prod: ProducerRecord, entry: P.TaskEntry, refused: Mapping[bytes, P.
             return why, "a scattered object it uses does not hash to its digest"
         if why is P.ErrorCode.QUOTA_EXCEEDED:
             return why, (f"a scattered object it uses is over the broker's limit of {limits.object_bytes} bytes "
-                         "of scattered objects per producer; split it, or load it in the task")
+                         "of scattered objects per producer; split it, load it in the task, or raise "
+                         "--max-object-bytes")
         if why is not None:
             return why, (f"the scattered objects in use are at the broker's limit of {limits.objects} objects or "
-                         f"{limits.object_bytes} bytes for this producer")
+                         f"{limits.object_bytes} bytes for this producer (--max-objects, --max-object-bytes)")
         if digest not in prod.objects:
             return P.ErrorCode.UNKNOWN_FUNCTION, (
                 "it refers to a scattered object this broker does not hold for this producer: send it again "

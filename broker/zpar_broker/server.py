@@ -127,7 +127,8 @@ class BrokerServer:
             max_message_size=config.max_message_size,
             security=_describe_security(config, self.creds),
             limits=Limits(queued_tasks=config.max_queued_tasks, queued_bytes=config.max_queued_bytes,
-                          functions=config.max_functions, function_bytes=config.max_function_bytes),
+                          functions=config.max_functions, function_bytes=config.max_function_bytes,
+                          objects=config.max_objects, object_bytes=config.max_object_bytes),
             coalesce=True,  # dispatch and results once per turn of the loop: see handle()
         )
         self._sessions = KeySessions(config.max_producers_per_key, self.core.has_producer)

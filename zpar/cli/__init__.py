@@ -102,6 +102,12 @@ def broker(
         None, help="Bytes of those function blobs; a task whose blob alone is larger fails with "
                    f"zpar.QuotaExceeded [default: {cfg.DEFAULT_MAX_FUNCTION_BYTES} (64 MiB); "
                    "env ZPAR_MAX_FUNCTION_BYTES]."),
+    max_objects: Optional[int] = typer.Option(
+        None, help="Scattered objects (Client.scatter) kept for one producer until it lets them go "
+                   f"[default: {cfg.DEFAULT_MAX_OBJECTS}; env ZPAR_MAX_OBJECTS]."),
+    max_object_bytes: Optional[int] = typer.Option(
+        None, help="Bytes of those objects; a scatter of a larger one fails with zpar.QuotaExceeded "
+                   f"[default: {cfg.DEFAULT_MAX_OBJECT_BYTES} (1 GiB); env ZPAR_MAX_OBJECT_BYTES]."),
     max_producers_per_key: Optional[int] = typer.Option(
         None, help="Producers connected at once with one key (with a shared secret or this user's own: all of "
                    f"them) [default: {cfg.DEFAULT_MAX_PRODUCERS_PER_KEY}; env ZPAR_MAX_PRODUCERS_PER_KEY]."),
@@ -117,7 +123,8 @@ def broker(
                                         allow_keys=allow_keys, allow_agent_keys=allow_agent_keys,
                                         max_queued_tasks=max_queued_tasks,
                                         max_queued_bytes=max_queued_bytes, max_functions=max_functions,
-                                        max_function_bytes=max_function_bytes,
+                                        max_function_bytes=max_function_bytes, max_objects=max_objects,
+                                        max_object_bytes=max_object_bytes,
                                         max_producers_per_key=max_producers_per_key), config_file)
     _setup_logging(conf.log_level)
     _warn_argv_secret(secret)
