@@ -41,17 +41,21 @@ def flat(parts: Iterable[list[Any]]) -> list[Any]:
     return [x for part in parts for x in part]
 
 
-class PoolPeer(PoolTool):
+class ImapUnordered:
+    """A system whose handle has ``imap_unordered(fn, items, chunksize=)`` (Pool's, zpar's Client's)."""
+
+    h: Any
+
     def imap_unordered(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> Iterable[Any]:
         results: Iterable[Any] = self.h.imap_unordered(fn, items, chunksize=chunksize)
         return results
 
 
-class ZparPeer(ZparTool):
-    def imap_unordered(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> Iterable[Any]:
-        results: Iterable[Any] = self.h.imap_unordered(fn, items, chunksize=chunksize)
-        return results
+class PoolPeer(ImapUnordered, PoolTool):
+    pass
 
+
+class ZparPeer(ImapUnordered, ZparTool):
     def hub(self) -> psutil.Process:
         """The embedded hub (broker + agent in one process; the workers are its children)."""
         procs = self.h._cluster.procs  # private: the client exposes no pid, and only this benchmark needs it
@@ -172,7 +176,7 @@ class RayTool(Tool):
         return self.h.get(self.task(fn).remote(arg))
 
 
-class ZparTcpTool(Tool):
+class ZparCliTool(Tool):
     """zpar over loopback TCP: a real ``zpar-broker`` and ``zpar-agent`` started from their CLIs, and a Client.
 
     Neither is given a secret, so all three use this user's own: CurveZMQ

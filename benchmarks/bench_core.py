@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import gc
 import importlib.util
 import multiprocessing as mp
@@ -225,7 +226,6 @@ class ZparTool(FuturesTool):
         return info
 
 
-
 class PoolTool(Tool):
     name = "Pool"
 
@@ -274,13 +274,14 @@ class ZparTcpTool(ZparTool):
     """zpar through a broker and an agent over loopback TCP (CurveZMQ), one hop more than embedded."""
 
     name = "zpar-tcp"
+    config_home: str | None = None  # made once for the run (every instance and reopening shares it)
 
     def start(self):
         import tempfile
 
         from _cluster import private_config_home, start_cluster
-        if "XDG_CONFIG_HOME" not in os.environ:
-            private_config_home()
+        if ZparTcpTool.config_home is None:  # this user's secret made for the run, never the caller's own
+            ZparTcpTool.config_home = private_config_home()
         cluster = start_cluster(os.path.join(tempfile.gettempdir(), f"bench-core-tcp-{os.getpid()}.log"),
                                 agents=1, workers=self.workers, heartbeat=1.0)
         client = cluster.client()
@@ -288,8 +289,7 @@ class ZparTcpTool(ZparTool):
         return client
 
     def stop(self, h):
-        h.close()
-        h._bench_cluster.stop()
+        h._bench_cluster.stop()  # closes its clients (h) first
 
 
 class ExecutorTool(FuturesTool):
@@ -383,6 +383,13 @@ class Row:
         if a is None or b is None or b == 0:
             return None
         return a / b
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as the JSON report has it."""
+        return {"title": self.title, "unit": self.unit, "higher_is_better": self.higher_is_better,
+                "figures": self.figures, "ratio_to_pool": {t: self.ratio(t) for t in self.figures},
+                "samples": self.samples, "errors": self.errors, "hangs": self.hangs, "attempts": self.attempts,
+                "extra": self.extra, "note": self.note}
 
 
 @dataclass
@@ -521,6 +528,14 @@ class Bench:
             except Exception as exc:  # noqa: BLE001
                 self.log(f"reopening {tool.name} failed: {exc}", "red")
 
+    def sample(self, row: Row, tools: list[Tool], reps: int, once: Callable[[Tool], float]) -> None:
+        """``reps`` repetitions, each ``once(tool)`` for every tool in rotated order, guarded; adds each figure."""
+        for order in self.rotations(tools, reps):
+            for tool in order:
+                r = self.guarded(row, tool, functools.partial(once, tool))
+                if r is not None:
+                    row.add(tool.name, r)
+
     @staticmethod
     def finish(row: Row) -> None:
         for tool, values in row.samples.items():
@@ -584,20 +599,17 @@ class Bench:
         warm = args[: max(200, s.submit_n // 10)]
         for tool in tools:
             self.guarded(row, tool, lambda tool=tool: tool.submit_all(noop, warm), "warm-up")
-        for order in self.rotations(tools, s.reps):
-            for tool in order:
-                def once(tool=tool):
-                    gc.collect()
-                    t0 = perf()
-                    out = tool.submit_all(noop, args)
-                    took = perf() - t0
-                    if out != args:
-                        raise AssertionError("wrong results")
-                    return s.submit_n / took
 
-                r = self.guarded(row, tool, once)
-                if r is not None:
-                    row.add(tool.name, r)
+        def once(tool):
+            gc.collect()
+            t0 = perf()
+            out = tool.submit_all(noop, args)
+            took = perf() - t0
+            if out != args:
+                raise AssertionError("wrong results")
+            return s.submit_n / took
+
+        self.sample(row, tools, s.reps, once)
         self.finish(row)
 
     # ------------------------------------------------------------------ 2. map
@@ -613,20 +625,17 @@ class Bench:
             for tool in tools:
                 self.guarded(row, tool, lambda tool=tool, warm=warm, cs=chunksize: tool.map(noop, warm, cs),
                              "warm-up")
-            for order in self.rotations(tools, s.reps):
-                for tool in order:
-                    def once(tool=tool, items=items, chunksize=chunksize, n=n):
-                        gc.collect()
-                        t0 = perf()
-                        out = tool.map(noop, items, chunksize)
-                        took = perf() - t0
-                        if out != items:
-                            raise AssertionError(f"wrong results ({len(out)} of {len(items)} items back)")
-                        return n / took
 
-                    r = self.guarded(row, tool, once)
-                    if r is not None:
-                        row.add(tool.name, r)
+            def once(tool, items=items, chunksize=chunksize, n=n):
+                gc.collect()
+                t0 = perf()
+                out = tool.map(noop, items, chunksize)
+                took = perf() - t0
+                if out != items:
+                    raise AssertionError(f"wrong results ({len(out)} of {len(items)} items back)")
+                return n / took
+
+            self.sample(row, tools, s.reps, once)
             self.finish(row)
 
     # ------------------------------------------------------------------ 7. stream
@@ -641,20 +650,17 @@ class Bench:
                                       "every sample in the JSON")
         for tool in tools:
             self.guarded(row, tool, lambda tool=tool: tool.stream(n // 10), "warm-up")
-        for order in self.rotations(tools, s.reps):
-            for tool in order:
-                def once(tool=tool):
-                    gc.collect()
-                    t0 = perf()
-                    got = tool.stream(n)
-                    took = perf() - t0
-                    if got != n:
-                        raise AssertionError(f"{got} of {n} items back")
-                    return n / took
 
-                r = self.guarded(row, tool, once)
-                if r is not None:
-                    row.add(tool.name, r)
+        def once(tool):
+            gc.collect()
+            t0 = perf()
+            got = tool.stream(n)
+            took = perf() - t0
+            if got != n:
+                raise AssertionError(f"{got} of {n} items back")
+            return n / took
+
+        self.sample(row, tools, s.reps, once)
         self.finish(row)
         row.extra["spread"] = {t: [min(v), max(v)] for t, v in row.samples.items() if v}
 
@@ -987,9 +993,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.bench_numpy(tools)
         if want("stream"):
             bench.log("stream of tiny items ...")
-            tcp = ZparTcpTool(W)
             try:
                 if "zpar-tcp" not in names:  # opened for the latency rows already
+                    tcp = ZparTcpTool(W)
                     tcp.open()
                     opened.append(tcp)
                     tcp.first(tcp.h)
@@ -1013,11 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
                      "platform": platform.platform(),
                      "start_method": mp.get_start_method(), "cpu_count": os.cpu_count(), "tools": names,
                      "elapsed_s": elapsed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-            "results": {k: {"title": r.title, "unit": r.unit, "higher_is_better": r.higher_is_better,
-                            "figures": r.figures, "ratio_to_pool": {t: r.ratio(t) for t in r.figures},
-                            "samples": r.samples, "errors": r.errors, "hangs": r.hangs, "attempts": r.attempts,
-                            "extra": r.extra, "note": r.note}
-                        for k, r in bench.rows.items()},
+            "results": {k: r.to_json() for k, r in bench.rows.items()},
             "bars": verdicts,
             "hangs": bench.hangs,
         }

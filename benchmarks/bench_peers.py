@@ -36,7 +36,7 @@ import numpy as np
 # benchmarks/ is on sys.path
 from _cluster import private_config_home
 from _common import git_state, rotated, write_json
-from _peers import SYSTEMS, ChildWatch, ZparPeer, ZparTcpTool, missing
+from _peers import SYSTEMS, ChildWatch, ZparCliTool, ZparPeer, missing
 from _peers_report import markdown, update_readme, write_png
 from _peers_tasks import nbytes
 from _tasks import calibrate, sum_primes
@@ -51,7 +51,6 @@ WORKLOADS = ["startup", "cpu", "hub", "submit", "map", "imap", "latency", "numpy
 @dataclass(frozen=True)
 class PeerSizes(Sizes):
     latency_runs: int = 3  # bench_core's latency line, run this many times: its median and spread
-    stream_n: int = 1_000_000
     hub_windows: int = 4
     hub_window: float = 2.5  # seconds: psutil's CPU times tick every 10 ms
     curve_mb: int = 64
@@ -199,7 +198,7 @@ class PeerBench(Bench):
         mb = self.sizes.curve_mb
         arr = np.ones(mb * 1_000_000 // 8)
         private_config_home()  # the user's own secret, made for this run: not the caller's
-        tool = ZparTcpTool(self.workers, os.path.join(workdir, "daemons.log"))
+        tool = ZparCliTool(self.workers, os.path.join(workdir, "daemons.log"))
         row = self.row("curve", title=f"{mb} MB argument over CurveZMQ, zpar-broker + zpar-agent (TCP)",
                        unit="MB/s", higher_is_better=True, fmt=mbps,
                        note=f"the CLIs on loopback TCP, default authentication (CurveZMQ + ZAP); a task that "
@@ -340,11 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, {
             "meta": meta,
-            "results": {k: {"title": r.title, "unit": r.unit, "higher_is_better": r.higher_is_better,
-                            "figures": r.figures, "ratio_to_pool": {t: r.ratio(t) for t in r.figures},
-                            "samples": r.samples, "errors": r.errors, "hangs": r.hangs, "extra": r.extra,
-                            "note": r.note}
-                        for k, r in bench.rows.items()},
+            "results": {k: r.to_json() for k, r in bench.rows.items()},
             "hangs": bench.hangs,
         })
     errors = any(r.errors or r.hangs for r in bench.rows.values())

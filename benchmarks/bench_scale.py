@@ -985,6 +985,15 @@ def checks(r: dict[str, Any]) -> list[tuple[str, bool, str]]:
     return out
 
 
+def print_profile(profile: dict[str, Any], most: int | None = None) -> None:
+    """A py-spy profile's functions (``most`` at the most), by own time, then by inclusive time."""
+    for f, pct in profile.get("own", [])[:most]:
+        print(f"    {pct:5.1f} %  {f}")
+    print("  inclusive:")
+    for f, pct in profile.get("inclusive", [])[:most]:
+        print(f"    {pct:5.1f} %  {f}")
+
+
 def print_report(results: list[dict[str, Any]], args: argparse.Namespace) -> bool:
     base = next((r for r in results if r["agents"] == 1 and "broken" not in r), None)
     for r in results:
@@ -1037,21 +1046,13 @@ def print_report(results: list[dict[str, Any]], args: argparse.Namespace) -> boo
         if idle:
             print(f"  py-spy on the idle broker ({idle.get('samples', 0)} samples at 1,000 Hz over "
                   f"{args.profile_seconds:g} s: the loop's active time only): own time")
-            for f, pct in idle.get("own", [])[:8]:
-                print(f"    {pct:5.1f} %  {f}")
-            print("  inclusive:")
-            for f, pct in idle.get("inclusive", [])[:8]:
-                print(f"    {pct:5.1f} %  {f}")
+            print_profile(idle, 8)
         prof = r.get("profiled", {}).get("profile")
         if prof:
             p = r["profiled"]
             print(f"  py-spy on the broker ({prof.get('samples', 0)} samples at 200 Hz over {args.profile_seconds:g} s,"
                   f" profiled round {p['tasks_per_s']:,} tasks/s): own time")
-            for f, pct in prof.get("own", []):
-                print(f"    {pct:5.1f} %  {f}")
-            print("  inclusive:")
-            for f, pct in prof.get("inclusive", []):
-                print(f"    {pct:5.1f} %  {f}")
+            print_profile(prof)
     ok = True
     print()
     for r in results:
