@@ -167,6 +167,24 @@ def test_the_courier_sleeps_between_busy_spells_and_the_next_batch_wakes_it():
         courier.close()
 
 
+def test_once_it_has_acted_for_a_long_task_the_courier_sleeps_and_the_next_task_wakes_it():
+    # No wake-up (and turn of the GIL) every delay while a long task computes; a channel task kept
+    # behind it (never given back) starts, and the courier watches it again.
+    sent, now = Sent(), [0.0]
+    courier = Courier(sent.results, sent.back, delay=0.002, clock=lambda: now[0])
+    try:
+        first = courier.begin([task(1), task(2), task(3, P.FLAG_CHANNEL)])
+        assert courier.done(entry(first.id)).id == 2  # a long task
+        assert courier_acts(now, lambda: len(sent.messages) == 1)
+        assert sent.messages == [("results", [1])]  # the channel task stays ours
+        assert wait_for(lambda: not courier.looking, timeout=10, what="the courier going to sleep")
+        assert courier.done(entry(2)).id == 3  # held: it goes with the next one's, or once that one runs long
+        assert courier.looking
+        assert courier_acts(now, lambda: len(sent.messages) == 2) and sent.messages[1] == ("results", [2])
+    finally:
+        courier.close()
+
+
 def test_a_streaming_task_sends_the_results_before_it_and_gives_back_the_tasks_after_it_at_once():
     sent, now = Sent(), [0.0]
     courier = Courier(sent.results, sent.back, delay=0.002, clock=lambda: now[0])

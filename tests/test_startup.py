@@ -16,8 +16,6 @@ from zpar.agent.spawn import ForkedWorker, prestart, worker_identity
 from zpar.config import AgentConfig
 from zpar.testing import wait_for
 
-pytestmark = pytest.mark.timeout(60)
-
 FORKED = "zpar-worker-"  # the process name a forked worker gives itself (its command line is the hub's)
 
 
@@ -125,10 +123,12 @@ def test_an_agent_adopts_the_workers_it_asks_for_and_stops_those_it_does_not():
 def test_a_forked_worker_reads_as_a_popen_would():
     # Any child will do: what is tested is how its end is read (not a fork of this process, which has threads).
     proc = ForkedWorker(os.posix_spawn("/bin/sleep", ["sleep", "30"], os.environ))
-    assert proc.poll() is None
-    with pytest.raises(subprocess.TimeoutExpired):
-        proc.wait(0.05)
-    proc.kill()
+    try:
+        assert proc.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(0.05)
+    finally:
+        proc.kill()
     assert proc.wait(10) == -signal.SIGKILL == proc.poll() == proc.returncode
     proc.kill()  # reaped: nothing is sent to a pid the kernel may have given to another process
     assert ForkedWorker(os.posix_spawn("/bin/sh", ["sh", "-c", "exit 3"], os.environ)).wait(10) == 3

@@ -122,14 +122,14 @@ def latencies(fut) -> list[float]:
 def test_a_slow_generators_items_arrive_within_milliseconds(client):
     waits = latencies(client.submit(tasks.stamped, 30, 0.01))
     assert len(waits) == 30
-    assert statistics.median(waits) < 0.005, waits
+    assert statistics.median(waits) < 0.025, waits  # held for a batch, they would wait 10 ms an item held
 
 
 def test_the_last_item_of_a_burst_arrives_within_milliseconds_though_the_task_yields_no_more(client):
     # Held in the worker until the courier's next look finds it held a millisecond: about 2 ms, then the hops.
     waits = latencies(client.submit(tasks.bursts_stamped, 20, 50, 0.02))
     assert len(waits) == 20
-    assert statistics.median(waits) < 0.010, waits
+    assert statistics.median(waits) < 0.015, waits  # held until the next burst, 20 ms
 
 
 def test_a_slow_reader_pauses_the_generator_at_the_window(own_client, tmp_path):

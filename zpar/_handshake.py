@@ -88,5 +88,5 @@ def _next_event(sock: zmq.Socket[bytes]) -> tuple[int, int]:
     (17 ms of every daemon's and client's start).
     """
     first = sock.recv_multipart(zmq.NOBLOCK)[0]
-    event, value = struct.unpack("=hi", first[:6])
+    event, value = struct.unpack("=HI", first[:6])
     return event, value

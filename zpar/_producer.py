@@ -392,20 +392,13 @@ class ProducerCore:
     # ------------------------------------------------------------------ streams (zpar.streaming)
 
     def _items(self, msg: P.Items, out: list[P.Message]) -> None:
-        items = msg.items
-        start, end = 0, len(items)
-        while start < end:  # a run of one task's items at a time: one lock and one wake-up a run
-            tid = items[start].id
-            stop = start + 1
-            while stop < end and items[stop].id == tid:
-                stop += 1
+        for tid, run in P.runs(msg.items):  # one lock and one wake-up a run of a task's items
             task = self.pending.get(tid)
             if task is not None:  # else cancelled, failed, or done
                 stream = task.future._stream_state()
-                if stream.arrived(items[start:stop]) is not None:
+                if stream.arrived(run) is not None:
                     self._stream_broken(task, f"item {stream.next_seq} of task {task.id} was lost on the way "
                                               "(a connection broke)", out)
-            start = stop
         for credit in msg.credits:
             task = self.pending.get(credit.id)
             if task is not None:

@@ -216,14 +216,14 @@ class Client(Submitter):
             return f"arguments of {_name(fn)}"
 
         refs: tuple[bytes, ...] = ()
-        if _refs.made:  # note the Refs the arguments hold (zpar._refs): their digests go with the task
+        noting = _refs.made  # note the Refs the arguments hold (zpar._refs): their digests go with the task
+        if noting:
             _refs.begin()
-            try:
-                frames = serialize.dumps(payload, what, chunk=self._creds is not None, shared=self._shm)
-            finally:
-                refs = _refs.taken()
-        else:
+        try:
             frames = serialize.dumps(payload, what, chunk=self._creds is not None, shared=self._shm)
+        finally:
+            if noting:
+                refs = _refs.taken()
         objects = self._objects.blobs(refs) if refs else None  # ValueError for another client's Ref
         if len(frames) > 1:
             serialize.check_payload(frames, what)

@@ -331,9 +331,10 @@ class StreamState:
                 if self.discarding:
                     self._taken(nbytes, new)
                 self.cond.notify_all()
-                for _ in range(new):  # listeners are told of each item (Future.add_ready_callback's promise)
-                    for event in self.listeners:
-                        event.set()
+                if self.listeners:  # told of each item (Future.add_ready_callback's promise); mostly none
+                    for _ in range(new):
+                        for event in self.listeners:
+                            event.set()
         return lost
 
     def granted(self, upto: int) -> None:

@@ -68,7 +68,6 @@ class BrokerCore:
         self._dispatch_due = False
         self._acks: dict[bytes, list[int]] = {}  # agent -> result ids to ACK at the next flush
         self._routed: dict[bytes, list[P.ResultEntry]] = {}  # producer -> results to send at the next flush
-        self._heartbeat = P.Heartbeat()  # one object for every agent: the loop encodes it once a tick
 
     # ------------------------------------------------------------------ events
 
@@ -237,13 +236,14 @@ class BrokerCore:
         self._next_beat = now + self.heartbeat
         deadline = self._rule.cutoff(now) if judge else float("-inf")
         producer_deadline = self._rule.cutoff(now, PRODUCER_SLACK) if judge else float("-inf")
+        beat = P.Heartbeat()  # one message for every agent: the loop encodes it once
         for agent in list(self._agents.values()):
             if agent.last_seen < deadline:
                 log.warning("agent %s silent for %.1f s; re-queueing its %d tasks",
                             printable(agent.name), now - agent.last_seen, len(agent.assigned))
                 self._drop_agent(agent, "silent", out)
             else:
-                out.append(Outgoing(Dest.BACKEND, agent.id, self._heartbeat))
+                out.append(Outgoing(Dest.BACKEND, agent.id, beat))
         for prod in list(self._producers.values()):
             if prod.last_seen < producer_deadline:
                 log.warning("producer %s on %s silent for %.1f s; dropping its %d tasks",

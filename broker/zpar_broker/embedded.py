@@ -25,17 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zpar_broker.embedded",
                                      description="zpar's embedded cluster (started by zpar.Client()).")
     parser.add_argument("--frontend", required=True)
-    parser.add_argument("--workers", type=int, default=0, help="(zpar.Client gives it: the workers start first)")
+    parser.add_argument("--workers", type=int, required=True, help="(zpar.Client says how many: they start first)")
     parser.add_argument("--max-tasks-per-worker", type=int, default=0)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     workers = args.workers
-    if workers <= 0:  # run by hand: what the agent would start (zpar.config costs what prestart saves)
-        from zpar.config import usable_cores
-
-        workers = usable_cores()
     started = prestart(workers, fork=True)  # no thread and no ZeroMQ context here yet
     try:
         # Imported only now, after the fork: the workers need none of it.

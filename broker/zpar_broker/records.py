@@ -116,7 +116,7 @@ class ProducerRecord:
             self.gone = 0
 
 
-E = TypeVar("E", P.TaskEntry, P.ResultEntry)
+E = TypeVar("E", P.TaskEntry, P.ResultEntry, P.ItemEntry)
 
 
 def renumbered(entry: E, new_id: int) -> E:

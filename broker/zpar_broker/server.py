@@ -327,17 +327,17 @@ class BrokerServer:
         peer, msg = self._decode(frames, "frontend", routed=True)
         if msg is None:
             if self._tell_malformed(peer):
-                self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.MALFORMED)))
+                self._send([Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.MALFORMED))])
             return
         if self._key_refused("frontend", frames[1]):
-            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.KEY_REVOKED)))
+            self._send([Outgoing(Dest.FRONTEND, peer, P.Error(P.ErrorCode.KEY_REVOKED))])
             return
         if isinstance(msg, P.Hello) and not self._sessions.admit(peer, _user_id(frames[1])):
             self.core.counters["producers_refused_per_key"] += 1
             self._bad_log.warn(log, "refused a producer: its key has %d producers connected already",
                                self._sessions.limit)
-            self._send_one(Outgoing(Dest.FRONTEND, peer, P.Error(
-                P.ErrorCode.TOO_MANY_PEERS, (), f"its key has {self._sessions.limit} clients connected already")))
+            self._send([Outgoing(Dest.FRONTEND, peer, P.Error(
+                P.ErrorCode.TOO_MANY_PEERS, (), f"its key has {self._sessions.limit} clients connected already"))])
             return
         self._send(self.core.producer_message(time.monotonic(), peer, msg))
 
@@ -404,25 +404,21 @@ class BrokerServer:
     # ------------------------------------------------------------------ sending
 
     def _send(self, out: list[Outgoing]) -> None:
-        shared: tuple[P.Message | None, list[P.Frame]] = (None, [])
+        last: P.Message | None = None
+        body: list[P.Frame] = []
         for item in out:
-            if item.msg is shared[0]:  # the same message to many peers (heartbeats): encoded once
-                self._send_one(item, [item.peer, *shared[1]])
+            if item.dest is Dest.BACKEND and item.peer in self.local_agents:
+                self.local_agents[item.peer](item.msg)
                 continue
-            if isinstance(item.msg, P.Heartbeat):
-                shared = (item.msg, P.encode(item.msg))
-                self._send_one(item, [item.peer, *shared[1]])
-                continue
-            self._send_one(item)
+            if item.msg is not last:  # one message to many peers (a tick's heartbeats): encoded once
+                last, body = item.msg, P.encode(item.msg)
+            self._send_frames(item, [item.peer, *body])
 
-    def _send_one(self, item: Outgoing, frames: list[P.Frame] | None = None) -> None:
-        if item.dest is Dest.BACKEND and item.peer in self.local_agents:
-            self.local_agents[item.peer](item.msg)
-            return
+    def _send_frames(self, item: Outgoing, frames: list[P.Frame]) -> None:
         sock = self.sockets["frontend" if item.dest is Dest.FRONTEND else "backend"]
         self.core.counters[f"sent_{item.dest.value}"] += 1
         try:
-            sock.send_multipart(frames or P.encode_routed(item.peer, item.msg), zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.core.counters["send_dropped_hwm"] += 1
             log.warning("%s peer %s is not reading; dropped a %s", item.dest.value, item.peer.hex(), item.msg.kind.name)

@@ -13,7 +13,7 @@ import collections
 from zpar import protocol as P
 
 from .outgoing import Dest, Outgoing
-from .records import AgentRecord, Feed, ProducerRecord, TaskRecord, TaskState
+from .records import AgentRecord, Feed, ProducerRecord, TaskRecord, TaskState, renumbered
 
 
 class StreamRouting:
@@ -30,25 +30,18 @@ class StreamRouting:
         out: list[Outgoing] = []
         by_producer: dict[bytes, tuple[list[P.ItemEntry], list[P.Credit]]] = {}
         orphans: set[int] = set()
-        items = msg.items
-        start, end = 0, len(items)
-        while start < end:  # a run of one task's items at a time (a worker batches its task's items)
-            gid = items[start].id
-            stop = start + 1
-            while stop < end and items[stop].id == gid:
-                stop += 1
+        for gid, group in P.runs(msg.items):
             task = self._tasks.get(gid)
             if (task is None or task.state is not TaskState.ASSIGNED
                     or task.agent is None or task.agent.id != msg.agent):  # only from the agent running it
-                self.counters["late_items"] += stop - start
+                self.counters["late_items"] += sum(1 for _ in group)
                 if task is None:
                     orphans.add(gid)  # nobody will read them: stop the task, not leave it at its window
             else:
                 task.streamed = True
-                ptid, entry_ = task.ptid, P.ItemEntry
+                ptid = task.ptid
                 by_producer.setdefault(task.producer.id, ([], []))[0].extend(
-                    [entry_(ptid, e.seq, e.payload) for e in items[start:stop]])
-            start = stop
+                    [renumbered(e, ptid) for e in group])
         for credit in msg.credits:
             task = self._tasks.get(credit.id)
             if task is not None and task.agent is not None and task.agent.id == msg.agent:
@@ -71,7 +64,7 @@ class StreamRouting:
             if task is None:
                 self.counters["late_feed"] += 1
                 continue
-            gentry = entry._replace(id=task.gid)
+            gentry = renumbered(entry, task.gid)
             if task.agent is None:  # queued: it goes with the task (a producer keeps to its window)
                 if task.feed is None:
                     task.feed = Feed()

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,12 +46,6 @@ RECONNECT_IVL = 5
 def worker_identity(generation: int) -> bytes:
     """The routing identity of the agent's ``generation``-th worker (w1, w2, ...)."""
     return f"w{generation}".encode()
-
-
-def worker_command(endpoint: str, identity: bytes, parent_pid: int, chunk: bool) -> list[str]:
-    """The command line of a worker of the agent ``parent_pid`` (``chunk``: its results cross CurveZMQ)."""
-    return [sys.executable, "-m", "zpar.agent.worker", endpoint, identity.decode(), str(parent_pid),
-            *(["--chunk"] if chunk else [])]
 
 
 class WorkerProcess(Protocol):
@@ -68,9 +63,11 @@ class WorkerProcess(Protocol):
     def kill(self) -> None: ...
 
 
-def start_worker(endpoint: str, identity: bytes, chunk: bool) -> subprocess.Popen[bytes]:
-    """Start a worker of this process (a fresh interpreter: safe whatever this process holds)."""
-    return subprocess.Popen(worker_command(endpoint, identity, os.getpid(), chunk), stdin=subprocess.DEVNULL)
+def start_worker(endpoint: str, identity: bytes, chunk: bool = False) -> subprocess.Popen[bytes]:
+    """Start a worker of this process (a fresh interpreter: safe whatever this process holds); ``chunk``:
+    its results cross CurveZMQ."""
+    return subprocess.Popen([sys.executable, "-m", "zpar.agent.worker", endpoint, identity.decode(),
+                             str(os.getpid()), *(["--chunk"] if chunk else [])], stdin=subprocess.DEVNULL)
 
 
 class ForkedWorker:
@@ -101,9 +98,6 @@ class ForkedWorker:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
     def _reap(self, options: int) -> None:
         try:
@@ -212,18 +206,16 @@ def prestart(count: int, *, fork: bool = False) -> Prestarted:
     context (the hub's first lines); one with a thread gets fresh interpreters.
     """
     started = Prestarted(private_dir("zpar-agent-"))
-    try:
-        if fork and threading.active_count() == 1:
-            from . import worker  # noqa: F401 - imported once, here, rather than in each worker
+    start: Callable[[str, bytes], WorkerProcess] = start_worker
+    if fork and threading.active_count() == 1:
+        from . import worker  # noqa: F401 - imported once, here, rather than in each worker
 
-            gc.freeze()  # what the workers inherit is never collected, so its pages stay shared with us
-            for generation in range(1, count + 1):
-                identity = worker_identity(generation)
-                started.procs[identity] = fork_worker(started.endpoint, identity)
-        else:
-            for generation in range(1, count + 1):
-                identity = worker_identity(generation)
-                started.procs[identity] = start_worker(started.endpoint, identity, chunk=False)
+        gc.freeze()  # what the workers inherit is never collected, so its pages stay shared with us
+        start = fork_worker
+    try:
+        for generation in range(1, count + 1):
+            identity = worker_identity(generation)
+            started.procs[identity] = start(started.endpoint, identity)
     except BaseException:
         started.stop()
         raise

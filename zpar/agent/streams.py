@@ -33,19 +33,12 @@ class StreamPassing:
         slot = self._workers.get(identity)
         if slot is None or slot.state is not WorkerState.BUSY or slot.stale:
             return
-        items = msg.items
-        start, end = 0, len(items)
-        while start < end:  # a run of one task's items at a time (the worker batches them)
-            tid = items[start].id
-            stop = start + 1
-            while stop < end and items[stop].id == tid:
-                stop += 1
+        for tid, run in P.runs(msg.items):
             task = _held_by(slot, tid)
             if task is not None and tid not in slot.doomed:
                 task.streamed = True
                 self._streaming[tid] = slot
-                self.items.extend(items[start:stop])
-            start = stop
+                self.items.extend(run)
         for credit in msg.credits:
             if _held_by(slot, credit.id) is not None:
                 self.item_credits.append(credit)

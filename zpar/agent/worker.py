@@ -26,6 +26,7 @@ message per ITEMS_BATCH items, and a slow one's items are not held back.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import math
 import os
@@ -46,6 +47,7 @@ from .courier import Courier
 from .spawn import RECONNECT_IVL
 
 _POLLIN = int(zmq.POLLIN)  # a plain int: ``int & IntFlag`` builds an enum member each time
+_NO_REFS = contextlib.nullcontext()  # a task whose arguments hold no scattered object
 
 _PR_SET_PDEATHSIG = 1
 
@@ -172,10 +174,7 @@ class Worker:
     def _run_one(self, task: P.TaskEntry) -> tuple[P.Status, list[Any]]:
         try:
             fn = self.funcs[task.digest]
-            if task.refs:
-                with _refs.resolving(self.objects):
-                    payload = serialize.loads(task.payload, what="task arguments", shared=self.shared is not None)
-            else:
+            with _refs.resolving(self.objects) if task.refs else _NO_REFS:
                 payload = serialize.loads(task.payload, what="task arguments", shared=self.shared is not None)
             args, kwargs = payload
             if task.flags & P.FLAG_CHANNEL:

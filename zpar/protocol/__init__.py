@@ -31,7 +31,7 @@ ProtocolError; callers drop and count it. Refusals carry an ErrorCode, and a
 lost task's cause travels as data (Cause): no peer acts on English text.
 """
 
-from ._codec import batches, decode, decode_routed, encode, encode_routed, payload_bytes
+from ._codec import batches, decode, decode_routed, encode, encode_routed, payload_bytes, runs
 from ._messages import (
     BATCH_MAX_BYTES,
     BATCH_MAX_TASKS,
@@ -136,4 +136,5 @@ __all__ = [
     "encode",
     "encode_routed",
     "payload_bytes",
+    "runs",
 ]

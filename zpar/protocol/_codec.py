@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import itertools
+import operator
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import msgpack
@@ -100,6 +102,15 @@ def batches(entries: Sequence[E], max_entries: int = BATCH_MAX_TASKS, max_bytes:
             end += 1
         yield entries[start:end]
         start = end
+
+
+def runs(entries: Iterable[E]) -> Iterator[tuple[int, Iterator[E]]]:
+    """``(task id, its entries)`` for each run of one task's entries in ``entries`` (a worker sends a task's
+    stream items together: each run is routed with one lookup, and delivered under one lock)."""
+    return itertools.groupby(entries, _TASK_ID)
+
+
+_TASK_ID = operator.itemgetter(0)  # every entry's first field
 
 
 def _fits(entries: Sequence[E], max_bytes: int, max_frames: int) -> bool:
