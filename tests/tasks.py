@@ -125,6 +125,14 @@ def logged_square(exec_dir, i, seconds=0.0):
         return i * i
 
 
+def die_once_then_sum(marker, array):
+    """The first call (none has made the file ``marker``) kills its worker; a retry returns ``array``'s sum."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(array.sum())
+
+
 def flaky(counter_path, failures, value):
     """Raise ConnectionError the first ``failures`` times (counted in a file), then return ``value``."""
     try:

@@ -410,3 +410,11 @@ def test_credits_from_the_task_let_the_producer_send_more(broker):
         fut.send("one too many", timeout=0)
     broker.send(P.Items((), (P.Credit(fut.task_id, zpar.streaming.WINDOW + 1),)))
     fut.send("one more", timeout=0)
+
+
+def test_a_release_of_more_objects_than_one_message_may_list_goes_in_several(broker):
+    # Every message the peers decode lists at most MAX_ENTRIES digests (RELEASE, at each hop, is cut so).
+    digests = [P.digest(b"%d" % i) for i in range(P.MAX_ENTRIES + 5)]
+    msgs = broker.core.released(digests)
+    assert [len(m.digests) for m in msgs] == [P.MAX_ENTRIES, 5]
+    assert all(P.decode(P.encode(m)) == m for m in msgs)

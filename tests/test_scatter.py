@@ -11,13 +11,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import cloudpickle
 import numpy as np
 import pytest
+import tasks
 
 import zpar
 from zpar import _refs
@@ -46,13 +46,6 @@ def held(_=None):
 
 def writable(a):
     return a.flags.writeable
-
-
-def die_once_then_sum(flag, a):
-    if not os.path.exists(flag):
-        open(flag, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return float(a.sum())
 
 
 def return_ref(r):
@@ -177,7 +170,7 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_retry_gets_the_value(own_c
     ref = own_client.scatter(a)
     assert own_client.submit(total, ref, 0).result(30) == float(a.sum())  # the first worker has it
     flag = str(tmp_path / "died")
-    assert own_client.submit(die_once_then_sum, flag, ref).result(60) == float(a.sum())
+    assert own_client.submit(tasks.die_once_then_sum, flag, ref).result(60) == float(a.sum())
     assert os.path.exists(flag)
 
 
@@ -309,3 +302,10 @@ def test_object_blobs_are_told_apart_from_functions_and_unpack_without_copies():
     back = _refs.unpack(blob)["a"]
     assert (back == a).all() and not back.flags.writeable and not back.flags.owndata
     assert (back.ctypes.data - np.frombuffer(blob, np.uint8).ctypes.data) % 64 == 0  # aligned as the frame is
+
+
+def test_a_scatter_over_the_message_limit_fails_at_once(cluster_client, monkeypatch):
+    # Over TCP (on the embedded cluster its buffers go through shared memory: no message carries them).
+    monkeypatch.setattr(P, "MAX_MESSAGE_SIZE", 1 << 20)  # the limit, lowered: a 2 MiB value stands for 1 GiB+
+    with pytest.raises(zpar.PayloadTooLarge, match="scattered object"):
+        cluster_client.scatter(bytes(2 << 20))

@@ -12,17 +12,18 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import cloudpickle
 import numpy as np
 import psutil
 import pytest
+import tasks
 
 import zpar
 from zpar import _shm
+from zpar.testing import wait_for
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.skipif(not os.path.isdir(_shm.ROOT), reason="no /dev/shm")]
+pytestmark = [pytest.mark.skipif(not os.path.isdir(_shm.ROOT), reason="no /dev/shm")]
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
 
@@ -46,52 +47,23 @@ def add_in_place(array):
     return float(array.sum())
 
 
-def block_until(gate, value=None):
-    deadline = time.monotonic() + 30
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(gate)
-        time.sleep(0.01)
-    return value
-
-
 def pid_then_block(pid_path, gate, array):
     with open(pid_path + ".tmp", "w") as fh:
         fh.write(str(os.getpid()))
     os.rename(pid_path + ".tmp", pid_path)
-    return block_until(gate, array.nbytes)
-
-
-def die_once(marker, array):
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return float(array.sum())
+    return tasks.block_until(gate, value=array.nbytes)
 
 
 def raise_on(array):
     raise ValueError(f"refused {array.nbytes} bytes")
 
 
-def echo(x):
-    return x
-
-
 def segments(client) -> list[str]:
     return sorted(os.listdir(client._cluster.shm_dir))
 
 
-def wait_for(condition, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not so after {timeout:g} s")
-        time.sleep(0.01)
-    return value
-
-
 def wait_for_pid(path: str) -> int:
-    return int(wait_for(lambda: os.path.exists(path) and open(path).read(), f"{path} written"))
+    return int(wait_for(lambda: os.path.exists(path) and open(path).read(), 20, what=f"{path} written"))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +84,7 @@ def one_worker():
 
 def test_a_big_array_comes_back_equal(shm_client):
     arr = np.random.default_rng(1).random(20 * MB // 8)
-    out = shm_client.submit(echo, arr).result(timeout=30)
+    out = shm_client.submit(tasks.identity, arr).result(timeout=30)
     assert out.dtype == arr.dtype and np.array_equal(out, arr)
     assert segments(shm_client) == []
 
@@ -121,7 +93,7 @@ def test_mixed_buffers_come_back_equal(shm_client):
     value = {"big": np.arange(3 * MB // 4, dtype=np.int32), "medium": np.ones(100_000),  # 800 kB
              "small": np.zeros(10), "bytes": os.urandom(2 * MB), "text": "x" * 100,
              "view": np.arange(4 * MB // 8, dtype=np.float64).reshape(512, -1)[:, ::2]}
-    out = shm_client.submit(echo, value).result(timeout=30)
+    out = shm_client.submit(tasks.identity, value).result(timeout=30)
     assert out.keys() == value.keys() and out["text"] == value["text"] and out["bytes"] == value["bytes"]
     for key in ("big", "medium", "small", "view"):
         assert np.array_equal(out[key], value[key]), key
@@ -132,7 +104,7 @@ def test_the_worker_maps_its_argument_and_the_producer_its_result(shm_client):
     path, writable = shm_client.submit(mapping_of, arr).result(timeout=30)
     assert path is not None and path.startswith(shm_client._cluster.shm_dir + "/"), path  # no copy on the way
     assert writable  # copy-on-write, as a Pool task's argument is its own
-    out = shm_client.submit(echo, arr).result(timeout=30)
+    out = shm_client.submit(tasks.identity, arr).result(timeout=30)
     path, writable = mapping_of(out)
     assert path is not None and path.startswith(shm_client._cluster.shm_dir + "/") and path.endswith("(deleted)")
     assert writable
@@ -157,10 +129,11 @@ def test_small_buffers_stay_frames(shm_client):
 
 def test_dev_shm_is_clean_after_done_and_failed_tasks(shm_client):
     arr = np.ones(2 * MB // 8)
-    assert [f.result(timeout=30).size for f in [shm_client.submit(echo, arr) for _ in range(8)]] == [arr.size] * 8
+    futures = [shm_client.submit(tasks.identity, arr) for _ in range(8)]
+    assert [f.result(timeout=30).size for f in futures] == [arr.size] * 8
     with pytest.raises(ValueError, match="refused"):
         shm_client.submit(raise_on, arr).result(timeout=30)
-    wait_for(lambda: segments(shm_client) == [], "no segment left")
+    wait_for(lambda: segments(shm_client) == [], 20, what="no segment left")
 
 
 def test_dev_shm_is_clean_after_a_cancel(one_worker, tmp_path):
@@ -169,34 +142,35 @@ def test_dev_shm_is_clean_after_a_cancel(one_worker, tmp_path):
     try:
         running = one_worker.submit(pid_then_block, str(tmp_path / "pid"), gate, arr)  # holds the only worker
         wait_for_pid(str(tmp_path / "pid"))
-        queued = one_worker.submit(echo, arr)
+        queued = one_worker.submit(tasks.identity, arr)
         assert len(segments(one_worker)) == 2
         assert queued.cancel()
-        wait_for(lambda: len(segments(one_worker)) == 1, "the queued task's segment removed")
+        wait_for(lambda: len(segments(one_worker)) == 1, 20, what="the queued task's segment removed")
         assert running.cancel()  # not forced: it runs on, and its result is dropped when it comes
     finally:
         open(gate, "w").close()
     # The next task runs after it on the one worker: by its result, the dropped one's came and went.
-    assert one_worker.submit(echo, 7).result(timeout=30) == 7
-    wait_for(lambda: segments(one_worker) == [], "no segment left")
+    assert one_worker.submit(tasks.identity, 7).result(timeout=30) == 7
+    wait_for(lambda: segments(one_worker) == [], 20, what="no segment left")
 
 
 def test_dev_shm_is_clean_after_a_dropped_big_result(one_worker, tmp_path):
     gate = str(tmp_path / "gate")
     try:
-        fut = one_worker.submit(block_until, gate, np.ones(3 * MB // 8))  # the result is big too
-        wait_for(lambda: len(segments(one_worker)) == 1, "the argument's segment made")
+        fut = one_worker.submit(tasks.block_until, gate, 30.0, np.ones(3 * MB // 8))  # the result is big too
+        assert len(segments(one_worker)) == 1  # made by submit
         assert fut.cancel()
     finally:
         open(gate, "w").close()
-    assert one_worker.submit(echo, 7).result(timeout=30) == 7
-    wait_for(lambda: segments(one_worker) == [], "no segment left")
+    assert one_worker.submit(tasks.identity, 7).result(timeout=30) == 7
+    wait_for(lambda: segments(one_worker) == [], 20, what="no segment left")
 
 
 def test_a_killed_worker_is_replaced_and_the_retry_maps_the_same_argument(one_worker, tmp_path):
     arr = np.arange(4 * MB // 8, dtype=np.float64)
-    assert one_worker.submit(die_once, str(tmp_path / "died"), arr).result(timeout=30) == float(arr.sum())
-    wait_for(lambda: segments(one_worker) == [], "no segment left")
+    fut = one_worker.submit(tasks.die_once_then_sum, str(tmp_path / "died"), arr)
+    assert fut.result(timeout=30) == float(arr.sum())
+    wait_for(lambda: segments(one_worker) == [], 20, what="no segment left")
 
 
 def test_dev_shm_is_clean_after_a_worker_is_killed_mid_task(one_worker, tmp_path):
@@ -208,7 +182,7 @@ def test_dev_shm_is_clean_after_a_worker_is_killed_mid_task(one_worker, tmp_path
             fut.result(timeout=30)
     finally:
         open(gate, "w").close()
-    wait_for(lambda: segments(one_worker) == [], "no segment left")
+    wait_for(lambda: segments(one_worker) == [], 20, what="no segment left")
 
 
 def test_closing_the_client_removes_its_directory(tmp_path):
@@ -217,8 +191,8 @@ def test_closing_the_client_removes_its_directory(tmp_path):
         client = zpar.Client(workers=1)
         directory = client._cluster.shm_dir
         client.submit(pid_then_block, str(tmp_path / "pid"), gate, np.ones(2 * MB // 8))
-        client.submit(echo, np.ones(2 * MB // 8))
-        wait_for(lambda: len(os.listdir(directory)) == 2, "the segments made")
+        client.submit(tasks.identity, np.ones(2 * MB // 8))
+        assert len(os.listdir(directory)) == 2  # made by submit
         client.close()
     finally:
         open(gate, "w").close()
@@ -280,7 +254,7 @@ def test_the_next_client_sweeps_what_dead_producers_left():
 
 def test_a_tcp_cluster_carries_big_arrays_as_frames(cluster_client):
     arr = np.arange(4 * MB // 8, dtype=np.float64)
-    out = cluster_client.submit(echo, arr).result(timeout=30)
+    out = cluster_client.submit(tasks.identity, arr).result(timeout=30)
     assert np.array_equal(out, arr)
     path, _ = cluster_client.submit(mapping_of, arr).result(timeout=30)
     assert path is None or not path.startswith(_shm.ROOT), path

@@ -89,6 +89,11 @@ class Connection(threading.Thread):
         self.cancels.append((fut.task_id, force))
         self.wake()
 
+    def release(self, digest: bytes) -> None:
+        """No Ref holds ``digest`` any more (any thread, even the garbage collector's): tell the broker."""
+        self.releases.append(digest)
+        self.wake()
+
     def feed(self, op: FeedOp) -> None:
         """A stream's objects, credits and closes, for this thread (each Future's ``on_feed``: zpar.streaming)."""
         self.feeds.append(op)

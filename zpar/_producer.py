@@ -141,8 +141,7 @@ class ProducerCore:
                 (forced if force else ids).append(tid)
         if self.link is not Link.CONNECTED:
             return []  # never sent on this connection: a WELCOME will not send them either
-        return [P.Cancel(tuple(group[i:i + P.MAX_ENTRIES]), force) for group, force in ((ids, False), (forced, True))
-                for i in range(0, len(group), P.MAX_ENTRIES)]
+        return [P.Cancel(chunk, force) for group, force in ((ids, False), (forced, True)) for chunk in P.chunks(group)]
 
     def fed(self, ops: Iterable[FeedOp]) -> list[P.Message]:
         """FEED what streams handed over: objects for tasks, credits, closed inputs, in order.
@@ -182,7 +181,7 @@ class ProducerCore:
         self.shipped.forget(digests)  # scattered again later, they go again
         if not digests or self.link is not Link.CONNECTED:
             return []  # a broker that lost us freed them already
-        return [P.Release(tuple(digests[i:i + P.MAX_ENTRIES])) for i in range(0, len(digests), P.MAX_ENTRIES)]
+        return [P.Release(chunk) for chunk in P.chunks(digests)]
 
     def heard(self, now: float) -> None:
         """Something came from the broker (a message that did not decode still shows it lives)."""

@@ -211,9 +211,6 @@ class Store:
                     "one already released: scatter the value with the client that submits the task "
                     "(client.scatter(value))") from None
 
-    def __len__(self) -> int:
-        return len(self._held)
-
     def close(self) -> None:
         """The client closed: the broker frees what it held for it."""
         self.closed = True

@@ -34,7 +34,6 @@ from ._wrappers import Wrappers, identity
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
 from .options import TaskOptions
-from .streaming import FeedOp
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +191,7 @@ class Client(Submitter):
                               shared=self._shm is not None)
         self._wake = self._io.wake
         self._on_cancel, self._on_feed = self._io.cancel, self._io.feed  # bound once, not per task
-        self._objects = _refs.Store(self._released, self._shm)  # scattered values (zpar._refs)
+        self._objects = _refs.Store(self._io.release, self._shm)  # scattered values (zpar._refs)
         self._io.start()
         if not self._io.welcomed.wait(connect_timeout) or self._io.failure is not None:
             failure = self._io.failure
@@ -225,7 +224,7 @@ class Client(Submitter):
             if noting:
                 refs = _refs.taken()
         objects = self._objects.blobs(refs) if refs else None  # ValueError for another client's Ref
-        if len(frames) > 1:
+        if len(frames) > 1 or len(frames[0]) > P.INLINE_MAX:  # a small one fits
             serialize.check_payload(frames, what)
         if threading.get_ident() != self._io.ident:  # back-pressure; never block the I/O thread itself
             while not self._window.acquire(timeout=1.0):
@@ -257,20 +256,6 @@ class Client(Submitter):
         return self._objects.put(obj)
 
     put = scatter
-
-    def _released(self, digest: bytes) -> None:
-        """No Ref holds ``digest`` any more (any thread, even the garbage collector's): tell the broker."""
-        self._io.releases.append(digest)
-        self._wake()
-
-    def _feed(self, op: FeedOp) -> None:
-        """A stream's objects, credits and closes, for the I/O thread (zpar.streaming)."""
-        self._io.feeds.append(op)
-        self._wake()
-
-    def _cancel_one(self, fut: Future, force: bool = False) -> None:
-        self._cancels.append((fut.task_id, force))
-        self._wake()
 
     def _abort(self, futures: Iterable[Future], exc: BaseException) -> None:
         """Fail ``futures`` with ``exc`` and stop their tasks (an Executor that broke)."""

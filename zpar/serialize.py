@@ -263,7 +263,7 @@ def check_payload(frames: Sequence[Any], what: Label) -> None:
     if len(frames) > P.MAX_TASK_FRAMES:
         raise PayloadTooLarge(f"the {_label(what)} holds {len(frames) - 1} large buffers; at most "
                               f"{P.MAX_TASK_FRAMES - 1} fit in a task: use fewer, bigger arrays")
-    if len(frames) > 1 and sum(memoryview(f).nbytes for f in frames) > P.MAX_MESSAGE_SIZE:
+    if sum(memoryview(f).nbytes for f in frames) > P.MAX_MESSAGE_SIZE:  # one frame too: a scattered object
         raise PayloadTooLarge(f"the {_label(what)} takes over {P.MAX_MESSAGE_SIZE >> 20} MiB, the most one "
                               "task may carry: split the work, or load the data from shared storage in the task")
 

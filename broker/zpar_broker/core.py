@@ -205,8 +205,7 @@ class BrokerCore:
         """What this turn's events left to send (``coalesce``): ACKs, results, then new TASKS."""
         out: list[Outgoing] = []
         for aid, ids in self._acks.items():
-            out += [Outgoing(Dest.BACKEND, aid, P.Ack(tuple(ids[i:i + P.MAX_ENTRIES])))
-                    for i in range(0, len(ids), P.MAX_ENTRIES)]
+            out += [Outgoing(Dest.BACKEND, aid, P.Ack(chunk)) for chunk in P.chunks(ids)]
         for pid, entries in self._routed.items():
             out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(batch))) for batch in P.batches(entries)]
         self._acks, self._routed = {}, {}

@@ -76,12 +76,12 @@ class Objects(Functions):
 class NodeObjects:
     """The objects the broker has sent one agent (``AgentRecord.objects``), least recently used first."""
 
-    __slots__ = ("nbytes", "sent", "sent_bytes", "sizes")
+    __slots__ = ("nbytes", "sent", "sizes")
 
     def __init__(self) -> None:
         self.sizes: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.nbytes = 0
-        self.sent = self.sent_bytes = 0  # counted for status: objects sent to this node in all
+        self.sent = 0  # counted for status: objects sent to this node in all
 
     def drop(self, digest: bytes) -> bool:
         size = self.sizes.pop(digest, None)
@@ -166,10 +166,9 @@ def to_node(agent: AgentRecord, entries: Iterable[P.TaskEntry], sent: Iterable[P
             node.sizes[blob.digest] = size
             node.nbytes += size
             node.sent += 1
-            node.sent_bytes += size
     if node.nbytes <= NODE_BYTES:
         return
-    busy = used | {d for task in agent.assigned.values() if task.entry.refs for d in task.entry.refs}
+    busy = {d for task in agent.assigned.values() if task.entry.refs for d in task.entry.refs}  # these TASKS' too
     victims = []
     for digest in node.sizes:
         if node.nbytes <= NODE_BYTES:
@@ -181,7 +180,7 @@ def to_node(agent: AgentRecord, entries: Iterable[P.TaskEntry], sent: Iterable[P
         del node.sizes[digest]
     if victims:
         agent.shipped.forget(victims)
-        out.append(Outgoing(Dest.BACKEND, agent.id, P.Release(tuple(victims))))  # ahead of the TASKS
+        out += [Outgoing(Dest.BACKEND, agent.id, P.Release(chunk)) for chunk in P.chunks(victims)]  # ahead of TASKS
 
 
 def sweep(producers: Iterable[ProducerRecord], agents: Iterable[AgentRecord],
@@ -199,10 +198,10 @@ def sweep(producers: Iterable[ProducerRecord], agents: Iterable[AgentRecord],
     orphans = [d for d in dropped if not any(d in p.objects for p in producers)]
     out = []
     for agent in agents:
-        here = tuple(d for d in orphans if agent.objects.drop(d))
+        here = [d for d in orphans if agent.objects.drop(d)]
         if here:
             agent.shipped.forget(here)
-            out.append(Outgoing(Dest.BACKEND, agent.id, P.Release(here)))
+            out += [Outgoing(Dest.BACKEND, agent.id, P.Release(chunk)) for chunk in P.chunks(here)]
     return out
 
 

@@ -24,5 +24,5 @@ class Outgoing:
 
 def forced_cancels(stop: dict[bytes, list[int]]) -> list[Outgoing]:
     """A forced CANCEL to each agent for its tasks in ``stop``, in messages of at most MAX_ENTRIES ids."""
-    return [Outgoing(Dest.BACKEND, aid, P.Cancel(tuple(gids[i:i + P.MAX_ENTRIES]), force=True))
-            for aid, gids in stop.items() for i in range(0, len(gids), P.MAX_ENTRIES)]
+    return [Outgoing(Dest.BACKEND, aid, P.Cancel(chunk, force=True)) for aid, gids in stop.items()
+            for chunk in P.chunks(gids)]

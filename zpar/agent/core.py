@@ -209,7 +209,7 @@ class AgentCore:
         back = self.slots.give_back(now)
         if back:
             log.info("%d tasks waited %.1f s behind long ones: given back to the broker", len(back), RETURN_AFTER)
-            out += [P.GiveBack(tuple(back[i:i + P.MAX_ENTRIES])) for i in range(0, len(back), P.MAX_ENTRIES)]
+            out += [P.GiveBack(ids) for ids in P.chunks(back)]
         if self.session.beat_due(now):
             out.append(Probe())
             out.append(P.Heartbeat(self.slots.busy()))
@@ -291,10 +291,10 @@ class AgentCore:
         gone = [d for d in digests if funcs.pop(d, None) is not None]
         out: list[Action] = []
         for slot in self.slots.workers.values():
-            there = tuple(d for d in gone if d in slot.shipped.known)
+            there = [d for d in gone if d in slot.shipped.known]
             if there:
                 slot.shipped.forget(there)
-                out.append(ToWorker(slot.identity, P.Release(there)))
+                out += [ToWorker(slot.identity, P.Release(ids)) for ids in P.chunks(there)]
         return out
 
     def _kills(self, now: float, identities: Iterable[bytes], why: str, level: int = logging.WARNING) -> list[Action]:

@@ -175,7 +175,7 @@ class Worker:
         try:
             fn = self.funcs[task.digest]
             with _refs.resolving(self.objects) if task.refs else _NO_REFS:
-                payload = serialize.loads(task.payload, what="task arguments", shared=self.shared is not None)
+                payload = serialize.loads(task.payload, what="task arguments", shared=self.objects.shared)
             args, kwargs = payload
             if task.flags & P.FLAG_CHANNEL:
                 args = (streaming.Channel(task.id, self), *args)
@@ -240,7 +240,7 @@ class Worker:
     def send_item(self, tid: int, frames: list[Any]) -> None:
         """Send one object to the producer (held a moment, see the module's docstring); blocks (reading
         credits) while the window is full."""
-        if len(frames) > 1:  # one frame always fits
+        if len(frames) > 1 or len(frames[0]) > P.INLINE_MAX:  # a small one fits
             serialize.check_payload(frames, "object sent")
         stream = self.streams.get(tid)
         if stream is None or not stream.streaming:

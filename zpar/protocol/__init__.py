@@ -31,7 +31,7 @@ ProtocolError; callers drop and count it. Refusals carry an ErrorCode, and a
 lost task's cause travels as data (Cause): no peer acts on English text.
 """
 
-from ._codec import batches, decode, decode_routed, encode, encode_routed, payload_bytes, runs
+from ._codec import batches, chunks, decode, decode_routed, encode, encode_routed, payload_bytes, runs
 from ._messages import (
     BATCH_MAX_BYTES,
     BATCH_MAX_TASKS,
@@ -130,6 +130,7 @@ __all__ = [
     "Tasks",
     "Welcome",
     "batches",
+    "chunks",
     "decode",
     "decode_routed",
     "digest",

@@ -104,6 +104,12 @@ def batches(entries: Sequence[E], max_entries: int = BATCH_MAX_TASKS, max_bytes:
         start = end
 
 
+def chunks(ids: Sequence[Any], size: int = MAX_ENTRIES) -> Iterator[tuple[Any, ...]]:
+    """``ids`` (task ids, digests) in tuples of at most ``size``: the most one message may list."""
+    for i in range(0, len(ids), size):
+        yield tuple(ids[i:i + size])
+
+
 def runs(entries: Iterable[E]) -> Iterator[tuple[int, Iterator[E]]]:
     """``(task id, its entries)`` for each run of one task's entries in ``entries`` (a worker sends a task's
     stream items together: each run is routed with one lookup, and delivered under one lock)."""
