@@ -10,8 +10,9 @@ A ``Ref`` pickles as a call to ``_resolve(digest)``. While the client pickles
 a task's arguments it notes every Ref pickled (``begin``/``taken``), at any
 depth of any container or object, and the task carries their digests. In the
 worker, ``_resolve`` finds the value in the worker's cache (``WorkerObjects``,
-unpickled once, on first use). Elsewhere it gives back a detached Ref, which
-no client accepts.
+unpickled once, on first use). Elsewhere it gives back a detached Ref (one a
+task returned, say): it names the value by its digest only, so a client
+accepts it in a task only while that client still holds the value itself.
 
 The blob (``pack``) is the value's pickle and its out-of-band buffers laid
 end to end in one frame, each buffer aligned, so the worker maps its arrays
