@@ -37,6 +37,8 @@ def norm(msg):
         return dataclasses.replace(msg, results=tuple(r._replace(payload=payload_of(r.payload)) for r in msg.results))
     if isinstance(msg, (P.Items, P.Feed)):
         return dataclasses.replace(msg, items=tuple(i._replace(payload=payload_of(i.payload)) for i in msg.items))
+    if isinstance(msg, P.Part):
+        return dataclasses.replace(msg, payload=payload_of(msg.payload))
     return msg
 
 
@@ -84,6 +86,10 @@ SAMPLES = [
     (P.Submit((P.TaskEntry(5, D, (b"x",), refs=(P.digest(b"o1"), P.digest(b"o2"))),),
               (P.Function(P.digest(b"o1"), b"o1"),)), 1),
     (P.Release((P.digest(b"o1"), P.digest(b"o2"))), 0),
+    (P.Submit((P.TaskEntry(6, D, (b"head",), parts=3, part_bytes=30),
+               P.TaskEntry(7, D, (b"head",), refs=(P.digest(b"o1"),), parts=1, part_bytes=5))), 0),
+    (P.Tasks((P.TaskEntry(8, D, (BIG,), 0, 2, 0, (), 2, 1 << 20),)), 1),
+    (P.Part(6, 0, (b"part", b"two frames")), 2),
 ]
 SAMPLE_IDS = [f"{i}-{type(m).__name__}" for i, (m, _) in enumerate(SAMPLES)]
 
@@ -283,6 +289,20 @@ REJECTED = {
     "release without digests": [header(k=int(P.Kind.RELEASE))],
     "release of text": [header(k=int(P.Kind.RELEASE), d=["a" * 16])],
     "release of no digest": [header(k=int(P.Kind.RELEASE), d=[])],
+    "task with no parts in the parts form": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, [], 0, 0]])],
+    "task with fewer part bytes than parts": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, [], 3, 2]])],
+    "task with parts past the message size": [
+        header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, [], 1, P.MAX_MESSAGE_SIZE + 1]])],
+    "task with parts past the frame limit": [
+        header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, [], P.MAX_TASK_FRAMES, 1 << 20]])],
+    "task with text parts": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, [], "2", 10]])],
+    "task with parts and text refs": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, "r", 2, 10]])],
+    "part without frames": [header(k=int(P.Kind.PART), id=1, seq=0, n=0)],
+    "part declaring more frames than came": [header(k=int(P.Kind.PART), id=1, seq=0, n=2), b"x"],
+    "part declaring fewer frames than came": [header(k=int(P.Kind.PART), id=1, seq=0, n=1), b"x", b"y"],
+    "part with a negative seq": [header(k=int(P.Kind.PART), id=1, seq=-1, n=1), b"x"],
+    "part without an id": [header(k=int(P.Kind.PART), seq=0, n=1), b"x"],
+    "part with a text frame count": [header(k=int(P.Kind.PART), id=1, seq=0, n="1"), b"x"],
 }
 
 
@@ -454,8 +474,13 @@ payloads = st.one_of(
 causes = st.builds(P.Cause, texts, small, st.none() | st.integers(-2**31, 2**31), st.none() | st.integers(1, 64),
                    st.integers(0, P.MAX_RETRIES + 1), texts)
 funcs = st.lists(st.builds(P.Function, st.binary(min_size=1, max_size=16), st.binary(max_size=4)), max_size=2)
-task_entries = st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16), payloads, st.integers(0, 3),
-                         st.integers(0, P.MAX_RETRIES), small)
+refs = st.lists(st.binary(min_size=1, max_size=16), max_size=3).map(tuple)
+task_entries = (st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16), payloads, st.integers(0, 3),
+                          st.integers(0, P.MAX_RETRIES), small, refs, st.just(0), st.just(0))
+                | st.builds(lambda entry, parts, extra: entry._replace(parts=parts, part_bytes=parts + extra),
+                            st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16), payloads,
+                                      st.integers(0, 3), st.integers(0, P.MAX_RETRIES), small, refs),
+                            st.integers(1, P.MAX_TASK_FRAMES - 1), st.integers(0, 1 << 29)))
 value_results = st.builds(P.ResultEntry, ids_, st.sampled_from(sorted(P.VALUE_STATUSES)), payloads, small,
                           st.none())  # no cause (left out, builds would make one up)
 cause_results = st.builds(lambda i, s, us, c: P.ResultEntry(i, s, (), us, c), ids_,
@@ -482,6 +507,7 @@ messages = st.one_of(
     st.builds(P.Ack, st.lists(ids_, max_size=4).map(tuple)),
     st.builds(P.Items, st.lists(item_entries, max_size=4).map(tuple), credits, st.binary(max_size=8), texts),
     st.builds(P.Feed, st.lists(item_entries, max_size=4).map(tuple), credits, st.lists(ids_, max_size=3).map(tuple)),
+    st.builds(P.Part, ids_, ids_, st.lists(st.binary(max_size=8), min_size=1, max_size=3).map(tuple)),
 )
 
 
@@ -493,6 +519,8 @@ def frames_of(msg) -> int:
         return sum(wire_frames(r) for r in msg.results if r.payload)
     if isinstance(msg, (P.Items, P.Feed)):
         return sum(wire_frames(i) for i in msg.items)
+    if isinstance(msg, P.Part):
+        return len(msg.payload)
     return 0
 
 

@@ -20,14 +20,18 @@ msgpack header frame, then payload frames the broker forwards untouched::
        | BYE ----------------> | <------------------- BYE |                 |
        |                       | <------------- GIVE_BACK | <---- GIVE_BACK |
        | RELEASE ----------->  | RELEASE ---------------> | RELEASE ------> |
+       | PART (big args) --->  | PART ------------------> | (joined) -----> |
 
 Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
 function blobs named in ``f`` first, then each task's frames in order (its
 pickled arguments, then its out-of-band buffers). RESULT, ITEMS and FEED carry
 each entry's frames in order. A payload of one small frame rides inside the
 header instead (see INLINE_MAX), so a batch of tiny tasks is one frame on
-every hop. A message of the wrong version, kind, shape or frame count raises
-ProtocolError; callers drop and count it. Refusals carry an ErrorCode, and a
+every hop. A task's payload of PARTS_FROM bytes or more (several frames)
+follows its entry as PART messages (``split``), each forwarded as it arrives
+and joined (``Assembly``) by the agent before a worker gets it. A message
+of the wrong version, kind, shape or frame count raises ProtocolError;
+callers drop and count it. Refusals carry an ErrorCode, and a
 lost task's cause travels as data (Cause): no peer acts on English text.
 """
 
@@ -44,6 +48,8 @@ from ._messages import (
     MAX_REFS,
     MAX_RETRIES,
     MAX_TASK_FRAMES,
+    PART_BYTES,
+    PARTS_FROM,
     STREAM_BYTES,
     STREAM_WINDOW,
     VALUE_STATUSES,
@@ -66,6 +72,7 @@ from ._messages import (
     Items,
     Kind,
     Message,
+    Part,
     Payload,
     Ready,
     Release,
@@ -81,6 +88,7 @@ from ._messages import (
     Welcome,
     digest,
 )
+from ._parts import Assembly, split
 
 __all__ = [
     "BATCH_MAX_BYTES",
@@ -94,11 +102,14 @@ __all__ = [
     "MAX_REFS",
     "MAX_RETRIES",
     "MAX_TASK_FRAMES",
+    "PARTS_FROM",
+    "PART_BYTES",
     "STREAM_BYTES",
     "STREAM_WINDOW",
     "VALUE_STATUSES",
     "VERSION",
     "Ack",
+    "Assembly",
     "Bye",
     "ByeReason",
     "Cancel",
@@ -116,6 +127,7 @@ __all__ = [
     "Items",
     "Kind",
     "Message",
+    "Part",
     "Payload",
     "Ready",
     "Release",
@@ -138,4 +150,5 @@ __all__ = [
     "encode_routed",
     "payload_bytes",
     "runs",
+    "split",
 ]

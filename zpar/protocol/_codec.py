@@ -20,8 +20,10 @@ from ._messages import (
     MAX_ENTRIES,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
+    MAX_MESSAGE_SIZE,
     MAX_REFS,
     MAX_RETRIES,
+    MAX_TASK_FRAMES,
     VALUE_STATUSES,
     VERSION,
     Ack,
@@ -42,6 +44,7 @@ from ._messages import (
     Items,
     Kind,
     Message,
+    Part,
     Payload,
     Ready,
     Release,
@@ -155,7 +158,10 @@ def encode(msg: Message) -> list[Frame]:
             rows: list[tuple[Any, ...]] = []
             for t in tasks:
                 nframes, data = _place(t.payload, frames)
-                if t.refs:
+                if t.parts:
+                    rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms, t.refs,
+                                 t.parts, t.part_bytes))
+                elif t.refs:
                     rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms, t.refs))
                 else:
                     rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms))
@@ -204,6 +210,9 @@ def encode(msg: Message) -> list[Frame]:
             h["ids"] = ids
         case Release(digests=digests):
             h["d"] = digests
+        case Part(id=tid, seq=seq, payload=payload):
+            h.update(id=tid, seq=seq, n=len(payload))
+            frames.extend(payload)
         case Error(code=code, ids=ids, detail=detail):
             h["code"] = int(code)
             h["ids"] = ids
@@ -217,7 +226,7 @@ _local = threading.local()
 
 def _packer() -> msgpack.Packer:
     """This thread's msgpack Packer, kept: ``packb`` makes one per call, with a 256 KiB buffer that a
-    daemon's malloc serves by mmap and munmap (keep_big_buffers_out_of_the_heap): 10.5 us a header, 1.6 kept."""
+    daemon's malloc once served by mmap and munmap (zpar._loop.tune_malloc): 10.5 us a header, 1.6 kept."""
     packer: msgpack.Packer | None = getattr(_local, "packer", None)
     if packer is None:
         packer = _local.packer = msgpack.Packer(use_bin_type=True)
@@ -306,11 +315,21 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
     out = []
     for row in rows:
         refs: tuple[bytes, ...] = ()
+        parts = part_bytes = 0
+        if type(row) is list and len(row) == 10:
+            parts, part_bytes = row.pop(-2), row.pop()
+            if type(parts) is not int or not 0 < parts < MAX_TASK_FRAMES or type(part_bytes) is not int \
+                    or not parts <= part_bytes <= MAX_MESSAGE_SIZE:
+                raise ProtocolError(f"a task's parts must be 1 to {MAX_TASK_FRAMES - 1} messages of "
+                                    f"{MAX_MESSAGE_SIZE} bytes in all at most")
+            if row[-1] == []:
+                row.pop()
         if type(row) is list and len(row) == 8:
             refs = _digests(row.pop(), MAX_REFS, "a task's object references")
         if type(row) is not list or len(row) != 7:
-            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms]"
-                                " and, if it refers to objects, their digests")
+            raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms],"
+                                " then its objects' digests if it refers to any, then its parts and their bytes"
+                                " if it has any")
         tid, digest, nframes, flags, data, retries, timeout_ms = row
         if (type(tid) is not int or tid < 0 or type(digest) is not bytes or type(nframes) is not int
                 or nframes < 0 or type(flags) is not int or flags < 0 or type(data) is not bytes
@@ -318,7 +337,7 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
                 or type(timeout_ms) is not int or timeout_ms < 0):
             raise ProtocolError(f"malformed task entry {row!r:.200}")
         payload = (data,) if nframes == 0 and data else fr.take(nframes, data, "a task")
-        out.append(TaskEntry(tid, digest, payload, flags, retries, timeout_ms, refs))
+        out.append(TaskEntry(tid, digest, payload, flags, retries, timeout_ms, refs, parts, part_bytes))
     return tuple(out), funcs
 
 
@@ -488,6 +507,12 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
         msg = GiveBack(_ids(h, "ids"))
     elif k is Kind.RELEASE:
         msg = Release(_digests(_get(h, "d", list), MAX_ENTRIES, "RELEASE"))
+    elif k is Kind.PART:
+        nframes = _nonneg_int(_get(h, "n", int), "a part's frame count")
+        if not 0 < nframes < MAX_TASK_FRAMES:
+            raise ProtocolError(f"a part must have 1 to {MAX_TASK_FRAMES - 1} frames")
+        msg = Part(_nonneg_int(_get(h, "id", int), "task id"), _nonneg_int(_get(h, "seq", int), "part number"),
+                   fr.take(nframes, b"", "a part"))
     else:  # Kind.ERROR
         msg = Error(_enum(ErrorCode, _get(h, "code", int), "error code"), _ids(h, "ids", []),
                     _get(h, "detail", str, ""))

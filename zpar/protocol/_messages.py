@@ -60,6 +60,7 @@ class Kind(enum.IntEnum):
     FEED = 14
     GIVE_BACK = 15
     RELEASE = 16
+    PART = 17
 
 
 class Role(str, enum.Enum):
@@ -106,6 +107,13 @@ class ByeReason(enum.IntEnum):
     KEY_REVOKED = 2  # the broker cut this peer off (its key was revoked)
     RECYCLED = 3  # the agent retires this worker between tasks
 
+
+#: A task's arguments of at least PARTS_FROM bytes in more than one frame travel as a SUBMIT with
+#: the first frame, then PART messages of about PART_BYTES each: each hop forwards a part as it
+#: arrives, so the broker's and the agent's encrypted hops work at the same time instead of one
+#: after the other (ZeroMQ hands a message over only once all its frames are in).
+PARTS_FROM = 8 << 20
+PART_BYTES = 4 << 20
 
 #: Most scattered objects (zpar.Client.scatter) one task may refer to.
 MAX_REFS = 256
@@ -170,13 +178,15 @@ class Shipped:
 
 class TaskEntry(NamedTuple):
     """One task in SUBMIT or TASKS. Wire: ``[id, digest, nframes, flags, data, retries, timeout_ms]``,
-    then ``refs`` when it has any.
+    then ``refs`` when it has any, then ``parts, part_bytes`` (``refs`` an empty list) when it has parts.
 
     ``retries``: how many more times the broker runs it after losing it to a
     dead worker or node. ``timeout_ms``: the agent stops it after this long
     running (0: never). ``refs``: the digests of the scattered objects its
     arguments refer to (zpar.Client.scatter); their blobs travel beside the
-    function blobs, once per peer.
+    function blobs, once per peer. ``parts``: how many PART messages follow
+    with the rest of its payload (``part_bytes`` in all); it runs once every
+    one has come (see PARTS_FROM).
     """
 
     id: int
@@ -186,6 +196,8 @@ class TaskEntry(NamedTuple):
     retries: int = 0
     timeout_ms: int = 0
     refs: tuple[bytes, ...] = ()
+    parts: int = 0
+    part_bytes: int = 0
 
 
 class Cause(NamedTuple):
@@ -411,5 +423,20 @@ class Release:
     digests: tuple[bytes, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Frames of a task's payload that follow its SUBMIT or TASKS entry (``TaskEntry.parts``), in order.
+
+    Producer -> broker (which keeps them, for a re-run elsewhere) -> the agent
+    holding the task, forwarded as each arrives. ``seq`` counts a task's parts
+    from 0; a receiver ignores a repeat (a task sent again after a reconnect).
+    """
+
+    kind: ClassVar[Kind] = Kind.PART
+    id: int
+    seq: int
+    payload: Payload
+
+
 Message: TypeAlias = (Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye
-                      | Error | Ack | Items | Feed | GiveBack | Release)
+                      | Error | Ack | Items | Feed | GiveBack | Release | Part)
