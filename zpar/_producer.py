@@ -323,15 +323,21 @@ class ProducerCore:
         self.link = Link.ENDED
 
     def _submit(self, tasks: list[PendingTask]) -> list[P.Message]:
-        """SUBMIT in batches that fit a message, each function blob once per connection."""
+        """SUBMIT in batches that fit a message, each function blob once per connection; then the PARTs of
+        large payloads (P.split: the broker sends each on as it comes, while the next is on its way)."""
         entries = [task.entry for task in tasks]
+        parts: list[P.Message] = []
+        if any(len(entry.payload) > 1 for entry in entries):
+            for i, entry in enumerate(entries):
+                entries[i], more = P.split(entry)
+                parts += more
         blobs: dict[bytes, P.Frame] = {task.entry.digest: task.blob for task in tasks}
         for task in tasks:
             if task.objects:
                 blobs.update(task.objects)
         # A blob for every task at worst: keep room for them in each message.
-        return [P.Submit(tuple(batch), self.shipped.functions(batch, blobs.__getitem__))
-                for batch in P.batches(entries, reserved_frames=min(len(blobs), P.BATCH_MAX_TASKS))]
+        return [*(P.Submit(tuple(batch), self.shipped.functions(batch, blobs.__getitem__))
+                  for batch in P.batches(entries, reserved_frames=min(len(blobs), P.BATCH_MAX_TASKS))), *parts]
 
     # ------------------------------------------------------------------ results
 

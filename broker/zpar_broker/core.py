@@ -24,6 +24,7 @@ from typing import Any
 from zpar import protocol as P
 from zpar._liveness import PRODUCER_SLACK, Liveness
 from zpar._text import printable
+from zpar.errors import ProtocolError
 
 from . import objects
 from .limits import Limits, admit_functions, over_quota
@@ -89,6 +90,8 @@ class BrokerCore:
         if isinstance(msg, P.Submit):
             self._accept(prod, msg, out)
             self._dispatch(out)
+        elif isinstance(msg, P.Part):
+            self._part(prod, msg, out)
         elif isinstance(msg, P.Hello):
             prod.name, prod.host = msg.name, msg.host
             out.append(Outgoing(Dest.FRONTEND, peer, self._welcome()))
@@ -306,7 +309,7 @@ class BrokerCore:
             if why is P.ErrorCode.BAD_FUNCTION:
                 bad.append(entry.id)
                 continue
-            refusal = over_quota(prod, P.payload_bytes(entry.payload), why, limits)
+            refusal = over_quota(prod, P.payload_bytes(entry.payload) + entry.part_bytes, why, limits)
             if refusal is None and entry.refs:
                 refusal = objects.refusal(prod, entry, refused_objects, limits)
                 if refusal is not None and refusal[0] in (P.ErrorCode.UNKNOWN_FUNCTION, P.ErrorCode.BAD_FUNCTION):
@@ -348,8 +351,10 @@ class BrokerCore:
                 continue
             if task.state is TaskState.QUEUED:
                 prod.unqueue(task)  # a tombstone where it lies: O(1)
-            elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL) and task.agent is not None:
-                # A stream left running would wait at its window for ever: stopped too.
+            elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL or task.incomplete) \
+                    and task.agent is not None:
+                # A stream left running would wait at its window for ever, and a task short of parts
+                # for parts that will not come: stopped too.
                 stop.setdefault(task.agent.id, []).append(task.gid)
             else:
                 continue  # running, not forced: it finishes and its result is discarded
@@ -357,6 +362,27 @@ class BrokerCore:
             self._unlink(task)
             self.counters["cancelled"] += 1
         out += forced_cancels(stop)
+
+    def _part(self, prod: ProducerRecord, part: P.Part, out: list[Outgoing]) -> None:
+        """More of a task's payload (P.Part): kept, and sent on to the agent that has the task, if one has."""
+        task = prod.tasks.get(part.id)
+        if task is None or task.assembly is None:
+            self.counters["parts_dropped"] += 1  # its task ended, was cancelled or refused (it comes again)
+            return
+        try:
+            kept = task.assembly.add(part)
+        except ProtocolError as exc:
+            self.counters["parts_refused"] += 1
+            log.warning("producer %s on %s: %s; task refused", printable(prod.label()), printable(prod.host), exc)
+            self._cancel(prod, (part.id,), True, out)
+            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.MALFORMED, (part.id,), str(exc))))
+            return
+        if not kept:
+            self.counters["parts_repeated"] += 1  # sent again with its task (a reconnect): we have it
+            return
+        self.counters["parts"] += 1
+        if task.agent is not None:
+            out.append(Outgoing(Dest.BACKEND, task.agent.id, P.Part(task.gid, part.seq, part.payload)))
 
     def _lost(self, task: TaskRecord, cause: P.Cause, out: list[Outgoing]) -> bool:
         """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""

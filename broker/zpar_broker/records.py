@@ -14,6 +14,7 @@ from zpar import protocol as P
 from .limits import Functions
 from .objects import NodeObjects, Objects
 from .objects import status as objects_status
+from .outgoing import Dest, Outgoing
 
 
 class TaskState(enum.Enum):
@@ -27,13 +28,16 @@ class TaskState(enum.Enum):
 class TaskRecord:
     """A task as its producer sent it (``entry``, payload attached, forwarded as it is) and where it is."""
 
-    __slots__ = ("agent", "attempts", "entry", "feed", "gid", "holders", "nbytes", "producer", "state", "streamed")
+    __slots__ = ("agent", "assembly", "attempts", "entry", "feed", "gid", "holders", "nbytes", "producer", "state",
+                 "streamed")
 
     def __init__(self, gid: int, producer: ProducerRecord, entry: P.TaskEntry) -> None:
         self.gid = gid
         self.producer = producer
         self.entry = entry  # its id is the producer's; the agent sees it under ``gid``
-        self.nbytes = P.payload_bytes(entry.payload)
+        self.nbytes = P.payload_bytes(entry.payload) + entry.part_bytes  # its parts' as declared (quotas)
+        #: The PARTs of its payload come so far (entry.parts), kept to send again if it runs elsewhere.
+        self.assembly = P.Assembly(entry) if entry.parts else None
         self.state = TaskState.QUEUED
         self.agent: AgentRecord | None = None
         self.holders: tuple[bytes, ...] = ()  # every agent it was given to: only they may end it
@@ -45,6 +49,18 @@ class TaskRecord:
     def ptid(self) -> int:
         """The producer's id for the task."""
         return self.entry.id
+
+    @property
+    def incomplete(self) -> bool:
+        """Some PART of its payload has not come yet: its agent waits for it to start the task."""
+        return self.assembly is not None and not self.assembly.complete
+
+    def parts_for(self, agent: AgentRecord) -> list[Outgoing]:
+        """PART messages for ``agent`` (under the task's ``gid``) of those come so far."""
+        if self.assembly is None:
+            return []
+        return [Outgoing(Dest.BACKEND, agent.id, P.Part(self.gid, part.seq, part.payload))
+                for part in self.assembly.received]
 
 
 class Feed:

@@ -129,6 +129,7 @@ def _send_batch(active: collections.deque[ProducerRecord], agent: AgentRecord, l
         return
     entries: list[P.TaskEntry] = []
     fed: list[TaskRecord] = []
+    parted: list[TaskRecord] = []
     blobs: dict[bytes, P.Frame] = {}
     refs = False  # some task uses scattered objects (objects.py)
     for task in batch:
@@ -144,10 +145,14 @@ def _send_batch(active: collections.deque[ProducerRecord], agent: AgentRecord, l
         entries.append(renumbered(entry, task.gid))  # the payload goes on as it came
         if task.feed is not None:
             fed.append(task)
+        if task.assembly is not None:
+            parted.append(task)
     agent.credits -= len(batch)
     funcs = agent.shipped.functions(entries, blobs.__getitem__)
     if refs:
         objects.to_node(agent, entries, funcs, out)
     out.append(Outgoing(Dest.BACKEND, agent.id, P.Tasks(tuple(entries), funcs)))
+    for task in parted:  # the parts of their payloads come so far, right behind them (the rest as they come)
+        out += task.parts_for(agent)
     if fed:  # what producers sent them while queued, right behind them
         StreamRouting.send_kept_feed(agent, fed, out)

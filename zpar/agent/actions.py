@@ -21,7 +21,7 @@ from zpar import protocol as P
 @dataclass(frozen=True, slots=True)
 class ToWorker:
     identity: bytes
-    msg: P.Tasks | P.Feed | P.Bye | P.Release
+    msg: P.Tasks | P.Part | P.Feed | P.Bye | P.Release
 
 
 @dataclass(frozen=True, slots=True)

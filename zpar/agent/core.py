@@ -5,7 +5,7 @@ actions it returns, in order (see ``actions``)::
 
     event                                        actions it may return
     start(now)                                   Spawn x N, HELLO
-    from_broker(now, msg)                        ToWorker, Kill, HELLO, RESULT again, Exit
+    from_broker(now, msg)                        ToWorker, Kill, HELLO, RESULT again, Exit (PART: on to its worker)
     from_worker(now, identity, msg)              ToWorker (batches, given-back tasks; BYE to recycle)
     worker_exited(now, identity, pid, code)      Spawn (now, or after a back-off)
     rss_after_task(now, identity, rss)           ToWorker (BYE to recycle)
@@ -97,6 +97,8 @@ class AgentCore:
         self.session.heard(now)
         if isinstance(msg, P.Tasks):
             return list(self.slots.tasks(msg, now))
+        if isinstance(msg, P.Part):
+            return list(self.slots.part(msg))
         if isinstance(msg, P.Ack):
             self.session.acked(msg.ids)
             return []

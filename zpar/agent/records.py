@@ -25,6 +25,7 @@ class QueuedTask:
     streamed: bool = False  # it sent or was given an item: never run it again
     inbox: list[P.ItemEntry] | None = None  # FEED for it before a worker had it
     closed: bool = False  # ... and its producer closed its input
+    assembly: P.Assembly | None = None  # the parts of its payload come so far (P.Part), when it has parts
 
     @property
     def id(self) -> int:

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 
 from zpar import _refs
 from zpar import protocol as P
+from zpar.errors import ProtocolError
 
 from .actions import ToWorker
 from .prefetch import RETURN_AFTER, Prefetch
@@ -253,9 +254,43 @@ class Slots:
         if bad or any(entry.digest not in funcs or (entry.refs and not all(d in funcs for d in entry.refs))
                       for entry in entries):
             entries = self._refuse_unknown(entries, bad)
-        self.queue.extend(QueuedTask(entry) for entry in entries)
+        if any(entry.parts for entry in entries):
+            # The rest of their payloads follows (P.Part), each sent on to the worker as it comes: alone, so
+            # that worker waits for nothing else, and it joins them.
+            self.queue.extend(QueuedTask(entry, alone=True, assembly=P.Assembly(entry)) if entry.parts
+                              else QueuedTask(entry) for entry in entries)
+        else:
+            self.queue.extend(QueuedTask(entry) for entry in entries)
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign(now)
+
+    def part(self, part: P.Part) -> list[ToWorker]:
+        """More of a task's payload: kept with the task (for a worker that takes it later), and sent on to the
+        worker that has it, if one has."""
+        task, slot = self._find(part.id)
+        if task is None or task.assembly is None:
+            return []  # ended, cancelled or given back meanwhile, or from a broker that is gone
+        try:
+            if not task.assembly.add(part):
+                return []
+        except ProtocolError as exc:  # the broker checks each part as we do: a bug there, not here
+            log.error("dropped a part from the broker: %s", exc)
+            return []
+        return [] if slot is None else [ToWorker(slot.identity, part)]
+
+    def _find(self, tid: int) -> tuple[QueuedTask | None, WorkerSlot | None]:
+        """Task ``tid`` and the worker that has it (None: queued here), or (None, None). Not a task of a broker
+        that is gone (a stale batch): a restarted broker numbers its tasks from 1 again."""
+        for slot in self.workers.values():
+            if slot.stale:
+                continue
+            for task in slot.batch:
+                if task.id == tid:
+                    return task, slot
+        for task in self.queue:
+            if task.id == tid:
+                return task, None
+        return None, None
 
     def _refuse_unknown(self, entries: Sequence[P.TaskEntry], bad: set[bytes]) -> list[P.TaskEntry]:
         """``entries`` whose function blob we hold; the others are reported lost, not given a worker."""
@@ -369,6 +404,8 @@ class Slots:
             if not batch:
                 break
             out.append(self._to_worker(slot, batch))
+            if batch[0].assembly is not None:  # alone: the parts of its payload come so far (the rest as they come)
+                out += [ToWorker(slot.identity, part) for part in batch[0].assembly.received]
             if self.streams.kept:
                 kept = self.streams.feed_kept(slot, batch)
                 if kept is not None:

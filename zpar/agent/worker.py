@@ -125,11 +125,34 @@ class Worker:
             if isinstance(msg, P.Bye):
                 return
             if isinstance(msg, P.Tasks):
+                if any(task.parts for task in msg.tasks):
+                    whole = self._assembled(msg)
+                    if whole is None:
+                        return
+                    msg = whole
                 self.run_batch(msg)
                 self.streams.clear()
             elif isinstance(msg, P.Release):
                 self.objects.drop(msg.digests)
             # A FEED now is for a task that has ended: nobody will read it.
+
+    def _assembled(self, msg: P.Tasks) -> P.Tasks | None:
+        """``msg`` with its tasks' whole payloads, once the rest of them (P.Part) is here: the agent sends each
+        part on as it comes, so this hop works while the ones before it still do. None: told to exit meanwhile."""
+        waiting = {task.id: P.Assembly(task) for task in msg.tasks if task.parts}
+        while not all(assembly.complete for assembly in waiting.values()):
+            if not self.sock.poll(1000):
+                if os.getppid() != self.parent:
+                    return None
+                continue
+            part = P.decode(self.sock.recv_multipart(copy=False))  # the agent is trusted
+            if isinstance(part, P.Part) and part.id in waiting:
+                waiting[part.id].add(part)
+            elif isinstance(part, P.Bye):
+                return None
+            elif isinstance(part, P.Release):
+                self.objects.drop(part.digests)
+        return P.Tasks(tuple(waiting[t.id].whole() if t.parts else t for t in msg.tasks), msg.funcs)
 
     def run_batch(self, msg: P.Tasks) -> None:
         """Run the batch's tasks (those the courier did not give back), and send every result."""
