@@ -7,6 +7,7 @@ thread), ``run()`` (its poll loop) and ``close()``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import signal
 import socket
@@ -137,6 +138,7 @@ def run_loop(parts: list[LoopPart], poller: zmq.Poller, waker: Waker) -> None:
     """Block on one poller for every part until the waker fires or a part asks to stop."""
     for part in parts:
         part.start()
+    next_trim = time.monotonic() + TRIM_EVERY
     try:
         while True:
             timeout = max(0.0, min(p.next_deadline() for p in parts) - time.monotonic())
@@ -149,6 +151,9 @@ def run_loop(parts: list[LoopPart], poller: zmq.Poller, waker: Waker) -> None:
             stops = [part.on_timers(now) for part in parts]  # every part's timers fire, whoever asks to stop
             if any(stops):
                 return
+            if now >= next_trim:  # at a turn the loop takes anyway: an idle daemon is not woken for it
+                next_trim = now + TRIM_EVERY
+                trim_heap()
     finally:
         for part in parts:
             part.shutdown()
@@ -160,26 +165,47 @@ class Daemon(Protocol):
     def close(self) -> None: ...
 
 
-def keep_big_buffers_out_of_the_heap(threshold: int = 256 * 1024) -> None:
-    """Have glibc serve allocations over ``threshold`` with mmap, always.
+#: glibc serves allocations of this size or more by mmap, and returns them to the OS when freed. Fixed
+#: (glibc raises its threshold after each large block is freed, up to 32 MiB: after a burst of big
+#: messages, later ones would stay in the heap). Not lower: a large argument crosses each hop in
+#: frames of 1 MiB (serialize.CHUNK_BYTES), and CurveZMQ allocates a buffer or two for each; served
+#: by mmap, every one is fresh pages to fault in (a third of a hop's CPU, measured: a 64 MB argument's
+#: hop through the broker took 200 ms of CPU with a 256 KiB threshold, 154 with this one).
+MMAP_THRESHOLD = 4 << 20
+#: Seconds between two returns of the heap's free memory to the OS (``trim_heap``).
+TRIM_EVERY = 1.0
 
-    glibc raises its mmap threshold after each large block is freed, so after
-    a burst of big messages (a flood of 8 MiB headers, say) later ones come
-    from the heap, and the daemon's RSS stays up long after. A fixed
-    threshold returns each big buffer to the OS when it is freed.
-    """
+@functools.cache
+def _glibc() -> Any:
+    """The C library, if it is glibc (None otherwise). The symbols this process already has: no
+    ctypes.util.find_library, which runs `ldconfig -p` (a process, 10-20 ms of every daemon's start)."""
     try:
-        # The symbols this process already has: no ctypes.util.find_library, which runs `ldconfig -p`
-        # (a process, 10-20 ms of every daemon's start).
         libc = ctypes.CDLL(None)
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):  # not glibc: its allocator makes its own choices
-        pass
+        return None
+    return libc
+
+
+def tune_malloc(threshold: int = MMAP_THRESHOLD) -> None:
+    """Fix glibc's mmap threshold (see MMAP_THRESHOLD); a no-op with another allocator."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``, every arena): the blocks under
+    MMAP_THRESHOLD that a burst of messages left free do not keep the daemon's RSS up."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def run_until_signalled(daemon: Daemon) -> int:
     """Run ``daemon`` until SIGTERM or SIGINT asks it to stop; returns the exit code."""
-    keep_big_buffers_out_of_the_heap()
+    tune_malloc()
     previous = {sig: signal.signal(sig, lambda *_: daemon.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     reload = getattr(daemon, "request_reload", None)
     if reload is not None:  # SIGHUP: read the allow-list of keys again

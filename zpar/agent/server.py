@@ -56,7 +56,9 @@ class AgentServer:
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         self.identity = uuid.uuid4().bytes
         self.core = AgentCore(_settings(config, self.name, self.identity), time.monotonic())
-        self.ctx = ctx or zmq.Context()
+        # Two I/O threads: one decrypts what the broker sends while the other passes its parts on to a
+        # worker (P.Part); the workers' pipe is the second's (AFFINITY), the broker's connections the first's.
+        self.ctx = ctx or zmq.Context(io_threads=2)
         self._own_ctx = ctx is None
         # An empty setting is no setting: the credentials functions treat "" as None.
         self._creds = security.client_credentials("agent", secret=config.secret, secret_file=config.secret_file,
@@ -70,6 +72,8 @@ class AgentServer:
         self._prestarted = prestarted
         self.rundir = prestarted.rundir if prestarted is not None else _ipc.private_dir("zpar-agent-")
         self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
+        if self._own_ctx:
+            self.pipe.setsockopt(zmq.AFFINITY, 2)
         self._pipe_reader = Reader(self.pipe, self._on_worker, log)
         up = self.uplink.socket()
         self._uplink_reader = Reader(up, self._on_broker_frames, log) if up is not None else None

@@ -72,6 +72,7 @@ class SocketUplink:
                  creds: security.Credentials | None = None) -> None:
         self.ctx, self.address, self.max_message_size, self.creds = ctx, broker, max_message_size, creds
         self.dealer = configure(ctx.socket(zmq.DEALER), max_message_size)
+        self.dealer.setsockopt(zmq.AFFINITY, 1)  # the first I/O thread: the workers' pipe has the second
         self.identity = identity
         self.dealer.setsockopt(zmq.IDENTITY, identity)
         security.apply_client(self.dealer, creds)
@@ -119,6 +120,7 @@ class SocketUplink:
         if self.collector is not None:
             self.collector.close(linger=0)
         self.collector = configure(self.ctx.socket(zmq.PUSH), self.max_message_size)
+        self.collector.setsockopt(zmq.AFFINITY, 1)
         security.apply_client(self.collector, self.creds)
         if address.startswith("tcp://"):
             self._monitors[1:] = [security.HandshakeMonitor(self.collector, address, security.origin(self.creds))]
