@@ -141,7 +141,8 @@ def run_loop(parts: list[LoopPart], poller: zmq.Poller, waker: Waker) -> None:
     next_trim = time.monotonic() + TRIM_EVERY
     try:
         while True:
-            timeout = max(0.0, min(p.next_deadline() for p in parts) - time.monotonic())
+            before = time.monotonic()
+            timeout = max(0.0, min(p.next_deadline() for p in parts) - before)
             events = dict(poller.poll(int(timeout * 1000) + 1))
             if waker.fileno() in events:
                 return
@@ -151,7 +152,7 @@ def run_loop(parts: list[LoopPart], poller: zmq.Poller, waker: Waker) -> None:
             stops = [part.on_timers(now) for part in parts]  # every part's timers fire, whoever asks to stop
             if any(stops):
                 return
-            if now >= next_trim:  # at a turn the loop takes anyway: an idle daemon is not woken for it
+            if now >= next_trim and now - before >= TRIM_QUIET:  # at a turn taken anyway: no wake-up for it
                 next_trim = now + TRIM_EVERY
                 trim_heap()
     finally:
@@ -172,7 +173,10 @@ class Daemon(Protocol):
 #: by mmap, every one is fresh pages to fault in (a third of a hop's CPU, measured: a 64 MB argument's
 #: hop through the broker took 200 ms of CPU with a 256 KiB threshold, 154 with this one).
 MMAP_THRESHOLD = 4 << 20
-#: Seconds between two returns of the heap's free memory to the OS (``trim_heap``).
+#: The heap's free memory goes back to the OS (``trim_heap``) once the loop has waited this long for
+#: something to do (a quiet moment: a burst of large messages keeps its memory, as the next one needs
+#: it again), and at most every TRIM_EVERY seconds.
+TRIM_QUIET = 0.1
 TRIM_EVERY = 1.0
 
 @functools.cache
