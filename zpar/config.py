@@ -30,6 +30,8 @@ DEFAULT_MAX_OBJECTS = 10_000
 DEFAULT_MAX_OBJECT_BYTES = 1 << 30  # 1 GiB
 # Producers one key may have connected at once (with a shared secret: all of a cluster's producers).
 DEFAULT_MAX_PRODUCERS_PER_KEY = 1024
+# Where the broker serves its dashboard, /api/status and /metrics (another free port if this one is taken).
+DEFAULT_DASHBOARD = "127.0.0.1:8790"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +59,11 @@ class BrokerConfig:
     max_producers_per_key: int = DEFAULT_MAX_PRODUCERS_PER_KEY  # producers connected at once with one key
     parent_pid: int = 0  # exit when this process goes (the embedded cluster)
     log_level: str = "INFO"
+    dashboard: str = DEFAULT_DASHBOARD  # HOST:PORT of the HTTP side (zpar_broker.web), or "off"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
+        dashboard_address(self.dashboard)
         for name in ("max_queued_tasks", "max_queued_bytes", "max_functions", "max_function_bytes",
                      "max_objects", "max_object_bytes", "max_producers_per_key"):
             _check_positive_int(name, getattr(self, name))
@@ -131,6 +135,17 @@ def _check_positive_int(name: str, value: object) -> None:
     # A bool is an int to Python, and a TOML file can hold a float or a string: none is a count.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, not {value!r}")
+
+
+def dashboard_address(value: str) -> tuple[str, int] | None:
+    """``--dashboard``'s ``HOST:PORT`` (``[::1]:PORT`` for IPv6) as ``(host, port)``; None for ``off``."""
+    if value.lower() in ("off", "no", "false", "0", ""):
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--dashboard takes HOST:PORT (say {DEFAULT_DASHBOARD}) or off, not {value!r}")
+    return host, int(port)
 
 
 def check_scheme(endpoint: str, what: str) -> None:

@@ -32,8 +32,10 @@ from .outgoing import Dest, Outgoing, forced_cancels
 from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, renumbered, report
 from .scheduling import dispatch
 from .streams import StreamRouting
+from .telemetry import OUTCOMES, Durations
 
 log = logging.getLogger(__name__)
+_FINISHED = {status: f"finished_{outcome}" for status, outcome in OUTCOMES.items()}  # the counter each ends in
 
 class BrokerCore:
     """Queues, credits, round-robin fairness, the assignment table, liveness, per-producer quotas.
@@ -68,6 +70,8 @@ class BrokerCore:
         self._coalesce = coalesce
         self._dispatch_due = False
         self._acks: dict[bytes, list[int]] = {}  # agent -> result ids to ACK at the next flush
+        self.durations = Durations()  # run times of the tasks that ended with a value (telemetry.py)
+        self.dashboard = ""  # its link (web.py), for status; "" when there is none
         self._routed: dict[bytes, list[P.ResultEntry]] = {}  # producer -> results to send at the next flush
 
     # ------------------------------------------------------------------ events
@@ -195,6 +199,9 @@ class BrokerCore:
                 self.counters["late_results_accepted"] += 1
             self._unlink(task)
             self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
+            self.counters[_FINISHED[entry.status]] += 1
+            if entry.status in P.VALUE_STATUSES:
+                self.durations.observe(entry.duration_us)
             by_producer.setdefault(task.producer.id, []).append(renumbered(entry, task.ptid))
         if self._coalesce:
             for pid, entries in by_producer.items():
@@ -282,8 +289,32 @@ class BrokerCore:
                 + [Outgoing(Dest.FRONTEND, p, bye) for p in self._producers])
 
     def status(self, now: float) -> dict[str, Any]:
-        return report(now, self.epoch, self.started, self.security, self._agents.values(),
+        info = report(now, self.epoch, self.started, self.security, self._agents.values(),
                       self._producers.values(), len(self._tasks), self.counters)
+        if self.dashboard:
+            info["dashboard"] = self.dashboard
+        return info
+
+    def metrics(self, now: float) -> dict[str, Any]:
+        """What /metrics shows (web.py), as plain data: counts since start, and gauges now."""
+        counters = self.counters
+        queued = sum(p.queued for p in self._producers.values())
+        workers = sum(a.workers for a in self._agents.values())
+        busy = sum(min(a.busy, a.workers) for a in self._agents.values())
+        return {
+            "submitted": counters["submitted"],
+            "finished": {outcome: counters[f"finished_{outcome}"] for outcome in sorted(set(OUTCOMES.values()))
+                         if outcome != "cancelled"} | {"cancelled": counters["cancelled"]},
+            "queued": queued,
+            "running": len(self._tasks) - queued,
+            "nodes": len(self._agents),
+            "workers": {"busy": busy, "idle": workers - busy},
+            "producers": len(self._producers),
+            "durations": self.durations.snapshot(),
+            "handshakes_refused": counters["handshakes_failed"],
+            "protocol_errors": counters["protocol_errors"],
+            "uptime": now - self.started,
+        }
 
     def protocol_error(self, source: str) -> None:
         self.counters["protocol_errors"] += 1
@@ -471,6 +502,7 @@ class BrokerCore:
             del self._tasks[task.gid]
             self._unlink(task)
             self.counters["failed"] += 1
+            self.counters["finished_lost"] += 1
             failed.setdefault(task.producer.id, []).append(
                 P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
         agent.release_all()

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         broker = BrokerConfig(frontend=args.frontend, backend="", collector="", heartbeat=args.heartbeat,
-                              parent_pid=args.parent_pid, log_level=args.log_level)
+                              parent_pid=args.parent_pid, log_level=args.log_level, dashboard="off")
         agent = AgentConfig(broker="(in-process)", workers=workers, heartbeat=args.heartbeat,
                             max_tasks_per_worker=args.max_tasks_per_worker,
                             parent_pid=args.parent_pid, log_level=args.log_level)

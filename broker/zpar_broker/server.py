@@ -19,20 +19,23 @@ import os
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from zpar import _ipc, security
 from zpar import protocol as P
 from zpar._loop import POLLIN, Reader, Waker, run_loop, run_until_signalled
-from zpar.config import BrokerConfig
+from zpar.config import DEFAULT_DASHBOARD, BrokerConfig, dashboard_address
 from zpar.errors import ProtocolError
 
 from .core import BrokerCore
 from .limits import Limits
 from .outgoing import Dest, Outgoing
 from .sessions import KeySessions
+
+if TYPE_CHECKING:
+    from .web import Dashboard, Questions
 
 log = logging.getLogger(__name__)
 #: ZeroMQ I/O threads, where CurveZMQ encrypts and decrypts: producers' connections on the first,
@@ -81,6 +84,9 @@ class BrokerServer:
         self.config = config
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context.instance(io_threads=IO_THREADS)
         self.sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.loop_lag = 0.0  # how late the last heartbeat timer ran (seconds): /metrics
+        self._questions: Questions | None = None  # the dashboard's thread asking the loop (web.py)
+        self.dashboard: Dashboard | None = None
         self.endpoints: dict[str, str] = {}
         self._own_waker = waker is None
         self._waker = waker or Waker()
@@ -151,6 +157,19 @@ class BrokerServer:
         for sock in [r.sock for r in self._readers] + [m.socket for m in self._monitors]:
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
+        where = dashboard_address(config.dashboard)
+        if where is not None:
+            from . import web  # http.server: 15 ms of imports the embedded cluster (no dashboard yet) goes without
+
+            self._questions = web.Questions()
+            self.poller.register(self._questions.fileno(), zmq.POLLIN)
+            try:
+                self.dashboard = web.Dashboard(*where, web.token_for(self.creds), self._questions,
+                                               fallback=config.dashboard == DEFAULT_DASHBOARD)
+            except OSError:
+                self.close()
+                raise
+            self.core.dashboard = self.dashboard.link
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
@@ -177,6 +196,8 @@ class BrokerServer:
     def start(self) -> None:
         log.info("zpar-broker %s listening: %s", self.core.epoch[:8],
                  ", ".join(f"{name} {ep}" for name, ep in self.endpoints.items()))
+        if self.dashboard is not None:
+            log.info("dashboard: %s", self.dashboard.link)
 
     def handle(self, events: dict[Any, int]) -> None:
         for reader in self._readers:
@@ -185,6 +206,8 @@ class BrokerServer:
         for monitor in self._monitors:
             if monitor.socket in events:
                 self._check_handshakes(monitor)
+        if self._questions is not None and self._questions.fileno() in events:
+            self._questions.answer(self._answer)
         # Once every socket was read: this turn's credits and tasks make few large TASKS, and its
         # results one RESULT per producer and one ACK per agent.
         self._send(self.core.flush())
@@ -195,6 +218,7 @@ class BrokerServer:
     def on_timers(self, now: float) -> bool:
         if now < self.core.next_deadline():
             return False
+        self.loop_lag = now - self.core.next_deadline()
         self._send(self.core.tick(now, judge=not self._backlog()))
         self._send(self.core.flush())
         if self.reload_requested and self._zap_policy is not None:
@@ -221,6 +245,10 @@ class BrokerServer:
         self._send(self.core.farewells())
 
     def close(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.close()
+        if self._questions is not None:
+            self._questions.close()
         for monitor in self._monitors:
             monitor.close()
         for sock in self.sockets.values():
@@ -241,6 +269,13 @@ class BrokerServer:
             self._send(self.core.agent_message(now, peer, msg))
         # The agent's part of the loop calls this after the broker's part has flushed this turn.
         self._send(self.core.flush())
+
+    def _answer(self, what: str) -> dict[str, Any]:
+        """A question from the dashboard's thread (web.Questions), answered with plain data."""
+        now = time.monotonic()
+        if what == "metrics":
+            return self.core.metrics(now) | {"loop_lag": self.loop_lag}
+        return self.core.status(now)
 
     def _oversized(self, source: str) -> None:
         self.core.protocol_error(source)

@@ -111,6 +111,10 @@ def broker(
     max_producers_per_key: Optional[int] = typer.Option(
         None, help="Producers connected at once with one key (with a shared secret or this user's own: all of "
                    f"them) [default: {cfg.DEFAULT_MAX_PRODUCERS_PER_KEY}; env ZPAR_MAX_PRODUCERS_PER_KEY]."),
+    dashboard: Optional[str] = typer.Option(
+        None, help="HOST:PORT where the broker serves /api/status and /metrics (Prometheus) to holders of its "
+                   "token (the link is in its log and in `zpar status`), or off "
+                   f"[default: {cfg.DEFAULT_DASHBOARD}, another free port if taken; env ZPAR_DASHBOARD]."),
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
     parent_pid: Optional[int] = _PARENT,
@@ -125,7 +129,8 @@ def broker(
                                         max_queued_bytes=max_queued_bytes, max_functions=max_functions,
                                         max_function_bytes=max_function_bytes, max_objects=max_objects,
                                         max_object_bytes=max_object_bytes,
-                                        max_producers_per_key=max_producers_per_key), config_file)
+                                        max_producers_per_key=max_producers_per_key, dashboard=dashboard),
+                 config_file)
     _setup_logging(conf.log_level)
     _warn_argv_secret(secret)
     if conf.insecure and not conf.secured:

@@ -65,3 +65,6 @@ def render(info: dict[str, Any], address: str, console: Console | None = None) -
                            style="bold red"))
     elif security:
         console.print(Text(f"security: {security}"))
+    dashboard = info.get("dashboard")
+    if isinstance(dashboard, str) and dashboard:
+        console.print(Text(f"dashboard: {printable(dashboard, 200)}"))

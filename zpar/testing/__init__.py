@@ -68,7 +68,10 @@ class LocalCluster:
         self._creds = security.client_credentials("producer", secret=secret, insecure=insecure)
         insecurity = ["--insecure"] if insecure else []
         self.agent_args = [*insecurity, *agent_args]  # extra zpar-agent flags, e.g. ["--max-tasks-per-worker", "5"]
-        self.broker_args = [*insecurity, *broker_args]  # extra zpar-broker flags, e.g. ["--max-queued-tasks", "5"]
+        # Its dashboard on a free port (not the default 8790, which a user's own broker may be serving).
+        dashboard = [] if any(a.startswith("--dashboard") for a in broker_args) else ["--dashboard", "127.0.0.1:0"]
+        # Extra zpar-broker flags, e.g. ["--max-queued-tasks", "5"].
+        self.broker_args = [*insecurity, *dashboard, *broker_args]
         self.workers = workers
         self.broker: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []

@@ -1,0 +1,163 @@
+"""The broker's HTTP side (zpar_broker.web): /api/status and /metrics behind its token, on a real broker.
+
+Each test starts its own broker and agents from their CLIs (LocalCluster, CurveZMQ with this user's secret)
+and talks HTTP to the port the broker logs and reports in ``zpar status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+import tasks
+from prometheus_client.parser import text_string_to_metric_families
+
+from zpar.testing import LocalCluster, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def get(url: str, token: str | None = None, header: bool = False) -> tuple[int, bytes, str]:
+    """``(status, body, content type)`` of a GET, the token in the query or in a Bearer header."""
+    headers = {}
+    if token is not None and header:
+        headers["Authorization"] = f"Bearer {token}"
+    elif token is not None:
+        url = f"{url}?{urllib.parse.urlencode({'token': token})}"
+    try:
+        request = urllib.request.Request(url, headers=headers)  # noqa: S310 - http:// of the broker's own link
+        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+            return reply.status, reply.read(), reply.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+
+
+def split_link(link: str) -> tuple[str, str]:
+    """``(base url, token)`` of the dashboard link in the broker's status."""
+    parts = urllib.parse.urlsplit(link)
+    return f"{parts.scheme}://{parts.netloc}", urllib.parse.parse_qs(parts.query)["token"][0]
+
+
+def metrics(base: str, token: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """``{sample name: {labels: value}}`` of /metrics, parsed by prometheus-client's own parser."""
+    code, body, kind = get(f"{base}/metrics", token, header=True)
+    assert code == 200 and kind.startswith("text/plain")
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+@pytest.fixture
+def watched(new_cluster):
+    """A broker and two agents of one worker; ``(cluster, base url, token)``."""
+    cluster = new_cluster(agents=2, workers=1)
+    base, token = split_link(cluster.status()["dashboard"])
+    return cluster, base, token
+
+
+def test_no_token_or_a_wrong_one_gets_401_and_no_data(watched):
+    cluster, base, token = watched
+    for path in ("/api/status", "/metrics", "/"):
+        for given in (None, "", token[:-1] + ("0" if token[-1] != "0" else "1"), token.upper() + "x"):
+            code, body, _ = get(base + path, given)
+            assert code == 401, (path, given)
+            assert b"nodes" not in body and b"zpar_" not in body and cluster.status()["epoch"].encode() not in body
+
+
+def test_the_status_endpoint_shows_what_zpar_status_shows(watched):
+    cluster, base, token = watched
+    for header in (False, True):
+        code, body, kind = get(f"{base}/api/status", token, header=header)
+        assert code == 200 and kind == "application/json"
+        info = json.loads(body)
+        assert info["epoch"] == cluster.status()["epoch"]
+        assert len(info["nodes"]) == 2 and info["workers"] == 2
+        assert info["dashboard"].startswith(base)
+
+
+def test_metrics_count_the_work_done(watched):
+    cluster, base, token = watched
+    with cluster.client() as client:
+        futures = [client.submit(tasks.square, i) for i in range(19)]
+        futures.append(client.submit(tasks.raise_value_error, "one of twenty fails"))
+        assert [f.result(30) for f in futures[:19]] == [i * i for i in range(19)]
+        with pytest.raises(ValueError, match="one of twenty fails"):
+            futures[19].result(30)
+        m = metrics(base, token)
+    assert m["zpar_tasks_submitted_total"][()] == 20
+    finished = {dict(labels)["outcome"]: value for labels, value in m["zpar_tasks_finished_total"].items()}
+    assert finished["ok"] == 19 and finished["raised"] == 1 and finished["lost"] == 0
+    assert m["zpar_task_duration_seconds_count"][()] == 20
+    assert m["zpar_tasks_queued"][()] == 0 and m["zpar_tasks_running"][()] == 0
+    assert m["zpar_nodes"][()] == 2
+    assert sum(m["zpar_workers"].values()) == 2
+    assert m["zpar_handshakes_refused_total"][()] == 0
+    assert m["zpar_broker_loop_lag_seconds"][()] >= 0
+
+
+def test_unknown_pages_are_404_and_the_index_lists_the_endpoints(watched):
+    _, base, token = watched
+    assert get(f"{base}/nope", token)[0] == 404
+    code, body, _ = get(f"{base}/", token)
+    assert code == 200 and set(json.loads(body)["endpoints"]) == {"/api/status", "/metrics"}
+
+
+def test_the_token_stays_the_same_across_a_restart_of_the_broker(new_cluster):
+    cluster = new_cluster(agents=1, workers=1, broker_args=["--dashboard", f"127.0.0.1:{free_port()}"])
+    link = cluster.status()["dashboard"]
+    old = cluster.status()["epoch"]
+    cluster.broker.terminate()
+    cluster.broker.wait()
+    cluster.start_broker()
+    wait_for(lambda: _epoch(cluster) not in (None, old), 20, what="the new broker answering")
+    assert cluster.status()["dashboard"] == link  # derived from its key: a bookmarked link still works
+    base, token = split_link(link)
+    assert get(f"{base}/api/status", token)[0] == 200
+
+
+def test_dashboard_off_serves_nothing_and_zpar_status_says_no_link(new_cluster):
+    cluster = new_cluster(agents=1, workers=1, broker_args=["--dashboard", "off"])
+    assert "dashboard" not in cluster.status()
+
+
+def test_a_taken_dashboard_port_given_explicitly_is_an_error_that_says_so():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "zpar_broker", *(f"--{name}=tcp://127.0.0.1:0" for name in
+                               ("frontend", "backend", "collector")), "--dashboard", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}" in done.stderr and "--dashboard off" in done.stderr
+
+
+def test_zpar_status_prints_the_link(watched):
+    cluster, base, _ = watched
+    zpar = os.path.join(os.path.dirname(sys.executable), "zpar")  # the console script, as a user runs it
+    out = subprocess.run([zpar, "status", "--broker", cluster.frontend],
+                         capture_output=True, text=True, timeout=30, check=True,
+                         env={**os.environ, "COLUMNS": "300"}).stdout
+    assert f"dashboard: {base}/?token=" in out
+
+
+def _epoch(cluster: LocalCluster) -> str | None:
+    try:
+        return cluster.status(1.0)["epoch"]
+    except Exception:  # noqa: BLE001 - not up yet
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
