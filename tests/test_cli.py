@@ -163,3 +163,28 @@ def test_demo_runs_and_reports_the_speed_up():
     proc = run(script("zpar"), "demo", "--jobs", "4", "--size", "2000", timeout=100)
     assert proc.returncode == 0, proc.stderr
     assert "speed-up" in proc.stdout and "all 4 results match" in proc.stdout
+
+
+def test_status_watch_redraws_the_table_in_a_terminal_until_ctrl_c(cluster):
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([script("zpar"), "status", "--broker", cluster.frontend, "--watch", "0.2"],
+                            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, close_fds=True)
+    os.close(terminal)
+    seen = b""
+    try:
+        def redrawn() -> bool:  # the table, then at least one redraw of it
+            nonlocal seen
+            while select.select([controller], [], [], 0)[0]:
+                seen += os.read(controller, 65536)
+            return seen.count(b"workers 2 (busy") >= 2
+        wait_for(redrawn, 20, 0.05, "zpar status --watch redrawing")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)

@@ -38,6 +38,7 @@ PUBLIC = [
     "ZparError",
     "__version__",
     "as_completed_async",
+    "progress",
 ]
 
 

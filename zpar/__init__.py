@@ -26,6 +26,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from ._progress import progress
     from ._refs import Ref
     from .aio import as_completed_async
     from .client import Client
@@ -65,6 +66,7 @@ __all__ = [
     "ZparError",
     "__version__",
     "as_completed_async",
+    "progress",
 ]
 
 # The producer's API loads on first use: a worker process imports this package too (its modules
@@ -72,7 +74,8 @@ __all__ = [
 # So do the errors whose stdlib bases are heavy to import (zpar.errors says why).
 _LAZY = {"as_completed_async": ".aio", "Client": ".client", "Executor": ".executor", "Future": ".futures",
          "TaskOptions": ".options", "Pool": ".pool", "Process": ".process", "Channel": ".streaming", "Ref": "._refs",
-         "MemoryLimitExceeded": ".errors", "ResultTimeout": ".errors", "WorkerLost": ".errors"}
+         "MemoryLimitExceeded": ".errors", "ResultTimeout": ".errors", "WorkerLost": ".errors",
+         "progress": "._progress"}
 
 
 def __getattr__(name: str) -> Any:

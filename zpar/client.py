@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import zmq
 
-from . import _refs, _shm, config, security, serialize
+from . import _progress, _refs, _shm, config, security, serialize
 from . import protocol as P
 from ._connection import Connection
 from ._embedded import EmbeddedCluster
@@ -91,7 +91,7 @@ class Submitter:
         return fut
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
-            timeout: float | None = None) -> Iterator[Any]:
+            timeout: float | None = None, progress: bool | str = False) -> Iterator[Any]:
         """``fn`` over the zipped iterables; yields results in input order.
 
         Input is consumed lazily, a bounded window ahead of the results, so a
@@ -99,18 +99,29 @@ class Submitter:
         travel as one task. Raises TimeoutError if a result is not in by
         ``timeout`` seconds after the call, and the task's own exception if
         one raised. Leaving the loop early cancels what is still pending.
+        ``progress``: draw a bar of the results handed out (a string: its
+        label), out of the input's length when it has one (see zpar.progress).
         """
-        work = over(fn, iterables, chunksize, self._client._wrappers)
-        return Results(self._map_submit(work.task), work, MapOptions(window=self._client.window, timeout=timeout))
+        return self._map(fn, iterables, chunksize, MapOptions(window=self._client.window, timeout=timeout),
+                         progress)
 
     imap = map
 
-    def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-                       chunksize: int | None = None, timeout: float | None = None) -> Iterator[Any]:
+    def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
+                       timeout: float | None = None, progress: bool | str = False) -> Iterator[Any]:
         """Like ``map``, but yields each result as soon as it is in."""
+        return self._map(fn, iterables, chunksize,
+                         MapOptions(ordered=False, window=self._client.window, timeout=timeout), progress)
+
+    def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], chunksize: int | None,
+             options: MapOptions, progress: bool | str) -> Iterator[Any]:
+        total = _progress.known_length(iterables) if progress else None  # before the map reads any of them
         work = over(fn, iterables, chunksize, self._client._wrappers)
-        return Results(self._map_submit(work.task), work,
-                       MapOptions(ordered=False, window=self._client.window, timeout=timeout))
+        results = Results(self._map_submit(work.task), work, options)
+        if not progress:
+            return results
+        label = progress if isinstance(progress, str) else str(getattr(fn, "__qualname__", fn))
+        return _progress.track(results, total, label)
 
     def _map_submit(self, task: Callable[..., Any]) -> Callable[..., Future]:
         """``submit`` for the tasks of one map: ``task``'s pickle is looked up once, not once per item."""

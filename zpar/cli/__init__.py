@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Optional
 
@@ -209,6 +210,8 @@ def status(
                                              "[env ZPAR_BROKER_KEY]."),
     insecure: bool = typer.Option(False, "--insecure", envvar="ZPAR_INSECURE",
                                   help="Ask a broker run --insecure, with no credentials."),
+    watch: float = typer.Option(0.0, "--watch", help="Redraw the table in place every this many seconds, "
+                                "until Ctrl-C (0: print it once)."),
 ) -> None:
     """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
     from ..client import _credentials, broker_status
@@ -222,9 +225,24 @@ def status(
     if as_json:
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
         return
-    from ._status import render
+    from ._status import render, view
 
-    render(info, broker)
+    if watch <= 0:
+        render(info, broker)
+        return
+    from rich.live import Live
+    from rich.text import Text
+
+    try:
+        with Live(view(info, broker), auto_refresh=False) as live:
+            while True:
+                time.sleep(watch)
+                try:
+                    live.update(view(broker_status(broker, timeout, creds, insecure=insecure), broker), refresh=True)
+                except ZparError as exc:  # the broker went away: say so in place, and keep asking
+                    live.update(Text(f"{broker}: {exc}", style="yellow"), refresh=True)
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

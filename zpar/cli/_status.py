@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -33,6 +33,12 @@ def _cell(value: Any) -> Text:
 
 def render(info: dict[str, Any], address: str, console: Console | None = None) -> None:
     console = console or Console()
+    console.print(view(info, address))
+
+
+def view(info: dict[str, Any], address: str) -> Group:
+    """The status as one renderable: printed once, or redrawn in place by ``zpar status --watch``."""
+    lines: list[RenderableType] = []
 
     def get(key: str) -> str:
         return _shown(info.get(key, "?"))
@@ -40,31 +46,32 @@ def render(info: dict[str, Any], address: str, console: Console | None = None) -
     epoch = info.get("epoch", "?")
     epoch = printable(epoch[:8] if isinstance(epoch, str) else epoch, 16)
     # Text, not a str: nothing in it is read as markup, and values are escaped already.
-    console.print(Text.assemble(("broker", "bold"), f" {printable(address)}  epoch {epoch}  up {get('uptime_s')} s  "
-                                f"producers {get('producers')}"))
+    lines.append(Text.assemble(("broker", "bold"), f" {printable(address)}  epoch {epoch}  up {get('uptime_s')} s  "
+                               f"producers {get('producers')}"))
     table = Table("node", "host", "pid", "workers", "busy", "idle", "tasks held")
     nodes = info.get("nodes", [])
     for node in nodes if isinstance(nodes, list) else []:
         if isinstance(node, dict):
             table.add_row(*(_cell(node.get(key, "?"))
                             for key in ("name", "host", "pid", "workers", "busy", "idle", "running")))
-    console.print(table)
-    console.print(Text(f"workers {get('workers')} (busy {get('busy')})  queued {get('queued')}  "
-                       f"running {get('running')}  done {get('done')}  failed {get('failed')}"))
+    lines.append(table)
+    lines.append(Text(f"workers {get('workers')} (busy {get('busy')})  queued {get('queued')}  "
+                      f"running {get('running')}  done {get('done')}  failed {get('failed')}"))
     counters = info.get("counters", {})
     counters = counters if isinstance(counters, dict) else {}
     errors = counters.get("protocol_errors", 0)
     if errors:
-        console.print(Text(f"bad messages dropped: {_shown(errors)}", style="yellow"))
+        lines.append(Text(f"bad messages dropped: {_shown(errors)}", style="yellow"))
     refused = counters.get("handshakes_failed", 0)
     if refused:
-        console.print(Text(f"handshakes refused: {_shown(refused)}", style="yellow"))
+        lines.append(Text(f"handshakes refused: {_shown(refused)}", style="yellow"))
     security = printable(info.get("security", ""))
     if security.startswith("INSECURE"):
-        console.print(Text(f"warning: {security}; anyone who reaches the broker can run code as its user",
-                           style="bold red"))
+        lines.append(Text(f"warning: {security}; anyone who reaches the broker can run code as its user",
+                          style="bold red"))
     elif security:
-        console.print(Text(f"security: {security}"))
+        lines.append(Text(f"security: {security}"))
     dashboard = info.get("dashboard")
     if isinstance(dashboard, str) and dashboard:
-        console.print(Text(f"dashboard: {printable(dashboard, 200)}"))
+        lines.append(Text(f"dashboard: {printable(dashboard, 200)}"))
+    return Group(*lines)
