@@ -59,10 +59,12 @@ class BrokerConfig:
     max_producers_per_key: int = DEFAULT_MAX_PRODUCERS_PER_KEY  # producers connected at once with one key
     parent_pid: int = 0  # exit when this process goes (the embedded cluster)
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object a line (zpar._logs)
     dashboard: str = DEFAULT_DASHBOARD  # HOST:PORT of the HTTP side (zpar_broker.web), or "off"
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
+        _check_log_format(self.log_format)
         dashboard_address(self.dashboard)
         for name in ("max_queued_tasks", "max_queued_bytes", "max_functions", "max_function_bytes",
                      "max_objects", "max_object_bytes", "max_producers_per_key"):
@@ -97,8 +99,10 @@ class AgentConfig:
     insecure: bool = False  # no authentication (else this user's own secret when none is given)
     parent_pid: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object a line (zpar._logs)
 
     def __post_init__(self) -> None:
+        _check_log_format(self.log_format)
         _check_timing(self.heartbeat, self.liveness)
         for name in ("max_tasks_per_worker", "max_memory_per_worker"):
             if getattr(self, name) < 0:
@@ -135,6 +139,11 @@ def _check_positive_int(name: str, value: object) -> None:
     # A bool is an int to Python, and a TOML file can hold a float or a string: none is a count.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, not {value!r}")
+
+
+def _check_log_format(value: str) -> None:
+    if value not in ("text", "json"):
+        raise ConfigError(f"log-format must be text or json, not {value!r}")
 
 
 def dashboard_address(value: str) -> tuple[str, int] | None:

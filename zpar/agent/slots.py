@@ -223,7 +223,8 @@ class Slots:
     def _lost(self, task: QueuedTask, cause: P.Cause) -> None:
         # While the agent stops (drain, shutdown) it stops its own workers: no surprise to warn about.
         log.log(logging.WARNING if self.accepting else logging.INFO, "worker pid %d on %s %s while running task %d",
-                cause.pid, self.node, cause.ended(), task.id)
+                cause.pid, self.node, cause.ended(), task.id,
+                extra={"task": task.id, "node": self.node, "pid": cause.pid})
         self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=cause))
 
     def state(self, identity: bytes) -> WorkerState:
@@ -301,7 +302,8 @@ class Slots:
                 kept.append(entry)
                 continue
             why = "does not hash to its digest" if any(d in bad for d in blobs) else "never came"
-            log.error("task %d refused: its function blob %s", entry.id, why)
+            log.error("task %d refused: its function blob %s", entry.id, why,
+                      extra={"task": entry.id, "node": self.node})
             self.results.append(P.ResultEntry(entry.id, P.Status.LOST, cause=P.Cause(
                 self.node, detail=f"refused by the agent: its function blob {why}")))
         return kept

@@ -29,6 +29,8 @@ _CONFIG = typer.Option(None, "--config", help="TOML file with a [broker] or [age
 _HEARTBEAT = typer.Option(None, help="Seconds between heartbeats [default: 1.0; env ZPAR_HEARTBEAT].")
 _LIVENESS = typer.Option(None, help="Heartbeats missed before a peer is dead [default: 3; env ZPAR_LIVENESS].")
 _LOG_LEVEL = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR [default: INFO].")
+_LOG_FORMAT = typer.Option(None, "--log-format", help="text, or json: one object a line with task, node and "
+                           "producer fields [default: text; env ZPAR_LOG_FORMAT].")
 _PARENT = typer.Option(None, "--parent-pid", hidden=True, help="Exit when this process exits.")
 _SECRET = typer.Option(None, "--secret", help="The cluster's shared secret. Other users can read a "
                        "command line: prefer --secret-file or ZPAR_SECRET [env ZPAR_SECRET].")
@@ -45,9 +47,10 @@ def _warn_argv_secret(secret: str | None) -> None:
             "prefer --secret-file or ZPAR_SECRET")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .._logs import setup
+
+    setup(level, fmt)
 
 
 def _fail(exc: Exception, code: int) -> typer.Exit:
@@ -118,6 +121,7 @@ def broker(
                    f"[default: {cfg.DEFAULT_DASHBOARD}, another free port if taken; env ZPAR_DASHBOARD]."),
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
+    log_format: Optional[str] = _LOG_FORMAT,
     parent_pid: Optional[int] = _PARENT,
 ) -> None:
     """Run the broker: routes tasks from producers to agents and results back."""
@@ -130,9 +134,9 @@ def broker(
                                         max_queued_bytes=max_queued_bytes, max_functions=max_functions,
                                         max_function_bytes=max_function_bytes, max_objects=max_objects,
                                         max_object_bytes=max_object_bytes,
-                                        max_producers_per_key=max_producers_per_key, dashboard=dashboard),
-                 config_file)
-    _setup_logging(conf.log_level)
+                                        max_producers_per_key=max_producers_per_key, dashboard=dashboard,
+                                        log_format=log_format), config_file)
+    _setup_logging(conf.log_level, conf.log_format)
     _warn_argv_secret(secret)
     if conf.insecure and not conf.secured:
         logging.getLogger("zpar_broker").warning(
@@ -175,6 +179,7 @@ def agent(
     liveness: Optional[int] = _LIVENESS,
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
+    log_format: Optional[str] = _LOG_FORMAT,
     parent_pid: Optional[int] = _PARENT,
 ) -> None:
     """Run a node agent: keeps one worker per core busy with the broker's tasks."""
@@ -183,9 +188,9 @@ def agent(
                                        max_tasks_per_worker=max_tasks_per_worker,
                                        max_memory_per_worker=max_memory_per_worker, grace=grace, secret=secret,
                                        secret_file=secret_file, key_file=key_file, broker_key=broker_key,
-                                       insecure=insecure),
+                                       insecure=insecure, log_format=log_format),
                  config_file)
-    _setup_logging(conf.log_level)
+    _setup_logging(conf.log_level, conf.log_format)
     _warn_argv_secret(secret)
     if conf.insecure and not conf.secured:
         logging.getLogger("zpar.agent").warning(
