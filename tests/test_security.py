@@ -464,3 +464,15 @@ def test_revoking_a_connected_node_cuts_it_off_and_its_work_goes_elsewhere(keyed
     assert node1.poll() is None and _status(keyed)["workers"] == 1
     (keyed.agents / "node1.key").unlink()
     assert node1.wait(REFUSAL_BAR + 3) == 1
+
+
+def test_with_key_files_zpar_status_gives_the_dashboard_address_but_not_its_token(keyed):
+    """Producers of a key-file cluster are not trusted with each other's work: the token stays in the log."""
+    import urllib.error
+    import urllib.request
+
+    link = _status(keyed)["dashboard"]
+    assert link.startswith("http://127.0.0.1:") and "token" not in link
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(link + "api/status", timeout=10)  # noqa: S310 - the broker's own http:// address
+    assert refused.value.code == 401

@@ -136,7 +136,7 @@ class BrokerCore:
             else:
                 agent = self._agents[peer] = AgentRecord(peer, msg, now)
                 log.info("agent %s joined from %s (pid %d, %d workers)", printable(agent.name),
-                         printable(agent.host), agent.pid, agent.workers)
+                         printable(agent.host), agent.pid, agent.workers, extra={"node": agent.name})
             out.append(Outgoing(Dest.BACKEND, peer, self._welcome()))
             return out
         if agent is None:
@@ -154,7 +154,7 @@ class BrokerCore:
             self._given_back(agent, msg.ids)
             self._dispatch(out)
         elif isinstance(msg, P.Bye):
-            log.info("agent %s left (%s)", printable(agent.name), msg.reason.name.lower())
+            log.info("agent %s left (%s)", printable(agent.name), msg.reason.name.lower(), extra={"node": agent.name})
             self._drop_agent(agent, "left", out)
             self._dispatch(out)
         else:
@@ -249,14 +249,16 @@ class BrokerCore:
         for agent in list(self._agents.values()):
             if agent.last_seen < deadline:
                 log.warning("agent %s silent for %.1f s; re-queueing its %d tasks",
-                            printable(agent.name), now - agent.last_seen, len(agent.assigned))
+                            printable(agent.name), now - agent.last_seen, len(agent.assigned),
+                            extra={"node": agent.name})
                 self._drop_agent(agent, "silent", out)
             else:
                 out.append(Outgoing(Dest.BACKEND, agent.id, beat))
         for prod in list(self._producers.values()):
             if prod.last_seen < producer_deadline:
                 log.warning("producer %s on %s silent for %.1f s; dropping its %d tasks",
-                            printable(prod.label()), printable(prod.host), now - prod.last_seen, len(prod.tasks))
+                            printable(prod.label()), printable(prod.host), now - prod.last_seen, len(prod.tasks),
+                            extra={"producer": prod.label()})
                 self._forget_producer(prod, out)
                 self.counters["producers_silent"] += 1
         out += self._sweep_objects()
@@ -365,7 +367,7 @@ class BrokerCore:
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.UNKNOWN_FUNCTION, tuple(missing))))
         if bad:
             log.warning("producer %s on %s sent a function blob that does not match its digest; refused %d tasks",
-                        printable(prod.label()), printable(prod.host), len(bad))
+                        printable(prod.label()), printable(prod.host), len(bad), extra={"producer": prod.label()})
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(
                 P.ErrorCode.BAD_FUNCTION, tuple(bad), "the function blob does not hash to its digest")))
         for code, (detail, ids) in over.items():
@@ -404,7 +406,8 @@ class BrokerCore:
             kept = task.assembly.add(part)
         except ProtocolError as exc:
             self.counters["parts_refused"] += 1
-            log.warning("producer %s on %s: %s; task refused", printable(prod.label()), printable(prod.host), exc)
+            log.warning("producer %s on %s: %s; task refused", printable(prod.label()), printable(prod.host), exc,
+                        extra={"producer": prod.label(), "task": part.id})
             self._cancel(prod, (part.id,), True, out)
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.MALFORMED, (part.id,), str(exc))))
             return
@@ -421,7 +424,8 @@ class BrokerCore:
         if task.attempts > task.entry.retries or task.streamed:
             return False
         log.info("task %d of %s lost on %s; running it again (attempt %d of %d)", task.ptid,
-                 printable(task.producer.label()), printable(cause.node), task.attempts + 1, task.entry.retries + 1)
+                 printable(task.producer.label()), printable(cause.node), task.attempts + 1, task.entry.retries + 1,
+                 extra={"task": task.ptid, "producer": task.producer.label(), "node": cause.node, "pid": cause.pid})
         self._requeue(task)
         self.counters["retried"] += 1
         return True

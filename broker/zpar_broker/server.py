@@ -169,7 +169,11 @@ class BrokerServer:
             except OSError:
                 self.close()
                 raise
-            self.core.dashboard = self.dashboard.link
+            # In zpar status: with a shared secret every producer is fully trusted (deploy/README), so the
+            # link with its token; with key files producers are not, so the address only (the token is in
+            # this log, for whoever runs the broker).
+            self.core.dashboard = self.dashboard.url if self.creds is not None and self.creds.allow \
+                else self.dashboard.link
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
