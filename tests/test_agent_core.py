@@ -118,7 +118,7 @@ def test_a_worker_killed_with_one_task_gives_lost_naming_the_signal(core):
     core.tasks(tasks([7]), 0.0)
     core.worker_ready(b"w1", 4242, 0.0)
     assert [t.id for t in core.worker_exited(b"w1", -9)] == [7]
-    ((tid, status, payload, _, cause),) = core.take_results()
+    ((tid, status, payload, _, cause, *_),) = core.take_results()
     assert (tid, status, payload) == (7, P.Status.LOST, ())
     assert (cause.node, cause.pid, cause.signal, cause.exitcode) == ("node-1", 4242, 9, None)
     assert cause.ended() == "killed by SIGKILL"
@@ -145,7 +145,7 @@ def test_a_batch_whose_worker_died_runs_again_task_by_task(core):
     assert ids(next_one) == [2]
     assert [e.id for e in core.take_results()] == [1]
     core.worker_exited(b"w2", 3)  # task 2 killed a worker twice: it is charged
-    ((tid, status, _, _, cause),) = core.take_results()
+    ((tid, status, _, _, cause, *_),) = core.take_results()
     assert (tid, status) == (2, P.Status.LOST) and (cause.exitcode, cause.signal, cause.pid) == (3, None, 202)
     assert [t.id for t in core.queue] == [3, 4, 5]
 

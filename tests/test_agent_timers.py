@@ -461,7 +461,7 @@ def test_past_one_and_a_half_times_the_limit_the_task_ends_as_memory_and_its_wor
     assert a.core.rss_while_busy(a.now, b"w1", 170 * MIB) == []  # doomed already
     a.exited(b"w1", -15)
     (result,) = of(P.Result, a.flush())
-    ((tid, status, _, _, cause),) = result.results
+    ((tid, status, _, _, cause, *_),) = result.results
     assert (tid, status, cause.pid) == (7, P.Status.MEMORY, 101) and "hard limit of 150 MiB" in cause.detail
 
 

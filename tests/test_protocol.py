@@ -473,7 +473,8 @@ payloads = st.one_of(
 )
 causes = st.builds(P.Cause, texts, small, st.none() | st.integers(-2**31, 2**31), st.none() | st.integers(1, 64),
                    st.integers(0, P.MAX_RETRIES + 1), texts)
-funcs = st.lists(st.builds(P.Function, st.binary(min_size=1, max_size=16), st.binary(max_size=4)), max_size=2)
+funcs = st.lists(st.builds(P.Function, st.binary(min_size=1, max_size=16), st.binary(max_size=4),
+                           st.text(max_size=P.MAX_NAME)), max_size=2)
 refs = st.lists(st.binary(min_size=1, max_size=16), max_size=3).map(tuple)
 task_entries = (st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16), payloads, st.integers(0, 3),
                           st.integers(0, P.MAX_RETRIES), small, refs, st.just(0), st.just(0))
@@ -482,7 +483,8 @@ task_entries = (st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16),
                                       st.integers(0, 3), st.integers(0, P.MAX_RETRIES), small, refs),
                             st.integers(1, P.MAX_TASK_FRAMES - 1), st.integers(0, 1 << 29)))
 value_results = st.builds(P.ResultEntry, ids_, st.sampled_from(sorted(P.VALUE_STATUSES)), payloads, small,
-                          st.none())  # no cause (left out, builds would make one up)
+                          st.none(),  # no cause (left out, builds would make one up)
+                          st.integers(0, 2**31), st.text(max_size=64))
 cause_results = st.builds(lambda i, s, us, c: P.ResultEntry(i, s, (), us, c), ids_,
                           st.sampled_from(sorted(set(P.Status) - P.VALUE_STATUSES)), small, causes)
 result_entries = value_results | cause_results

@@ -476,3 +476,15 @@ def test_with_key_files_zpar_status_gives_the_dashboard_address_but_not_its_toke
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(link + "api/status", timeout=10)  # noqa: S310 - the broker's own http:// address
     assert refused.value.code == 401
+
+
+def test_with_key_files_status_lists_no_ones_tasks(keyed):
+    info = wait_for(lambda: _try_status_with(keyed, {"tasks": {"limit": 5}}), 10, what="the broker answering")
+    assert "tasks" not in info and "/api/tasks" in info["tasks_refused"]
+
+
+def _try_status_with(k, request):
+    try:
+        return zpar.client.broker_status(k.frontend, 1.0, k.creds("watcher"), request=request)
+    except zpar.BrokerUnavailable:
+        return None

@@ -336,7 +336,7 @@ class ProducerCore:
             if task.objects:
                 blobs.update(task.objects)
         # A blob for every task at worst: keep room for them in each message.
-        return [*(P.Submit(tuple(batch), self.shipped.functions(batch, blobs.__getitem__))
+        return [*(P.Submit(tuple(batch), _named(self.shipped.functions(batch, blobs.__getitem__), tasks))
                   for batch in P.batches(entries, reserved_frames=min(len(blobs), P.BATCH_MAX_TASKS))), *parts]
 
     # ------------------------------------------------------------------ results
@@ -453,3 +453,11 @@ def _ended_without_value(entry: P.ResultEntry) -> BaseException:
     if cause.attempts:
         text += f"; gave up after {cause.attempts} attempt{'s' if cause.attempts != 1 else ''}"
     return errors.WorkerLost(text, **fields)
+
+
+def _named(funcs: tuple[P.Function, ...], tasks: list[PendingTask]) -> tuple[P.Function, ...]:
+    """``funcs`` with their names (each function goes once per connection: a look through ``tasks`` each time)."""
+    if not funcs:
+        return funcs
+    names = {task.entry.digest: task.name for task in tasks}
+    return tuple(f._replace(name=names.get(f.digest, "")) for f in funcs)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from . import errors  # its InitializerError loads when first used (zpar.errors says why)
+from . import protocol as P
 
 if TYPE_CHECKING:
     from .futures import Future
@@ -162,6 +163,14 @@ def identity(fn: Callable[..., Any]) -> tuple[Any, Hashable]:
     if isinstance(fn, Chunk):
         return fn.fn, ("chunk", fn.star, fn.init.token if fn.init is not None else None)
     return fn, ()
+
+
+def function_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of the function a task runs (a map's chunk: its function's), for people."""
+    owner = identity(fn)[0]
+    qualname = getattr(owner, "__qualname__", None) or type(owner).__qualname__
+    module = getattr(owner, "__module__", None) or ""
+    return (f"{module}.{qualname}" if module else str(qualname))[:P.MAX_NAME]
 
 
 def client_options(address: str | None, workers: int | None, max_tasks: int | None, max_tasks_name: str,

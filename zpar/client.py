@@ -30,7 +30,7 @@ from ._connection import Connection
 from ._embedded import EmbeddedCluster
 from ._maps import MapOptions, Results, over
 from ._pending import PendingTask, Window
-from ._wrappers import Wrappers, identity
+from ._wrappers import Wrappers, function_name, identity
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
 from .futures import Future
 from .options import TaskOptions
@@ -194,6 +194,7 @@ class Client(Submitter):
         self._window = Window(window)
         self._window_size = window
         self._funcs = serialize.FunctionCache()
+        self._names: dict[bytes, str] = {}  # function digest -> its name, for the broker's task history
         self._ids = itertools.count(1)
         self._submits: collections.deque[PendingTask] = collections.deque()
         self._cancels: collections.deque[tuple[int, bool]] = collections.deque()
@@ -244,7 +245,10 @@ class Client(Submitter):
         tid = next(self._ids)
         fut = Future(tid, self._on_cancel, self._on_feed)
         entry = P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms, refs)
-        task = PendingTask(entry, blob, opts, fut, objects)
+        name = self._names.get(digest)
+        if name is None:
+            name = self._names[digest] = function_name(fn)
+        task = PendingTask(entry, blob, opts, fut, objects, name)
         self._submits.append(task)
         self._wake()
         if self._io.finished:  # the I/O thread ended (refused, or failed): nothing would send it
@@ -400,8 +404,9 @@ def _credentials(secret: str | bytes | None, secret_file: str | None, key_file: 
 
 
 def broker_status(address: str, timeout: float = 5.0, creds: security.Credentials | None = None, *,
-                  insecure: bool = False) -> dict[str, Any]:
-    """Ask the broker at ``address`` (its frontend) for its status.
+                  insecure: bool = False, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ask the broker at ``address`` (its frontend) for its status (and what ``request`` asks besides:
+    ``{"tasks": {"limit": n, "failed": bool}}`` for its task history).
 
     ``creds`` None: this user's own secret, or plaintext if ``insecure``.
     Raises BrokerUnavailable if it does not answer in ``timeout`` seconds, and
@@ -416,7 +421,7 @@ def broker_status(address: str, timeout: float = 5.0, creds: security.Credential
     monitor = security.HandshakeMonitor(sock, address, security.origin(creds)) if address.startswith("tcp://") else None
     try:
         sock.connect(address)
-        sock.send_multipart(P.encode(P.StatusMsg()))
+        sock.send_multipart(P.encode(P.StatusMsg(request or {})))
         deadline = time.monotonic() + timeout
         while not sock.poll(50):
             failure = monitor.check() if monitor else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -29,13 +30,20 @@ from zpar.errors import ProtocolError
 from . import objects
 from .limits import Limits, admit_functions, over_quota
 from .outgoing import Dest, Outgoing, forced_cancels
-from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, renumbered, report
+from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, note_names, renumbered, report
 from .scheduling import dispatch
 from .streams import StreamRouting
-from .telemetry import OUTCOMES, Durations
+from .telemetry import HISTORY_SIZE, OUTCOMES, Durations, History
 
 log = logging.getLogger(__name__)
 _FINISHED = {status: f"finished_{outcome}" for status, outcome in OUTCOMES.items()}  # the counter each ends in
+
+
+def _why(cause: P.Cause | None) -> str:
+    """Why a run ended without a value, in words, for the task history ("" for a value)."""
+    if cause is None:
+        return ""
+    return "; ".join(part for part in (cause.ended(), cause.detail) if part)
 
 class BrokerCore:
     """Queues, credits, round-robin fairness, the assignment table, liveness, per-producer quotas.
@@ -71,6 +79,8 @@ class BrokerCore:
         self._dispatch_due = False
         self._acks: dict[bytes, list[int]] = {}  # agent -> result ids to ACK at the next flush
         self.durations = Durations()  # run times of the tasks that ended with a value (telemetry.py)
+        self.history = History()  # the tasks that ended, latest last (telemetry.py)
+        self.history_open = True  # whether STATUS may list every producer's tasks (not with key files)
         self.dashboard = ""  # its link (web.py), for status; "" when there is none
         self._routed: dict[bytes, list[P.ResultEntry]] = {}  # producer -> results to send at the next flush
 
@@ -80,7 +90,7 @@ class BrokerCore:
         prod = self._producers.get(peer)
         if prod is None:
             if isinstance(msg, P.StatusMsg):  # `zpar status` is not a producer
-                return [Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now)))]
+                return [Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self._status_reply(now, msg.info)))]
             if isinstance(msg, P.Bye):
                 return []
             if not isinstance(msg, P.Hello):
@@ -111,7 +121,7 @@ class BrokerCore:
                     f"{self.limits.queued_bytes} queued bytes; start fewer channel tasks at once, or raise "
                     "--max-queued-bytes"))))
         elif isinstance(msg, P.StatusMsg):
-            out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self.status(now))))
+            out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self._status_reply(now, msg.info))))
         elif isinstance(msg, P.Bye):
             self._forget_producer(prod, out)
         elif isinstance(msg, P.Heartbeat):
@@ -176,6 +186,9 @@ class BrokerCore:
             return out
         if (agent := self._agents.get(msg.agent)) is not None:
             agent.last_seen = now
+        node = agent.name if agent is not None else ""
+        when = time.time()  # wall clock, for the task history
+        record = self.history.ring.append
         by_producer: dict[bytes, list[P.ResultEntry]] = {}
         for entry in msg.results:
             task = self._tasks.get(entry.id)
@@ -199,9 +212,14 @@ class BrokerCore:
                 self.counters["late_results_accepted"] += 1
             self._unlink(task)
             self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
+            outcome = OUTCOMES[entry.status]
             self.counters[_FINISHED[entry.status]] += 1
             if entry.status in P.VALUE_STATUSES:
                 self.durations.observe(entry.duration_us)
+            prod = task.producer
+            record((when, prod.label(), task.ptid, prod.names.get(task.entry.digest, ""), node,
+                    entry.worker or (entry.cause.pid if entry.cause else 0), outcome, entry.duration_us / 1e6,
+                    task.attempts, entry.error or _why(entry.cause)))
             by_producer.setdefault(task.producer.id, []).append(renumbered(entry, task.ptid))
         if self._coalesce:
             for pid, entries in by_producer.items():
@@ -297,6 +315,23 @@ class BrokerCore:
             info["dashboard"] = self.dashboard
         return info
 
+    def tasks(self, limit: int = 100, failed: bool = False) -> list[dict[str, Any]]:
+        """The latest tasks that ended (``zpar tasks``, /api/tasks), newest first."""
+        return self.history.recent(max(1, min(limit, HISTORY_SIZE)), failed)
+
+    def _status_reply(self, now: float, request: dict[str, Any]) -> dict[str, Any]:
+        """STATUS's answer; with ``{"tasks": {"limit": n, "failed": bool}}`` asked, the task history too."""
+        info = self.status(now)
+        asked = request.get("tasks")
+        if isinstance(asked, dict):
+            if not self.history_open:
+                info["tasks_refused"] = ("with key files, producers see no one else's tasks: ask the dashboard's "
+                                         "/api/tasks with the token in the broker's log")
+            else:
+                limit, failed = asked.get("limit", 100), asked.get("failed", False)
+                info["tasks"] = self.tasks(limit if type(limit) is int else 100, failed is True)
+        return info
+
     def metrics(self, now: float) -> dict[str, Any]:
         """What /metrics shows (web.py), as plain data: counts since start, and gauges now."""
         counters = self.counters
@@ -331,6 +366,8 @@ class BrokerCore:
         limits = self.limits
         funcs, refused_objects = objects.admit(prod, msg, limits, self.counters)  # scattered objects apart
         refused = admit_functions(prod, funcs, limits, self.counters)  # digest -> why its blob was refused
+        if funcs:
+            note_names(prod, funcs, limits.functions)
         missing: list[int] = []
         bad: list[int] = []
         over: dict[P.ErrorCode, tuple[str, list[int]]] = {}  # QUEUE_FULL, QUOTA_EXCEEDED: (first why, ids)
@@ -507,6 +544,9 @@ class BrokerCore:
             self._unlink(task)
             self.counters["failed"] += 1
             self.counters["finished_lost"] += 1
+            self.history.add(time.time(), task.producer.label(), task.ptid,
+                             task.producer.names.get(task.entry.digest, ""), agent.name, 0, "lost", 0,
+                             task.attempts, _why(cause))
             failed.setdefault(task.producer.id, []).append(
                 P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
         agent.release_all()

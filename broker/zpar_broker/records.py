@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from zpar import protocol as P
+from zpar._text import printable
 
 from .limits import Functions
 from .objects import NodeObjects, Objects
@@ -75,7 +76,7 @@ class Feed:
 
 
 class ProducerRecord:
-    __slots__ = ("active", "funcs", "gone", "host", "id", "last_seen", "name", "objects", "queue", "queued",
+    __slots__ = ("active", "funcs", "gone", "host", "id", "last_seen", "name", "names", "objects", "queue", "queued",
                  "queued_bytes", "tasks")
 
     def __init__(self, pid: bytes, now: float) -> None:
@@ -83,6 +84,7 @@ class ProducerRecord:
         self.name = ""
         self.host = ""
         self.funcs = Functions()  # digest -> function blob frame, verified
+        self.names: dict[bytes, str] = {}  # digest -> the function's name, as the producer says (for history)
         self.objects = Objects()  # digest -> scattered object's blob frame, verified (objects.py)
         # Its queued tasks, in order, and GONE tombstones among them (skipped at dispatch).
         self.queue: collections.deque[TaskRecord] = collections.deque()
@@ -133,6 +135,15 @@ class ProducerRecord:
 
 
 E = TypeVar("E", P.TaskEntry, P.ResultEntry, P.ItemEntry)
+
+
+def note_names(prod: ProducerRecord, funcs: Iterable[P.Function], most: int) -> None:
+    """Remember what ``prod`` calls these functions (printable, bounded); the oldest names go past ``most``."""
+    for func in funcs:
+        if func.name:
+            prod.names[func.digest] = printable(func.name, P.MAX_NAME)
+    while len(prod.names) > most:
+        del prod.names[next(iter(prod.names))]
 
 
 def renumbered(entry: E, new_id: int) -> E:

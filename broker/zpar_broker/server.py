@@ -174,6 +174,7 @@ class BrokerServer:
             # this log, for whoever runs the broker).
             self.core.dashboard = self.dashboard.url if self.creds is not None and self.creds.allow \
                 else self.dashboard.link
+        self.core.history_open = not (self.creds is not None and self.creds.allow)  # the same rule for tasks
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
@@ -274,11 +275,14 @@ class BrokerServer:
         # The agent's part of the loop calls this after the broker's part has flushed this turn.
         self._send(self.core.flush())
 
-    def _answer(self, what: str) -> dict[str, Any]:
+    def _answer(self, what: tuple[str, dict[str, Any]]) -> Any:
         """A question from the dashboard's thread (web.Questions), answered with plain data."""
         now = time.monotonic()
-        if what == "metrics":
+        kind, args = what
+        if kind == "metrics":
             return self.core.metrics(now) | {"loop_lag": self.loop_lag}
+        if kind == "tasks":
+            return self.core.tasks(**args)
         return self.core.status(now)
 
     def _oversized(self, source: str) -> None:

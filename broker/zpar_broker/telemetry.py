@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import collections
 from typing import Any
 
 from zpar import protocol as P
@@ -36,3 +37,37 @@ class Durations:
             running += count
             cumulative.append([bound, running])
         return {"buckets": cumulative, "count": running, "sum": self.sum_us / 1e6}
+
+
+#: Tasks the broker remembers once they ended (``History``), newest first out.
+HISTORY_SIZE = 10_000
+_FIELDS = ("time", "producer", "task", "function", "node", "worker", "outcome", "duration_s", "attempts", "error")
+
+
+class History:
+    """A bounded ring of the tasks that ended, as tuples (cheap to keep: one per task), read as dicts.
+
+    ``time`` is the wall clock when the broker learnt the outcome; ``task``
+    the producer's id for it; ``worker`` the pid that ran it (0: unknown);
+    ``error`` a failed task's traceback text, or why a run was lost.
+    """
+
+    __slots__ = ("ring",)
+
+    def __init__(self, size: int = HISTORY_SIZE) -> None:
+        self.ring: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=size)
+
+    def add(self, when: float, producer: str, task: int, function: str, node: str, worker: int, outcome: str,
+            duration_us: int, attempts: int, error: str) -> None:
+        self.ring.append((when, producer, task, function, node, worker, outcome, duration_us / 1e6, attempts, error))
+
+    def recent(self, limit: int = 100, failed: bool = False) -> list[dict[str, Any]]:
+        """The ``limit`` latest, newest first; with ``failed``, only those that did not end "ok"."""
+        out: list[dict[str, Any]] = []
+        for row in reversed(self.ring):
+            if failed and row[6] == "ok":
+                continue
+            out.append(dict(zip(_FIELDS, row, strict=True)))
+            if len(out) >= limit:
+                break
+        return out

@@ -35,6 +35,7 @@ ANSWER_TIMEOUT = 5.0
 
 _ENDPOINTS = {
     "/api/status": "the broker's status as JSON: what `zpar status --json` prints",
+    "/api/tasks": "the latest tasks that ended, newest first (?limit=N, at most 10,000; ?failed=1: only failures)",
     "/metrics": "Prometheus metrics (text exposition format)",
 }
 
@@ -56,7 +57,7 @@ class Questions:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[str, queue.SimpleQueue[Any]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, queue.SimpleQueue[Any]]] = queue.SimpleQueue()
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
@@ -64,7 +65,7 @@ class Questions:
     def fileno(self) -> int:
         return self._r.fileno()
 
-    def ask(self, what: str, timeout: float = ANSWER_TIMEOUT) -> Any:
+    def ask(self, what: Any, timeout: float = ANSWER_TIMEOUT) -> Any:
         """The loop's answer to ``what``; raises queue.Empty after ``timeout`` s, or what answering raised."""
         reply: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._queue.put((what, reply))
@@ -77,7 +78,7 @@ class Questions:
             raise answer
         return answer
 
-    def answer(self, respond: Callable[[str], Any]) -> None:
+    def answer(self, respond: Callable[[Any], Any]) -> None:
         """The loop's part: answer every question waiting."""
         try:
             while self._r.recv(4096):
@@ -127,6 +128,13 @@ class Dashboard:
         self._thread.join(timeout=5)
 
 
+def _task_query(query: dict[str, list[str]]) -> dict[str, Any]:
+    """``?limit=N&failed=1`` as BrokerCore.tasks' arguments (a bad limit: the default)."""
+    limit = query.get("limit", ["100"])[0]
+    return {"limit": int(limit) if limit.isdigit() else 100,
+            "failed": query.get("failed", ["0"])[0].lower() in ("1", "true", "yes")}
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     token = ""
@@ -150,13 +158,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                        {"WWW-Authenticate": 'Bearer realm="zpar"'})
             return
         try:
+            ask = self.server.questions.ask
             if url.path == "/api/status":
-                body = json.dumps(self.server.questions.ask("status"), default=str).encode() + b"\n"
-                self._send(200, body, "application/json")
+                self._json(ask(("status", {})))
+            elif url.path == "/api/tasks":
+                self._json(ask(("tasks", _task_query(urllib.parse.parse_qs(url.query)))))
             elif url.path == "/metrics":
                 from .metrics import render  # prometheus-client is loaded only when asked for
 
-                self._send(200, *render(self.server.questions.ask("metrics")))
+                self._send(200, *render(ask(("metrics", {}))))
             elif url.path == "/":
                 self._send(200, json.dumps({"endpoints": _ENDPOINTS}, indent=1).encode() + b"\n", "application/json")
             else:
@@ -166,6 +176,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except Exception:
             log.exception("dashboard request %s failed", url.path)
             self._send(500, b'{"error": "internal error (see the broker\'s log)"}\n', "application/json")
+
+    def _json(self, data: Any) -> None:
+        self._send(200, json.dumps(data, default=str).encode() + b"\n", "application/json")
 
     def _authorized(self, query_token: str) -> bool:
         header = self.headers.get("Authorization", "")

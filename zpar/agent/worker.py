@@ -34,6 +34,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 import types
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,7 @@ class Worker:
         self._items_bytes = 0
         self._items_held_at = self._items_sent_at = 0.0
         self._bye = False  # the agent asked us to exit while a task ran
+        self._error = ""  # the traceback of the task that just raised (_raised), for its result
         streaming._port = self
 
     def run(self) -> None:
@@ -165,7 +167,9 @@ class Worker:
             self.current = task.id
             status, rframes = self._run_one(task)
             self.current = None
-            entry = P.ResultEntry(task.id, status, rframes, (time.perf_counter_ns() - start) // 1000)
+            entry = P.ResultEntry(task.id, status, rframes, (time.perf_counter_ns() - start) // 1000, None, self.pid,
+                                  self._error)
+            self._error = ""
             # A stream's result goes at once, behind its items.
             task = courier.done(entry, send=bool(self.streams) and task.id in self.streams)
         courier.end()
@@ -206,7 +210,7 @@ class Worker:
             if type(value) is types.GeneratorType:
                 return self._drive(task.id, value)
         except Exception as exc:  # noqa: BLE001 - whatever the task raised is its result
-            return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
+            return P.Status.RAISED, self._raised(exc)
         except BaseException as exc:  # noqa: BLE001 - sys.exit or KeyboardInterrupt inside the task
             return P.Status.RAISED, self._stand_in(exc)
         return self._result(task.id, value)
@@ -216,7 +220,13 @@ class Worker:
         stand_in = TaskError(f"the task raised {type(exc).__name__}{exc.args!r}; the worker kept running",
                              type(exc).__name__)
         stand_in.__cause__ = exc
-        return serialize.dump_exception(stand_in, self.host, self.pid)
+        return self._raised(stand_in)
+
+    def _raised(self, exc: BaseException) -> list[Any]:
+        """The frames of a task's exception; its traceback's end, as text, goes in the result's ``error`` too
+        (the broker shows it with no unpickling: see protocol.ResultEntry)."""
+        self._error = "".join(traceback.format_exception(exc))[-P.MAX_ERROR_TEXT:]
+        return serialize.dump_exception(exc, self.host, self.pid)
 
     def _result(self, tid: int, value: Any) -> tuple[P.Status, list[Any]]:
         stream = self.streams.get(tid) if self.streams else None
@@ -228,7 +238,7 @@ class Worker:
             serialize.check_payload(frames, "result")
             return status, frames
         except Exception as exc:  # noqa: BLE001 - an unpicklable or oversized result is the task's error
-            return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
+            return P.Status.RAISED, self._raised(exc)
 
     # ------------------------------------------------------------------ streams (zpar.streaming)
 
@@ -243,7 +253,7 @@ class Worker:
                     return self._result(tid, stop.value)
                 self.send_item(tid, serialize.dumps(item, what="value the generator yielded"))
         except Exception as exc:  # noqa: BLE001 - whatever the generator raised is its result
-            return P.Status.RAISED, serialize.dump_exception(exc, self.host, self.pid)
+            return P.Status.RAISED, self._raised(exc)
         except BaseException as exc:  # noqa: BLE001 - sys.exit or KeyboardInterrupt inside the generator
             return P.Status.RAISED, self._stand_in(exc)
         finally:

@@ -251,6 +251,41 @@ def status(
 
 
 @app.command()
+def tasks(
+    broker: str = typer.Option(cfg.DEFAULT_FRONTEND, envvar="ZPAR_ADDRESS", help="The broker's frontend address."),
+    failed: bool = typer.Option(False, "--failed", help="Only the tasks that did not end well."),
+    limit: int = typer.Option(50, help="How many, newest first (the broker keeps the last 10,000)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
+    secret: Optional[str] = _SECRET,
+    secret_file: Optional[str] = _SECRET_FILE,
+    key_file: Optional[str] = _KEY_FILE,
+    broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key "
+                                             "[env ZPAR_BROKER_KEY]."),
+    insecure: bool = typer.Option(False, "--insecure", envvar="ZPAR_INSECURE",
+                                  help="Ask a broker run --insecure, with no credentials."),
+) -> None:
+    """The latest tasks that ended: when, which producer and function, where, how, how long, and why not."""
+    from ..client import _credentials, broker_status
+
+    _warn_argv_secret(secret)
+    try:
+        creds = _credentials(secret, secret_file, key_file, broker_key, insecure, broker)
+        info = broker_status(broker, timeout, creds, insecure=insecure,
+                             request={"tasks": {"limit": limit, "failed": failed}})
+    except ZparError as exc:
+        raise _fail(exc, 1) from None
+    if "tasks" not in info:
+        raise _fail(ZparError(info.get("tasks_refused") or "this broker keeps no task history; upgrade it"), 1)
+    if as_json:
+        typer.echo(json.dumps(info["tasks"], indent=2))
+        return
+    from ._status import render_tasks
+
+    render_tasks(info["tasks"])
+
+
+@app.command()
 def demo(
     workers: Optional[int] = typer.Option(None, help="Workers in the embedded cluster [default: one per core]."),
     jobs: int = typer.Option(32, help="How many sums of primes to compute."),

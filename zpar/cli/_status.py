@@ -9,6 +9,7 @@ length bounded). Only the fixed words around them carry styles.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -75,3 +76,21 @@ def view(info: dict[str, Any], address: str) -> Group:
     if isinstance(dashboard, str) and dashboard:
         lines.append(Text(f"dashboard: {printable(dashboard, 200)}"))
     return Group(*lines)
+
+
+def render_tasks(tasks: list[Any], console: Console | None = None) -> None:
+    """``zpar tasks``: a row a task, newest first; a failure's last line of traceback (or why it was lost)."""
+    console = console or Console()
+    table = Table("ended", "producer", "task", "function", "node", "worker", "outcome", "seconds", "why")
+    for task in tasks if isinstance(tasks, list) else []:
+        if not isinstance(task, dict):
+            continue
+        when = task.get("time")
+        ended = time.strftime("%H:%M:%S", time.localtime(when)) if isinstance(when, int | float) else "?"
+        error = task.get("error")
+        why = error.strip().splitlines()[-1] if isinstance(error, str) and error.strip() else ""
+        seconds = task.get("duration_s")
+        table.add_row(Text(ended), *(_cell(task.get(key, "")) for key in ("producer", "task", "function", "node",
+                                                                          "worker", "outcome")),
+                      Text(f"{seconds:.3f}" if isinstance(seconds, int | float) else "?"), Text(printable(why)))
+    console.print(table)

@@ -18,9 +18,11 @@ from ._messages import (
     BATCH_MAX_TASKS,
     INLINE_MAX,
     MAX_ENTRIES,
+    MAX_ERROR_TEXT,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_SIZE,
+    MAX_NAME,
     MAX_REFS,
     MAX_RETRIES,
     MAX_TASK_FRAMES,
@@ -154,6 +156,8 @@ def encode(msg: Message) -> list[Frame]:
     match msg:
         case Submit(tasks=tasks, funcs=funcs) | Tasks(tasks=tasks, funcs=funcs):
             h["f"] = [f.digest for f in funcs]
+            if any(f.name for f in funcs):
+                h["fn"] = [f.name for f in funcs]
             frames.extend(f.blob for f in funcs)
             rows: list[tuple[Any, ...]] = []
             for t in tasks:
@@ -167,10 +171,13 @@ def encode(msg: Message) -> list[Frame]:
                     rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms))
             h["t"] = rows
         case Result(results=results, agent=agent, epoch=epoch):
-            rows_r = []
+            rows_r: list[tuple[Any, ...]] = []
             for r in results:
                 nframes, data = _place(r.payload, frames) if r.payload else (0, b"")
-                rows_r.append((r.id, int(r.status), nframes, r.duration_us, data, r.cause))
+                if r.worker or r.error:
+                    rows_r.append((r.id, int(r.status), nframes, r.duration_us, data, r.cause, r.worker, r.error))
+                else:
+                    rows_r.append((r.id, int(r.status), nframes, r.duration_us, data, r.cause))
             h["r"] = rows_r
             if agent:
                 h["a"] = agent
@@ -310,7 +317,11 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
             raise ProtocolError("function digests must be bytes")
     if fr.pos + len(digests) > len(fr.frames):
         raise ProtocolError("fewer frames than function blobs")
-    funcs = tuple(Function(d, fr.frames[fr.pos + i]) for i, d in enumerate(digests))
+    names = _rows(h, "fn") if "fn" in h else None
+    if names is not None and (len(names) != len(digests) or any(type(n) is not str or len(n) > MAX_NAME
+                                                                for n in names)):
+        raise ProtocolError(f"function names must be one string of at most {MAX_NAME} characters per function")
+    funcs = tuple(Function(d, fr.frames[fr.pos + i], names[i] if names else "") for i, d in enumerate(digests))
     fr.pos += len(digests)
     out = []
     for row in rows:
@@ -365,8 +376,15 @@ def _cause(row: Any) -> Cause:
 def _results(h: dict[str, Any], fr: _Frames) -> tuple[ResultEntry, ...]:
     out = []
     for row in _rows(h, "r"):
+        worker, error = 0, ""
+        if type(row) is list and len(row) == 8:
+            worker, error = row.pop(-2), row.pop()
+            if type(worker) is not int or worker < 0 or type(error) is not str or len(error) > MAX_ERROR_TEXT:
+                raise ProtocolError(f"a result's worker must be a pid and its error text of at most "
+                                    f"{MAX_ERROR_TEXT} characters")
         if type(row) is not list or len(row) != 6:
-            raise ProtocolError("a result entry must be [id, status, nframes, duration_us, data, cause]")
+            raise ProtocolError("a result entry must be [id, status, nframes, duration_us, data, cause], then "
+                                "[worker, error] if it has them")
         rid, status, nframes, dur, data, cause = row
         if (type(rid) is not int or rid < 0 or type(status) is not int or type(nframes) is not int
                 or nframes < 0 or type(dur) is not int or dur < 0 or type(data) is not bytes):
@@ -378,11 +396,11 @@ def _results(h: dict[str, Any], fr: _Frames) -> tuple[ResultEntry, ...]:
             if cause is not None:
                 raise ProtocolError(f"a {st.name} result carries a value, not a cause")
             payload = (data,) if nframes == 0 and data else fr.take(nframes, data, "a result")
-            out.append(ResultEntry(rid, st, payload, dur))
+            out.append(ResultEntry(rid, st, payload, dur, None, worker, error))
         else:
             if nframes or data:
                 raise ProtocolError(f"a {st.name} result carries a cause, not a value")
-            out.append(ResultEntry(rid, st, (), dur, _cause(cause)))
+            out.append(ResultEntry(rid, st, (), dur, _cause(cause), worker, error))
     return tuple(out)
 
 

@@ -127,10 +127,12 @@ FLAG_CHANNEL = 2  # client.start: the function gets the task's channel as its fi
 
 
 class Function(NamedTuple):
-    """A function blob (cloudpickle), named by its digest; travels once per hop."""
+    """A function blob (cloudpickle), named by its digest; travels once per hop. ``name``: the function's
+    qualified name, from its producer, for people (the broker's task history); "" on the other hops."""
 
     digest: bytes
     blob: Frame
+    name: str = ""
 
 
 def digest(blob: Frame) -> bytes:
@@ -236,11 +238,21 @@ class Cause(NamedTuple):
         return cls(node, pid, returncode, None, detail=detail)
 
 
+#: The most characters of a function's name in SUBMIT (``Function.name``; a longer one is cut by its sender).
+MAX_NAME = 256
+#: The most characters of a failed task's traceback its RESULT carries as text (``ResultEntry.error``: the
+#: end of it, where the error is); the producer gets the whole exception in the payload.
+MAX_ERROR_TEXT = 4096
+
+
 class ResultEntry(NamedTuple):
-    """One result in RESULT. Wire: ``[id, status, nframes, duration_us, data, cause]``.
+    """One result in RESULT. Wire: ``[id, status, nframes, duration_us, data, cause]``, then
+    ``worker, error`` when either is set.
 
     A value status (VALUE_STATUSES) has a payload and no cause; the others a
-    cause and no payload.
+    cause and no payload. ``worker``: the pid of the worker that ran it;
+    ``error``: for RAISED, the traceback as text (at most MAX_ERROR_TEXT
+    characters), which the broker shows without unpickling anything.
     """
 
     id: int
@@ -248,6 +260,8 @@ class ResultEntry(NamedTuple):
     payload: Payload = ()
     duration_us: int = 0
     cause: Cause | None = None
+    worker: int = 0
+    error: str = ""
 
 
 class ItemEntry(NamedTuple):
