@@ -66,7 +66,7 @@ def watched(new_cluster):
 
 def test_no_token_or_a_wrong_one_gets_401_and_no_data(watched):
     cluster, base, token = watched
-    for path in ("/api/status", "/metrics", "/"):
+    for path in ("/api/status", "/api/tasks", "/api/events", "/metrics", "/api"):
         for given in (None, "", token[:-1] + ("0" if token[-1] != "0" else "1"), token.upper() + "x"):
             code, body, _ = get(base + path, given)
             assert code == 401, (path, given)
@@ -107,8 +107,17 @@ def test_metrics_count_the_work_done(watched):
 def test_unknown_pages_are_404_and_the_index_lists_the_endpoints(watched):
     _, base, token = watched
     assert get(f"{base}/nope", token)[0] == 404
-    code, body, _ = get(f"{base}/", token)
-    assert code == 200 and set(json.loads(body)["endpoints"]) == {"/api/status", "/metrics"}
+    code, body, _ = get(f"{base}/api", token)
+    assert code == 200
+    assert {"/api/status", "/api/tasks", "/api/events", "/metrics"} <= set(json.loads(body)["endpoints"])
+
+
+def test_the_page_itself_holds_no_data_and_loads_without_the_token(watched):
+    cluster, base, _ = watched
+    for path, kind in (("/", "text/html"), ("/dashboard.js", "text/javascript"), ("/dashboard.css", "text/css")):
+        code, body, content_type = get(base + path)
+        assert code == 200 and content_type.startswith(kind)
+        assert cluster.status()["epoch"].encode() not in body
 
 
 def test_the_token_stays_the_same_across_a_restart_of_the_broker(new_cluster):

@@ -283,6 +283,9 @@ class BrokerServer:
             return self.core.metrics(now) | {"loop_lag": self.loop_lag}
         if kind == "tasks":
             return self.core.tasks(**args)
+        if kind == "snapshot":  # the dashboard page's: all it shows, every second
+            return {"status": self.core.status(now), "metrics": self.core.metrics(now) | {"loop_lag": self.loop_lag},
+                    "tasks": self.core.tasks(200), "time": time.time()}
         return self.core.status(now)
 
     def _oversized(self, source: str) -> None:

@@ -13,9 +13,11 @@ in ``zpar status``, as Jupyter does); without it, 401 and no data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import http.server
+import importlib.resources
 import json
 import logging
 import queue
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 ANSWER_TIMEOUT = 5.0
 
 _ENDPOINTS = {
+    "/": "the dashboard page (live: it reads /api/events)",
+    "/api/events": "server-sent events: a snapshot of status, metrics and the latest tasks every second",
     "/api/status": "the broker's status as JSON: what `zpar status --json` prints",
     "/api/tasks": "the latest tasks that ended, newest first (?limit=N, at most 10,000; ?failed=1: only failures)",
     "/metrics": "Prometheus metrics (text exposition format)",
@@ -123,6 +127,7 @@ class Dashboard:
         self._thread.start()
 
     def close(self) -> None:
+        self._httpd.stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
@@ -143,6 +148,25 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
+        self.lock = threading.Lock()
+        self.watchers = 0  # open event streams
+        self.stopping = threading.Event()  # the broker stops: event streams end
+
+
+#: The dashboard's files (zpar_broker/static/), by path: written here, no third-party code, nothing from a CDN.
+_PAGES = {"/": ("dashboard.html", "text/html; charset=utf-8"),
+          "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+          "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
+#: The page loads only its own files and talks only to its own origin.
+_CSP = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+#: Seconds between two snapshots on an event stream, and the most streams open at once.
+EVENT_EVERY = 1.0
+MAX_WATCHERS = 32
+
+
+@functools.cache
+def _page(name: str) -> bytes:
+    return importlib.resources.files(__package__).joinpath("static", name).read_bytes()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -152,6 +176,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
+        if url.path == "/favicon.ico":  # a browser asks for it by itself: nothing, rather than a 401 in its console
+            self._send(204, b"", "image/x-icon")
+            return
+        if url.path in _PAGES:  # the page and its script hold no data: anyone may load them, not what they show
+            name, kind = _PAGES[url.path]
+            self._send(200, _page(name), kind, {"Content-Security-Policy": _CSP})
+            return
         if not self._authorized(urllib.parse.parse_qs(url.query).get("token", [""])[0]):
             self._send(401, b'{"error": "this needs the dashboard token: the link in the broker\'s log or in '
                             b'`zpar status`, or an Authorization: Bearer header"}\n', "application/json",
@@ -167,7 +198,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 from .metrics import render  # prometheus-client is loaded only when asked for
 
                 self._send(200, *render(ask(("metrics", {}))))
-            elif url.path == "/":
+            elif url.path == "/api/events":
+                self._events(ask)
+            elif url.path == "/api":
                 self._send(200, json.dumps({"endpoints": _ENDPOINTS}, indent=1).encode() + b"\n", "application/json")
             else:
                 self._send(404, b'{"error": "no such page"}\n', "application/json")
@@ -176,6 +209,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except Exception:
             log.exception("dashboard request %s failed", url.path)
             self._send(500, b'{"error": "internal error (see the broker\'s log)"}\n', "application/json")
+
+    def _events(self, ask: Callable[[Any], Any]) -> None:
+        """Server-sent events: a snapshot (status, metrics, the latest tasks) every EVENT_EVERY s, until the
+        page goes away or the broker stops. At most MAX_WATCHERS at once (each holds a thread)."""
+        server = self.server
+        with server.lock:
+            if server.watchers >= MAX_WATCHERS:
+                self._send(503, b'{"error": "too many dashboards open at once"}\n', "application/json")
+                return
+            server.watchers += 1
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            while not server.stopping.is_set():
+                try:
+                    snapshot = ask(("snapshot", {}))
+                except queue.Empty:
+                    snapshot = {"error": "the broker did not answer in time"}
+                self.wfile.write(b"data: " + json.dumps(snapshot, default=str).encode() + b"\n\n")
+                self.wfile.flush()
+                server.stopping.wait(EVENT_EVERY)
+        except OSError:  # the page went away (BrokenPipeError, ConnectionResetError)
+            pass
+        finally:
+            with server.lock:
+                server.watchers -= 1
 
     def _json(self, data: Any) -> None:
         self._send(200, json.dumps(data, default=str).encode() + b"\n", "application/json")
