@@ -6,6 +6,7 @@ and talks HTTP to the port the broker logs and reports in ``zpar status``.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import socket
@@ -170,3 +171,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def post(url: str, body: object, token: str | None, header: bool = True) -> tuple[int, dict]:
+    """``(status, JSON answer)`` of a control."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token is not None and header:
+        headers["Authorization"] = f"Bearer {token}"
+    elif token is not None:
+        url = f"{url}?{urllib.parse.urlencode({'token': token})}"
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")  # noqa: S310 - http://
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_controls_need_the_token_in_a_header_and_a_well_formed_body(watched):
+    cluster, base, token = watched
+    node = cluster.status()["nodes"][0]["name"]
+    assert post(f"{base}/api/nodes/drain", {"node": node}, None)[0] == 401
+    assert post(f"{base}/api/nodes/drain", {"node": node}, token, header=False)[0] == 401  # a link's token: no
+    assert post(f"{base}/api/nodes/workers", {"node": node, "workers": 0}, token)[0] == 400
+    assert post(f"{base}/api/nodes/workers", {"node": node}, token)[0] == 400
+    assert post(f"{base}/api/nodes/drain", ["not", "an", "object"], token)[0] == 400
+    assert post(f"{base}/api/nodes/reboot", {"node": node}, token)[0] == 404
+    code, answer = post(f"{base}/api/nodes/drain", {"node": "no-such-node"}, token)
+    assert code == 200 and answer == {"ok": False, "result": "no node named 'no-such-node'"}
+    assert len(cluster.status()["nodes"]) == 2  # nothing happened
+
+
+def test_a_node_resized_live_runs_with_its_new_workers_and_loses_nothing(watched):
+    cluster, base, token = watched
+    node = cluster.status()["nodes"][0]["name"]
+    with cluster.client() as client:
+        futures = [client.submit(tasks.sleep_square, i, 0.05) for i in range(40)]
+        assert post(f"{base}/api/nodes/workers", {"node": node, "workers": 3}, token)[1]["ok"]
+        wait_for(lambda: cluster.status()["workers"] == 4, 20, 0.05, "the node grown to 3 workers")
+        assert post(f"{base}/api/nodes/workers", {"node": node, "workers": 1}, token)[1]["ok"]
+        wait_for(lambda: cluster.status()["workers"] == 2, 20, 0.05, "the node back to 1 worker")
+        assert [f.result(60) for f in futures] == [i * i for i in range(40)]
+        wait_for(lambda: len(cluster.worker_pids()) == 2, 20, 0.05, "the retired workers gone")
+
+
+def test_a_drained_node_finishes_its_tasks_and_leaves(watched):
+    cluster, base, token = watched
+    node = cluster.status()["nodes"][0]["name"]
+    with cluster.client() as client:
+        futures = [client.submit(tasks.sleep_square, i, 0.05) for i in range(20)]
+        assert post(f"{base}/api/nodes/drain", {"node": node}, token)[1]["ok"]
+        assert [f.result(60) for f in futures] == [i * i for i in range(20)]
+        wait_for(lambda: [n["name"] for n in cluster.status()["nodes"]] != [] and
+                 node not in [n["name"] for n in cluster.status()["nodes"]], 30, 0.05, "the drained node gone")
+        assert client.submit(tasks.square, 7).result(30) == 49  # the other node serves on
+    drained = [a for a in cluster.agents if a.poll() is not None]
+    assert len(drained) == 1 and drained[0].returncode == 0
+
+
+def test_cancelling_a_task_from_the_dashboard_ends_its_future(watched, gate):
+    cluster, base, token = watched
+    with cluster.client() as client:
+        blocked = client.submit(tasks.block_until, gate, 30)
+        queued = [client.submit(tasks.block_until, gate, 30) for _ in range(3)]
+        wait_for(lambda: cluster.status()["busy"] >= 1, 10, 0.02, "a task running")
+        label = f"client-{os.getpid()}"  # what a Client calls itself (the task history shows it too)
+        code, answer = post(f"{base}/api/tasks/cancel", {"producer": label, "task": blocked.task_id}, token)
+        assert code == 200 and answer == {"cancelled": 1}
+        with pytest.raises(cf.CancelledError):
+            blocked.result(30)
+        assert post(f"{base}/api/tasks/cancel", {"producer": label}, token)[1] == {"cancelled": 3}
+        for fut in queued:
+            with pytest.raises(cf.CancelledError):
+                fut.result(30)
+        assert client.submit(tasks.square, 5).result(30) == 25

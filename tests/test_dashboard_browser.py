@@ -76,3 +76,15 @@ def test_without_the_token_the_page_shows_nothing_of_the_cluster(new_cluster, pa
     assert node_names(page) == [] and page.inner_text("#nodes-count") == "-"
     response = page.request.get(link.split("?")[0] + "api/status")
     assert response.status == 401 and b"nodes" not in response.body()
+
+
+def test_the_drain_button_drains_a_node(new_cluster, page):
+    cluster = new_cluster(agents=2, workers=1)
+    page.goto(cluster.status()["dashboard"])
+    wait_for(lambda: len(node_names(page)) == 2, 20, 0.05, "both nodes on the page")
+    node = node_names(page)[0]
+    page.click(f'#nodes-table tr[data-node="{node}"] button.drain')
+    page.wait_for_selector("#action:has-text('done')")
+    wait_for(lambda: node not in node_names(page), 30, 0.05, "the drained node gone from the page")
+    assert node not in [n["name"] for n in cluster.status()["nodes"]]
+    assert page.errors == []

@@ -90,6 +90,8 @@ SAMPLES = [
                P.TaskEntry(7, D, (b"head",), refs=(P.digest(b"o1"),), parts=1, part_bytes=5))), 0),
     (P.Tasks((P.TaskEntry(8, D, (BIG,), 0, 2, 0, (), 2, 1 << 20),)), 1),
     (P.Part(6, 0, (b"part", b"two frames")), 2),
+    (P.Control(P.Action.DRAIN), 0),
+    (P.Control(P.Action.WORKERS, 8), 0),
 ]
 SAMPLE_IDS = [f"{i}-{type(m).__name__}" for i, (m, _) in enumerate(SAMPLES)]
 
@@ -303,6 +305,10 @@ REJECTED = {
     "part with a negative seq": [header(k=int(P.Kind.PART), id=1, seq=-1, n=1), b"x"],
     "part without an id": [header(k=int(P.Kind.PART), seq=0, n=1), b"x"],
     "part with a text frame count": [header(k=int(P.Kind.PART), id=1, seq=0, n="1"), b"x"],
+    "control of an unknown action": [header(k=int(P.Kind.CONTROL), action="reboot")],
+    "control without an action": [header(k=int(P.Kind.CONTROL))],
+    "control to keep no worker": [header(k=int(P.Kind.CONTROL), action="workers", workers=0)],
+    "control to keep too many workers": [header(k=int(P.Kind.CONTROL), action="workers", workers=P.MAX_WORKERS + 1)],
 }
 
 
@@ -510,6 +516,8 @@ messages = st.one_of(
     st.builds(P.Items, st.lists(item_entries, max_size=4).map(tuple), credits, st.binary(max_size=8), texts),
     st.builds(P.Feed, st.lists(item_entries, max_size=4).map(tuple), credits, st.lists(ids_, max_size=3).map(tuple)),
     st.builds(P.Part, ids_, ids_, st.lists(st.binary(max_size=8), min_size=1, max_size=3).map(tuple)),
+    st.builds(P.Control, st.just(P.Action.WORKERS), st.integers(1, P.MAX_WORKERS)),
+    st.just(P.Control(P.Action.DRAIN)),
 )
 
 

@@ -315,6 +315,38 @@ class BrokerCore:
             info["dashboard"] = self.dashboard
         return info
 
+    def control(self, node: str, action: P.Action, workers: int = 0) -> tuple[list[Outgoing], str]:
+        """Steer the agent named ``node`` (the dashboard): CONTROL to it, and what was done (or why not)."""
+        found = [a for a in self._agents.values() if a.name == node]
+        if len(found) != 1:
+            return [], f"no node named {node!r}" if not found else f"{len(found)} nodes are named {node!r}"
+        agent = found[0]
+        self.counters[f"control_{action.value}"] += 1
+        log.info("dashboard: %s node %s%s", action.value, printable(node), f" to {workers}" if workers else "",
+                 extra={"node": node})
+        return [Outgoing(Dest.BACKEND, agent.id, P.Control(action, workers))], "sent"
+
+    def cancel_for(self, producer: str, task: int | None) -> tuple[list[Outgoing], int]:
+        """Cancel one task of the producer labelled ``producer``, or all of them (None), from the dashboard:
+        dropped if queued, stopped if running, and the producer told (CANCELLED); how many."""
+        prod = next((p for p in self._producers.values() if p.label() == producer), None)
+        if prod is None:
+            return [], 0
+        ids = [task] if task is not None else list(prod.tasks)
+        ids = [i for i in ids if i in prod.tasks]
+        out: list[Outgoing] = []
+        self._cancel(prod, ids, True, out)
+        cause = P.Cause("the broker", detail="cancelled from the broker's dashboard")
+        out += [Outgoing(Dest.FRONTEND, prod.id, P.Result(tuple(P.ResultEntry(i, P.Status.CANCELLED, cause=cause)
+                                                                for i in chunk))) for chunk in P.chunks(ids)]
+        when = time.time()
+        for i in ids:
+            self.history.add(when, prod.label(), i, "", "", 0, "cancelled", 0, 0, cause.detail)
+        if ids:
+            log.info("dashboard: cancelled %d tasks of producer %s", len(ids), printable(producer),
+                     extra={"producer": producer})
+        return out, len(ids)
+
     def tasks(self, limit: int = 100, failed: bool = False) -> list[dict[str, Any]]:
         """The latest tasks that ended (``zpar tasks``, /api/tasks), newest first."""
         return self.history.recent(max(1, min(limit, HISTORY_SIZE)), failed)

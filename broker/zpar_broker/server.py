@@ -283,6 +283,14 @@ class BrokerServer:
             return self.core.metrics(now) | {"loop_lag": self.loop_lag}
         if kind == "tasks":
             return self.core.tasks(**args)
+        if kind == "control":
+            sent, done = self.core.control(args["node"], P.Action(args["action"]), args.get("workers", 0))
+            self._send(sent)
+            return {"result": done, "ok": bool(sent)}
+        if kind == "cancel":
+            sent, count = self.core.cancel_for(args["producer"], args.get("task"))
+            self._send(sent)
+            return {"cancelled": count}
         if kind == "snapshot":  # the dashboard page's: all it shows, every second
             return {"status": self.core.status(now), "metrics": self.core.metrics(now) | {"loop_lag": self.loop_lag},
                     "tasks": self.core.tasks(200), "time": time.time()}

@@ -28,6 +28,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from zpar import protocol as P
 from zpar import security
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ _ENDPOINTS = {
     "/api/events": "server-sent events: a snapshot of status, metrics and the latest tasks every second",
     "/api/status": "the broker's status as JSON: what `zpar status --json` prints",
     "/api/tasks": "the latest tasks that ended, newest first (?limit=N, at most 10,000; ?failed=1: only failures)",
+    "POST /api/nodes/drain": '{"node": NAME}: the node takes no more tasks, finishes its own, and leaves',
+    "POST /api/nodes/workers": '{"node": NAME, "workers": N}: the node keeps N workers from now on',
+    "POST /api/tasks/cancel": '{"producer": LABEL, "task": ID}: cancel one task, or (no "task") all of them',
     "/metrics": "Prometheus metrics (text exposition format)",
 }
 
@@ -133,6 +137,30 @@ class Dashboard:
         self._thread.join(timeout=5)
 
 
+#: The most bytes a control's JSON body may have.
+MAX_BODY = 64 * 1024
+
+
+def _control_question(path: str, body: Any) -> tuple[str, dict[str, Any]] | None:
+    """The question to the broker's loop for a POST to ``path`` with JSON ``body``; None: no such control.
+    Raises ValueError, TypeError or KeyError for a body that does not say what the control needs."""
+    if not isinstance(body, dict):
+        raise TypeError("the body must be a JSON object")
+    if path == "/api/nodes/drain":
+        return "control", {"node": str(body["node"]), "action": "drain"}
+    if path == "/api/nodes/workers":
+        workers = body["workers"]
+        if type(workers) is not int or not 1 <= workers <= P.MAX_WORKERS:
+            raise ValueError(f"workers must be a whole number from 1 to {P.MAX_WORKERS}")
+        return "control", {"node": str(body["node"]), "action": "workers", "workers": workers}
+    if path == "/api/tasks/cancel":
+        task = body.get("task")
+        if task is not None and (type(task) is not int or task < 0):
+            raise ValueError("task must be a task id (or left out: all of that producer's tasks)")
+        return "cancel", {"producer": str(body["producer"]), "task": task}
+    return None
+
+
 def _task_query(query: dict[str, list[str]]) -> dict[str, Any]:
     """``?limit=N&failed=1`` as BrokerCore.tasks' arguments (a bad limit: the default)."""
     limit = query.get("limit", ["100"])[0]
@@ -210,6 +238,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.exception("dashboard request %s failed", url.path)
             self._send(500, b'{"error": "internal error (see the broker\'s log)"}\n', "application/json")
 
+    def do_POST(self) -> None:
+        """The dashboard's controls. The token only in the Authorization header, never a query: another site's
+        form cannot set a header, so it cannot act with a token it happened to learn from a link."""
+        url = urllib.parse.urlsplit(self.path)
+        if not self._authorized("", header_only=True):
+            self._send(401, b'{"error": "controls need the token in an Authorization: Bearer header"}\n',
+                       "application/json", {"WWW-Authenticate": 'Bearer realm="zpar"'})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 <= length <= MAX_BODY:
+                raise ValueError(f"a body of at most {MAX_BODY} bytes")
+            body = json.loads(self.rfile.read(length) or b"{}")
+            question = _control_question(url.path, body)
+        except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
+            self._send(400, json.dumps({"error": f"bad request: {exc}"}).encode() + b"\n", "application/json")
+            return
+        if question is None:
+            self._send(404, b'{"error": "no such control"}\n', "application/json")
+            return
+        try:
+            self._json(self.server.questions.ask(question))
+        except queue.Empty:
+            self._send(503, b'{"error": "the broker did not answer in time"}\n', "application/json")
+
     def _events(self, ask: Callable[[Any], Any]) -> None:
         """Server-sent events: a snapshot (status, metrics, the latest tasks) every EVENT_EVERY s, until the
         page goes away or the broker stops. At most MAX_WATCHERS at once (each holds a thread)."""
@@ -241,9 +294,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _json(self, data: Any) -> None:
         self._send(200, json.dumps(data, default=str).encode() + b"\n", "application/json")
 
-    def _authorized(self, query_token: str) -> bool:
+    def _authorized(self, query_token: str, header_only: bool = False) -> bool:
         header = self.headers.get("Authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else query_token
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ("" if header_only else query_token)
         return bool(given) and hmac.compare_digest(given.encode(), self.server.token.encode())
 
     def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:

@@ -5,7 +5,8 @@ actions it returns, in order (see ``actions``)::
 
     event                                        actions it may return
     start(now)                                   Spawn x N, HELLO
-    from_broker(now, msg)                        ToWorker, Kill, HELLO, RESULT again, Exit (PART: on to its worker)
+    from_broker(now, msg)                        ToWorker, Kill, HELLO, RESULT again, Exit (PART: on to its worker;
+                                                 CONTROL: a drain, or Spawn / BYE to resize, then HELLO)
     from_worker(now, identity, msg)              ToWorker (batches, given-back tasks; BYE to recycle)
     worker_exited(now, identity, pid, code)      Spawn (now, or after a back-off)
     rss_after_task(now, identity, rss)           ToWorker (BYE to recycle)
@@ -83,6 +84,7 @@ class AgentCore:
         self.drain = Drain(settings.grace)
         self.stopping = False  # shutdown: no respawns, no credits, only SIGKILLs left to send
         self._generation = 0  # names workers w1, w2, ...
+        self.target = settings.workers  # workers to keep (CONTROL may change it: the dashboard's resize)
 
     # ------------------------------------------------------------------ events
 
@@ -99,6 +101,8 @@ class AgentCore:
             return list(self.slots.tasks(msg, now))
         if isinstance(msg, P.Part):
             return list(self.slots.part(msg))
+        if isinstance(msg, P.Control):
+            return self._control(now, msg)
         if isinstance(msg, P.Ack):
             self.session.acked(msg.ids)
             return []
@@ -141,7 +145,7 @@ class AgentCore:
         """Worker process ``pid`` ended with ``returncode`` (negative: that signal); a new one takes its place."""
         never_ready = self.slots.state(identity) is WorkerState.STARTING
         self.slots.worker_exited(identity, returncode)
-        if self.stopping:
+        if self.stopping or self.slots.live() >= self.target:  # none in its place: the node was made smaller
             return []
         if never_ready:  # a worker that cannot even start: back off instead of spinning
             delay = self.backoff.failed(now)
@@ -273,7 +277,24 @@ class AgentCore:
 
     def _hello(self) -> P.Hello:
         self.slots.reset_credits()
-        return self.session.hello(self.slots.live())
+        return self.session.hello(min(self.slots.live(), self.target))
+
+    def _control(self, now: float, msg: P.Control) -> list[Action]:
+        """The broker steering this node (its dashboard): drain it, or change how many workers it keeps."""
+        if msg.action is P.Action.DRAIN:
+            if self.drain.active or self.stopping:
+                return []
+            log.info("the broker asked this node to drain")
+            return self.signalled(now)
+        live = self.slots.live()
+        log.info("the broker asked for %d workers (%d now)", msg.workers, live)
+        self.target = msg.workers
+        out: list[Action] = [self._spawn() for _ in range(msg.workers - live)]
+        if msg.workers < live:
+            self.slots.shrink(live - msg.workers)
+            out = self._recycle([])  # BYE to the idle ones now
+        out.append(self._hello())  # the broker learns the new count (and we ask for credits afresh)
+        return out
 
     def _welcome(self, now: float, msg: P.Welcome) -> list[Action]:
         out: list[Action] = []

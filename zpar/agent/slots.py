@@ -75,6 +75,9 @@ class Slots:
         if slot is None or slot.state is not WorkerState.STARTING:
             return []
         slot.state, slot.pid = WorkerState.IDLE, pid
+        if slot.retire:  # the node was made smaller while it started (shrink): it ends now, before any task
+            self._retire_now(slot)
+            return []
         self.prefetch.worker_free()
         return self.assign(now)
 
@@ -174,6 +177,17 @@ class Slots:
             self._retire_now(slot)
         elif slot.state is WorkerState.BUSY:
             slot.retire = True
+
+    def shrink(self, count: int) -> None:
+        """Retire ``count`` workers (a smaller node, asked from the dashboard): those starting first (each as soon
+        as it is ready: it cannot be told before), then idle ones now, then busy ones when their batch is done."""
+        order = {WorkerState.STARTING: 0, WorkerState.IDLE: 1, WorkerState.BUSY: 2}
+        keep = [s for s in self.workers.values() if s.state in order and not s.retire]
+        for slot in sorted(keep, key=lambda s: order[s.state])[:count]:
+            if slot.state is WorkerState.IDLE:
+                self._retire_now(slot)
+            else:
+                slot.retire = True
 
     def retiring(self) -> list[bytes]:
         """Workers to tell to exit now; each is reported once."""

@@ -21,6 +21,7 @@ msgpack header frame, then payload frames the broker forwards untouched::
        |                       | <------------- GIVE_BACK | <---- GIVE_BACK |
        | RELEASE ----------->  | RELEASE ---------------> | RELEASE ------> |
        | PART (big args) --->  | PART ------------------> | (joined) -----> |
+       |                       | CONTROL (dashboard) ---> |                 |
 
 Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
 function blobs named in ``f`` first, then each task's frames in order (its
@@ -50,6 +51,7 @@ from ._messages import (
     MAX_REFS,
     MAX_RETRIES,
     MAX_TASK_FRAMES,
+    MAX_WORKERS,
     PART_BYTES,
     PARTS_FROM,
     STREAM_BYTES,
@@ -57,10 +59,12 @@ from ._messages import (
     VALUE_STATUSES,
     VERSION,
     Ack,
+    Action,
     Bye,
     ByeReason,
     Cancel,
     Cause,
+    Control,
     Credit,
     Error,
     ErrorCode,
@@ -106,6 +110,7 @@ __all__ = [
     "MAX_REFS",
     "MAX_RETRIES",
     "MAX_TASK_FRAMES",
+    "MAX_WORKERS",
     "PARTS_FROM",
     "PART_BYTES",
     "STREAM_BYTES",
@@ -113,11 +118,13 @@ __all__ = [
     "VALUE_STATUSES",
     "VERSION",
     "Ack",
+    "Action",
     "Assembly",
     "Bye",
     "ByeReason",
     "Cancel",
     "Cause",
+    "Control",
     "Credit",
     "Error",
     "ErrorCode",

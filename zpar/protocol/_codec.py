@@ -26,13 +26,16 @@ from ._messages import (
     MAX_REFS,
     MAX_RETRIES,
     MAX_TASK_FRAMES,
+    MAX_WORKERS,
     VALUE_STATUSES,
     VERSION,
     Ack,
+    Action,
     Bye,
     ByeReason,
     Cancel,
     Cause,
+    Control,
     Credit,
     Error,
     ErrorCode,
@@ -217,6 +220,8 @@ def encode(msg: Message) -> list[Frame]:
             h["ids"] = ids
         case Release(digests=digests):
             h["d"] = digests
+        case Control(action=action, workers=workers):
+            h.update(action=action.value, workers=workers)
         case Part(id=tid, seq=seq, payload=payload):
             h.update(id=tid, seq=seq, n=len(payload))
             frames.extend(payload)
@@ -525,6 +530,15 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
         msg = GiveBack(_ids(h, "ids"))
     elif k is Kind.RELEASE:
         msg = Release(_digests(_get(h, "d", list), MAX_ENTRIES, "RELEASE"))
+    elif k is Kind.CONTROL:
+        try:
+            action = Action(_get(h, "action", str))
+        except ValueError:
+            raise ProtocolError(f"unknown control action {h.get('action')!r}") from None
+        workers = _nonneg_int(_get(h, "workers", int, 0), "workers")
+        if workers > MAX_WORKERS or (action is Action.WORKERS and workers < 1):
+            raise ProtocolError(f"a node keeps 1 to {MAX_WORKERS} workers, not {workers}")
+        msg = Control(action, workers)
     elif k is Kind.PART:
         nframes = _nonneg_int(_get(h, "n", int), "a part's frame count")
         if not 0 < nframes < MAX_TASK_FRAMES:

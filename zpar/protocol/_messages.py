@@ -61,6 +61,7 @@ class Kind(enum.IntEnum):
     GIVE_BACK = 15
     RELEASE = 16
     PART = 17
+    CONTROL = 18
 
 
 class Role(str, enum.Enum):
@@ -114,6 +115,9 @@ class ByeReason(enum.IntEnum):
 #: after the other (ZeroMQ hands a message over only once all its frames are in).
 PARTS_FROM = 8 << 20
 PART_BYTES = 4 << 20
+
+#: The most workers a CONTROL may ask one agent to keep.
+MAX_WORKERS = 4096
 
 #: Most scattered objects (zpar.Client.scatter) one task may refer to.
 MAX_REFS = 256
@@ -452,5 +456,21 @@ class Part:
     payload: Payload
 
 
+class Action(str, enum.Enum):
+    """What CONTROL asks of an agent (the dashboard's buttons)."""
+
+    DRAIN = "drain"  # take no more tasks, finish those held (within the grace), then leave
+    WORKERS = "workers"  # keep this many workers from now on (more start now; those past it end when idle)
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """The broker steering an agent: ``action``, with ``workers`` for Action.WORKERS."""
+
+    kind: ClassVar[Kind] = Kind.CONTROL
+    action: Action
+    workers: int = 0
+
+
 Message: TypeAlias = (Hello | Welcome | Submit | Tasks | Ready | Heartbeat | Result | Cancel | StatusMsg | Bye
-                      | Error | Ack | Items | Feed | GiveBack | Release | Part)
+                      | Error | Ack | Items | Feed | GiveBack | Release | Part | Control)

@@ -50,13 +50,52 @@ function cards(status, metrics, now) {
   while (rates.length && rates[0][0] < now - WINDOW_S) rates.shift();
 }
 
+const rows = new Map();  // node name -> its table row, kept so that a control being typed in is not redrawn
+
 function nodes(status) {
   const body = $("nodes-table").tBodies[0];
-  body.replaceChildren();
+  const present = new Set(status.nodes.map(n => n.name));
+  for (const [name, row] of rows) if (!present.has(name)) { row.remove(); rows.delete(name); }
   for (const n of status.nodes) {
-    const row = body.insertRow();
-    row.dataset.node = n.name;
-    for (const key of ["name", "host", "pid", "workers", "busy", "idle", "running", "last_seen_s"]) cell(row, n[key]);
+    let row = rows.get(n.name);
+    if (!row) {
+      row = body.insertRow();
+      row.dataset.node = n.name;
+      for (let i = 0; i < 8; i++) row.insertCell();
+      controls(row.insertCell(), n.name);
+      rows.set(n.name, row);
+    }
+    ["name", "host", "pid", "workers", "busy", "idle", "running", "last_seen_s"]
+      .forEach((key, i) => text(row.cells[i], n[key]));
+  }
+}
+
+function controls(td, node) {
+  const drain = document.createElement("button"), size = document.createElement("input"),
+        set = document.createElement("button");
+  drain.textContent = "drain";
+  drain.className = "drain";
+  drain.title = "take no more tasks, finish those held, then leave";
+  drain.onclick = () => act("api/nodes/drain", { node }, `drain ${node}`);
+  size.type = "number";
+  size.min = "1";
+  size.className = "size";
+  size.setAttribute("aria-label", `workers for ${node}`);
+  set.textContent = "set workers";
+  set.className = "resize";
+  set.onclick = () => act("api/nodes/workers", { node, workers: Number(size.value) }, `${size.value} workers on ${node}`);
+  td.append(drain, " ", size, set);
+}
+
+async function act(path, body, what) {
+  const note = $("action");
+  try {
+    const reply = await fetch(path, { method: "POST", body: JSON.stringify(body),
+      headers: { "Authorization": `Bearer ${token}`, "Content-Type": "application/json" } });
+    const answer = await reply.json();
+    note.textContent = reply.ok && answer.ok !== false ? `${what}: done` : `${what}: ${answer.error || answer.result}`;
+  } catch (err) {
+    note.textContent = `${what}: ${err}`;
   }
 }
 
