@@ -246,3 +246,18 @@ def test_cancelling_a_task_from_the_dashboard_ends_its_future(watched, gate):
             with pytest.raises(cf.CancelledError):
                 fut.result(30)
         assert client.submit(tasks.square, 5).result(30) == 25
+
+
+def test_each_node_reports_its_load_and_its_workers(watched):
+    cluster, base, token = watched
+
+    def loaded():
+        nodes = json.loads(get(f"{base}/api/status", token)[1])["nodes"]
+        return nodes if all("cpu_percent" in n for n in nodes) else None
+
+    nodes = wait_for(loaded, 20, 0.05, "a heartbeat with the nodes' load")
+    pids = set(cluster.worker_pids())
+    for node in nodes:
+        assert 0 < node["memory_used"] < node["memory_total"] and node["cpu_percent"] >= 0
+        (worker,) = node["worker_load"]
+        assert worker["pid"] in pids and worker["rss"] > 1 << 20 and worker["cpu_percent"] >= 0

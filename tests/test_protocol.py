@@ -91,6 +91,7 @@ SAMPLES = [
     (P.Tasks((P.TaskEntry(8, D, (BIG,), 0, 2, 0, (), 2, 1 << 20),)), 1),
     (P.Part(6, 0, (b"part", b"two frames")), 2),
     (P.Control(P.Action.DRAIN), 0),
+    (P.Heartbeat(1, P.NodeStats(37.5, 3 << 30, 8 << 30, (P.WorkerStats(4321, 60 << 20, 99.5),))), 0),
     (P.Control(P.Action.WORKERS, 8), 0),
 ]
 SAMPLE_IDS = [f"{i}-{type(m).__name__}" for i, (m, _) in enumerate(SAMPLES)]
@@ -305,6 +306,9 @@ REJECTED = {
     "part with a negative seq": [header(k=int(P.Kind.PART), id=1, seq=-1, n=1), b"x"],
     "part without an id": [header(k=int(P.Kind.PART), seq=0, n=1), b"x"],
     "part with a text frame count": [header(k=int(P.Kind.PART), id=1, seq=0, n="1"), b"x"],
+    "heartbeat with stats of the wrong shape": [header(k=int(P.Kind.HEARTBEAT), s=[1.0, 2, 3])],
+    "heartbeat with a negative cpu": [header(k=int(P.Kind.HEARTBEAT), s=[-1.0, 2, 3, []])],
+    "heartbeat with a worker of text": [header(k=int(P.Kind.HEARTBEAT), s=[1.0, 2, 3, [["1", 2, 3.0]]])],
     "control of an unknown action": [header(k=int(P.Kind.CONTROL), action="reboot")],
     "control without an action": [header(k=int(P.Kind.CONTROL))],
     "control to keep no worker": [header(k=int(P.Kind.CONTROL), action="workers", workers=0)],

@@ -160,6 +160,8 @@ class BrokerCore:
             self._dispatch(out)
         elif isinstance(msg, P.Heartbeat):
             agent.busy = msg.busy
+            if msg.stats is not None:
+                agent.stats = msg.stats
         elif isinstance(msg, P.GiveBack):
             self._given_back(agent, msg.ids)
             self._dispatch(out)

@@ -155,7 +155,7 @@ class AgentRecord:
     """An agent and the tasks it holds (``assigned``: change it through ``hold``/``release``, which count bytes)."""
 
     __slots__ = ("assigned", "busy", "credits", "held_bytes", "host", "id", "last_seen", "name", "objects", "pid",
-                 "shipped", "workers")
+                 "shipped", "stats", "workers")
 
     def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
         self.id = aid
@@ -169,6 +169,7 @@ class AgentRecord:
         self.objects = NodeObjects()  # the scattered objects among them, least recently used first
         self.assigned: dict[int, TaskRecord] = {}
         self.held_bytes = 0  # the payload bytes of the tasks in ``assigned``
+        self.stats: P.NodeStats | None = None  # its machine's and workers' load, from its last heartbeat
         self.last_seen = now
 
     def hold(self, task: TaskRecord) -> None:
@@ -202,7 +203,16 @@ def status_of(agent: AgentRecord, now: float) -> dict[str, Any]:
         "objects": len(agent.objects.sizes),  # scattered objects cached there now, and their bytes
         "object_bytes": agent.objects.nbytes,
         "objects_sent": agent.objects.sent,  # ... and sent there in all
+        **_load(agent.stats),
     }
+
+
+def _load(stats: P.NodeStats | None) -> dict[str, Any]:
+    """A node's load for its status line: CPU (% of the machine), memory, and per worker pid, RSS and CPU."""
+    if stats is None:
+        return {}
+    return {"cpu_percent": stats.cpu, "memory_used": stats.mem_used, "memory_total": stats.mem_total,
+            "worker_load": [{"pid": w.pid, "rss": w.rss, "cpu_percent": w.cpu} for w in stats.workers]}
 
 
 def report(now: float, epoch: str, started: float, security: str, agents: Iterable[AgentRecord],

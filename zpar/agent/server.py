@@ -36,6 +36,7 @@ from zpar.errors import ProtocolError
 from .actions import Action, Exit, Kill, Measure, Probe, Spawn, ToWorker
 from .core import AgentCore, Settings
 from .spawn import Prestarted, WorkerProcess, pipe_endpoint, start_worker
+from .stats import NodeWatch
 from .uplink import SocketUplink, Uplink, configure
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class AgentServer:
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
         self.poller.register(self._signal_r.fileno(), zmq.POLLIN)
         self.procs: dict[int, tuple[bytes, WorkerProcess]] = {}  # pidfd -> (identity, process)
+        self._watch = NodeWatch()  # the load its heartbeats carry
         self._pidfds: dict[bytes, int] = {}  # identity -> pidfd
 
     # ------------------------------------------------------------------ the loop's part
@@ -235,6 +237,8 @@ class AgentServer:
             elif isinstance(action, Exit):
                 if not self._exiting:
                     self._exiting, self.exit_code = True, action.code
+            elif isinstance(action, P.Heartbeat):  # with the node's load, for the broker's dashboard
+                self.uplink.send(P.Heartbeat(action.busy, self._watch.stats(p.pid for _, p in self.procs.values())))
             else:
                 self.uplink.send(action)
         if unsent:

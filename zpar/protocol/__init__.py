@@ -78,6 +78,7 @@ from ._messages import (
     Items,
     Kind,
     Message,
+    NodeStats,
     Part,
     Payload,
     Ready,
@@ -92,6 +93,7 @@ from ._messages import (
     TaskEntry,
     Tasks,
     Welcome,
+    WorkerStats,
     digest,
 )
 from ._parts import Assembly, split
@@ -138,6 +140,7 @@ __all__ = [
     "Items",
     "Kind",
     "Message",
+    "NodeStats",
     "Part",
     "Payload",
     "Ready",
@@ -152,6 +155,7 @@ __all__ = [
     "TaskEntry",
     "Tasks",
     "Welcome",
+    "WorkerStats",
     "batches",
     "chunks",
     "decode",

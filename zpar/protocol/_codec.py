@@ -49,6 +49,7 @@ from ._messages import (
     Items,
     Kind,
     Message,
+    NodeStats,
     Part,
     Payload,
     Ready,
@@ -62,6 +63,7 @@ from ._messages import (
     TaskEntry,
     Tasks,
     Welcome,
+    WorkerStats,
 )
 
 # --------------------------------------------------------------------------
@@ -205,8 +207,10 @@ def encode(msg: Message) -> list[Frame]:
                      max_message_size=max_message_size)
         case Ready(credits=n):
             h["n"] = n
-        case Heartbeat(busy=busy):
+        case Heartbeat(busy=busy, stats=stats):
             h["busy"] = busy
+            if stats is not None:
+                h["s"] = stats
         case Cancel(ids=ids, force=force):
             h["ids"] = ids
             h["force"] = force
@@ -367,6 +371,24 @@ def _digests(value: Any, most: int, what: str) -> tuple[bytes, ...]:
     return tuple(value)
 
 
+def _number(value: Any, what: str) -> float:
+    if type(value) not in (int, float) or not 0 <= value < 1e18:
+        raise ProtocolError(f"{what} must be a non-negative number")
+    return float(value)
+
+
+def _stats(row: Any) -> NodeStats:
+    if type(row) is not list or len(row) != 4 or type(row[3]) is not list or len(row[3]) > MAX_WORKERS:
+        raise ProtocolError("node stats must be [cpu, mem_used, mem_total, [[pid, rss, cpu], ...]]")
+    workers = []
+    for w in row[3]:
+        if type(w) is not list or len(w) != 3:
+            raise ProtocolError("a worker's stats must be [pid, rss, cpu]")
+        workers.append(WorkerStats(_nonneg_int(w[0], "pid"), _nonneg_int(w[1], "rss"), _number(w[2], "cpu")))
+    return NodeStats(_number(row[0], "cpu"), _nonneg_int(row[1], "memory"), _nonneg_int(row[2], "memory"),
+                     tuple(workers))
+
+
 def _cause(row: Any) -> Cause:
     if type(row) is not list or len(row) != 6:
         raise ProtocolError("a cause must be [node, pid, exitcode, signal, attempts, detail]")
@@ -517,7 +539,7 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
     elif k is Kind.READY:
         msg = Ready(_nonneg_int(_get(h, "n", int), "credits"))
     elif k is Kind.HEARTBEAT:
-        msg = Heartbeat(_nonneg_int(_get(h, "busy", int, 0), "busy"))
+        msg = Heartbeat(_nonneg_int(_get(h, "busy", int, 0), "busy"), _stats(h["s"]) if "s" in h else None)
     elif k is Kind.CANCEL:
         msg = Cancel(_ids(h, "ids"), _get(h, "force", bool, False))
     elif k is Kind.STATUS:

@@ -331,10 +331,29 @@ class Ready:
     credits: int
 
 
+class WorkerStats(NamedTuple):
+    """One worker process as its agent measured it last: ``[pid, rss, cpu]`` (bytes; % of one core)."""
+
+    pid: int
+    rss: int
+    cpu: float
+
+
+class NodeStats(NamedTuple):
+    """A node's load, from its agent's heartbeat: ``[cpu, mem_used, mem_total, workers]`` (% of the whole
+    machine, bytes, bytes, one WorkerStats each); for the dashboard."""
+
+    cpu: float
+    mem_used: int
+    mem_total: int
+    workers: tuple[WorkerStats, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     kind: ClassVar[Kind] = Kind.HEARTBEAT
     busy: int = 0  # from an agent: workers running a task now
+    stats: NodeStats | None = None  # from an agent: its machine's and workers' load
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,13 @@ function $(id) { return document.getElementById(id); }
 
 function text(el, value) { el.textContent = value === undefined || value === null ? "-" : String(value); }
 
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n < 10 && i ? n.toFixed(1) : Math.round(n)} ${units[i]}`;
+}
+
 function cell(row, value) { const td = row.insertCell(); text(td, value); return td; }
 
 function hue(name) {  // a stable colour per function name
@@ -61,12 +68,15 @@ function nodes(status) {
     if (!row) {
       row = body.insertRow();
       row.dataset.node = n.name;
-      for (let i = 0; i < 8; i++) row.insertCell();
+      for (let i = 0; i < 11; i++) row.insertCell();
       controls(row.insertCell(), n.name);
       rows.set(n.name, row);
     }
-    ["name", "host", "pid", "workers", "busy", "idle", "running", "last_seen_s"]
-      .forEach((key, i) => text(row.cells[i], n[key]));
+    ["name", "host", "pid", "workers", "busy", "idle", "running"].forEach((key, i) => text(row.cells[i], n[key]));
+    text(row.cells[7], n.cpu_percent);
+    text(row.cells[8], n.memory_total ? `${bytes(n.memory_used)} of ${bytes(n.memory_total)}` : undefined);
+    text(row.cells[9], (n.worker_load || []).map(w => `${w.pid}: ${bytes(w.rss)}, ${w.cpu_percent}%`).join("; "));
+    text(row.cells[10], n.last_seen_s);
   }
 }
 
