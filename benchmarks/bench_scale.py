@@ -83,14 +83,16 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -594,7 +596,7 @@ class Broker:
             cmd = [sys.executable, "-m", "zpar_broker", "--frontend", self.frontend, "--backend", self.backend,
                    "--collector", self.collector, "--heartbeat", str(args.heartbeat), "--liveness",
                    str(args.liveness), "--log-level", "WARNING", "--parent-pid", str(os.getpid()),
-                   *(["--insecure"] if args.insecure else [])]
+                   "--dashboard", "127.0.0.1:0", *(["--insecure"] if args.insecure else [])]
             with open(log_path, "a") as log:
                 self.proc = started(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                      stderr=log, env=env, start_new_session=True))
@@ -836,6 +838,56 @@ def throughput_round(broker: Broker, hosts: list[Child], producers: list[Child],
     return out
 
 
+class Watchers:
+    """``count`` dashboard pages open on the broker: each reads /api/events (a snapshot a second) in a thread."""
+
+    def __init__(self, link: str, count: int) -> None:
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(link)
+        self.url = f"{parts.scheme}://{parts.netloc}/api/events?{parts.query}"
+        self.count, self.snapshots = count, 0
+        self._replies: list[Any] = []
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Self:
+        import urllib.request
+
+        for _ in range(self.count):
+            reply = urllib.request.urlopen(self.url, timeout=30)  # noqa: S310 - the broker's own http:// link
+            self._replies.append(reply)
+            thread = threading.Thread(target=self._read, args=(reply,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _read(self, reply: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):  # closed by __exit__
+            for line in reply:
+                if line.startswith(b"data: "):
+                    json.loads(line[6:])  # what a page does with each snapshot, at the least
+                    self.snapshots += 1
+
+    def __exit__(self, *exc: object) -> None:
+        for reply in self._replies:
+            reply.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+def dashboard_cost(plain: list[dict[str, Any]], watched: list[dict[str, Any]], count: int) -> dict[str, Any]:
+    """Throughput and broker CPU per task without and with ``count`` dashboards open (medians, alternating)."""
+    def median(rounds: list[dict[str, Any]], key: str) -> float:
+        return float(statistics.median(r[key] or 0 for r in rounds))
+
+    out = {"watchers": count}
+    for key in ("tasks_per_s", "broker_cpu_us_per_task"):
+        out[key] = [median(plain, key), median(watched, key)]
+    out["throughput_ratio"] = round(out["tasks_per_s"][1] / max(out["tasks_per_s"][0], 1e-9), 3)
+    out["broker_us_ratio"] = round(out["broker_cpu_us_per_task"][1] / max(out["broker_cpu_us_per_task"][0], 1e-9), 3)
+    return out
+
+
 def run_n(n: int, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     out: dict[str, Any] = {"agents": n}
     log_path = os.path.join(workdir, f"broker-{n}.log")
@@ -901,7 +953,15 @@ def run_n(n: int, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         deadline = now() + 120
         for p in producers:
             p.expect("ready", deadline)
-        rounds = [throughput_round(broker, hosts, producers, args.tasks, args) for _ in range(args.repeats)]
+        if args.watchers:  # rounds alternate: without the dashboard open, then with it (issue 13's bar)
+            rounds, watched = [], []
+            for _ in range(args.repeats):
+                rounds.append(throughput_round(broker, hosts, producers, args.tasks, args))
+                with Watchers(broker.status()["dashboard"], args.watchers):
+                    watched.append(throughput_round(broker, hosts, producers, args.tasks, args))
+            out["dashboard_cost"] = dashboard_cost(rounds, watched, args.watchers)
+        else:
+            rounds = [throughput_round(broker, hosts, producers, args.tasks, args) for _ in range(args.repeats)]
         ranked = sorted(rounds, key=lambda r: r["tasks_per_s"] or 0)
         out["throughput"] = ranked[(len(ranked) - 1) // 2]  # the median round (the lower one of two)
         out["tasks_per_s"] = out["throughput"]["tasks_per_s"]
@@ -982,6 +1042,13 @@ def checks(r: dict[str, Any]) -> list[tuple[str, bool, str]]:
     if n == BAR_AGENTS_IDLE:
         out.append((f"N={n}: idle broker CPU < {IDLE_BAR_PCT:g} % of a core", r["idle_cpu_pct"] < IDLE_BAR_PCT,
                     f"{r['idle_cpu_pct']} %"))
+    cost = r.get("dashboard_cost")
+    if cost:  # issue 13: the dashboard open costs the broker < 5 % of its throughput
+        out.append((f"N={n}: {cost['watchers']} dashboard(s) open cost < 5 % of throughput (medians, alternating)",
+                    cost["throughput_ratio"] >= 0.95,
+                    (f"{cost['tasks_per_s'][0]:,.0f} -> {cost['tasks_per_s'][1]:,.0f} tasks/s "
+                     f"({cost['throughput_ratio']:.3f}x); broker {cost['broker_cpu_us_per_task'][0]:.2f} -> "
+                     f"{cost['broker_cpu_us_per_task'][1]:.2f} us a task ({cost['broker_us_ratio']:.3f}x)")))
     return out
 
 
@@ -1082,6 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for the broker alone, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds for one throughput round (300)")
+    ap.add_argument("--watchers", type=int, default=0, help="dashboard pages open (each reading /api/events) "
+                    "in every other throughput round, to measure what the dashboard costs (0: none)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--keep-logs", action="store_true")
     ap.add_argument("--host", metavar="SPEC", help=argparse.SUPPRESS)
