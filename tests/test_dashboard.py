@@ -261,3 +261,21 @@ def test_each_node_reports_its_load_and_its_workers(watched):
         assert 0 < node["memory_used"] < node["memory_total"] and node["cpu_percent"] >= 0
         (worker,) = node["worker_load"]
         assert worker["pid"] in pids and worker["rss"] > 1 << 20 and worker["cpu_percent"] >= 0
+
+
+def test_the_grafana_dashboard_and_the_scrape_example_name_metrics_the_broker_serves(watched):
+    import re
+
+    import yaml
+
+    _, base, token = watched
+    served = set(metrics(base, token))
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "deploy")
+    with open(os.path.join(root, "grafana", "zpar-dashboard.json")) as f:
+        grafana = json.load(f)
+    named = {name for panel in grafana["panels"] for target in panel["targets"]
+             for name in re.findall(r"zpar_\w+", target["expr"])}
+    assert named and named <= served, named - served
+    with open(os.path.join(root, "prometheus", "prometheus.yml")) as f:
+        scrape = yaml.safe_load(f)["scrape_configs"][0]
+    assert scrape["metrics_path"] == "/metrics" and scrape["authorization"]["type"] == "Bearer"
