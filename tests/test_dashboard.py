@@ -279,3 +279,17 @@ def test_the_grafana_dashboard_and_the_scrape_example_name_metrics_the_broker_se
     with open(os.path.join(root, "prometheus", "prometheus.yml")) as f:
         scrape = yaml.safe_load(f)["scrape_configs"][0]
     assert scrape["metrics_path"] == "/metrics" and scrape["authorization"]["type"] == "Bearer"
+
+
+def test_the_embedded_cluster_serves_a_dashboard_of_its_own():
+    import zpar
+
+    with zpar.Client(workers=1) as client:
+        assert client.submit(tasks.square, 6).result(30) == 36
+        link = client.dashboard_link
+        assert link is not None
+        base, token = split_link(link)
+        assert json.loads(get(f"{base}/api/status", token)[1])["workers"] == 1
+        assert get(f"{base}/api/status")[0] == 401
+        finished = {dict(k)["outcome"]: v for k, v in metrics(base, token)["zpar_tasks_finished_total"].items()}
+        assert finished["ok"] == 1

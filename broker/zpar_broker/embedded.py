@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--dashboard", default="127.0.0.1:0", help="HOST:PORT of its dashboard (any free port), or off")
     args = parser.parse_args(argv)
     workers = args.workers
     started = prestart(workers, fork=True)  # no thread and no ZeroMQ context here yet
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         broker = BrokerConfig(frontend=args.frontend, backend="", collector="", heartbeat=args.heartbeat,
-                              parent_pid=args.parent_pid, log_level=args.log_level, dashboard="off")
+                              parent_pid=args.parent_pid, log_level=args.log_level, dashboard=args.dashboard)
         agent = AgentConfig(broker="(in-process)", workers=workers, heartbeat=args.heartbeat,
                             max_tasks_per_worker=args.max_tasks_per_worker,
                             parent_pid=args.parent_pid, log_level=args.log_level)

@@ -55,7 +55,7 @@ class EmbeddedNode:
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
         self.waker = Waker()
-        self.broker = BrokerServer(broker_config, self.ctx, poller=self.poller, waker=self.waker)
+        self.broker = BrokerServer(broker_config, self.ctx, poller=self.poller, waker=self.waker, defer_dashboard=True)
         uplink = _LocalUplink(self.broker, b"")
         self.agent = AgentServer(agent_config, uplink=uplink, ctx=self.ctx, poller=self.poller, waker=self.waker,
                                  prestarted=prestarted)

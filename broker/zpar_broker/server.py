@@ -80,7 +80,7 @@ class BrokerServer:
     """
 
     def __init__(self, config: BrokerConfig, ctx: zmq.Context[zmq.Socket[bytes]] | None = None, *,
-                 poller: zmq.Poller | None = None, waker: Waker | None = None) -> None:
+                 poller: zmq.Poller | None = None, waker: Waker | None = None, defer_dashboard: bool = False) -> None:
         self.config = config
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context.instance(io_threads=IO_THREADS)
         self.sockets: dict[str, zmq.Socket[bytes]] = {}
@@ -158,23 +158,29 @@ class BrokerServer:
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
         where = dashboard_address(config.dashboard)
-        if where is not None:
-            from . import web  # http.server: 15 ms of imports the embedded cluster (no dashboard yet) goes without
-
-            self._questions = web.Questions()
-            self.poller.register(self._questions.fileno(), zmq.POLLIN)
+        #: ``defer_dashboard`` (the embedded cluster, whose start is on its client's path to a first result):
+        #: the dashboard starts at the first heartbeat, not now.
+        self._dashboard_later = where if defer_dashboard else None
+        if where is not None and not defer_dashboard:
             try:
-                self.dashboard = web.Dashboard(*where, web.token_for(self.creds), self._questions,
-                                               fallback=config.dashboard == DEFAULT_DASHBOARD)
+                self.start_dashboard(*where, fallback=config.dashboard == DEFAULT_DASHBOARD)
             except OSError:
                 self.close()
                 raise
-            # In zpar status: with a shared secret every producer is fully trusted (deploy/README), so the
-            # link with its token; with key files producers are not, so the address only (the token is in
-            # this log, for whoever runs the broker).
-            self.core.dashboard = self.dashboard.url if self.creds is not None and self.creds.allow \
-                else self.dashboard.link
         self.core.history_open = not (self.creds is not None and self.creds.allow)  # the same rule for tasks
+
+    def start_dashboard(self, host: str, port: int, fallback: bool = False) -> None:
+        """Serve the dashboard and its API on ``host:port`` (``fallback``: any free port if that one is taken)."""
+        from . import web  # http.server: 15 ms of imports a broker without a dashboard goes without
+
+        self._questions = web.Questions()
+        self.poller.register(self._questions.fileno(), zmq.POLLIN)
+        self.dashboard = web.Dashboard(host, port, web.token_for(self.creds), self._questions, fallback=fallback)
+        # In zpar status: with a shared secret every producer is fully trusted (deploy/README), so the
+        # link with its token; with key files producers are not, so the address only (the token is in
+        # this log, for whoever runs the broker).
+        self.core.dashboard = self.dashboard.url if self.creds is not None and self.creds.allow \
+            else self.dashboard.link
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
@@ -224,6 +230,12 @@ class BrokerServer:
         if now < self.core.next_deadline():
             return False
         self.loop_lag = now - self.core.next_deadline()
+        if self._dashboard_later is not None:
+            where, self._dashboard_later = self._dashboard_later, None
+            try:
+                self.start_dashboard(*where, fallback=True)
+            except OSError as exc:  # the cluster runs on without one
+                log.warning("no dashboard: %s", exc)
         self._send(self.core.tick(now, judge=not self._backlog()))
         self._send(self.core.flush())
         if self.reload_requested and self._zap_policy is not None:
