@@ -88,3 +88,15 @@ def test_the_drain_button_drains_a_node(new_cluster, page):
     wait_for(lambda: node not in node_names(page), 30, 0.05, "the drained node gone from the page")
     assert node not in [n["name"] for n in cluster.status()["nodes"]]
     assert page.errors == []
+
+
+def test_the_page_shows_each_producers_progress(new_cluster, page):
+    cluster = new_cluster(agents=1, workers=1)
+    page.goto(cluster.status()["dashboard"])
+    with cluster.client() as client:
+        assert list(client.map(tasks.square, range(30))) == [i * i for i in range(30)]
+        row = page.wait_for_selector("#producers-table tbody tr", timeout=20_000)
+        page.wait_for_function("document.querySelector('#producers-table progress').value === 1", timeout=20_000)
+        cells = row.inner_text()
+        assert "30" in cells and row.get_attribute("data-producer").startswith("client-")
+    assert page.errors == []

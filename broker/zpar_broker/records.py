@@ -76,8 +76,8 @@ class Feed:
 
 
 class ProducerRecord:
-    __slots__ = ("active", "funcs", "gone", "host", "id", "last_seen", "name", "names", "objects", "queue", "queued",
-                 "queued_bytes", "tasks")
+    __slots__ = ("active", "ended", "failed", "funcs", "gone", "host", "id", "last_seen", "name", "names", "objects",
+                 "queue", "queued", "queued_bytes", "submitted", "tasks")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
@@ -85,6 +85,7 @@ class ProducerRecord:
         self.host = ""
         self.funcs = Functions()  # digest -> function blob frame, verified
         self.names: dict[bytes, str] = {}  # digest -> the function's name, as the producer says (for history)
+        self.submitted = self.ended = self.failed = 0  # its tasks accepted, ended (any way), ended not ok
         self.objects = Objects()  # digest -> scattered object's blob frame, verified (objects.py)
         # Its queued tasks, in order, and GONE tombstones among them (skipped at dispatch).
         self.queue: collections.deque[TaskRecord] = collections.deque()
@@ -186,6 +187,13 @@ class AgentRecord:
     def release_all(self) -> None:
         self.assigned.clear()
         self.held_bytes = 0
+
+
+def producer_status(prod: ProducerRecord, now: float) -> dict[str, Any]:
+    """One producer's line in the broker's status (the dashboard's progress of its work)."""
+    return {"name": prod.label(), "host": prod.host, "queued": prod.queued, "running": len(prod.tasks) - prod.queued,
+            "submitted": prod.submitted, "ended": prod.ended, "failed": prod.failed,
+            "last_seen_s": round(now - prod.last_seen, 3)}
 
 
 def status_of(agent: AgentRecord, now: float) -> dict[str, Any]:

@@ -109,6 +109,36 @@ async function act(path, body, what) {
   }
 }
 
+const producerRows = new Map();
+
+function producers(status) {
+  const body = $("producers-table").tBodies[0], list = status.producer_list || [];
+  const present = new Set(list.map(p => p.name));
+  for (const [name, row] of producerRows) if (!present.has(name)) { row.remove(); producerRows.delete(name); }
+  for (const p of list) {
+    let row = producerRows.get(p.name);
+    if (!row) {
+      row = body.insertRow();
+      row.dataset.producer = p.name;
+      for (let i = 0; i < 7; i++) row.insertCell();
+      const bar = document.createElement("progress");
+      bar.max = 1;
+      row.insertCell().append(bar);
+      const cancel = document.createElement("button");
+      cancel.textContent = "cancel all";
+      cancel.className = "cancel";
+      cancel.title = "cancel every task of this producer not ended yet";
+      cancel.onclick = () => act("api/tasks/cancel", { producer: p.name }, `cancel the tasks of ${p.name}`);
+      row.insertCell().append(cancel);
+      producerRows.set(p.name, row);
+    }
+    ["name", "host", "queued", "running", "submitted", "ended", "failed"].forEach((key, i) => text(row.cells[i], p[key]));
+    const bar = row.cells[7].firstChild;
+    bar.value = p.submitted ? p.ended / p.submitted : 0;
+    bar.title = `${p.ended} of ${p.submitted}`;
+  }
+}
+
 function throughput(now) {
   const canvas = $("throughput"), g = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
   g.clearRect(0, 0, w, h);
@@ -203,6 +233,7 @@ function show(snapshot) {
   header(status);
   cards(status, metrics, time);
   nodes(status);
+  producers(status);
   throughput(time);
   stream(tasks, time);
   failed(tasks);
