@@ -388,6 +388,23 @@ def test_the_embedded_cluster_listens_on_no_tcp_port_and_keeps_its_sockets_priva
             assert not listening, f"pid {p.pid} listens on {listening}"
 
 
+def test_the_embedded_dashboard_listens_on_loopback_only_when_asked_and_only_for_its_token():
+    import urllib.error
+    import urllib.request
+
+    import psutil
+
+    with zpar.Client(workers=1) as client:
+        hub = psutil.Process(client._cluster.procs[0].pid)
+        assert not [c for c in hub.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        link = client.dashboard_link
+        (port,) = [c.laddr for c in hub.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert port.ip == "127.0.0.1" and link.startswith(f"http://127.0.0.1:{port.port}/?token=")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port.port}/api/status", timeout=10)  # noqa: S310
+        assert refused.value.code == 401
+
+
 def test_an_argument_over_the_frame_limit_fails_at_submit_before_anything_is_sent(cluster_client):
     # Over the wire (the embedded cluster moves big buffers through shared memory: no frame limit there).
     np = pytest.importorskip("numpy")

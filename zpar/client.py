@@ -349,14 +349,11 @@ class Client(Submitter):
     @property
     def dashboard_link(self) -> str | None:
         """The link to the broker's dashboard page, with its token (open it in a browser); None if it serves
-        none. The embedded cluster starts its dashboard a heartbeat after it starts: this waits for it (5 s).
-        With key files, the address only: the token is in the broker's log."""
-        deadline = time.monotonic() + 5.0
-        while True:
-            link = self.status().get("dashboard")
-            if link or self._cluster is None or time.monotonic() >= deadline:
-                return str(link) if link else None
-            time.sleep(0.05)  # the hub's first heartbeat is at most a second away
+        none. The embedded cluster starts its dashboard when first asked (127.0.0.1, a free port): until then
+        it listens on no TCP port at all. With key files, the address only: the token is in the broker's log."""
+        link = broker_status(self.address, 5.0, self._creds, insecure=self._creds is None,
+                             request={"dashboard": "start"}).get("dashboard")
+        return str(link) if link else None
 
     def close(self) -> None:
         """Cancel what is pending, disconnect, and stop the embedded cluster if any."""

@@ -158,8 +158,8 @@ class BrokerServer:
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self._waker.fileno(), zmq.POLLIN)
         where = dashboard_address(config.dashboard)
-        #: ``defer_dashboard`` (the embedded cluster, whose start is on its client's path to a first result):
-        #: the dashboard starts at the first heartbeat, not now.
+        #: ``defer_dashboard`` (the embedded cluster): no TCP port until its client asks for the dashboard
+        #: (``zpar.Client.dashboard_link``: a STATUS asking ``{"dashboard": "start"}``).
         self._dashboard_later = where if defer_dashboard else None
         if where is not None and not defer_dashboard:
             try:
@@ -230,12 +230,6 @@ class BrokerServer:
         if now < self.core.next_deadline():
             return False
         self.loop_lag = now - self.core.next_deadline()
-        if self._dashboard_later is not None:
-            where, self._dashboard_later = self._dashboard_later, None
-            try:
-                self.start_dashboard(*where, fallback=True)
-            except OSError as exc:  # the cluster runs on without one
-                log.warning("no dashboard: %s", exc)
         self._send(self.core.tick(now, judge=not self._backlog()))
         self._send(self.core.flush())
         if self.reload_requested and self._zap_policy is not None:
@@ -409,7 +403,19 @@ class BrokerServer:
             self._send([Outgoing(Dest.FRONTEND, peer, P.Error(
                 P.ErrorCode.TOO_MANY_PEERS, (), f"its key has {self._sessions.limit} clients connected already"))])
             return
+        if (isinstance(msg, P.StatusMsg) and self._dashboard_later is not None
+                and msg.info.get("dashboard") == "start"):
+            self._start_deferred_dashboard()
         self._send(self.core.producer_message(time.monotonic(), peer, msg))
+
+    def _start_deferred_dashboard(self) -> None:
+        where, self._dashboard_later = self._dashboard_later, None
+        if where is None:
+            return
+        try:
+            self.start_dashboard(*where, fallback=True)
+        except OSError as exc:  # the cluster runs on without one
+            log.warning("no dashboard: %s", exc)
 
     def _on_backend(self, frames: list[zmq.Frame]) -> None:
         peer, msg = self._decode(frames, "backend", routed=True)
