@@ -20,16 +20,12 @@ class _Snapshot:
         d = self.data
         yield CounterMetricFamily("zpar_tasks_submitted", "Tasks the broker accepted from producers.",
                                   value=d["submitted"])
-        finished = CounterMetricFamily("zpar_tasks_finished", "Tasks that ended, by how.", labels=["outcome"])
-        for outcome, count in d["finished"].items():
-            finished.add_metric([outcome], count)
-        yield finished
+        yield _by(CounterMetricFamily("zpar_tasks_finished", "Tasks that ended, by how.", labels=["outcome"]),
+                  d["finished"])
         yield GaugeMetricFamily("zpar_tasks_queued", "Tasks waiting at the broker for a worker.", value=d["queued"])
         yield GaugeMetricFamily("zpar_tasks_running", "Tasks given to agents and not finished.", value=d["running"])
-        workers = GaugeMetricFamily("zpar_workers", "Worker processes of the connected agents.", labels=["state"])
-        for state, count in d["workers"].items():
-            workers.add_metric([state], count)
-        yield workers
+        yield _by(GaugeMetricFamily("zpar_workers", "Worker processes of the connected agents.", labels=["state"]),
+                  d["workers"])
         yield GaugeMetricFamily("zpar_nodes", "Agents connected.", value=d["nodes"])
         yield GaugeMetricFamily("zpar_producers", "Producers (clients) connected.", value=d["producers"])
         durations = d["durations"]
@@ -44,6 +40,13 @@ class _Snapshot:
         yield GaugeMetricFamily("zpar_broker_loop_lag_seconds", "How late the broker's loop ran its last "
                                 "heartbeat timer: time it spent busy with messages.", value=d["loop_lag"])
         yield GaugeMetricFamily("zpar_broker_uptime_seconds", "Seconds since the broker started.", value=d["uptime"])
+
+
+def _by(family: CounterMetricFamily | GaugeMetricFamily, counts: dict[str, float]) -> Metric:
+    """``family`` with one sample per ``counts`` entry, labelled by its key."""
+    for label, count in counts.items():
+        family.add_metric([label], count)
+    return family
 
 
 def render(data: dict[str, Any]) -> tuple[bytes, str]:

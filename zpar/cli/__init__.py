@@ -15,12 +15,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from .. import config as cfg
 from ..errors import ConfigError, ZparError
+
+if TYPE_CHECKING:
+    from .. import security
 
 app = typer.Typer(help="zpar: run Python functions on every core of a machine or a cluster.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -203,30 +206,44 @@ def agent(
         raise _fail(exc, 2) from None
 
 
-@app.command()
-def status(
-    broker: str = typer.Option(cfg.DEFAULT_FRONTEND, envvar="ZPAR_ADDRESS", help="The broker's frontend address."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
-    secret: Optional[str] = _SECRET,
-    secret_file: Optional[str] = _SECRET_FILE,
-    key_file: Optional[str] = _KEY_FILE,
-    broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key "
-                                             "[env ZPAR_BROKER_KEY]."),
-    insecure: bool = typer.Option(False, "--insecure", envvar="ZPAR_INSECURE",
-                                  help="Ask a broker run --insecure, with no credentials."),
-    watch: float = typer.Option(0.0, "--watch", help="Redraw the table in place every this many seconds, "
-                                "until Ctrl-C (0: print it once)."),
-) -> None:
-    """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
+# The options of the commands that ask a running broker (status, tasks).
+_ASK_ADDRESS = typer.Option(cfg.DEFAULT_FRONTEND, envvar="ZPAR_ADDRESS", help="The broker's frontend address.")
+_ASK_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+_ASK_TIMEOUT = typer.Option(5.0, help="Seconds to wait for the broker.")
+_ASK_BROKER_KEY = typer.Option(None, "--broker-key", help="The broker's public broker.key [env ZPAR_BROKER_KEY].")
+_ASK_INSECURE = typer.Option(False, "--insecure", envvar="ZPAR_INSECURE",
+                             help="Ask a broker run --insecure, with no credentials.")
+
+
+def _ask(broker: str, timeout: float, secret: str | None, secret_file: str | None, key_file: str | None,
+         broker_key: str | None, insecure: bool,
+         request: dict[str, Any] | None = None) -> tuple[security.Credentials | None, dict[str, Any]]:
+    """``(credentials, the broker's answer)`` to a STATUS (with ``request``); exit 1 saying why if none."""
     from ..client import _credentials, broker_status
 
     _warn_argv_secret(secret)
     try:
         creds = _credentials(secret, secret_file, key_file, broker_key, insecure, broker)
-        info = broker_status(broker, timeout, creds, insecure=insecure)
+        return creds, broker_status(broker, timeout, creds, insecure=insecure, request=request)
     except ZparError as exc:
         raise _fail(exc, 1) from None
+
+
+@app.command()
+def status(
+    broker: str = _ASK_ADDRESS,
+    as_json: bool = _ASK_JSON,
+    timeout: float = _ASK_TIMEOUT,
+    secret: Optional[str] = _SECRET,
+    secret_file: Optional[str] = _SECRET_FILE,
+    key_file: Optional[str] = _KEY_FILE,
+    broker_key: Optional[str] = _ASK_BROKER_KEY,
+    insecure: bool = _ASK_INSECURE,
+    watch: float = typer.Option(0.0, "--watch", help="Redraw the table in place every this many seconds, "
+                                "until Ctrl-C (0: print it once)."),
+) -> None:
+    """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
+    creds, info = _ask(broker, timeout, secret, secret_file, key_file, broker_key, insecure)
     if as_json:
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -243,6 +260,8 @@ def status(
             while True:
                 time.sleep(watch)
                 try:
+                    from ..client import broker_status
+
                     live.update(view(broker_status(broker, timeout, creds, insecure=insecure), broker), refresh=True)
                 except ZparError as exc:  # the broker went away: say so in place, and keep asking
                     live.update(Text(f"{broker}: {exc}", style="yellow"), refresh=True)
@@ -252,29 +271,20 @@ def status(
 
 @app.command()
 def tasks(
-    broker: str = typer.Option(cfg.DEFAULT_FRONTEND, envvar="ZPAR_ADDRESS", help="The broker's frontend address."),
+    broker: str = _ASK_ADDRESS,
     failed: bool = typer.Option(False, "--failed", help="Only the tasks that did not end well."),
     limit: int = typer.Option(50, help="How many, newest first (the broker keeps the last 10,000)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
+    as_json: bool = _ASK_JSON,
+    timeout: float = _ASK_TIMEOUT,
     secret: Optional[str] = _SECRET,
     secret_file: Optional[str] = _SECRET_FILE,
     key_file: Optional[str] = _KEY_FILE,
-    broker_key: Optional[str] = typer.Option(None, "--broker-key", help="The broker's public broker.key "
-                                             "[env ZPAR_BROKER_KEY]."),
-    insecure: bool = typer.Option(False, "--insecure", envvar="ZPAR_INSECURE",
-                                  help="Ask a broker run --insecure, with no credentials."),
+    broker_key: Optional[str] = _ASK_BROKER_KEY,
+    insecure: bool = _ASK_INSECURE,
 ) -> None:
     """The latest tasks that ended: when, which producer and function, where, how, how long, and why not."""
-    from ..client import _credentials, broker_status
-
-    _warn_argv_secret(secret)
-    try:
-        creds = _credentials(secret, secret_file, key_file, broker_key, insecure, broker)
-        info = broker_status(broker, timeout, creds, insecure=insecure,
-                             request={"tasks": {"limit": limit, "failed": failed}})
-    except ZparError as exc:
-        raise _fail(exc, 1) from None
+    _, info = _ask(broker, timeout, secret, secret_file, key_file, broker_key, insecure,
+                   {"tasks": {"limit": limit, "failed": failed}})
     if "tasks" not in info:
         raise _fail(ZparError(info.get("tasks_refused") or "this broker keeps no task history; upgrade it"), 1)
     if as_json:
