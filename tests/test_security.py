@@ -401,7 +401,7 @@ def test_the_embedded_dashboard_listens_on_loopback_only_when_asked_and_only_for
         (port,) = [c.laddr for c in hub.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
         assert port.ip == "127.0.0.1" and link.startswith(f"http://127.0.0.1:{port.port}/?token=")
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"http://127.0.0.1:{port.port}/api/status", timeout=10)  # noqa: S310
+            urllib.request.urlopen(f"http://127.0.0.1:{port.port}/api/status", timeout=10)
         assert refused.value.code == 401
 
 
