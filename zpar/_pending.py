@@ -117,12 +117,14 @@ class PendingTable:
         """``task`` leaves with ``value``."""
         del self._tasks[task.id]
         self.release()
+        task.entry = _ENDED  # its arguments go before its future is done (a shared-memory file with them)
         settle(task.future, value, None)
 
     def fail(self, task: PendingTask, exc: BaseException) -> None:
         """``task`` leaves with ``exc``."""
         del self._tasks[task.id]
         self.release()
+        task.entry = _ENDED
         settle(task.future, None, exc)
 
     def fail_all(self, exc: BaseException) -> None:
@@ -134,6 +136,11 @@ class PendingTable:
         futures = [task.future for task in self._tasks.values()]
         self._tasks.clear()
         return futures
+
+
+#: What an ended task's entry becomes: its payload let go at once (zpar._shm removes an argument's file when its
+#: frames go), not when the I/O thread next drops its last reference to the task, after its future is done.
+_ENDED = P.TaskEntry(0, b"", ())
 
 
 def settle(fut: Future, value: Any, exc: BaseException | None) -> None:
