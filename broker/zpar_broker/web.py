@@ -1,14 +1,15 @@
-"""The broker's HTTP side (``--dashboard HOST:PORT``): ``/api/status`` as JSON and ``/metrics`` for
-Prometheus, to holders of its token only.
+"""The broker's HTTP side (``--dashboard HOST:PORT``): the dashboard page, its live feed, the JSON API, the
+controls and ``/metrics`` for Prometheus (``_ENDPOINTS``), to holders of its token only.
 
 A thread of its own serves the port (``http.server``); it never touches the broker's state. Each request is
 a question put to the broker's loop (``Questions``: a queue, and a socket pair the loop polls), answered
 there with plain data and rendered here. So the loop pays only for what is asked, when it is asked.
 
 The token: with CurveZMQ, derived from the broker's own secret key (``token_for``), so it survives
-restarts and every producer admitted gets it in ``zpar status``; without keys, made at random at
-start. It goes in an ``Authorization: Bearer`` header or a ``?token=`` query (the link in the log and
-in ``zpar status``, as Jupyter does); without it, 401 and no data.
+restarts; without keys, made at random at start. The broker logs the link with it, and ``zpar status``
+shows it where every producer is trusted (a shared secret). It goes in an ``Authorization: Bearer``
+header, or for reading in a ``?token=`` query (the link, as Jupyter does); controls take the header only.
+Without it, 401 and no data; the page's own files (no data in them) load without it.
 """
 
 from __future__ import annotations
