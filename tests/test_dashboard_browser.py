@@ -55,7 +55,7 @@ def test_the_page_shows_nodes_joining_and_leaving_and_a_failure_with_its_traceba
         failure = page.wait_for_selector("#failures li.failure", timeout=20_000)
         assert "tasks.raise_value_error" in failure.inner_text()
         assert "ValueError: shown on the page" in failure.inner_text()
-        page.wait_for_function("Number(document.getElementById('done').textContent) >= 20", timeout=20_000)
+        wait_for(lambda: int(page.inner_text("#done")) >= 20, 20, 0.05, "20 tasks done on the page")
         assert page.inner_text("#failed") == "1"
         page.wait_for_selector("#live:not(.stale)")
         before = set(node_names(page))
@@ -96,7 +96,9 @@ def test_the_page_shows_each_producers_progress(new_cluster, page):
     with cluster.client() as client:
         assert list(client.map(tasks.square, range(30))) == [i * i for i in range(30)]
         row = page.wait_for_selector("#producers-table tbody tr", timeout=20_000)
-        page.wait_for_function("document.querySelector('#producers-table progress').value === 1", timeout=20_000)
+        # Polled from here: the page's CSP forbids the eval Playwright's own polling uses (wait_for_function).
+        wait_for(lambda: page.eval_on_selector("#producers-table progress", "bar => bar.value") == 1, 20, 0.05,
+                 "the producer's progress at 100 %")
         cells = row.inner_text()
         assert "30" in cells and row.get_attribute("data-producer").startswith("client-")
     assert page.errors == []
