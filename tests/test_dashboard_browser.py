@@ -90,15 +90,20 @@ def test_the_drain_button_drains_a_node(new_cluster, page):
     assert page.errors == []
 
 
-def test_the_page_shows_each_producers_progress(new_cluster, page):
+def test_the_page_shows_each_producers_progress_in_all_and_per_function(new_cluster, page):
     cluster = new_cluster(agents=1, workers=1)
     page.goto(cluster.status()["dashboard"])
     with cluster.client() as client:
         assert list(client.map(tasks.square, range(30))) == [i * i for i in range(30)]
+        assert list(client.map(tasks.add, range(10), range(10))) == [2 * i for i in range(10)]
         row = page.wait_for_selector("#producers-table tbody tr", timeout=20_000)
-        # Polled from here: the page's CSP forbids the eval Playwright's own polling uses (wait_for_function).
-        wait_for(lambda: page.eval_on_selector("#producers-table progress", "bar => bar.value") == 1, 20, 0.05,
-                 "the producer's progress at 100 %")
-        cells = row.inner_text()
-        assert "30" in cells and row.get_attribute("data-producer").startswith("client-")
+
+        def bars() -> dict[str, float]:  # polled from here: the page's CSP forbids the eval wait_for_function uses
+            return dict(page.eval_on_selector_all(
+                "#producers-table div.progress", "lines => lines.map(l => [l.dataset.function, "
+                "l.querySelector('progress').value])"))
+
+        wait_for(lambda: bars() == {"all": 1, "tasks.square": 1, "tasks.add": 1}, 20, 0.05, "every bar at 100 %")
+        assert "tasks.square: 30/30" in row.inner_text() and "tasks.add: 10/10" in row.inner_text()
+        assert row.get_attribute("data-producer").startswith("client-")
     assert page.errors == []

@@ -30,7 +30,18 @@ from zpar.errors import ProtocolError
 from . import objects
 from .limits import Limits, admit_functions, over_quota
 from .outgoing import Dest, Outgoing, forced_cancels
-from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, note_names, producer_status, renumbered, report
+from .records import (
+    AgentRecord,
+    ProducerRecord,
+    TaskRecord,
+    TaskState,
+    count_ended,
+    count_submitted,
+    note_names,
+    producer_status,
+    renumbered,
+    report,
+)
 from .scheduling import dispatch
 from .streams import StreamRouting
 from .telemetry import HISTORY_SIZE, OUTCOMES, Durations, History
@@ -219,9 +230,7 @@ class BrokerCore:
             if entry.status in P.VALUE_STATUSES:
                 self.durations.observe(entry.duration_us)
             prod = task.producer
-            prod.ended += 1
-            if outcome != "ok":
-                prod.failed += 1
+            count_ended(prod, task.entry.digest, outcome == "ok")
             record((when, prod.label(), task.ptid, prod.names.get(task.entry.digest, ""), node,
                     entry.worker or (entry.cause.pid if entry.cause else 0), outcome, entry.duration_us / 1e6,
                     task.attempts, entry.error or _why(entry.cause)))
@@ -439,6 +448,7 @@ class BrokerCore:
                 objects.hold(prod, entry.refs)
             prod.enqueue(task)
             prod.submitted += 1
+            count_submitted(prod, entry.digest)
             self.counters["submitted"] += 1
         if missing:
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.UNKNOWN_FUNCTION, tuple(missing))))
@@ -470,7 +480,7 @@ class BrokerCore:
                 continue  # running, not forced: it finishes and its result is discarded
             self._tasks.pop(task.gid, None)
             self._unlink(task)
-            prod.ended += 1
+            count_ended(prod, task.entry.digest, False)
             self.counters["cancelled"] += 1
         out += forced_cancels(stop)
 
@@ -585,8 +595,7 @@ class BrokerCore:
             self._unlink(task)
             self.counters["failed"] += 1
             self.counters["finished_lost"] += 1
-            task.producer.ended += 1
-            task.producer.failed += 1
+            count_ended(task.producer, task.entry.digest, False)
             self.history.add(time.time(), task.producer.label(), task.ptid,
                              task.producer.names.get(task.entry.digest, ""), agent.name, 0, "lost", 0,
                              task.attempts, _why(cause))

@@ -77,7 +77,7 @@ class Feed:
 
 class ProducerRecord:
     __slots__ = ("active", "ended", "failed", "funcs", "gone", "host", "id", "last_seen", "name", "names", "objects",
-                 "queue", "queued", "queued_bytes", "submitted", "tasks")
+                 "progress", "queue", "queued", "queued_bytes", "submitted", "tasks")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
@@ -86,6 +86,8 @@ class ProducerRecord:
         self.funcs = Functions()  # digest -> function blob frame, verified
         self.names: dict[bytes, str] = {}  # digest -> the function's name, as the producer says (for history)
         self.submitted = self.ended = self.failed = 0  # its tasks accepted, ended (any way), ended not ok
+        #: The same per function (digest -> [submitted, ended, failed]): the dashboard's progress of its maps.
+        self.progress: dict[bytes, list[int]] = {}
         self.objects = Objects()  # digest -> scattered object's blob frame, verified (objects.py)
         # Its queued tasks, in order, and GONE tombstones among them (skipped at dispatch).
         self.queue: collections.deque[TaskRecord] = collections.deque()
@@ -189,10 +191,41 @@ class AgentRecord:
         self.held_bytes = 0
 
 
+#: Functions whose progress a producer's line keeps: past it, those with nothing left to run go first.
+PROGRESS_FUNCTIONS = 32
+
+
+def count_submitted(prod: ProducerRecord, digest: bytes) -> None:
+    """One more task of function ``digest`` for ``prod``'s progress (kept to PROGRESS_FUNCTIONS functions)."""
+    counts = prod.progress.get(digest)
+    if counts is None:
+        if len(prod.progress) >= PROGRESS_FUNCTIONS:
+            done = [d for d, (sub, end, _) in prod.progress.items() if end >= sub]
+            for d in done[:max(1, len(done) // 2)] or [next(iter(prod.progress))]:
+                del prod.progress[d]
+        counts = prod.progress[digest] = [0, 0, 0]
+    counts[0] += 1
+
+
+def count_ended(prod: ProducerRecord, digest: bytes, ok: bool) -> None:
+    """A task of ``prod`` ended (any way): its producer's and its function's counts."""
+    prod.ended += 1
+    counts = prod.progress.get(digest)
+    if counts is not None:
+        counts[1] += 1
+    if not ok:
+        prod.failed += 1
+        if counts is not None:
+            counts[2] += 1
+
+
 def producer_status(prod: ProducerRecord, now: float) -> dict[str, Any]:
-    """One producer's line in the broker's status (the dashboard's progress of its work)."""
+    """One producer's line in the broker's status: its tasks, in all and per function (the dashboard's progress
+    of its maps)."""
     return {"name": prod.label(), "host": prod.host, "queued": prod.queued, "running": len(prod.tasks) - prod.queued,
             "submitted": prod.submitted, "ended": prod.ended, "failed": prod.failed,
+            "functions": [{"function": prod.names.get(d, d.hex()[:12]), "submitted": sub, "ended": end,
+                           "failed": bad} for d, (sub, end, bad) in prod.progress.items()],
             "last_seen_s": round(now - prod.last_seen, 3)}
 
 

@@ -120,10 +120,7 @@ function producers(status) {
     if (!row) {
       row = body.insertRow();
       row.dataset.producer = p.name;
-      for (let i = 0; i < 7; i++) row.insertCell();
-      const bar = document.createElement("progress");
-      bar.max = 1;
-      row.insertCell().append(bar);
+      for (let i = 0; i < 8; i++) row.insertCell();
       const cancel = document.createElement("button");
       cancel.textContent = "cancel all";
       cancel.className = "cancel";
@@ -133,10 +130,22 @@ function producers(status) {
       producerRows.set(p.name, row);
     }
     ["name", "host", "queued", "running", "submitted", "ended", "failed"].forEach((key, i) => text(row.cells[i], p[key]));
-    const bar = row.cells[7].firstChild;
-    bar.value = p.submitted ? p.ended / p.submitted : 0;
-    bar.title = `${p.ended} of ${p.submitted}`;
+    const bars = [{ function: "all", submitted: p.submitted, ended: p.ended, failed: p.failed },
+                  ...(p.functions || [])];
+    row.cells[7].replaceChildren(...bars.map(progressLine));
   }
+}
+
+function progressLine(f) {  // a function's tasks ended of those submitted: a bar and its numbers
+  const line = document.createElement("div"), bar = document.createElement("progress"),
+        label = document.createElement("span");
+  line.className = "progress";
+  line.dataset.function = f.function;
+  bar.max = 1;
+  bar.value = f.submitted ? f.ended / f.submitted : 0;
+  label.textContent = ` ${f.function}: ${f.ended}/${f.submitted}${f.failed ? `, ${f.failed} failed` : ""}`;
+  line.append(bar, label);
+  return line;
 }
 
 function throughput(now) {
