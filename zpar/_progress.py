@@ -1,7 +1,7 @@
 """Progress bars where people look: ``zpar.progress(futures)`` and ``map(..., progress=True)``.
 
 Drawn by rich: a bar that redraws in place in a terminal (on stderr), and in
-Jupyter a live one in the cell's output (rich needs ipywidgets for that);
+Jupyter a live one in the cell's output (an ipywidgets Output widget: rich needs ipywidgets for it);
 where neither is live (a log file), the last state once, when the work is done. rich is imported on first use,
 not with zpar.
 """
