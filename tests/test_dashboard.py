@@ -293,3 +293,16 @@ def test_the_embedded_cluster_serves_a_dashboard_of_its_own():
         assert get(f"{base}/api/status")[0] == 401
         finished = {dict(k)["outcome"]: v for k, v in metrics(base, token)["zpar_tasks_finished_total"].items()}
         assert finished["ok"] == 1
+
+
+def test_a_node_stopped_from_the_dashboard_leaves_at_once_and_its_task_runs_elsewhere(watched, gate):
+    cluster, base, token = watched
+    with cluster.client() as client:
+        task = client.submit(tasks.block_until, gate, 30, 42)
+        wait_for(lambda: cluster.status()["busy"] == 1, 10, 0.02, "the task running")
+        (node,) = [n["name"] for n in cluster.status()["nodes"] if n["running"]]
+        assert post(f"{base}/api/nodes/stop", {"node": node}, token)[1]["ok"]
+        wait_for(lambda: node not in [n["name"] for n in cluster.status()["nodes"]], 20, 0.05, "the node gone")
+        wait_for(lambda: cluster.status()["busy"] == 1, 20, 0.02, "the task running on the other node")
+        open(gate, "w").close()
+        assert task.result(30) == 42

@@ -52,6 +52,7 @@ def test_zpar_tasks_lists_the_ended_tasks_newest_first_with_where_how_and_why(wo
     pids = set(worked.worker_pids())
     for task in history[1:]:
         assert task["node"] in nodes and task["duration_s"] >= 0 and task["time"] <= time.time()
+        assert 0 < task["submitted"] <= task["dispatched"] <= task["time"]  # its life at the broker
     ran = pids | {history[0]["worker"]}  # the workers there now, and the one that died
     assert all(t["worker"] in ran for t in history)
     raised = history[1]
@@ -90,7 +91,7 @@ def test_the_ring_keeps_the_latest_and_filters_failures():
     assert [t["task"] for t in ring.recent(failed=True)] == [3]
     assert ring.recent(limit=1)[0] == {"time": 4.0, "producer": "p", "task": 4, "function": "f", "node": "n",
                                        "worker": 14, "outcome": "ok", "duration_s": 0.004, "attempts": 0,
-                                       "error": ""}
+                                       "error": "", "submitted": 0.0, "dispatched": 0.0}
 
 
 def test_a_result_carries_its_worker_and_a_failure_its_text_and_a_function_its_name():

@@ -233,7 +233,7 @@ class BrokerCore:
             count_ended(prod, task.entry.digest, outcome == "ok")
             record((when, prod.label(), task.ptid, prod.names.get(task.entry.digest, ""), node,
                     entry.worker or (entry.cause.pid if entry.cause else 0), outcome, entry.duration_us / 1e6,
-                    task.attempts, entry.error or _why(entry.cause)))
+                    task.attempts, entry.error or _why(entry.cause), task.submitted, task.dispatched))
             by_producer.setdefault(task.producer.id, []).append(renumbered(entry, task.ptid))
         if self._coalesce:
             for pid, entries in by_producer.items():
@@ -412,6 +412,7 @@ class BrokerCore:
 
     def _accept(self, prod: ProducerRecord, msg: P.Submit, out: list[Outgoing]) -> None:
         limits = self.limits
+        accepted = time.time()  # once a message: the task history's "submitted"
         funcs, refused_objects = objects.admit(prod, msg, limits, self.counters)  # scattered objects apart
         refused = admit_functions(prod, funcs, limits, self.counters)  # digest -> why its blob was refused
         if funcs:
@@ -439,7 +440,7 @@ class BrokerCore:
             if entry.digest not in prod.funcs:
                 missing.append(entry.id)
                 continue
-            task = TaskRecord(self._next_gid, prod, entry)
+            task = TaskRecord(self._next_gid, prod, entry, accepted)
             self._next_gid += 1
             self._tasks[task.gid] = task
             prod.tasks[entry.id] = task
@@ -598,7 +599,7 @@ class BrokerCore:
             count_ended(task.producer, task.entry.digest, False)
             self.history.add(time.time(), task.producer.label(), task.ptid,
                              task.producer.names.get(task.entry.digest, ""), agent.name, 0, "lost", 0,
-                             task.attempts, _why(cause))
+                             task.attempts, _why(cause), task.submitted, task.dispatched)
             failed.setdefault(task.producer.id, []).append(
                 P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
         agent.release_all()

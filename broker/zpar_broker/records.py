@@ -29,11 +29,13 @@ class TaskState(enum.Enum):
 class TaskRecord:
     """A task as its producer sent it (``entry``, payload attached, forwarded as it is) and where it is."""
 
-    __slots__ = ("agent", "assembly", "attempts", "entry", "feed", "gid", "holders", "nbytes", "producer", "state",
-                 "streamed")
+    __slots__ = ("agent", "assembly", "attempts", "dispatched", "entry", "feed", "gid", "holders", "nbytes",
+                 "producer", "state", "streamed", "submitted")
 
-    def __init__(self, gid: int, producer: ProducerRecord, entry: P.TaskEntry) -> None:
+    def __init__(self, gid: int, producer: ProducerRecord, entry: P.TaskEntry, submitted: float = 0.0) -> None:
         self.gid = gid
+        self.submitted = submitted  # wall clock: when the broker accepted it (the task history)
+        self.dispatched = 0.0  # ... and when it last gave it to an agent
         self.producer = producer
         self.entry = entry  # its id is the producer's; the agent sees it under ``gid``
         self.nbytes = P.payload_bytes(entry.payload) + entry.part_bytes  # its parts' as declared (quotas)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 from collections.abc import Mapping
 
 from zpar import protocol as P
@@ -132,7 +133,9 @@ def _send_batch(active: collections.deque[ProducerRecord], agent: AgentRecord, l
     parted: list[TaskRecord] = []
     blobs: dict[bytes, P.Frame] = {}
     refs = False  # some task uses scattered objects (objects.py)
+    now = time.time()  # once a batch: the task history's "dispatched"
     for task in batch:
+        task.dispatched = now
         entry = task.entry
         blobs.setdefault(entry.digest, task.producer.funcs[entry.digest])
         if entry.refs:

@@ -41,15 +41,18 @@ class Durations:
 
 #: Tasks the broker remembers once they ended (``History``), newest first out.
 HISTORY_SIZE = 10_000
-_FIELDS = ("time", "producer", "task", "function", "node", "worker", "outcome", "duration_s", "attempts", "error")
+_FIELDS = ("time", "producer", "task", "function", "node", "worker", "outcome", "duration_s", "attempts", "error",
+           "submitted", "dispatched")
 
 
 class History:
     """A bounded ring of the tasks that ended, as tuples (cheap to keep: one per task), read as dicts.
 
-    ``time`` is the wall clock when the broker learnt the outcome; ``task``
-    the producer's id for it; ``worker`` the pid that ran it (0: unknown);
-    ``error`` a failed task's traceback text, or why a run was lost.
+    ``time`` is the wall clock when the broker learnt the outcome,
+    ``submitted`` when it accepted the task and ``dispatched`` when it last
+    gave it to an agent (0: never); ``task`` the producer's id for it;
+    ``worker`` the pid that ran it (0: unknown); ``error`` a failed task's
+    traceback text, or why a run was lost.
     """
 
     __slots__ = ("ring",)
@@ -58,8 +61,9 @@ class History:
         self.ring: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=size)
 
     def add(self, when: float, producer: str, task: int, function: str, node: str, worker: int, outcome: str,
-            duration_us: int, attempts: int, error: str) -> None:
-        self.ring.append((when, producer, task, function, node, worker, outcome, duration_us / 1e6, attempts, error))
+            duration_us: int, attempts: int, error: str, submitted: float = 0.0, dispatched: float = 0.0) -> None:
+        self.ring.append((when, producer, task, function, node, worker, outcome, duration_us / 1e6, attempts, error,
+                          submitted, dispatched))
 
     def recent(self, limit: int = 100, failed: bool = False) -> list[dict[str, Any]]:
         """The ``limit`` latest, newest first; with ``failed``, only those that did not end "ok"."""

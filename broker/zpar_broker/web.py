@@ -43,6 +43,7 @@ _ENDPOINTS = {
     "/api/status": "the broker's status as JSON: what `zpar status --json` prints",
     "/api/tasks": "the latest tasks that ended, newest first (?limit=N, at most 10,000; ?failed=1: only failures)",
     "POST /api/nodes/drain": '{"node": NAME}: the node takes no more tasks, finishes its own, and leaves',
+    "POST /api/nodes/stop": '{"node": NAME}: the node leaves now; its tasks run elsewhere (an attempt each)',
     "POST /api/nodes/workers": '{"node": NAME, "workers": N}: the node keeps N workers from now on',
     "POST /api/tasks/cancel": '{"producer": LABEL, "task": ID}: cancel one task, or (no "task") all of them',
     "/metrics": "Prometheus metrics (text exposition format)",
@@ -147,8 +148,8 @@ def _control_question(path: str, body: Any) -> tuple[str, dict[str, Any]] | None
     Raises ValueError, TypeError or KeyError for a body that does not say what the control needs."""
     if not isinstance(body, dict):
         raise TypeError("the body must be a JSON object")
-    if path == "/api/nodes/drain":
-        return "control", {"node": str(body["node"]), "action": "drain"}
+    if path in ("/api/nodes/drain", "/api/nodes/stop"):
+        return "control", {"node": str(body["node"]), "action": path.rsplit("/", 1)[1]}
     if path == "/api/nodes/workers":
         workers = body["workers"]
         if type(workers) is not int or not 1 <= workers <= P.MAX_WORKERS:

@@ -286,6 +286,9 @@ class AgentCore:
                 return []
             log.info("the broker asked this node to drain")
             return self.signalled(now)
+        if msg.action is P.Action.STOP:
+            log.info("the broker asked this node to stop now")
+            return [Exit(0)]
         live = self.slots.live()
         log.info("the broker asked for %d workers (%d now)", msg.workers, live)
         self.target = msg.workers

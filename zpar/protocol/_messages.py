@@ -479,6 +479,7 @@ class Action(str, enum.Enum):
     """What CONTROL asks of an agent (the dashboard's buttons)."""
 
     DRAIN = "drain"  # take no more tasks, finish those held (within the grace), then leave
+    STOP = "stop"  # leave now: the tasks held go back to the broker, to run elsewhere (an attempt each)
     WORKERS = "workers"  # keep this many workers from now on (more start now; those past it end when idle)
 
 

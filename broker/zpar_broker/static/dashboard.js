@@ -94,7 +94,12 @@ function controls(td, node) {
   set.textContent = "set workers";
   set.className = "resize";
   set.onclick = () => act("api/nodes/workers", { node, workers: Number(size.value) }, `${size.value} workers on ${node}`);
-  td.append(drain, " ", size, set);
+  const stop = document.createElement("button");
+  stop.textContent = "stop";
+  stop.className = "stop";
+  stop.title = "leave now: the tasks held run elsewhere";
+  stop.onclick = () => { if (confirm(`Stop ${node} now?`)) act("api/nodes/stop", { node }, `stop ${node}`); };
+  td.append(drain, " ", stop, " ", size, set);
 }
 
 async function act(path, body, what) {
