@@ -158,3 +158,31 @@ def test_a_plain_bind_under_the_loose_umask_would_let_the_group_connect(loose_um
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def test_sweep_removes_the_private_dirs_of_dead_processes_only(tmp_path):
+    import subprocess
+    import sys
+
+    from zpar import _ipc
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f"zpar-agent-{dead.pid}-abc_123", f"zpar-agent-{os.getpid()}-def456", "zpar-agent-notapid-x",
+                 f"zpar-{dead.pid}-ghi789", "other-thing"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pipe").touch()
+    assert _ipc.sweep("zpar-agent-", str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"zpar-agent-{os.getpid()}-def456", "zpar-agent-notapid-x", f"zpar-{dead.pid}-ghi789", "other-thing"])
+    assert _ipc.sweep("zpar-", str(tmp_path)) == 1  # "zpar-agent-..." is not "zpar-<pid>-...": kept
+    assert not (tmp_path / f"zpar-{dead.pid}-ghi789").exists()
+
+
+def test_private_dirs_are_named_for_their_process(tmp_path, monkeypatch):
+    from zpar import _ipc
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    path = _ipc.private_dir("zpar-test-")
+    assert os.path.basename(path).startswith(f"zpar-test-{os.getpid()}-") and oct(os.stat(path).st_mode)[-3:] == "700"
+    assert _ipc.sweep("zpar-test-", str(tmp_path)) == 0  # we are alive

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from . import _shm
-from ._ipc import private_dir
+from ._ipc import private_dir, sweep
 from .config import usable_cores
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,10 @@ class EmbeddedCluster:
         except BaseException:
             self.stop()
             raise
-        _shm.sweep()  # what killed clients left there: while the hub starts, not before
+        # What killed clients and hubs left (SIGKILL): while the hub starts, not before.
+        _shm.sweep()
+        sweep("zpar-")
+        sweep("zpar-agent-")
 
     def stop(self) -> None:
         stop_processes(self.procs)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import stat
 import tempfile
 import threading
@@ -37,10 +39,47 @@ _umask_lock = threading.Lock()  # os.umask is per process: one bind at a time ch
 
 
 def private_dir(prefix: str) -> str:
-    """A new directory only this user can enter (0700, whatever the umask)."""
-    path = tempfile.mkdtemp(prefix=prefix)  # 0700 & ~umask: never looser, maybe stricter
+    """A new directory only this user can enter (0700, whatever the umask), named ``{prefix}{pid}-{random}``:
+    ``sweep`` removes it if this process dies without doing so (SIGKILL)."""
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")  # 0700 & ~umask: never looser, maybe stricter
     os.chmod(path, DIR_MODE)
     return path
+
+
+def sweep(prefix: str, root: str | None = None, name: re.Pattern[str] | None = None) -> int:
+    """Remove the directories ``private_dir(prefix)`` made in ``root`` (the temporary directory) for processes
+    of this user that no longer run; how many. ``name``: the exact names to consider (the pid its group 1)."""
+    pattern = name or re.compile(re.escape(prefix) + r"(\d+)-\w+")
+    uid = os.getuid()
+    removed = 0
+    try:
+        entries = os.scandir(root or tempfile.gettempdir())
+    except OSError:
+        return 0
+    with entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            try:
+                if match is None or entry.stat(follow_symlinks=False).st_uid != uid or alive(int(match[1])):
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info("removed %d directories %s* of zpar processes that had died", removed, prefix)
+    return removed
+
+
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (another user's counts: not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ipc_path(endpoint: str) -> str | None:

@@ -41,6 +41,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from . import _ipc
+
 log = logging.getLogger(__name__)
 
 #: Where the segments live (tmpfs on Linux).
@@ -53,7 +55,7 @@ THRESHOLD = 256 * 1024
 _PREFIX = "zpar-"
 _ALIGN = 64  # each buffer starts on a cache line
 _MAX_WRITE = 1 << 30  # Linux writes at most ~2 GiB per call
-_DIR = re.compile(r"zpar-\d+-[0-9a-f]+")
+_DIR = re.compile(r"zpar-(\d+)-[0-9a-f]+")
 _NAME = re.compile(r"zpar-\d+-[0-9a-f]+/\d+-\d+")
 _MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -80,38 +82,7 @@ def remove_dir(path: str | None) -> None:
 
 def sweep() -> int:
     """Remove the directories of producers that no longer run (killed without cleaning up)."""
-    removed = 0
-    try:
-        entries = os.scandir(ROOT)
-    except OSError:
-        return 0
-    uid = os.getuid()
-    with entries:
-        for entry in entries:
-            name = entry.name
-            if not _DIR.fullmatch(name):
-                continue
-            pid = name[len(_PREFIX):].split("-", 1)[0]
-            try:
-                if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != uid or _alive(int(pid)):
-                    continue
-            except OSError:
-                continue
-            remove_dir(entry.path)
-            removed += 1
-    if removed:
-        log.info("removed %d shared-memory directories of zpar clients that had died", removed)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process has that pid now: not ours to judge
-    return True
+    return _ipc.sweep(_PREFIX, ROOT, _DIR)
 
 
 def from_environment() -> str | None:

@@ -71,6 +71,8 @@ class AgentServer:
         self._exiting = False  # the core said Exit: the loop stops at its next turn
         # 0700: only we reach our workers (a hub may have made it, and started workers for it: spawn.prestart)
         self._prestarted = prestarted
+        if prestarted is None:
+            _ipc.sweep("zpar-agent-")  # what agents killed by SIGKILL left
         self.rundir = prestarted.rundir if prestarted is not None else _ipc.private_dir("zpar-agent-")
         self.pipe = configure(self.ctx.socket(zmq.ROUTER), config.max_message_size)
         if self._own_ctx:
