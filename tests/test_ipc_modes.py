@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -48,14 +49,15 @@ def loose_umask(request, monkeypatch, tmp_path):
 def test_ipc_bind_makes_the_socket_file_0600_and_restores_the_umask(loose_umask, tmp_path):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
+    path = Path(_ipc.private_dir("zpar-test-")) / "s"
     try:
-        path = Path(_ipc.private_dir("zpar-test-")) / "s"
         _ipc.bind(sock, f"ipc://{path}")
         assert_private_socket(path)
         assert os.umask(loose_umask) == loose_umask  # put back as it was
     finally:
         sock.close(linger=0)
         ctx.term()
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def test_ipc_bind_of_a_wildcard_endpoint_makes_its_file_0600(loose_umask):
