@@ -135,8 +135,13 @@ def test_the_token_stays_the_same_across_a_restart_of_the_broker(new_cluster):
 
 
 def test_dashboard_off_serves_nothing_and_zpar_status_says_no_link(new_cluster):
+    import psutil
+
     cluster = new_cluster(agents=1, workers=1, broker_args=["--dashboard", "off"])
     assert "dashboard" not in cluster.status()
+    listening = {c.laddr.port for c in psutil.Process(cluster.broker.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening == set(cluster.ports)  # its three ZeroMQ ports: no HTTP one
 
 
 def test_a_taken_dashboard_port_given_explicitly_is_an_error_that_says_so():

@@ -83,11 +83,8 @@ def test_a_large_argument_travels_in_parts_and_arrives_whole(cluster, cluster_cl
     expected = parts_of(array)
     assert expected >= 5, "the argument must be large enough to travel in several parts"
     before = counter(cluster, "parts")
-    start = time.monotonic()
     assert cluster_client.submit(checksum, array).result(timeout=30) == checksum(array)
-    elapsed = time.monotonic() - start
     assert counter(cluster, "parts") == before + expected
-    assert elapsed < 20, f"a 24 MiB argument took {elapsed:.1f} s"
 
 
 def test_several_large_arguments_at_once_through_map(cluster, cluster_client):

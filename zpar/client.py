@@ -120,7 +120,7 @@ class Submitter:
         results = Results(self._map_submit(work.task), work, options)
         if not progress:
             return results
-        label = progress if isinstance(progress, str) else str(getattr(fn, "__qualname__", fn))
+        label = progress if isinstance(progress, str) else function_name(fn)
         return _progress.track(results, total, label)
 
     def _map_submit(self, task: Callable[..., Any]) -> Callable[..., Future]:
@@ -344,15 +344,17 @@ class Client(Submitter):
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: nodes, workers busy and idle, queued, running, done."""
-        return broker_status(self.address, timeout, self._creds, insecure=self._creds is None)
+        return self._status(timeout)
+
+    def _status(self, timeout: float, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        return broker_status(self.address, timeout, self._creds, insecure=self._creds is None, request=request)
 
     @property
     def dashboard_link(self) -> str | None:
         """The link to the broker's dashboard page, with its token (open it in a browser); None if it serves
         none. The embedded cluster starts its dashboard when first asked (127.0.0.1, a free port): until then
         it listens on no TCP port at all. With key files, the address only: the token is in the broker's log."""
-        link = broker_status(self.address, 5.0, self._creds, insecure=self._creds is None,
-                             request={"dashboard": "start"}).get("dashboard")
+        link = self._status(5.0, {"dashboard": "start"}).get("dashboard")
         return str(link) if link else None
 
     def close(self) -> None:

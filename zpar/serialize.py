@@ -391,13 +391,14 @@ def _forget(entries: collections.OrderedDict[tuple[int, Hashable], _Cached], loc
 # Exceptions raised by tasks
 
 
-def dump_exception(exc: BaseException, host: str, pid: int) -> list[Any]:
-    """Frames for an exception raised in a task, with its traceback text.
+def dump_exception(exc: BaseException, host: str, pid: int, tb: str | None = None) -> list[Any]:
+    """Frames for an exception raised in a task, with its traceback text (``tb``, if the caller made it).
 
     The original exception travels when it survives a pickle round trip here;
     otherwise a TaskError carrying its type name and text takes its place.
     """
-    tb = "".join(traceback.format_exception(exc))
+    if tb is None:
+        tb = "".join(traceback.format_exception(exc))
     try:
         frames = dumps((exc, tb, host, pid), what="exception")
         pickle.loads(frames[0], buffers=frames[1:])  # some pickle but do not unpickle

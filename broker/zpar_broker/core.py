@@ -47,7 +47,7 @@ from .streams import StreamRouting
 from .telemetry import HISTORY_SIZE, OUTCOMES, Durations, History
 
 log = logging.getLogger(__name__)
-_FINISHED = {status: f"finished_{outcome}" for status, outcome in OUTCOMES.items()}  # the counter each ends in
+_FINISHED = {outcome: f"finished_{outcome}" for outcome in OUTCOMES.values()}  # the counter each outcome ends in
 
 
 def _why(cause: P.Cause | None) -> str:
@@ -201,7 +201,6 @@ class BrokerCore:
             agent.last_seen = now
         node = agent.name if agent is not None else ""
         when = time.time()  # wall clock, for the task history
-        record = self.history.ring.append
         by_producer: dict[bytes, list[P.ResultEntry]] = {}
         for entry in msg.results:
             task = self._tasks.get(entry.id)
@@ -224,16 +223,11 @@ class BrokerCore:
                 task.producer.unqueue(task)
                 self.counters["late_results_accepted"] += 1
             self._unlink(task)
-            self.counters["done" if entry.status == P.Status.OK else "failed"] += 1
-            outcome = OUTCOMES[entry.status]
-            self.counters[_FINISHED[entry.status]] += 1
-            if entry.status in P.VALUE_STATUSES:
+            ended = entry.cause
+            if ended is None:  # a value: its run time goes in the histogram
                 self.durations.observe(entry.duration_us)
-            prod = task.producer
-            count_ended(prod, task.entry.digest, outcome == "ok")
-            record((when, prod.label(), task.ptid, prod.names.get(task.entry.digest, ""), node,
-                    entry.worker or (entry.cause.pid if entry.cause else 0), outcome, entry.duration_us / 1e6,
-                    task.attempts, entry.error or _why(entry.cause), task.submitted, task.dispatched))
+            self._finished(task, OUTCOMES[entry.status], when, node, entry.worker or (ended.pid if ended else 0),
+                           entry.duration_us, entry.error or _why(ended))
             by_producer.setdefault(task.producer.id, []).append(renumbered(entry, task.ptid))
         if self._coalesce:
             for pid, entries in by_producer.items():
@@ -351,13 +345,10 @@ class BrokerCore:
         ids = [task] if task is not None else list(prod.tasks)
         ids = [i for i in ids if i in prod.tasks]
         out: list[Outgoing] = []
-        self._cancel(prod, ids, True, out)
         cause = P.Cause("the broker", detail="cancelled from the broker's dashboard")
+        self._cancel(prod, ids, True, out, cause.detail)
         out += [Outgoing(Dest.FRONTEND, prod.id, P.Result(tuple(P.ResultEntry(i, P.Status.CANCELLED, cause=cause)
                                                                 for i in chunk))) for chunk in P.chunks(ids)]
-        when = time.time()
-        for i in ids:
-            self.history.add(when, prod.label(), i, "", "", 0, "cancelled", 0, 0, cause.detail)
         if ids:
             log.info("dashboard: cancelled %d tasks of producer %s", len(ids), printable(producer),
                      extra={"producer": producer})
@@ -388,8 +379,7 @@ class BrokerCore:
         busy = sum(min(a.busy, a.workers) for a in self._agents.values())
         return {
             "submitted": counters["submitted"],
-            "finished": {outcome: counters[f"finished_{outcome}"] for outcome in sorted(set(OUTCOMES.values()))
-                         if outcome != "cancelled"} | {"cancelled": counters["cancelled"]},
+            "finished": {outcome: counters[counter] for outcome, counter in sorted(_FINISHED.items())},
             "queued": queued,
             "running": len(self._tasks) - queued,
             "nodes": len(self._agents),
@@ -448,7 +438,6 @@ class BrokerCore:
             if entry.refs:
                 objects.hold(prod, entry.refs)
             prod.enqueue(task)
-            prod.submitted += 1
             count_submitted(prod, entry.digest)
             self.counters["submitted"] += 1
         if missing:
@@ -463,9 +452,11 @@ class BrokerCore:
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(code, tuple(ids), detail)))
         self._activate(prod)
 
-    def _cancel(self, prod: ProducerRecord, ids: Iterable[int], force: bool, out: list[Outgoing]) -> None:
-        """Queued tasks are dropped; with ``force``, agents also stop those running."""
+    def _cancel(self, prod: ProducerRecord, ids: Iterable[int], force: bool, out: list[Outgoing],
+                why: str = "cancelled by its producer") -> None:
+        """Queued tasks are dropped; with ``force``, agents also stop those running. ``why``: for the history."""
         stop: dict[bytes, list[int]] = {}
+        when = time.time()
         for ptid in ids:
             task = prod.tasks.get(ptid)
             if task is None:
@@ -481,7 +472,7 @@ class BrokerCore:
                 continue  # running, not forced: it finishes and its result is discarded
             self._tasks.pop(task.gid, None)
             self._unlink(task)
-            count_ended(prod, task.entry.digest, False)
+            self._finished(task, "cancelled", when, why=why)
             self.counters["cancelled"] += 1
         out += forced_cancels(stop)
 
@@ -497,7 +488,7 @@ class BrokerCore:
             self.counters["parts_refused"] += 1
             log.warning("producer %s on %s: %s; task refused", printable(prod.label()), printable(prod.host), exc,
                         extra={"producer": prod.label(), "task": part.id})
-            self._cancel(prod, (part.id,), True, out)
+            self._cancel(prod, (part.id,), True, out, f"refused: {exc}")
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.MALFORMED, (part.id,), str(exc))))
             return
         if not kept:
@@ -505,7 +496,22 @@ class BrokerCore:
             return
         self.counters["parts"] += 1
         if task.agent is not None:
-            out.append(Outgoing(Dest.BACKEND, task.agent.id, P.Part(task.gid, part.seq, part.payload)))
+            out += task.parts_for(task.agent, (part,))
+
+    def _finished(self, task: TaskRecord, outcome: str, when: float, node: str = "", worker: int = 0,
+                  duration_us: int = 0, why: str = "") -> None:
+        """``task`` ended (any way: its result, its node gone past its retries, a cancel): counted, in its
+        producer's progress, and in the history."""
+        counters = self.counters
+        counters[_FINISHED[outcome]] += 1
+        if outcome == "ok":
+            counters["done"] += 1
+        elif outcome != "cancelled":
+            counters["failed"] += 1
+        prod = task.producer
+        count_ended(prod, task.entry.digest, outcome == "ok")
+        self.history.add(when, prod.label(), task.ptid, prod.names.get(task.entry.digest, ""), node, worker, outcome,
+                         duration_us, task.attempts, why, task.submitted, task.dispatched)
 
     def _lost(self, task: TaskRecord, cause: P.Cause, out: list[Outgoing]) -> bool:
         """A run of ``task`` was lost: queue it again if it has retries left (True), else False."""
@@ -594,12 +600,7 @@ class BrokerCore:
                 continue
             del self._tasks[task.gid]
             self._unlink(task)
-            self.counters["failed"] += 1
-            self.counters["finished_lost"] += 1
-            count_ended(task.producer, task.entry.digest, False)
-            self.history.add(time.time(), task.producer.label(), task.ptid,
-                             task.producer.names.get(task.entry.digest, ""), agent.name, 0, "lost", 0,
-                             task.attempts, _why(cause), task.submitted, task.dispatched)
+            self._finished(task, "lost", time.time(), agent.name, why=_why(cause))
             failed.setdefault(task.producer.id, []).append(
                 P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
         agent.release_all()

@@ -58,12 +58,12 @@ class TaskRecord:
         """Some PART of its payload has not come yet: its agent waits for it to start the task."""
         return self.assembly is not None and not self.assembly.complete
 
-    def parts_for(self, agent: AgentRecord) -> list[Outgoing]:
-        """PART messages for ``agent`` (under the task's ``gid``) of those come so far."""
-        if self.assembly is None:
-            return []
-        return [Outgoing(Dest.BACKEND, agent.id, P.Part(self.gid, part.seq, part.payload))
-                for part in self.assembly.received]
+    def parts_for(self, agent: AgentRecord, parts: Iterable[P.Part] | None = None) -> list[Outgoing]:
+        """PART messages for ``agent``, under the task's ``gid``: of ``parts`` (its producer's ids), or of every
+        part come so far."""
+        if parts is None:
+            parts = self.assembly.received if self.assembly is not None else ()
+        return [Outgoing(Dest.BACKEND, agent.id, P.Part(self.gid, part.seq, part.payload)) for part in parts]
 
 
 class Feed:
@@ -198,7 +198,9 @@ PROGRESS_FUNCTIONS = 32
 
 
 def count_submitted(prod: ProducerRecord, digest: bytes) -> None:
-    """One more task of function ``digest`` for ``prod``'s progress (kept to PROGRESS_FUNCTIONS functions)."""
+    """One more task of function ``digest`` for ``prod``, in all and in its progress (kept to PROGRESS_FUNCTIONS
+    functions)."""
+    prod.submitted += 1
     counts = prod.progress.get(digest)
     if counts is None:
         if len(prod.progress) >= PROGRESS_FUNCTIONS:

@@ -286,7 +286,7 @@ class BrokerServer:
         now = time.monotonic()
         kind, args = what
         if kind == "metrics":
-            return self.core.metrics(now) | {"loop_lag": self.loop_lag}
+            return self._metrics(now)
         if kind == "tasks":
             return self.core.tasks(**args)
         if kind == "control":
@@ -298,9 +298,13 @@ class BrokerServer:
             self._send(sent)
             return {"cancelled": count}
         if kind == "snapshot":  # the dashboard page's: all it shows, every second
-            return {"status": self.core.status(now), "metrics": self.core.metrics(now) | {"loop_lag": self.loop_lag},
-                    "tasks": self.core.tasks(200), "time": time.time()}
+            return {"status": self.core.status(now), "metrics": self._metrics(now), "tasks": self.core.tasks(200),
+                    "time": time.time()}
         return self.core.status(now)
+
+    def _metrics(self, now: float) -> dict[str, Any]:
+        """The core's metrics and the loop's own (how late it ran its timers)."""
+        return self.core.metrics(now) | {"loop_lag": self.loop_lag}
 
     def _oversized(self, source: str) -> None:
         self.core.protocol_error(source)

@@ -214,39 +214,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, _page(name), kind, {"Content-Security-Policy": _CSP})
             return
         if not self._authorized(urllib.parse.parse_qs(url.query).get("token", [""])[0]):
-            self._send(401, b'{"error": "this needs the dashboard token: the link in the broker\'s log or in '
-                            b'`zpar status`, or an Authorization: Bearer header"}\n', "application/json",
-                       {"WWW-Authenticate": 'Bearer realm="zpar"'})
+            self._unauthorized("this needs the dashboard token: the link in the broker's log or in `zpar status`, "
+                               "or an Authorization: Bearer header")
             return
-        try:
-            ask = self.server.questions.ask
-            if url.path == "/api/status":
-                self._json(ask(("status", {})))
-            elif url.path == "/api/tasks":
-                self._json(ask(("tasks", _task_query(urllib.parse.parse_qs(url.query)))))
-            elif url.path == "/metrics":
-                from .metrics import render  # prometheus-client is loaded only when asked for
+        self._answering(url.path, lambda: self._get(url))
 
-                self._send(200, *render(ask(("metrics", {}))))
-            elif url.path == "/api/events":
-                self._events(ask)
-            elif url.path == "/api":
-                self._send(200, json.dumps({"endpoints": _ENDPOINTS}, indent=1).encode() + b"\n", "application/json")
-            else:
-                self._send(404, b'{"error": "no such page"}\n', "application/json")
-        except queue.Empty:
-            self._send(503, b'{"error": "the broker did not answer in time"}\n', "application/json")
-        except Exception:
-            log.exception("dashboard request %s failed", url.path)
-            self._send(500, b'{"error": "internal error (see the broker\'s log)"}\n', "application/json")
+    def _get(self, url: urllib.parse.SplitResult) -> None:
+        ask = self.server.questions.ask
+        if url.path == "/api/status":
+            self._json(ask(("status", {})))
+        elif url.path == "/api/tasks":
+            self._json(ask(("tasks", _task_query(urllib.parse.parse_qs(url.query)))))
+        elif url.path == "/metrics":
+            from .metrics import render  # prometheus-client is loaded only when asked for
+
+            self._send(200, *render(ask(("metrics", {}))))
+        elif url.path == "/api/events":
+            self._events(ask)
+        elif url.path == "/api":
+            self._json({"endpoints": _ENDPOINTS})
+        else:
+            self._error(404, "no such page")
 
     def do_POST(self) -> None:
         """The dashboard's controls. The token only in the Authorization header, never a query: another site's
         form cannot set a header, so it cannot act with a token it happened to learn from a link."""
         url = urllib.parse.urlsplit(self.path)
         if not self._authorized("", header_only=True):
-            self._send(401, b'{"error": "controls need the token in an Authorization: Bearer header"}\n',
-                       "application/json", {"WWW-Authenticate": 'Bearer realm="zpar"'})
+            self._unauthorized("controls need the token in an Authorization: Bearer header")
             return
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -255,15 +250,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length) or b"{}")
             question = _control_question(url.path, body)
         except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
-            self._send(400, json.dumps({"error": f"bad request: {exc}"}).encode() + b"\n", "application/json")
+            self._error(400, f"bad request: {exc}")
             return
         if question is None:
-            self._send(404, b'{"error": "no such control"}\n', "application/json")
+            self._error(404, "no such control")
             return
+        self._answering(url.path, lambda: self._json(self.server.questions.ask(question)))
+
+    def _answering(self, path: str, respond: Callable[[], None]) -> None:
+        """``respond()``, or the error to send when the loop did not answer (503) or answering failed (500)."""
         try:
-            self._json(self.server.questions.ask(question))
+            respond()
         except queue.Empty:
-            self._send(503, b'{"error": "the broker did not answer in time"}\n', "application/json")
+            self._error(503, "the broker did not answer in time")
+        except Exception:
+            log.exception("dashboard request %s failed", path)
+            self._error(500, "internal error (see the broker's log)")
 
     def _events(self, ask: Callable[[Any], Any]) -> None:
         """Server-sent events: a snapshot (status, metrics, the latest tasks) every EVENT_EVERY s, until the
@@ -271,7 +273,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         with server.lock:
             if server.watchers >= MAX_WATCHERS:
-                self._send(503, b'{"error": "too many dashboards open at once"}\n', "application/json")
+                self._error(503, "too many dashboards open at once")
                 return
             server.watchers += 1
         try:
@@ -293,8 +295,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with server.lock:
                 server.watchers -= 1
 
-    def _json(self, data: Any) -> None:
-        self._send(200, json.dumps(data, default=str).encode() + b"\n", "application/json")
+    def _json(self, data: Any, code: int = 200, headers: dict[str, str] | None = None) -> None:
+        self._send(code, json.dumps(data, default=str).encode() + b"\n", "application/json", headers)
+
+    def _error(self, code: int, text: str, headers: dict[str, str] | None = None) -> None:
+        self._json({"error": text}, code, headers)
+
+    def _unauthorized(self, text: str) -> None:
+        self._error(401, text, {"WWW-Authenticate": 'Bearer realm="zpar"'})
 
     def _authorized(self, query_token: str, header_only: bool = False) -> bool:
         header = self.headers.get("Authorization", "")

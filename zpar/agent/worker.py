@@ -225,8 +225,9 @@ class Worker:
     def _raised(self, exc: BaseException) -> list[Any]:
         """The frames of a task's exception; its traceback's end, as text, goes in the result's ``error`` too
         (the broker shows it with no unpickling: see protocol.ResultEntry)."""
-        self._error = "".join(traceback.format_exception(exc))[-P.MAX_ERROR_TEXT:]
-        return serialize.dump_exception(exc, self.host, self.pid)
+        tb = "".join(traceback.format_exception(exc))
+        self._error = tb[-P.MAX_ERROR_TEXT:]
+        return serialize.dump_exception(exc, self.host, self.pid, tb)
 
     def _result(self, tid: int, value: Any) -> tuple[P.Status, list[Any]]:
         stream = self.streams.get(tid) if self.streams else None

@@ -57,21 +57,31 @@ function cards(status, metrics, now) {
   while (rates.length && rates[0][0] < now - WINDOW_S) rates.shift();
 }
 
-const rows = new Map();  // node name -> its table row, kept so that a control being typed in is not redrawn
-
-function nodes(status) {
-  const body = $("nodes-table").tBodies[0];
-  const present = new Set(status.nodes.map(n => n.name));
-  for (const [name, row] of rows) if (!present.has(name)) { row.remove(); rows.delete(name); }
-  for (const n of status.nodes) {
-    let row = rows.get(n.name);
+// A table's rows by name, kept from one snapshot to the next (a control being typed in is not redrawn): the rows
+// of names gone are removed, new ones made by ``create(row, name)``; returns [row, item] for each item.
+function keyedRows(table, kept, items, attribute, create) {
+  const body = $(table).tBodies[0], present = new Set(items.map(item => item.name));
+  for (const [name, row] of kept) if (!present.has(name)) { row.remove(); kept.delete(name); }
+  return items.map(item => {
+    let row = kept.get(item.name);
     if (!row) {
       row = body.insertRow();
-      row.dataset.node = n.name;
-      for (let i = 0; i < 11; i++) row.insertCell();
-      controls(row.insertCell(), n.name);
-      rows.set(n.name, row);
+      row.dataset[attribute] = item.name;
+      create(row, item.name);
+      kept.set(item.name, row);
     }
+    return [row, item];
+  });
+}
+
+const nodeRows = new Map(), producerRows = new Map();
+
+function nodes(status) {
+  const rows = keyedRows("nodes-table", nodeRows, status.nodes, "node", (row, name) => {
+    for (let i = 0; i < 11; i++) row.insertCell();
+    controls(row.insertCell(), name);
+  });
+  for (const [row, n] of rows) {
     ["name", "host", "pid", "workers", "busy", "idle", "running"].forEach((key, i) => text(row.cells[i], n[key]));
     text(row.cells[7], n.cpu_percent);
     text(row.cells[8], n.memory_total ? `${bytes(n.memory_used)} of ${bytes(n.memory_total)}` : undefined);
@@ -114,26 +124,17 @@ async function act(path, body, what) {
   }
 }
 
-const producerRows = new Map();
-
 function producers(status) {
-  const body = $("producers-table").tBodies[0], list = status.producer_list || [];
-  const present = new Set(list.map(p => p.name));
-  for (const [name, row] of producerRows) if (!present.has(name)) { row.remove(); producerRows.delete(name); }
-  for (const p of list) {
-    let row = producerRows.get(p.name);
-    if (!row) {
-      row = body.insertRow();
-      row.dataset.producer = p.name;
-      for (let i = 0; i < 8; i++) row.insertCell();
-      const cancel = document.createElement("button");
-      cancel.textContent = "cancel all";
-      cancel.className = "cancel";
-      cancel.title = "cancel every task of this producer not ended yet";
-      cancel.onclick = () => act("api/tasks/cancel", { producer: p.name }, `cancel the tasks of ${p.name}`);
-      row.insertCell().append(cancel);
-      producerRows.set(p.name, row);
-    }
+  const rows = keyedRows("producers-table", producerRows, status.producer_list || [], "producer", (row, name) => {
+    for (let i = 0; i < 8; i++) row.insertCell();
+    const cancel = document.createElement("button");
+    cancel.textContent = "cancel all";
+    cancel.className = "cancel";
+    cancel.title = "cancel every task of this producer not ended yet";
+    cancel.onclick = () => act("api/tasks/cancel", { producer: name }, `cancel the tasks of ${name}`);
+    row.insertCell().append(cancel);
+  });
+  for (const [row, p] of rows) {
     ["name", "host", "queued", "running", "submitted", "ended", "failed"].forEach((key, i) => text(row.cells[i], p[key]));
     const bars = [{ function: "all", submitted: p.submitted, ended: p.ended, failed: p.failed },
                   ...(p.functions || [])];
