@@ -45,13 +45,21 @@ LEAK_GRACE = 10.0
 
 
 def _key(proc: psutil.Process) -> tuple[int, float] | None:
-    """A process's identity that survives pid reuse; None if it is gone or a zombie."""
+    """A process's identity that survives pid reuse; None if it is gone or a zombie.
+
+    Its start in clock ticks since boot (/proc/PID/stat), not psutil's ``create_time()``: that adds the
+    boot time, which moves when the clock is stepped (seen in this VM), and a shared cluster started
+    before the step then looked like a new process, was killed as a leak, and failed the tests after it.
+    """
     try:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
-        return proc.pid, proc.create_time()
-    except psutil.NoSuchProcess:
+        with open(f"/proc/{proc.pid}/stat", "rb") as stat:
+            return proc.pid, float(stat.read().rsplit(b")", 1)[1].split()[19])  # field 22: starttime
+    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
         return None
+    except OSError:  # no /proc: psutil's figure
+        return proc.pid, proc.create_time()
 
 
 def live_descendants() -> dict[tuple[int, float], psutil.Process]:
