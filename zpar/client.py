@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Self
 
 import zmq
@@ -59,13 +59,18 @@ class Submitter:
         self._client, self._opts = client, opts
 
     def options(self, *, timeout: float | _Unset | None = _UNSET, retries: int | _Unset = _UNSET,
-                retry_on: tuple[type[BaseException], ...] | _Unset = _UNSET) -> Submitter:
-        """The same client, submitting with other TaskOptions (the rest as they are)::
+                retry_on: tuple[type[BaseException], ...] | _Unset = _UNSET, priority: int | _Unset = _UNSET,
+                resources: Mapping[str, float] | _Unset = _UNSET,
+                resource_timeout: float | _Unset | None = _UNSET) -> Submitter:
+        """The same client, submitting with other TaskOptions (the rest as they are; see TaskOptions)::
 
             client.options(timeout=5).submit(fn, x, timeout="passed to fn")
+            client.options(priority=10).submit(urgent)
+            client.options(resources={"gpu": 1}).submit(train, model)
         """
-        changes: dict[str, Any] = {k: v for k, v in (("timeout", timeout), ("retries", retries),
-                                                     ("retry_on", retry_on)) if v is not _UNSET}
+        changes: dict[str, Any] = {k: v for k, v in (
+            ("timeout", timeout), ("retries", retries), ("retry_on", retry_on), ("priority", priority),
+            ("resources", resources), ("resource_timeout", resource_timeout)) if v is not _UNSET}
         return Submitter(self._client, dataclasses.replace(self._opts, **changes))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -244,7 +249,7 @@ class Client(Submitter):
                     raise RuntimeError("this zpar Client's connection has stopped; create a new one")
         tid = next(self._ids)
         fut = Future(tid, self._on_cancel, self._on_feed)
-        entry = P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms, refs)
+        entry = P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms, refs, sched=opts.sched)
         name = self._names.get(digest)
         if name is None:
             name = self._names[digest] = function_name(fn)

@@ -18,15 +18,20 @@ from ._messages import (
     BATCH_MAX_TASKS,
     INLINE_MAX,
     MAX_ENTRIES,
+    MAX_DEPS,
     MAX_ERROR_TEXT,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_SIZE,
     MAX_NAME,
+    MAX_PRIORITY,
     MAX_REFS,
+    MAX_RESOURCE_NAME,
+    MAX_RESOURCES,
     MAX_RETRIES,
     MAX_TASK_FRAMES,
     MAX_WORKERS,
+    MIN_PRIORITY,
     VALUE_STATUSES,
     VERSION,
     Ack,
@@ -57,6 +62,7 @@ from ._messages import (
     Result,
     ResultEntry,
     Role,
+    Sched,
     Status,
     StatusMsg,
     Submit,
@@ -167,7 +173,10 @@ def encode(msg: Message) -> list[Frame]:
             rows: list[tuple[Any, ...]] = []
             for t in tasks:
                 nframes, data = _place(t.payload, frames)
-                if t.parts:
+                if t.sched is not None:
+                    rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms, t.refs,
+                                 t.parts, t.part_bytes, _sched_row(t.sched)))
+                elif t.parts:
                     rows.append((t.id, t.digest, nframes, t.flags, data, t.retries, t.timeout_ms, t.refs,
                                  t.parts, t.part_bytes))
                 elif t.refs:
@@ -199,8 +208,10 @@ def encode(msg: Message) -> list[Frame]:
             h["i"] = _item_rows(items, frames)
             h["c"] = credits
             h["closed"] = closed
-        case Hello(role=role, name=name, host=host, pid=pid, workers=workers):
+        case Hello(role=role, name=name, host=host, pid=pid, workers=workers, resources=resources):
             h.update(role=role.value, name=name, host=host, pid=pid, workers=workers)
+            if resources:
+                h["res"] = dict(resources)
         case Welcome(epoch=epoch, heartbeat=heartbeat, liveness=liveness, collector=collector,
                      max_message_size=max_message_size):
             h.update(epoch=epoch, heartbeat=heartbeat, liveness=liveness, collector=collector,
@@ -336,6 +347,13 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
     for row in rows:
         refs: tuple[bytes, ...] = ()
         parts = part_bytes = 0
+        sched = None
+        if type(row) is list and len(row) == 11:
+            sched = _sched(row.pop())
+            if row[-2:] == [0, 0]:  # no parts
+                row[-2:] = []
+                if row[-1] == []:
+                    row.pop()
         if type(row) is list and len(row) == 10:
             parts, part_bytes = row.pop(-2), row.pop()
             if type(parts) is not int or not 0 < parts < MAX_TASK_FRAMES or type(part_bytes) is not int \
@@ -349,7 +367,7 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
         if type(row) is not list or len(row) != 7:
             raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms],"
                                 " then its objects' digests if it refers to any, then its parts and their bytes"
-                                " if it has any")
+                                " if it has any, then its scheduling if it has any")
         tid, digest, nframes, flags, data, retries, timeout_ms = row
         if (type(tid) is not int or tid < 0 or type(digest) is not bytes or type(nframes) is not int
                 or nframes < 0 or type(flags) is not int or flags < 0 or type(data) is not bytes
@@ -357,8 +375,48 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
                 or type(timeout_ms) is not int or timeout_ms < 0):
             raise ProtocolError(f"malformed task entry {row!r:.200}")
         payload = (data,) if nframes == 0 and data else fr.take(nframes, data, "a task")
-        out.append(TaskEntry(tid, digest, payload, flags, retries, timeout_ms, refs, parts, part_bytes))
+        out.append(TaskEntry(tid, digest, payload, flags, retries, timeout_ms, refs, parts, part_bytes, sched))
     return tuple(out), funcs
+
+
+def _sched_row(s: Sched) -> tuple[Any, ...]:
+    return (s.priority, dict(s.resources), s.resource_timeout_ms, s.deps)
+
+
+def _sched(value: Any) -> Sched:
+    """A task's ``Sched`` from its wire row, checked: every peer may be hostile."""
+    if type(value) is not list or len(value) != 4:
+        raise ProtocolError("a task's scheduling must be [priority, {resource: amount}, resource_timeout_ms, deps]")
+    priority, resources, timeout_ms, deps = value
+    if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ProtocolError(f"a task's priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}")
+    if type(resources) is not dict or len(resources) > MAX_RESOURCES:
+        raise ProtocolError(f"a task's resources must be a map of at most {MAX_RESOURCES} names to amounts")
+    for name, amount in resources.items():
+        check_resource(name, amount, "a task's")
+    if type(timeout_ms) is not int or timeout_ms < 0:
+        raise ProtocolError("a task's resource timeout must be a non-negative integer of milliseconds")
+    if type(deps) is not list or len(deps) > MAX_DEPS or any(type(d) is not int or d < 0 for d in deps):
+        raise ProtocolError(f"a task's dependencies must be a list of at most {MAX_DEPS} task ids")
+    return Sched(priority, tuple(sorted(resources.items())), timeout_ms, tuple(deps))
+
+
+def _offered(value: Any) -> tuple[tuple[str, float], ...]:
+    """An agent's resources (HELLO), checked, names sorted."""
+    if type(value) is not dict or len(value) > MAX_RESOURCES:
+        raise ProtocolError(f"an agent's resources must be a map of at most {MAX_RESOURCES} names to amounts")
+    for name, amount in value.items():
+        check_resource(name, amount, "an agent's")
+    return tuple(sorted(value.items()))
+
+
+def check_resource(name: Any, amount: Any, whose: str) -> None:
+    """Raise ProtocolError unless ``name: amount`` is a resource (a short printable name, a finite amount >= 0)."""
+    if type(name) is not str or not 0 < len(name) <= MAX_RESOURCE_NAME or not name.isprintable():
+        raise ProtocolError(f"{whose} resource names must be printable strings of 1 to {MAX_RESOURCE_NAME} "
+                            "characters")
+    if type(amount) not in (int, float) or not 0 <= amount < float("inf"):
+        raise ProtocolError(f"{whose} resource {name!r} must be a finite amount of at least 0")
 
 
 def _digests(value: Any, most: int, what: str) -> tuple[bytes, ...]:
@@ -531,7 +589,8 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
         except ValueError:
             raise ProtocolError(f"unknown role {h.get('role')!r}") from None
         msg = Hello(role, _get(h, "name", str, ""), _get(h, "host", str, ""),
-                    _nonneg_int(_get(h, "pid", int, 0), "pid"), _nonneg_int(_get(h, "workers", int, 0), "workers"))
+                    _nonneg_int(_get(h, "pid", int, 0), "pid"), _nonneg_int(_get(h, "workers", int, 0), "workers"),
+                    _offered(h["res"]) if "res" in h else ())
     elif k is Kind.WELCOME:
         msg = Welcome(_get(h, "epoch", str), float(_get(h, "heartbeat", (int, float))),
                       _nonneg_int(_get(h, "liveness", int), "liveness"), _get(h, "collector", str, ""),

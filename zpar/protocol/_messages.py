@@ -182,9 +182,40 @@ class Shipped:
             self.known.difference_update(digests)
 
 
+#: Most resources one task may ask for, or one agent offer (``Sched.resources``, ``Hello.resources``).
+MAX_RESOURCES = 32
+#: The longest resource name ("gpu", "memory", "licence-matlab").
+MAX_RESOURCE_NAME = 64
+#: Most tasks one task may wait for (``Sched.deps``).
+MAX_DEPS = 1024
+#: Priorities a task may have (``Sched.priority``): higher runs first, within its producer.
+MIN_PRIORITY, MAX_PRIORITY = -(1 << 31), (1 << 31) - 1
+
+
+class Sched(NamedTuple):
+    """How a task is scheduled, when it asks for more than the default (arrival order, any worker, no waits).
+    Wire: ``[priority, {resource: amount}, resource_timeout_ms, deps]``.
+
+    ``priority``: higher first among its producer's queued tasks (default 0);
+    producers stay served in turn whatever their priorities. ``resources``:
+    what it needs free on a node while it runs (``(name, amount)`` pairs,
+    names sorted; an agent offers them with ``--resources``). ``resource_timeout_ms``:
+    it fails if no node could take it for this long (0: it waits). ``deps``: the
+    producer's ids of the tasks whose values it takes as arguments: it is
+    queued once they all ended well, and their values ride as ``refs``
+    (producer to broker only; the broker does not forward them).
+    """
+
+    priority: int = 0
+    resources: tuple[tuple[str, float], ...] = ()
+    resource_timeout_ms: int = 0
+    deps: tuple[int, ...] = ()
+
+
 class TaskEntry(NamedTuple):
     """One task in SUBMIT or TASKS. Wire: ``[id, digest, nframes, flags, data, retries, timeout_ms]``,
-    then ``refs`` when it has any, then ``parts, part_bytes`` (``refs`` an empty list) when it has parts.
+    then ``refs`` when it has any, then ``parts, part_bytes`` (``refs`` an empty list) when it has parts,
+    then ``sched`` (``refs`` and ``parts`` empty) when it has one.
 
     ``retries``: how many more times the broker runs it after losing it to a
     dead worker or node. ``timeout_ms``: the agent stops it after this long
@@ -192,7 +223,8 @@ class TaskEntry(NamedTuple):
     arguments refer to (zpar.Client.scatter); their blobs travel beside the
     function blobs, once per peer. ``parts``: how many PART messages follow
     with the rest of its payload (``part_bytes`` in all); it runs once every
-    one has come (see PARTS_FROM).
+    one has come (see PARTS_FROM). ``sched``: its priority, resources and
+    dependencies (``Sched``), None for the default.
     """
 
     id: int
@@ -204,6 +236,7 @@ class TaskEntry(NamedTuple):
     refs: tuple[bytes, ...] = ()
     parts: int = 0
     part_bytes: int = 0
+    sched: Sched | None = None
 
 
 class Cause(NamedTuple):
@@ -299,6 +332,8 @@ class Hello:
     host: str = ""
     pid: int = 0
     workers: int = 0
+    #: From an agent: what its node offers tasks (``--resources``): ``(name, amount)`` pairs, names sorted.
+    resources: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
