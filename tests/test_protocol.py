@@ -486,11 +486,17 @@ causes = st.builds(P.Cause, texts, small, st.none() | st.integers(-2**31, 2**31)
 funcs = st.lists(st.builds(P.Function, st.binary(min_size=1, max_size=16), st.binary(max_size=4),
                            st.text(max_size=P.MAX_NAME)), max_size=2)
 refs = st.lists(st.binary(min_size=1, max_size=16), max_size=3).map(tuple)
+scheds = st.none() | st.builds(
+    P.Sched, st.integers(P.MIN_PRIORITY, P.MAX_PRIORITY),
+    st.dictionaries(st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=8),
+                    st.integers(0, 1 << 40) | st.floats(0, 1e12), max_size=3).map(lambda d: tuple(sorted(d.items()))),
+    small, st.lists(ids_, max_size=4).map(tuple))
 task_entries = (st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16), payloads, st.integers(0, 3),
-                          st.integers(0, P.MAX_RETRIES), small, refs, st.just(0), st.just(0))
+                          st.integers(0, P.MAX_RETRIES), small, refs, st.just(0), st.just(0), scheds)
                 | st.builds(lambda entry, parts, extra: entry._replace(parts=parts, part_bytes=parts + extra),
                             st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16), payloads,
-                                      st.integers(0, 3), st.integers(0, P.MAX_RETRIES), small, refs),
+                                      st.integers(0, 3), st.integers(0, P.MAX_RETRIES), small, refs,
+                                      st.just(0), st.just(0), scheds),
                             st.integers(1, P.MAX_TASK_FRAMES - 1), st.integers(0, 1 << 29)))
 value_results = st.builds(P.ResultEntry, ids_, st.sampled_from(sorted(P.VALUE_STATUSES)), payloads, small,
                           st.none(),  # no cause (left out, builds would make one up)
