@@ -146,8 +146,12 @@ class BrokerMachine(RuleBasedStateMachine):
         core = self.core
         places = collections.Counter()
         for prod in core._producers.values():
-            live = [t for t in prod.queue if t.state is not TaskState.GONE]  # GONE: a cancelled task's tombstone
-            assert len(live) == prod.queued and len(prod.queue) - len(live) == prod.gone
+            live = []
+            for queue in (prod.queue, *prod.shaped.values()):  # GONE: a cancelled task's tombstone
+                alive = [t for t in queue if t.state is not TaskState.GONE]
+                assert len(alive) == queue.live and len(queue) - len(alive) == queue.gone
+                live += alive
+            assert len(live) == prod.queued
             for t in live:
                 assert t.state is TaskState.QUEUED and t.agent is None
                 places[t.gid] += 1

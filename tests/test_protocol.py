@@ -72,7 +72,9 @@ SAMPLES = [
     (P.Result((P.ResultEntry(5, P.Status.TIMEOUT, cause=P.Cause("n", 7, detail="ran past its timeout of 1 s")),
                P.ResultEntry(6, P.Status.CANCELLED, cause=P.Cause("n", 7, detail="cancelled")),
                P.ResultEntry(8, P.Status.MEMORY, cause=P.Cause("n", 7, None, 9, 0, "over 1 GiB")),
-               P.ResultEntry(10, P.Status.LOST, cause=P.Cause("n", 7, 3, None, 4, ""))), b"agent-id", "epoch-1"), 0),
+               P.ResultEntry(10, P.Status.LOST, cause=P.Cause("n", 7, 3, None, 4, "")),
+               P.ResultEntry(11, P.Status.DEP_FAILED, cause=P.Cause("the broker", detail="task 10 failed"))),
+              b"agent-id", "epoch-1"), 0),
     (P.Cancel((6,), force=True), 0),
     (P.Bye(P.ByeReason.LEAVING, b"agent-id"), 0),
     (P.Bye(P.ByeReason.RECYCLED), 0),
@@ -288,7 +290,8 @@ REJECTED = {
     "task with empty refs": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, []]])],
     "task with a text ref digest": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, ["digest"]]])],
     "task with text refs": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, "refs"]])],
-    "task with too many refs": [header(k=int(P.Kind.SUBMIT), t=[[1, D, 0, 0, b"x", 0, 0, [D] * (P.MAX_REFS + 1)]])],
+    "task with too many refs": [header(k=int(P.Kind.SUBMIT),
+                                       t=[[1, D, 0, 0, b"x", 0, 0, [D] * (P.MAX_REFS + P.MAX_DEPS + 1)]])],
     "release without digests": [header(k=int(P.Kind.RELEASE))],
     "release of text": [header(k=int(P.Kind.RELEASE), d=["a" * 16])],
     "release of no digest": [header(k=int(P.Kind.RELEASE), d=[])],
@@ -490,7 +493,7 @@ scheds = st.none() | st.builds(
     P.Sched, st.integers(P.MIN_PRIORITY, P.MAX_PRIORITY),
     st.dictionaries(st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=8),
                     st.integers(0, 1 << 40) | st.floats(0, 1e12), max_size=3).map(lambda d: tuple(sorted(d.items()))),
-    small, st.lists(ids_, max_size=4).map(tuple))
+    small, st.lists(ids_, max_size=4).map(tuple), st.just(0))
 task_entries = (st.builds(P.TaskEntry, ids_, st.binary(min_size=1, max_size=16), payloads, st.integers(0, 3),
                           st.integers(0, P.MAX_RETRIES), small, refs, st.just(0), st.just(0), scheds)
                 | st.builds(lambda entry, parts, extra: entry._replace(parts=parts, part_bytes=parts + extra),

@@ -74,7 +74,7 @@ class EmbeddedCluster:
     """
 
     def __init__(self, workers: int | None = None, *, max_tasks_per_worker: int = 0, heartbeat: float = 1.0,
-                 log_level: str = "WARNING") -> None:
+                 log_level: str = "WARNING", resources: tuple[tuple[str, float], ...] = ()) -> None:
         # 0700 whatever the umask; the child binds the frontend in it 0600 (zpar._ipc.bind).
         self.dir = private_dir("zpar-")
         self.frontend = f"ipc://{self.dir}/frontend"
@@ -84,6 +84,8 @@ class EmbeddedCluster:
         args += ["--workers", str(workers or usable_cores())]
         if max_tasks_per_worker:
             args += ["--max-tasks-per-worker", str(max_tasks_per_worker)]
+        if resources:  # what its node offers tasks that ask for resources (zpar.config.parse_resources)
+            args += ["--resources", ",".join(f"{name}={amount!r}" for name, amount in resources)]
         self.procs: list[subprocess.Popen[bytes]] = []
         # Large buffers go through shared memory here (zpar._shm).
         self.shm_dir = _shm.make_dir()

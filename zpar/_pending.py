@@ -33,15 +33,16 @@ log = logging.getLogger(__name__)
 class PendingTask:
     """A task the producer has not seen finish; kept whole (its entry, payload attached) so it can be sent again."""
 
-    __slots__ = ("blob", "entry", "future", "id", "name", "objects", "opts", "reruns")
+    __slots__ = ("blob", "deps", "entry", "future", "id", "name", "objects", "opts", "reruns")
 
     def __init__(self, entry: P.TaskEntry, blob: bytes, opts: TaskOptions, future: Future,
-                 objects: dict[bytes, P.Frame] | None = None, name: str = "") -> None:
+                 objects: dict[bytes, P.Frame] | None = None, name: str = "", deps: tuple[Future, ...] = ()) -> None:
         self.id, self.entry, self.blob = entry.id, entry, blob
         self.name = name  # its function's, for people (the broker's task history): P.Function.name
         self.opts, self.future = opts, future
         self.objects = objects  # the blobs of the scattered objects its entry's ``refs`` name (zpar._refs)
         self.reruns = 0  # runs asked again because the task raised one of opts.retry_on
+        self.deps = deps  # the Futures whose values it takes (its entry's sched.deps): pending when submitted
 
     @property
     def exchanged(self) -> bool:

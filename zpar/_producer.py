@@ -41,7 +41,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import errors, serialize  # errors: WorkerLost, MemoryLimitExceeded load when first used (zpar.errors)
+from . import _refs, errors, serialize  # errors: WorkerLost, MemoryLimitExceeded load when first used (zpar.errors)
 from . import protocol as P
 from ._liveness import PRODUCER_SLACK, Liveness
 from ._pending import PendingTable, PendingTask, abandon
@@ -51,6 +51,7 @@ from .errors import (
     BrokenCluster,
     ProtocolError,
     QuotaExceeded,
+    ResourceUnavailable,
     TaskError,
     TaskTimeout,
     UnpicklingError,
@@ -96,6 +97,9 @@ class ProducerCore:
         #: come back (each result makes about one task's room) and once a heartbeat. They keep
         #: their slot of the window, so a busy broker slows ``submit`` instead of failing it.
         self._held: dict[int, None] = {}
+        #: Tasks not sent because a task whose value they take is not at the broker now (held, or behind
+        #: another): sent right behind it (``_follow``). Sent before it, each would be refused in turn.
+        self._behind: dict[int, None] = {}
 
     @property
     def ended(self) -> bool:
@@ -119,6 +123,8 @@ class ProducerCore:
             abandon([t.future for t in tasks], self.failure)
             return []
         batch = [task for task in tasks if self.pending.add(task)]
+        if any(task.deps for task in batch):
+            batch = [task for task in batch if not task.deps or self._sendable(task)]
         return self._submit(batch) if batch and self.link is Link.CONNECTED else []
 
     def handed_over(self, cancels: Iterable[tuple[int, bool]], tasks: Iterable[PendingTask],
@@ -225,6 +231,7 @@ class ProducerCore:
             out: list[P.Message] = [P.Heartbeat()]
             if self._held:  # in case no result comes to make room: the broker's queue may have drained
                 self._send_held(P.BATCH_MAX_TASKS, out)
+            self._follow(out)
             return out
         if now - self._lost_since > self.broker_timeout and self.pending:
             self.pending.fail_all(BrokenCluster(  # a BrokerUnavailable; also what Executor users catch
@@ -271,6 +278,7 @@ class ProducerCore:
             self.shipped.forget()
             self._fail_streams(out)
         self._held.clear()  # everything unfinished goes again below
+        self._behind.clear()
         if self.pending:
             out += self._submit(list(self.pending))
 
@@ -291,9 +299,14 @@ class ProducerCore:
                 "close other clients of this cluster's credentials, or raise the broker's --max-producers-per-key"))
         elif msg.code is P.ErrorCode.QUEUE_FULL:
             self._held.update((tid, None) for tid in msg.ids if tid in self.pending)
+        elif msg.code is P.ErrorCode.DEPENDENCY_GONE:
+            self._dependencies_gone(msg.ids, out)
         elif msg.code is P.ErrorCode.QUOTA_EXCEEDED:
             self._fail_ids(msg.ids, lambda tid: QuotaExceeded(
                 f"the broker at {self.address} refused task {tid}: {printable(msg.detail) or 'it is over a quota'}"))
+        elif msg.code is P.ErrorCode.RESOURCE_UNAVAILABLE:  # no node offers what they ask (resource_timeout)
+            self._fail_ids(msg.ids, lambda tid: ResourceUnavailable(
+                f"task {tid} gave up waiting for a node: {printable(msg.detail) or 'no node offers its resources'}"))
         elif msg.code is P.ErrorCode.BAD_FUNCTION:
             self._fail_ids(msg.ids, lambda tid: ProtocolError(
                 f"the broker at {self.address} refused task {tid}: its function blob does not hash to its digest "
@@ -351,8 +364,6 @@ class ProducerCore:
             out += self._submit(tasks)
 
     def _results(self, msg: P.Result, out: list[P.Message]) -> None:
-        if self._held:
-            self._send_held(len(msg.results), out)
         for entry in msg.results:
             task = self.pending.get(entry.id)
             if task is None:
@@ -365,6 +376,9 @@ class ProducerCore:
                 # raises (SystemExit too) fails this task, never this thread
                 if task.id in self.pending:
                     self.pending.fail(task, UnpicklingError.of(exc, _RESULT_OF.format(entry.id)))
+        if self._held:  # after the results: a held task may wait for one of them (Sched.deps)
+            self._send_held(len(msg.results), out)
+        self._follow(out)
 
     def _ended(self, task: PendingTask, entry: P.ResultEntry, out: list[P.Message]) -> None:
         """Resolve or fail ``task`` as its RESULT ``entry`` says; raises what decoding raised."""
@@ -373,6 +387,8 @@ class ProducerCore:
             self.pending.resolve(task, serialize.loads(entry.payload, what=what, shared=self.shared))
         elif entry.status is P.Status.STREAMED:
             self._stream_ended(task, entry.payload)
+        elif entry.status is P.Status.DEP_FAILED:
+            self._dependency_failed(task, entry, out)
         elif entry.status is P.Status.RAISED:
             exc = serialize.load_exception(entry.payload)
             if isinstance(exc, TaskError):
@@ -392,6 +408,82 @@ class ProducerCore:
                  opts.retries)
         if self.link is Link.CONNECTED:
             out += self._submit([task])
+        return True
+
+    # ------------------------------------------------------------------ futures as arguments
+
+    def _dependency_failed(self, task: PendingTask, entry: P.ResultEntry, out: list[P.Message]) -> None:
+        """The broker ended ``task`` unrun: a task whose value it takes ended without one."""
+        if any(not dep.done() for dep in task.deps):  # that one runs again here (its retry_on): wait again
+            if self.link is Link.CONNECTED:
+                out += self._submit([task])
+            return
+        cause = entry.cause.detail if entry.cause is not None else ""
+        self.pending.fail(task, _dependency_error(task, printable(cause)))
+
+    def _dependencies_gone(self, ids: Iterable[int], out: list[P.Message]) -> None:
+        """The broker does not hold some task these wait for: one that ended (its RESULT came first: these go
+        again with the values), or one it refused (these go again right behind it)."""
+        again: list[PendingTask] = []
+        for task in map(self.pending.get, ids):
+            if task is None or task.entry.sched is None:
+                continue
+            if all(dep.done() for dep in task.deps):
+                if self._with_values(task):
+                    again.append(task)
+            else:
+                self._behind[task.id] = None
+        if again and self.link is Link.CONNECTED:
+            out += self._submit(again)
+        self._follow(out)
+
+    def _sendable(self, task: PendingTask) -> bool:
+        """Whether ``task`` (it waits for others) can go now: with the values of those that ended here, or
+        naming them when none is away from the broker; if not, it waits ``_behind`` them (or failed)."""
+        waiting = [dep for dep in task.deps if not dep.done()]
+        if not waiting:
+            return self._with_values(task)  # the broker may have let those values go already
+        if any(dep.task_id in self._held or dep.task_id in self._behind for dep in waiting):
+            self._behind[task.id] = None
+            return False
+        return True
+
+    def _follow(self, out: list[P.Message]) -> None:
+        """Send the tasks ``_behind`` others once those are back at the broker (or ended), in order."""
+        if not self._behind or self.link is not Link.CONNECTED:
+            return
+        ready: list[PendingTask] = []
+        for tid in list(self._behind):
+            task = self.pending.get(tid)
+            if task is None:  # cancelled, or failed
+                del self._behind[tid]
+                continue
+            del self._behind[tid]
+            if self._sendable(task):
+                ready.append(task)
+        if ready:
+            out += self._submit(ready)
+
+    def _with_values(self, task: PendingTask) -> bool:
+        """``task``, whose dependencies have all ended here, made to carry their values itself (as objects);
+        False if one ended without a value, or its value does not pickle again: ``task`` failed then."""
+        if any(dep.cancelled() or dep.exception() is not None for dep in task.deps):
+            self.pending.fail(task, _dependency_error(task, ""))
+            return False
+        blobs: dict[bytes, P.Frame] = {}
+        digests: list[bytes] = []  # in the order of deps (two equal values: one blob, named twice)
+        try:
+            for dep in task.deps:
+                blob = _refs.pack(dep.result())
+                digests.append(P.digest(blob))
+                blobs[digests[-1]] = blob
+        except Exception as exc:  # noqa: BLE001 - a value that pickled once may not again (it changed)
+            self.pending.fail(task, exc)
+            return False
+        entry = task.entry
+        task.entry = entry._replace(refs=entry.refs + tuple(digests),
+                                    sched=(entry.sched or P.Sched())._replace(deps=(), values=len(digests)))
+        task.objects = {**(task.objects or {}), **blobs}
         return True
 
     # ------------------------------------------------------------------ streams (zpar.streaming)
@@ -453,6 +545,26 @@ def _ended_without_value(entry: P.ResultEntry) -> BaseException:
     if cause.attempts:
         text += f"; gave up after {cause.attempts} attempt{'s' if cause.attempts != 1 else ''}"
     return errors.WorkerLost(text, **fields)
+
+
+def _dependency_error(task: PendingTask, detail: str) -> BaseException:
+    """Why ``task`` did not run: the first of the tasks whose values it takes that failed, as its cause."""
+    for dep in task.deps:
+        if dep.done():
+            try:
+                cause = dep.exception()
+            except concurrent.futures.CancelledError as exc:
+                cause = exc
+            if cause is not None:
+                root = cause.__cause__ if isinstance(cause, errors.DependencyError) and cause.__cause__ else cause
+                how = (f"failed: {type(cause).__name__}: {cause}" if root is cause else
+                       f"did not run either (the first to fail raised {type(root).__name__}: {root})")
+                err = errors.DependencyError(
+                    f"task {task.id} did not run: task {dep.task_id}, whose value it takes as an argument, {how}",
+                    dep.task_id)
+                err.__cause__ = root  # the first error of a chain, not ten thousand DependencyErrors deep
+                return err
+    return errors.DependencyError(f"task {task.id} did not run: {detail or 'a task whose value it takes failed'}")
 
 
 def _named(funcs: tuple[P.Function, ...], tasks: list[PendingTask]) -> tuple[P.Function, ...]:

@@ -72,8 +72,20 @@ def pack(obj: Any, shared: Any = None) -> bytes:
     from . import serialize  # the worker's side of this module imports no pickler
 
     frames = serialize.dumps(obj, what="scattered object", shared=shared)
-    views = [memoryview(f).cast("B") if memoryview(f).ndim != 1 or memoryview(f).format != "B" else memoryview(f)
-             for f in frames]
+    joined = pack_frames(frames)  # the one copy the producer makes (no zero-filling first)
+    if shared is None or type(frames) is list:
+        return joined
+    blob = Blob(joined)  # small: the buffers are in the segment, which ``frames`` owns
+    blob.keep = frames
+    return blob
+
+
+def pack_frames(frames: P.Payload) -> bytes:
+    """A value's frames (``serialize.dumps``'s, or a task's result payload as the broker got it) as one
+    object blob: MAGIC, the layout, then each frame, aligned. No unpickling: the broker packs the value of a
+    task that others take as an argument (``Sched.deps``) this way."""
+    views = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    views = [v.cast("B") if v.ndim != 1 or v.format != "B" else v for v in views]
     spans: list[int] = []
     parts: list[Any] = [b""]  # the header, once the spans are known
     pos = len(MAGIC) + 4 + 16 * len(views)
@@ -85,12 +97,7 @@ def pack(obj: Any, shared: Any = None) -> bytes:
         parts.append(view)
         pos = start + view.nbytes
     parts[0] = MAGIC + struct.pack(f"<I{len(spans)}Q", len(views), *spans)
-    joined = b"".join(parts)  # the one copy the producer makes (no zero-filling first)
-    if shared is None or type(frames) is list:
-        return joined
-    blob = Blob(joined)  # small: the buffers are in the segment, which ``frames`` owns
-    blob.keep = frames
-    return blob
+    return b"".join(parts)
 
 
 def unpack(blob: P.Frame, shared: bool = False) -> Any:
@@ -103,13 +110,15 @@ def unpack(blob: P.Frame, shared: bool = False) -> Any:
         (n,) = struct.unpack_from("<I", view, len(MAGIC))
         spans = struct.unpack_from(f"<{2 * n}Q", view, len(MAGIC) + 4)
         parts = [view[spans[i]:spans[i] + spans[i + 1]] for i in range(0, 2 * n, 2)]
-        if parts[0][0] == 0:  # serialize's marker: a value whose buffers are in shared memory (zpar._shm)
-            from .serialize import _attached
+        if parts[0][0] == 0:  # serialize's marker: buffers in chunks, or in shared memory (zpar._shm)
+            from .serialize import _CHUNKED, _attached, _joined
 
+            if bytes(parts[0][:len(_CHUNKED)]) == _CHUNKED:  # a task's value, from a CurveZMQ link (pack_frames)
+                head, buffers = _joined(parts)
+                return pickle.loads(head, buffers=[memoryview(b).toreadonly() for b in buffers])
             if not shared:
                 raise ValueError("it names a shared-memory segment, and this worker is not on its producer's "
                                  "embedded cluster")
-
             head, buffers = _attached(parts)  # the segment mapped copy-on-write; read-only here, as frames are
             return pickle.loads(head, buffers=[memoryview(b).toreadonly() for b in buffers])
         return pickle.loads(parts[0], buffers=parts[1:])
@@ -231,6 +240,49 @@ def taken() -> tuple[bytes, ...]:
     return tuple(dict.fromkeys(found)) if found else ()
 
 
+# ----------------------------------------------------------------- futures as arguments
+
+
+class Deferred(Exception):
+    """A pending zpar Future met while pickling, with no client noting Futures: the client pickles the task
+    again, noting them (``begin_deps``). Pickled anywhere else, a pending Future cannot be."""
+
+    def __init__(self) -> None:
+        super().__init__("a pending zpar Future can be pickled only as an argument of a task submitted with the "
+                         "client that made it (wait for its result to pass the value elsewhere)")
+
+
+#: True once a pending Future met a pickler: from then on clients note Futures while pickling each task.
+futures_met = False
+
+
+def depend(future: Any) -> tuple[Any, ...]:
+    """What a pending Future pickles as, in a task's arguments: the index of its value among the task's."""
+    deps: dict[Any, int] | None = getattr(_local, "deps", None)
+    if deps is None:
+        global futures_met  # noqa: PLW0603 - a one-way switch, read on every submit
+        futures_met = True
+        raise Deferred
+    return _dependency, (deps.setdefault(future, len(deps)),)
+
+
+def given(value: Any) -> Any:
+    """What a done Future pickles as: its value, there and then."""
+    return value
+
+
+def begin_deps() -> None:
+    """This thread is about to pickle a task's arguments: note the pending Futures among them."""
+    _local.deps = {}
+
+
+def deps_taken() -> list[Any]:
+    """The pending Futures pickled since ``begin_deps``, in the order of their indexes; stop noting."""
+    deps: dict[Any, int] | None = getattr(_local, "deps", None)
+    _local.deps = None
+    return list(deps) if deps else []
+
+
 # ----------------------------------------------------------------- the worker's side
 
 
@@ -264,18 +316,19 @@ class WorkerObjects:
 
 
 class resolving:  # a context manager named as the call reads: ``with resolving(objects): loads(...)``
-    """Within it, Refs unpickled in this thread resolve to ``objects``' values."""
+    """Within it, Refs unpickled in this thread resolve to ``objects``' values, and the task's dependencies
+    (pending Futures when it was submitted) to the objects named by ``values``, in order."""
 
-    __slots__ = ("objects",)
+    __slots__ = ("objects", "values")
 
-    def __init__(self, objects: WorkerObjects) -> None:
-        self.objects = objects
+    def __init__(self, objects: WorkerObjects, values: tuple[bytes, ...] = ()) -> None:
+        self.objects, self.values = objects, values
 
     def __enter__(self) -> None:
-        _local.objects = self.objects
+        _local.objects, _local.values = self.objects, self.values
 
     def __exit__(self, *exc: object) -> None:
-        _local.objects = None
+        _local.objects = _local.values = None
 
 
 def held() -> list[bytes]:
@@ -297,3 +350,13 @@ def _resolve(digest: bytes) -> Any:
     if objects is None:
         return Ref(digest, None, 0)
     return objects.value(digest)
+
+
+def _dependency(index: int) -> Any:
+    """What a pending Future in a task's arguments becomes in the worker: the value of the task it stood for."""
+    objects: WorkerObjects | None = getattr(_local, "objects", None)
+    values: tuple[bytes, ...] | None = getattr(_local, "values", None)
+    if objects is None or not values or index >= len(values):
+        raise LookupError("a zpar Future stood in these arguments for another task's value, and the value did not "
+                          "come with them")
+    return objects.value(values[index])

@@ -172,6 +172,26 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
+_links = itertools.count(1 << 40)  # names of links (``link``): far from any Space's own counter
+
+
+def link(path: str) -> str | None:
+    """A second name for the segment at ``path``, in its directory (a hard link: nothing is copied), so it
+    outlives its first name's removal; None if it cannot be made. The embedded broker keeps a task's value
+    this way for the tasks that take it, while its producer maps and removes the first name."""
+    directory = os.path.dirname(_checked(path))
+    while True:
+        name = os.path.join(directory, f"{os.getpid()}-{next(_links)}")
+        try:
+            os.link(path, name, follow_symlinks=False)
+            return name
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            log.debug("no link to %s (%s): the value is copied", path, exc)
+            return None
+
+
 def _checked(path: str) -> str:
     """``path`` if it names a segment of a zpar directory in ROOT, else ValueError (never another file)."""
     if not path.startswith(ROOT + "/") or not _NAME.fullmatch(path[len(ROOT) + 1:]):

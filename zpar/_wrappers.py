@@ -234,12 +234,16 @@ class Outstanding:
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """``client.submit``, tracked; raises once ``close`` was called, or the facade broke."""
+        return self.submit_via(self.client.submit, fn, *args, **kwargs)
+
+    def submit_via(self, submit: Callable[..., Future], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """``submit`` through ``submit`` (the client's with other TaskOptions: ``client.options(...).submit``)."""
         with self._cond:
             if self._refusal is not None:
                 raise self._refusal()
             self._submitting += 1
         try:
-            fut = self.client.submit(fn, *args, **kwargs)
+            fut = submit(fn, *args, **kwargs)
             self.futures.add(fut)
         finally:
             with self._cond:

@@ -31,7 +31,7 @@ from ._embedded import EmbeddedCluster
 from ._maps import MapOptions, Results, over
 from ._pending import PendingTask, Window
 from ._wrappers import Wrappers, function_name, identity
-from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError
+from .errors import AuthenticationError, BrokerUnavailable, ConfigError, ProtocolError, SerializationError, ZparError
 from .futures import Future
 from .options import TaskOptions
 
@@ -160,19 +160,28 @@ class Client(Submitter):
     longer than ``broker_timeout`` seconds, pending futures fail with
     BrokerUnavailable. ``timeout`` (seconds) stops any task that runs longer.
     ``max_tasks_per_worker`` (embedded only) replaces a worker after that many tasks.
+    ``resources`` (embedded only) is what its node offers tasks that ask for
+    resources (``{"gpu": 1}`` or ``"gpu=1,memory=8GiB"``, as ``zpar-agent --resources``).
 
     A cluster started with a shared secret needs the same ``secret`` here
     (or a ``secret_file``; or ``key_file`` and ``broker_key`` for one started
     with key files). With none given, the ``ZPAR_SECRET``, ``ZPAR_SECRET_FILE``,
     ``ZPAR_KEY_FILE`` and ``ZPAR_BROKER_KEY`` variables are read. A broker
     that refuses them raises AuthenticationError, within a second or so.
+
+    ``discover=True`` finds the broker on the LAN instead (``zpar broker``
+    announces itself over mDNS), within ``connect_timeout``: the one whose
+    announced key fingerprint matches these credentials; ``discover="NAME"``
+    only the broker of that cluster (needed when several match). The
+    CurveZMQ handshake still authenticates what was found.
     """
 
     def __init__(self, address: str | None = None, *, workers: int | None = None,
                  window: int = DEFAULT_WINDOW, connect_timeout: float = 10.0, timeout: float | None = None,
                  retries: int = 3, broker_timeout: float = 30.0, max_tasks_per_worker: int = 0,
                  secret: str | bytes | None = None, secret_file: str | None = None, key_file: str | None = None,
-                 broker_key: str | None = None, insecure: bool = False) -> None:
+                 broker_key: str | None = None, insecure: bool = False, discover: bool | str = False,
+                 resources: str | Mapping[str, float] | None = None) -> None:
         if window < 1:
             raise ConfigError(f"window must be at least 1, not {window}")
         if not broker_timeout > 0:
@@ -180,9 +189,22 @@ class Client(Submitter):
         super().__init__(self, TaskOptions(timeout=timeout, retries=retries))
         self._wrappers = Wrappers(None)  # map's chunks: one Chunk per function, pickled once per client
         self._cluster: EmbeddedCluster | None = None
+        found = None  # the broker that discovery found, named if it then refuses us
+        if discover:
+            if address is not None:
+                raise ConfigError(f"give the broker's address ({address}) or discover=, not both")
+            from . import _discovery  # zeroconf only for a client that asks
+
+            found = _discovery.find("producer", _credentials(secret, secret_file, key_file, broker_key, insecure),
+                                    discover if isinstance(discover, str) else "", connect_timeout)
+            address = found.address("producer", _discovery.local_networks())
         if address is None:
-            self._cluster = EmbeddedCluster(workers, max_tasks_per_worker=max_tasks_per_worker)
+            offered = config.parse_resources(resources) if resources is not None else ()
+            self._cluster = EmbeddedCluster(workers, max_tasks_per_worker=max_tasks_per_worker, resources=offered)
             address = self._cluster.frontend
+        elif resources is not None:
+            raise ConfigError("resources= is what the embedded cluster's node offers; a remote cluster's agents "
+                              "say theirs (zpar-agent --resources gpu=1)")
         elif workers is not None:
             raise ConfigError("workers= sets the size of the embedded cluster; a remote cluster's "
                               "size is set by its agents (zpar-agent --workers N)")
@@ -213,6 +235,12 @@ class Client(Submitter):
         if not self._io.welcomed.wait(connect_timeout) or self._io.failure is not None:
             failure = self._io.failure
             self.close()
+            if isinstance(failure, AuthenticationError) and found is not None:
+                raise AuthenticationError(
+                    f"{failure}. This broker was found on the LAN ({found.describe()}) announcing the key our "
+                    "credentials expect, yet it could not prove it holds that key: it may be an impostor repeating "
+                    "a real broker's announcement (nothing was sent to it), or the broker's secret changed",
+                ) from failure
             if failure is not None:
                 raise failure
             hint = ("the embedded cluster did not start" if self._cluster else
@@ -232,14 +260,30 @@ class Client(Submitter):
             return f"arguments of {_name(fn)}"
 
         refs: tuple[bytes, ...] = ()
+        deps: list[Future] = []
         noting = _refs.made  # note the Refs the arguments hold (zpar._refs): their digests go with the task
+        waiting = _refs.futures_met  # ... and the pending Futures: the task waits for their values
         if noting:
             _refs.begin()
+        if waiting:
+            _refs.begin_deps()
         try:
-            frames = serialize.dumps(payload, what, chunk=self._creds is not None, shared=self._shm)
+            try:
+                frames = serialize.dumps(payload, what, chunk=self._creds is not None, shared=self._shm)
+            except SerializationError as exc:
+                if waiting or not isinstance(exc.__cause__, _refs.Deferred):
+                    raise
+                waiting = True  # the first pending Future this process met: again, noting them
+                if noting:
+                    _refs.begin()
+                _refs.begin_deps()
+                frames = serialize.dumps(payload, what, chunk=self._creds is not None, shared=self._shm)
         finally:
             if noting:
                 refs = _refs.taken()
+            if waiting:
+                deps = _refs.deps_taken()
+        sched = self._dependencies(deps, opts.sched) if deps else opts.sched
         objects = self._objects.blobs(refs) if refs else None  # ValueError for another client's Ref
         if len(frames) > 1 or len(frames[0]) > P.INLINE_MAX:  # a small one fits
             serialize.check_payload(frames, what)
@@ -249,16 +293,30 @@ class Client(Submitter):
                     raise RuntimeError("this zpar Client's connection has stopped; create a new one")
         tid = next(self._ids)
         fut = Future(tid, self._on_cancel, self._on_feed)
-        entry = P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms, refs, sched=opts.sched)
+        entry = P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms, refs, sched=sched)
         name = self._names.get(digest)
         if name is None:
             name = self._names[digest] = function_name(fn)
-        task = PendingTask(entry, blob, opts, fut, objects, name)
+        task = PendingTask(entry, blob, opts, fut, objects, name, tuple(deps))
         self._submits.append(task)
         self._wake()
         if self._io.finished:  # the I/O thread ended (refused, or failed): nothing would send it
             self._io.abandon(task)
         return fut
+
+    def _dependencies(self, deps: list[Future], sched: P.Sched | None) -> P.Sched:
+        """The scheduling of a task whose arguments hold the pending Futures ``deps``: it waits for their tasks."""
+        for dep in deps:
+            if not isinstance(dep, Future) or dep._on_cancel is not self._on_cancel:
+                raise ValueError(f"the task's arguments hold a pending Future of another client ({dep!r}): pass "
+                                 "Futures of the client that submits the task, or wait for the value first")
+            if dep._stream is not None:
+                raise ValueError(f"the task's arguments hold the Future of task {dep.task_id}, which streams or has a "
+                                 "channel: pass its result() instead")
+        if len(deps) > P.MAX_DEPS:
+            raise ValueError(f"the task's arguments hold {len(deps)} pending Futures; at most {P.MAX_DEPS} fit: "
+                             "gather them in steps (a tree of tasks), or wait for some first")
+        return (sched or P.Sched())._replace(deps=tuple(dep.task_id for dep in deps))
 
     def scatter(self, obj: Any, /) -> _refs.Ref:
         """Put ``obj`` on the cluster once; returns a ``Ref`` to pass to any number of tasks instead of it.
@@ -332,6 +390,51 @@ class Client(Submitter):
                                    f"{timeout:g} s; are its agents running (zpar-agent --broker ...)?")
             time.sleep(0.02)  # polling the broker's status; nothing to wake us sooner
 
+    def scale(self, node: str, workers: int, *, wait: bool = True, timeout: float = 30.0) -> int:
+        """Make the node named ``node`` keep ``workers`` workers from now on, live; returns its count.
+
+        More workers start at once and take queued tasks; past ``workers``,
+        idle workers stop now and busy ones once their task is done, so no
+        task is lost. ``node`` is a name from ``status()["nodes"]``
+        (``zpar-agent --name``, by default host:pid); the embedded cluster's
+        one node is also called "local". With ``wait``, returns once the
+        broker's status shows the node with ``workers`` (what its agent
+        reports); without, at once, with the count the status shows now.
+
+        Raises ConfigError for a count outside 1..MAX_WORKERS (to take a node
+        out, drain it from the dashboard) or a node the broker does not know
+        (the message names those it knows), AuthenticationError if the broker
+        lets no client steer its nodes (key files, unless started with
+        ``--allow-client-scale``), TimeoutError with the node's count if
+        ``wait`` ran past ``timeout`` seconds, BrokerUnavailable if the broker
+        does not answer.
+        """
+        if type(workers) is not int or not 1 <= workers <= P.MAX_WORKERS:
+            raise ConfigError(f"workers must be a whole number from 1 to {P.MAX_WORKERS}, not {workers!r}; to take "
+                              "a node out of the cluster, drain it from the broker's dashboard")
+        deadline = time.monotonic() + timeout
+        if node == "local" and self._cluster is not None:  # its one agent, named host:pid by the hub
+            nodes = self._status(max(0.1, timeout))["nodes"]
+            node = nodes[0]["name"] if len(nodes) == 1 else node
+        info = self._status(max(0.1, deadline - time.monotonic()), {"scale": {"node": node, "workers": workers}})
+        answer = info.get("scale")
+        if not isinstance(answer, dict):
+            raise ProtocolError(f"the broker at {self.address} did not answer the resize: is it older than this "
+                                "client? (zpar-broker and zpar should be the same version)")
+        if not answer.get("ok"):
+            raise _scale_refused(answer, node, info, self.address)
+        pause = 0.002  # the agent answers within a round trip or two: look soon, then less often
+        while True:
+            count = _workers_of(info, node)
+            if not wait or count == workers:
+                return count
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"node {node!r} has {count} workers, not {workers}, {timeout:g} s after it was "
+                                   "asked to resize (is its agent stuck, or gone?)")
+            time.sleep(pause)  # polling the broker's status; nothing to wake us sooner
+            pause = min(2 * pause, 0.05)
+            info = self._status(max(0.1, deadline - time.monotonic()))
+
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called."""
@@ -386,6 +489,25 @@ class Client(Submitter):
 
 def _name(fn: Callable[..., Any]) -> str:
     return repr(getattr(fn, "__qualname__", fn))
+
+
+def _workers_of(info: dict[str, Any], node: str) -> int:
+    """The workers of the node named ``node`` in a broker's status (0: it is not there)."""
+    return sum(int(n.get("workers", 0)) for n in info.get("nodes", ()) if n.get("name") == node)
+
+
+def _scale_refused(answer: dict[str, Any], node: str, info: dict[str, Any], address: str) -> ZparError:
+    """The error for a resize the broker refused (BrokerCore._scale's answer, as data)."""
+    code, detail = answer.get("code"), str(answer.get("detail", ""))
+    if code == P.ErrorCode.NOT_ALLOWED:
+        return AuthenticationError(f"the broker at {address} refused to resize node {node!r}: {detail}")
+    if code is not None:
+        return ConfigError(f"the broker at {address} refused to resize node {node!r}: {detail}")
+    names = sorted(str(n.get("name")) for n in info.get("nodes", ()))
+    if answer.get("matches", 0):
+        return ConfigError(f"{answer['matches']} nodes are named {node!r} at {address}: start their agents with "
+                           "distinct --name to resize one")
+    return ConfigError(f"no node named {node!r} at {address}; its nodes: {', '.join(map(repr, names)) or 'none'}")
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()

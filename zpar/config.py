@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +50,7 @@ class BrokerConfig:
     key_file: str = ""  # the broker's own NAME.key_secret (key-file mode)
     allow_keys: str = ""  # directory of the producers' public NAME.key files it admits (key-file mode)
     allow_agent_keys: str = ""  # directory of the agents' public NAME.key files it admits (key-file mode)
+    allow_client_scale: bool = False  # key-file mode: producers may resize nodes (Client.scale), as the dashboard may
     max_queued_tasks: int = DEFAULT_MAX_QUEUED_TASKS  # per producer: tasks queued, not yet given to an agent
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES  # per producer: argument bytes of those tasks
     max_functions: int = DEFAULT_MAX_FUNCTIONS  # per producer: function blobs kept while its tasks use them
@@ -61,10 +62,14 @@ class BrokerConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object a line (zpar._logs)
     dashboard: str = DEFAULT_DASHBOARD  # HOST:PORT of the HTTP side (zpar_broker.web), or "off"
+    announce: str = "auto"  # on the LAN over mDNS (zpar._discovery): auto (off on loopback or --insecure), on, off
+    cluster: str = ""  # the name it announces (default: this host's name)
 
     def __post_init__(self) -> None:
         _check_timing(self.heartbeat, self.liveness)
         _check_log_format(self.log_format)
+        object.__setattr__(self, "announce", announce_mode(self.announce))
+        _check_cluster(self.cluster)
         dashboard_address(self.dashboard)
         for name in ("max_queued_tasks", "max_queued_bytes", "max_functions", "max_function_bytes",
                      "max_objects", "max_object_bytes", "max_producers_per_key"):
@@ -100,10 +105,20 @@ class AgentConfig:
     parent_pid: int = 0
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object a line (zpar._logs)
+    discover: bool = False  # find the broker on the LAN (mDNS, zpar._discovery) instead of ``broker``
+    cluster: str = ""  # with discover: only the broker of this cluster
+    discover_timeout: float = 10.0  # seconds to look for it
+    #: What this node offers tasks that ask for resources, as sorted ``(name, amount)`` pairs; given as
+    #: ``gpu=2,memory=64GiB`` (a flag, ZPAR_RESOURCES) or a TOML table, made pairs by ``parse_resources``.
+    resources: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check_log_format(self.log_format)
         _check_timing(self.heartbeat, self.liveness)
+        _check_cluster(self.cluster)
+        object.__setattr__(self, "resources", parse_resources(self.resources))
+        if not self.discover_timeout > 0:
+            raise ConfigError(f"discover-timeout must be a positive number of seconds, not {self.discover_timeout}")
         for name in ("max_tasks_per_worker", "max_memory_per_worker"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be 0 (off) or more, not {getattr(self, name)}")
@@ -120,6 +135,66 @@ class AgentConfig:
         return self.workers or usable_cores()
 
 
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+          "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_resources(value: str | Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, float], ...]:
+    """An agent's ``--resources`` as sorted ``(name, amount)`` pairs: ``gpu=2,memory=64GiB`` (sizes in KiB, MiB,
+    GiB, TiB or KB, MB, GB, TB), or a mapping (a TOML table: ``{gpu = 2, memory = "64GiB"}``). ConfigError
+    saying what is wrong otherwise."""
+    from .errors import ProtocolError
+    from .protocol import MAX_RESOURCES, check_resource
+
+    if isinstance(value, str):
+        pairs: list[tuple[Any, Any]] = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"resources take NAME=AMOUNT pairs separated by commas, like gpu=2,memory=64GiB; "
+                                  f"not {item!r}")
+            pairs.append((key.strip(), text.strip()))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        pairs = list(value)
+    out: dict[str, float] = {}
+    for name, raw in pairs:
+        amount = _amount(name, raw)
+        try:
+            check_resource(name, amount, "an agent's")
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from None
+        if name in out:
+            raise ConfigError(f"resource {name!r} is given twice")
+        out[name] = amount
+    if len(out) > MAX_RESOURCES:
+        raise ConfigError(f"an agent may offer at most {MAX_RESOURCES} resources, not {len(out)}")
+    return tuple(sorted(out.items()))
+
+
+def _amount(name: str, raw: Any) -> float:
+    """``2``, ``0.5``, ``64GiB``, ``"512 MB"`` as a number (an int when it is whole)."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ConfigError(f"resource {name!r} must be a number or a size like 64GiB, not {raw!r}")
+    if isinstance(raw, str):
+        text = raw.strip()
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+        unit = text[len(digits):].strip().lower()
+        if digits and unit not in _UNITS:
+            raise ConfigError(f"resource {name!r}: unknown unit {text[len(digits):].strip()!r} in {raw!r} "
+                              "(use KiB, MiB, GiB, TiB, KB, MB, GB or TB)")
+        try:
+            number = float(digits) * _UNITS[unit]
+        except ValueError:
+            raise ConfigError(f"resource {name!r} must be a number or a size like 64GiB, not {raw!r}") from None
+    else:
+        number = float(raw)
+    if not number >= 0 or number == float("inf"):
+        raise ConfigError(f"resource {name!r} must be a finite amount of at least 0, not {raw!r}")
+    return int(number) if number.is_integer() else number
+
+
 def usable_cores() -> int:
     """Cores this process may run on (affinity and cgroup-aware where possible)."""
     try:
@@ -133,6 +208,25 @@ def _check_timing(heartbeat: float, liveness: int) -> None:
         raise ConfigError(f"heartbeat must be a positive number of seconds, not {heartbeat}")
     if liveness < 1:
         raise ConfigError(f"liveness must be at least 1 missed heartbeat, not {liveness}")
+
+
+def announce_mode(value: object) -> str:
+    """``--announce``'s setting as auto, on or off (a TOML bool, or a variable's yes/no, too)."""
+    text = str(value).strip().lower()
+    if text in ("auto", ""):
+        return "auto"
+    if text in ("on", "true", "yes", "1"):
+        return "on"
+    if text in ("off", "false", "no", "0"):
+        return "off"
+    raise ConfigError(f"announce must be auto, on or off, not {value!r}")
+
+
+def _check_cluster(name: str) -> None:
+    if name:
+        from ._discovery import check_cluster_name  # its one rule; zeroconf is not imported by it
+
+        check_cluster_name(name)
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -128,6 +128,15 @@ def _rebuild(cls: type[WorkerLost], message: str, node: str, pid: int, exitcode:
     return cls(message, node=node, pid=pid, exitcode=exitcode, signal=signal, attempts=attempts)
 
 
+class DependencyError(ZparError):
+    """A task took another task's Future as an argument, and that task failed (raised, was lost, timed out
+    or was cancelled): this one never ran. ``__cause__`` is that task's own error; ``task_id`` its id."""
+
+    def __init__(self, message: str, task_id: int = 0) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+
+
 class TaskTimeout(ZparError, concurrent.futures.TimeoutError):
     """The task ran past its timeout and was stopped."""
 
@@ -147,6 +156,12 @@ class BrokenCluster(BrokerUnavailable, concurrent.futures.BrokenExecutor):
 
 class AuthenticationError(ZparError, PermissionError):
     """The broker refused this peer's credentials."""
+
+
+class ResourceUnavailable(ZparError):
+    """The task asked for resources (``client.options(resources=...)``) that no connected node offered for
+    its ``resource_timeout``; the message names what it asked and what the nodes offer. Start an agent
+    with ``--resources`` offering them, or ask for less."""
 
 
 class QuotaExceeded(ZparError):

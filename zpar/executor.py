@@ -108,6 +108,7 @@ class Executor(concurrent.futures.Executor):
         self._tasks = Outstanding(self._client, lambda: RuntimeError("cannot schedule new futures after shutdown"),
                                   breaks_on=InitializerError)
         self._closer: threading.Thread | None = None
+        self._submit = self._tasks.submit  # through the client's default TaskOptions (see ``options``)
         _track(self._tasks)
 
     @property
@@ -124,7 +125,7 @@ class Executor(concurrent.futures.Executor):
         argument does not pickle. Blocks while the client's window of tasks in
         flight is full.
         """
-        return self._tasks.submit(self._calls.call(fn), *args, **kwargs)
+        return self._submit(self._calls.call(fn), *args, **kwargs)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -138,7 +139,18 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         # Eager, as the stdlib's: every task is in before map returns, and shutdown waits for them all.
-        return Results(self._tasks.submit, over(fn, iterables, chunksize, self._calls), MapOptions(timeout=timeout))
+        return Results(self._submit, over(fn, iterables, chunksize, self._calls), MapOptions(timeout=timeout))
+
+    def options(self, **changes: Any) -> ExecutorOptions:
+        """This executor, submitting with other TaskOptions (``Client.options``: ``priority``, ``resources``,
+        ``resource_timeout``, ``timeout``, ``retries``, ``retry_on``); ``submit`` and ``map`` as here::
+
+            ex.options(priority=10).submit(urgent, x)
+            ex.options(resources={"gpu": 1}).map(train, models)
+
+        Its tasks are this executor's: ``shutdown`` waits for them, and refuses them after it.
+        """
+        return ExecutorOptions(self, self._client.options(**changes).submit)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more tasks; close the client (and stop the private cluster) once every task is done.
@@ -168,4 +180,19 @@ class Executor(concurrent.futures.Executor):
         state = ("broken" if self._tasks.broken else "shut down" if self._tasks.closed
                  else f"{len(self._tasks.futures)} pending")
         return f"<zpar.Executor on {self._client!r}, {state}>"
+
+
+class ExecutorOptions:
+    """``Executor.options(...)``: the executor's ``submit`` and ``map``, with other TaskOptions."""
+
+    submit = Executor.submit
+    map = Executor.map
+
+    def __init__(self, executor: Executor, submit: Callable[..., Future]) -> None:
+        self._executor = executor
+        self._calls = executor._calls
+        self._submit = functools.partial(executor._tasks.submit_via, submit)
+
+    def __repr__(self) -> str:
+        return f"<options of {self._executor!r}>"
 

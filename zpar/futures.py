@@ -12,6 +12,7 @@ from .streaming import FeedOp, StreamState
 
 _CANCELLED = "CANCELLED"  # concurrent.futures' state before waiters are told
 _PENDING = "PENDING"
+_FINISHED = "FINISHED"
 
 
 class _Condition(_thread.RLock):  # type: ignore[misc]  # typeshed says final; CPython allows it
@@ -97,6 +98,17 @@ class Future(concurrent.futures.Future[Any]):
         self.task_id = task_id
         self._on_cancel = on_cancel
         self._on_feed = on_feed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """In a task's arguments, its value: at once if it is in; else the task waits for this one's (see
+        ``Client.submit``). Elsewhere a pending Future cannot be pickled."""
+        from . import _refs
+
+        with self._condition:
+            state, exc, value = self._state, self._exception, self._result
+        if state == _FINISHED and exc is None:
+            return _refs.given, (value,)
+        return _refs.depend(self)
 
     def cancel(self, force: bool = False) -> bool:
         """Cancel the task unless its result is in (True if cancelled; ``force``: stop it even if running).

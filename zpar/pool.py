@@ -30,6 +30,7 @@ from ._wrappers import Outstanding, Wrappers, client_options
 from .client import Client
 from .config import usable_cores
 from .errors import ConfigError, ResultTimeout
+from .futures import Future
 
 #: ``from zpar.pool import Pool, TimeoutError`` for ``from multiprocessing import Pool, TimeoutError``:
 #: ``get(timeout)`` raises ResultTimeout, a subclass of it.
@@ -91,12 +92,25 @@ class Pool:
             self._client.close()
             raise
         self._tasks = Outstanding(self._client, lambda: ValueError("Pool not running"))
+        self._submit: Callable[..., Future] = self._tasks.submit  # with the client's TaskOptions (see ``options``)
         self._state = _State.RUN
 
     @property
     def client(self) -> Client:
         """The Client this pool submits through."""
         return self._client
+
+    def options(self, **changes: Any) -> PoolOptions:
+        """This pool, submitting with other TaskOptions (``Client.options``: ``priority``, ``resources``,
+        ``resource_timeout``, ``timeout``, ``retries``, ``retry_on``); its ``apply``, ``map``, ``imap`` and the
+        rest as here::
+
+            pool.options(priority=10).map(urgent, items)
+            pool.options(resources={"gpu": 1}).apply_async(train, (model,))
+
+        Its tasks are this pool's: ``join`` waits for them; once the pool is closed it refuses them.
+        """
+        return PoolOptions(self, self._client.options(**changes).submit)
 
     # ------------------------------------------------------------------ blocking
 
@@ -122,7 +136,7 @@ class Pool:
                     error_callback: Callable[[BaseException], Any] | None = None) -> AsyncResult:
         """Start ``func(*args, **kwds)``; an AsyncResult for it."""
         self._check_running()
-        fut = self._tasks.submit(self._calls.call(func), *args, **(kwds or {}))
+        fut = self._submit(self._calls.call(func), *args, **(kwds or {}))
         return _result([fut], False, callback, error_callback)
 
     def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None,
@@ -150,7 +164,7 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
         # Always chunks, even of one item, as multiprocessing's mapstar: AsyncResult flattens them.
         work = plan(func, items, star=star, chunksize=max(1, chunksize), wrappers=self._calls)
-        return _result(submit_all(self._tasks.submit, work), True, callback, error_callback)
+        return _result(submit_all(self._submit, work), True, callback, error_callback)
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
         """``func`` over ``iterable``, results in order as they come; ``next(timeout)`` as multiprocessing's."""
@@ -170,7 +184,7 @@ class Pool:
         # multiprocessing's contract: next() goes on past an error or a timeout; tasks are not cancelled.
         options = MapOptions(ordered=ordered, window=self._client.window, timeout_error=ResultTimeout,
                              errors_end=False, cancel_on_exit=False)
-        return IMapIterator(Results(self._tasks.submit, work, options))
+        return IMapIterator(Results(self._submit, work, options))
 
     # ------------------------------------------------------------------ lifetime
 
@@ -211,6 +225,25 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<zpar.Pool state={self._state.value} pool_size={self._processes} on {self._client!r}>"
+
+
+class PoolOptions:
+    """``Pool.options(...)``: the pool's ways to submit, with other TaskOptions; its state is the pool's."""
+
+    apply, map, starmap = Pool.apply, Pool.map, Pool.starmap
+    apply_async, map_async, starmap_async, _map_async = Pool.apply_async, Pool.map_async, Pool.starmap_async, \
+        Pool._map_async
+    imap, imap_unordered, _imap = Pool.imap, Pool.imap_unordered, Pool._imap
+
+    def __init__(self, pool: Pool, submit: Callable[..., Future]) -> None:
+        self._pool = pool
+        self._submit = functools.partial(pool._tasks.submit_via, submit)
+
+    def __getattr__(self, name: str) -> Any:  # the pool's state, read when used: closing the pool closes this
+        return getattr(self._pool, name)
+
+    def __repr__(self) -> str:
+        return f"<options of {self._pool!r}>"
 
 
 class AsyncResult:

@@ -222,6 +222,23 @@ def _attached(views: list[Any]) -> tuple[Any, list[Any]]:
     return memoryview(views[0])[len(_SHARED) + start:], buffers
 
 
+def kept(frames: Sequence[Any]) -> tuple[list[Any], str]:
+    """``frames`` of a value to keep past its receiver: one in a shared-memory segment names a second link
+    to that segment (``_shm.link``: no copy; the caller removes it when done, the path returned), with no
+    handoff (those who map it leave it in place); any other as it is, and "" for the path."""
+    views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    if not views or memoryview(views[0]).nbytes == 0 or views[0][0] != 0 \
+            or bytes(memoryview(views[0])[:len(_SHARED)]) != _SHARED:
+        return list(views), ""
+    _flags, path, rows, start = _layout(memoryview(views[0])[len(_SHARED):])
+    second = _shm.link(path)
+    if second is None:
+        raise OSError(f"could not link the shared-memory segment {path}")
+    name = second.encode()
+    layout = struct.pack(f"<BH{len(name)}sI{len(rows)}Q", 0, len(name), name, len(rows) // 2, *rows)
+    return [_SHARED + layout + bytes(memoryview(views[0])[len(_SHARED) + start:]), *views[1:]], second
+
+
 def discard(frames: Sequence[Any]) -> None:
     """Remove the segment of a value nobody will load (a result dropped unread), if it has one to remove."""
     try:

@@ -16,6 +16,7 @@ exchanged an item is never run again: re-running it could repeat an item or lose
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import time
 import uuid
@@ -42,12 +43,16 @@ from .records import (
     renumbered,
     report,
 )
+from .resources import Placement, words
 from .scheduling import dispatch
 from .streams import StreamRouting
 from .telemetry import HISTORY_SIZE, OUTCOMES, Durations, History
 
 log = logging.getLogger(__name__)
 _FINISHED = {outcome: f"finished_{outcome}" for outcome in OUTCOMES.values()}  # the counter each outcome ends in
+_SCALE_REFUSED = ("with key files, clients may not resize nodes: resize it from the broker's dashboard (POST "
+                  "/api/nodes/workers with the token in the broker's log), or start zpar-broker with "
+                  "--allow-client-scale")
 
 
 def _why(cause: P.Cause | None) -> str:
@@ -86,14 +91,21 @@ class BrokerCore:
         self._next_beat = now + heartbeat
         self.counters: collections.Counter[str] = collections.Counter()
         self._streams = StreamRouting(self._tasks, self.counters, self.limits.queued_bytes)
+        self._placement = Placement()  # tasks that ask for resources (resources.py)
         self._coalesce = coalesce
         self._dispatch_due = False
         self._acks: dict[bytes, list[int]] = {}  # agent -> result ids to ACK at the next flush
         self.durations = Durations()  # run times of the tasks that ended with a value (telemetry.py)
         self.history = History()  # the tasks that ended, latest last (telemetry.py)
         self.history_open = True  # whether STATUS may list every producer's tasks (not with key files)
+        self.scale_open = True  # whether a STATUS may resize a node (Client.scale; not with key files unless allowed)
         self.dashboard = ""  # its link (web.py), for status; "" when there is none
         self._routed: dict[bytes, list[P.ResultEntry]] = {}  # producer -> results to send at the next flush
+        #: Results may name this host's shared-memory segments (the embedded hub): a value kept for the tasks
+        #: that take it is read out of its segment, which its producer removes once it has mapped it.
+        self.shared_values = False
+        self._late: list[Outgoing] = []  # to send after the next flush's results (DEPENDENCY_GONE)
+        self._value_files: dict[bytes, str] = {}  # digest -> a kept value's segment (the embedded hub's)
 
     # ------------------------------------------------------------------ events
 
@@ -101,7 +113,7 @@ class BrokerCore:
         prod = self._producers.get(peer)
         if prod is None:
             if isinstance(msg, P.StatusMsg):  # `zpar status` is not a producer
-                return [Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self._status_reply(now, msg.info)))]
+                return self._asked(now, peer, msg.info)
             if isinstance(msg, P.Bye):
                 return []
             if not isinstance(msg, P.Hello):
@@ -132,7 +144,7 @@ class BrokerCore:
                     f"{self.limits.queued_bytes} queued bytes; start fewer channel tasks at once, or raise "
                     "--max-queued-bytes"))))
         elif isinstance(msg, P.StatusMsg):
-            out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(self._status_reply(now, msg.info))))
+            out += self._asked(now, peer, msg.info)
         elif isinstance(msg, P.Bye):
             self._forget_producer(prod, out)
         elif isinstance(msg, P.Heartbeat):
@@ -153,11 +165,13 @@ class BrokerCore:
                 # The same agent process again (it thought we were gone, or HELLOs queued while
                 # we were): it still holds its tasks, so keep them; it asks for credits afresh.
                 agent.credits, agent.workers, agent.last_seen = 0, msg.workers, now
+                agent.offer(msg.resources)
                 self.counters["agents_hello_again"] += 1
             else:
                 agent = self._agents[peer] = AgentRecord(peer, msg, now)
-                log.info("agent %s joined from %s (pid %d, %d workers)", printable(agent.name),
-                         printable(agent.host), agent.pid, agent.workers, extra={"node": agent.name})
+                log.info("agent %s joined from %s (pid %d, %d workers%s)", printable(agent.name),
+                         printable(agent.host), agent.pid, agent.workers,
+                         f"; resources {words(msg.resources)}" if msg.resources else "", extra={"node": agent.name})
             out.append(Outgoing(Dest.BACKEND, peer, self._welcome()))
             return out
         if agent is None:
@@ -229,11 +243,9 @@ class BrokerCore:
             self._finished(task, OUTCOMES[entry.status], when, node, entry.worker or (ended.pid if ended else 0),
                            entry.duration_us, entry.error or _why(ended))
             by_producer.setdefault(task.producer.id, []).append(renumbered(entry, task.ptid))
-        if self._coalesce:
-            for pid, entries in by_producer.items():
-                self._routed.setdefault(pid, []).extend(entries)
-        else:
-            out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(e))) for pid, e in by_producer.items()]
+            if task.dependents:  # after its own result: the producer fails a dependent from its error
+                self._settle(task, entry, by_producer)
+        self._route(by_producer, out)
         self._dispatch(out)
         return out
 
@@ -244,10 +256,13 @@ class BrokerCore:
             out += [Outgoing(Dest.BACKEND, aid, P.Ack(chunk)) for chunk in P.chunks(ids)]
         for pid, entries in self._routed.items():
             out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(batch))) for batch in P.batches(entries)]
+        if self._late:
+            out += self._late
+            self._late = []
         self._acks, self._routed = {}, {}
         if self._dispatch_due:
             self._dispatch_due = False
-            dispatch(self._active, self._agents, out)
+            dispatch(self._active, self._agents, out, self._placement)
         return out
 
     def items(self, now: float, msg: P.Items) -> list[Outgoing]:
@@ -288,6 +303,8 @@ class BrokerCore:
                 self._forget_producer(prod, out)
                 self.counters["producers_silent"] += 1
         out += self._sweep_objects()
+        if self._placement.waiting or self._placement.unmet:
+            self._resource_timeouts(now, out)
         self._dispatch(out)
         return out
 
@@ -319,20 +336,24 @@ class BrokerCore:
     def status(self, now: float) -> dict[str, Any]:
         info = report(now, self.epoch, self.started, self.security, self._agents.values(),
                       self._producers.values(), len(self._tasks), self.counters)
+        if self._placement.waiting:  # tasks asking for resources no connected node offers
+            info["unplaceable"] = self._placement.status(now, self._agents.values())
         if self.dashboard:
             info["dashboard"] = self.dashboard
         if self.history_open:  # with key files producers do not see each other (see history_open)
             info["producer_list"] = [producer_status(p, now) for p in self._producers.values()]
         return info
 
-    def control(self, node: str, action: P.Action, workers: int = 0) -> tuple[list[Outgoing], str]:
-        """Steer the agent named ``node`` (the dashboard): CONTROL to it, and what was done (or why not)."""
+    def control(self, node: str, action: P.Action, workers: int = 0, by: str = "dashboard",
+                ) -> tuple[list[Outgoing], str]:
+        """Steer the agent named ``node`` (the dashboard; a client's resize, ``by`` says): CONTROL to it, and what
+        was done (or why not)."""
         found = [a for a in self._agents.values() if a.name == node]
         if len(found) != 1:
             return [], f"no node named {node!r}" if not found else f"{len(found)} nodes are named {node!r}"
         agent = found[0]
         self.counters[f"control_{action.value}"] += 1
-        log.info("dashboard: %s node %s%s", action.value, printable(node), f" to {workers}" if workers else "",
+        log.info("%s: %s node %s%s", by, action.value, printable(node), f" to {workers}" if workers else "",
                  extra={"node": node})
         return [Outgoing(Dest.BACKEND, agent.id, P.Control(action, workers))], "sent"
 
@@ -357,6 +378,33 @@ class BrokerCore:
     def tasks(self, limit: int = 100, failed: bool = False) -> list[dict[str, Any]]:
         """The latest tasks that ended (``zpar tasks``, /api/tasks), newest first."""
         return self.history.recent(max(1, min(limit, HISTORY_SIZE)), failed)
+
+    def _asked(self, now: float, peer: bytes, request: dict[str, Any]) -> list[Outgoing]:
+        """A STATUS request: what it asks done first (``{"scale": ...}``: a node resized), then its answer."""
+        out: list[Outgoing] = []
+        scaled = self._scale(request["scale"], out) if "scale" in request else None
+        info = self._status_reply(now, request)
+        if scaled is not None:
+            info["scale"] = scaled
+        out.append(Outgoing(Dest.FRONTEND, peer, P.StatusMsg(info)))
+        return out
+
+    def _scale(self, asked: Any, out: list[Outgoing]) -> dict[str, Any]:
+        """``{"node": NAME, "workers": N}`` asked in a STATUS (zpar.Client.scale): CONTROL to that node, as the
+        dashboard's resize. The answer, as data: ``ok``; else ``code`` (NOT_ALLOWED, MALFORMED) or ``matches``
+        (how many nodes have that name: none, or several); ``detail`` is for people."""
+        if not self.scale_open:
+            self.counters["scale_refused"] += 1
+            return {"ok": False, "code": int(P.ErrorCode.NOT_ALLOWED), "detail": _SCALE_REFUSED}
+        node, workers = (asked.get("node"), asked.get("workers")) if isinstance(asked, dict) else (None, None)
+        if (type(node) is not str or not 0 < len(node) <= P.MAX_NAME or type(workers) is not int
+                or not 1 <= workers <= P.MAX_WORKERS):
+            self.counters["protocol_errors"] += 1
+            return {"ok": False, "code": int(P.ErrorCode.MALFORMED),
+                    "detail": f"a resize names a node and asks for 1 to {P.MAX_WORKERS} workers"}
+        sent, done = self.control(node, P.Action.WORKERS, workers, by="client")
+        out += sent
+        return {"ok": bool(sent), "matches": sum(a.name == node for a in self._agents.values()), "detail": done}
 
     def _status_reply(self, now: float, request: dict[str, Any]) -> dict[str, Any]:
         """STATUS's answer; with ``{"tasks": {"limit": n, "failed": bool}}`` asked, the task history too."""
@@ -409,6 +457,7 @@ class BrokerCore:
             note_names(prod, funcs, limits.functions)
         missing: list[int] = []
         bad: list[int] = []
+        gone: list[int] = []  # waiting for tasks that ended
         over: dict[P.ErrorCode, tuple[str, list[int]]] = {}  # QUEUE_FULL, QUOTA_EXCEEDED: (first why, ids)
         for entry in msg.tasks:
             if entry.id in prod.tasks:  # sent again (after a reconnect): we have it already
@@ -430,6 +479,10 @@ class BrokerCore:
             if entry.digest not in prod.funcs:
                 missing.append(entry.id)
                 continue
+            deps = entry.sched.deps if entry.sched is not None else ()
+            if deps and not all(d in prod.tasks or self._value_of(prod, d) for d in deps):
+                gone.append(entry.id)  # a task it waits for ended here: its producer sends the values
+                continue
             task = TaskRecord(self._next_gid, prod, entry, accepted)
             self._next_gid += 1
             self._tasks[task.gid] = task
@@ -437,11 +490,25 @@ class BrokerCore:
             prod.funcs.use(entry.digest)
             if entry.refs:
                 objects.hold(prod, entry.refs)
-            prod.enqueue(task)
+                values = entry.sched.values if entry.sched is not None else 0
+                if values:  # other tasks' values its producer sent (they ended before it came): no Ref holds them
+                    objects.let_go(prod, entry.refs[-values:])
+            if deps:
+                self._wait(task, deps)
+            else:
+                prod.enqueue(task)
             count_submitted(prod, entry.digest)
             self.counters["submitted"] += 1
         if missing:
             out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.UNKNOWN_FUNCTION, tuple(missing))))
+        if gone:
+            self.counters["dependencies_gone"] += len(gone)
+            told = [Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.DEPENDENCY_GONE, chunk))
+                    for chunk in P.chunks(gone)]
+            if self._coalesce:  # behind this turn's results: the producer has the values when it reads this
+                self._late += told
+            else:
+                out += told
         if bad:
             log.warning("producer %s on %s sent a function blob that does not match its digest; refused %d tasks",
                         printable(prod.label()), printable(prod.host), len(bad), extra={"producer": prod.label()})
@@ -456,6 +523,7 @@ class BrokerCore:
                 why: str = "cancelled by its producer") -> None:
         """Queued tasks are dropped; with ``force``, agents also stop those running. ``why``: for the history."""
         stop: dict[bytes, list[int]] = {}
+        failed: dict[bytes, list[P.ResultEntry]] = {}  # tasks that waited for those dropped
         when = time.time()
         for ptid in ids:
             task = prod.tasks.get(ptid)
@@ -463,18 +531,25 @@ class BrokerCore:
                 continue
             if task.state is TaskState.QUEUED:
                 prod.unqueue(task)  # a tombstone where it lies: O(1)
+            elif task.state is TaskState.WAITING:
+                task.state = TaskState.GONE  # in the lists of the tasks it waited for: skipped there
             elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL or task.incomplete) \
                     and task.agent is not None:
                 # A stream left running would wait at its window for ever, and a task short of parts
                 # for parts that will not come: stopped too.
                 stop.setdefault(task.agent.id, []).append(task.gid)
-            else:
-                continue  # running, not forced: it finishes and its result is discarded
+            else:  # running, not forced: it finishes and its result is discarded
+                if task.dependents:  # ... and no task takes its value
+                    self._settle(task, None, failed)
+                continue
             self._tasks.pop(task.gid, None)
             self._unlink(task)
             self._finished(task, "cancelled", when, why=why)
             self.counters["cancelled"] += 1
+            if task.dependents:
+                self._settle(task, None, failed)
         out += forced_cancels(stop)
+        self._route(failed, out)
 
     def _part(self, prod: ProducerRecord, part: P.Part, out: list[Outgoing]) -> None:
         """More of a task's payload (P.Part): kept, and sent on to the agent that has the task, if one has."""
@@ -554,15 +629,31 @@ class BrokerCore:
         return cause._replace(attempts=task.attempts)
 
     def _activate(self, prod: ProducerRecord) -> None:
-        if prod.queued and not prod.active:
+        if prod.queue.live and not prod.active:
             prod.active = True
             self._active.append(prod)
+        if prod.shaped:  # tasks that ask for resources (resources.py)
+            self._placement.activate(prod)
+
+    def _resource_timeouts(self, now: float, out: list[Outgoing]) -> None:
+        """Fail the queued tasks past their resource_timeout that no node could take (resources.py)."""
+        when = time.time()
+        for task, why in self._placement.expired(now, self._agents.values()):
+            prod = task.producer
+            prod.unqueue(task)
+            del self._tasks[task.gid]
+            self._unlink(task)
+            self._finished(task, "lost", when, why=f"resources unavailable: {why}")
+            self.counters["resource_timeouts"] += 1
+            out.append(Outgoing(Dest.FRONTEND, prod.id, P.Error(P.ErrorCode.RESOURCE_UNAVAILABLE, (task.ptid,), why)))
 
     def _unlink(self, task: TaskRecord) -> None:
         if task.producer.tasks.pop(task.ptid, None) is not None:
             task.producer.funcs.release(task.entry.digest)
             if task.entry.refs:
                 objects.unhold(task.producer, task.entry.refs)
+            if task.held:  # values of tasks it waited for, not yet in its refs
+                objects.unhold(task.producer, task.held)
         if task.agent is not None:
             task.agent.release(task.gid)
             task.agent = None
@@ -577,14 +668,16 @@ class BrokerCore:
                 stop.setdefault(task.agent.id, []).append(task.gid)
         out += forced_cancels(stop)
         prod.tasks.clear()
-        prod.queue.clear()
+        self._placement.forget(prod)
+        prod.clear_queues()
         self._routed.pop(prod.id, None)  # nobody will read them
-        prod.queued = prod.queued_bytes = prod.gone = 0
         if prod.active:
             self._active.remove(prod)
             prod.active = False
         del self._producers[prod.id]
         prod.objects.clear()  # its scattered objects: freed here, and on the nodes no other producer needs them
+        if self._value_files:
+            self._unlink_values(prod.objects.dropped)
         out += objects.sweep(self._producers.values(), self._agents.values(), prod.objects.dropped)
 
     def _drop_agent(self, agent: AgentRecord, why: str, out: list[Outgoing]) -> None:
@@ -603,14 +696,146 @@ class BrokerCore:
             self._finished(task, "lost", time.time(), agent.name, why=_why(cause))
             failed.setdefault(task.producer.id, []).append(
                 P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
+            if task.dependents:
+                self._settle(task, None, failed)
         agent.release_all()
         for pid, entries in failed.items():
-            out.append(Outgoing(Dest.FRONTEND, pid, P.Result(tuple(entries))))
+            out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(batch))) for batch in P.batches(entries)]
         self.counters[f"agents_{why}"] += 1
 
     def _sweep_objects(self) -> list[Outgoing]:
         """RELEASE to the nodes the scattered objects no producer holds any more (objects.sweep)."""
+        if self._value_files:
+            self._unlink_values([d for p in self._producers.values() for d in p.objects.dropped])
         return objects.sweep(self._producers.values(), self._agents.values())
+
+    # ------------------------------------------------------------------ futures as arguments (Sched.deps)
+
+    def _value_of(self, prod: ProducerRecord, ptid: int) -> bytes | None:
+        """The digest of the value kept here of ``prod``'s ended task ``ptid``, or None if none is kept."""
+        digest = prod.values.get(ptid)
+        if digest is not None and digest not in prod.objects:  # dropped once the tasks that took it ended
+            del prod.values[ptid]
+            return None
+        return digest
+
+    def _wait(self, task: TaskRecord, deps: tuple[int, ...]) -> None:
+        """``task`` takes the values of ``deps`` (its producer's tasks, each held here or its value kept):
+        queued now if every value is in, else WAITING until they are (``_settle``)."""
+        prod = task.producer
+        task.values, task.held = [b""] * len(deps), []
+        for i, ptid in enumerate(deps):
+            dep = prod.tasks.get(ptid)
+            if dep is None:
+                self._take_value(task, i, prod.values[ptid])
+            else:
+                if dep.dependents is None:
+                    dep.dependents = []
+                dep.dependents.append((task, i))
+                task.waiting += 1
+        if task.waiting:
+            task.state = TaskState.WAITING
+            self.counters["waiting_for_values"] += 1
+        else:
+            self._ready(task)
+
+    @staticmethod
+    def _take_value(task: TaskRecord, index: int, digest: bytes) -> None:
+        """One value ``task`` waited for is in: noted at its place among its values, and held for it."""
+        if task.values is None or task.held is None:
+            return  # not waiting (a peer named a task twice): nothing to take
+        task.values[index] = digest
+        objects.hold(task.producer, (digest,))
+        task.held.append(digest)
+
+    def _ready(self, task: TaskRecord) -> None:
+        """Every value ``task`` waited for is in: its entry names them (``Sched.values``), and it is queued."""
+        entry, values = task.entry, task.values or []
+        sched = entry.sched or P.Sched()
+        task.entry = entry._replace(refs=entry.refs + tuple(values), sched=sched._replace(deps=(), values=len(values)))
+        task.values = task.held = None  # held through its refs from now on
+        task.producer.enqueue(task)
+        self._activate(task.producer)
+
+    def _settle(self, ended: TaskRecord, entry: P.ResultEntry | None,
+                failed: dict[bytes, list[P.ResultEntry]]) -> None:
+        """``ended`` left the broker, with a value (``entry`` OK) or without: the tasks waiting for it take
+        its value, or fail (DEP_FAILED, into ``failed`` by producer), and so on down the tasks waiting for
+        those (a loop, not recursion: a chain may be ten thousand long)."""
+        when = time.time()
+        work: list[tuple[TaskRecord, P.ResultEntry | None]] = [(ended, entry)]
+        while work:
+            dep, result = work.pop()
+            dependents, dep.dependents = dep.dependents or [], None
+            prod = dep.producer
+            digest, why = None, f"task {dep.ptid}, whose value it takes, ended without one"
+            if result is not None and result.status is P.Status.OK:
+                digest, why = self._keep_value(dep, result.payload)
+            elif result is not None and result.status is P.Status.STREAMED:
+                why = f"task {dep.ptid}, whose value it takes, streamed: pass its result(), not its Future"
+            for task, index in dependents:
+                if task.state is not TaskState.WAITING or prod.tasks.get(task.ptid) is not task:
+                    continue  # cancelled meanwhile, or its producer left
+                if digest is not None:
+                    self._take_value(task, index, digest)
+                    task.waiting -= 1
+                    if not task.waiting:
+                        self._ready(task)
+                    continue
+                del self._tasks[task.gid]
+                self._unlink(task)
+                self._finished(task, "dependency_failed", when, why=why)
+                cause = P.Cause("the broker", detail=why)
+                failed.setdefault(prod.id, []).append(P.ResultEntry(task.ptid, P.Status.DEP_FAILED, cause=cause))
+                if task.dependents:
+                    work.append((task, None))
+            if digest is not None:
+                prod.values[dep.ptid] = digest
+                prod.objects.let_go(digest)  # dropped once the last task taking it ends
+                if len(prod.values) > 2 * len(prod.objects) + 64:  # forget those dropped since
+                    prod.values = {k: d for k, d in prod.values.items() if d in prod.objects}
+
+    def _keep_value(self, task: TaskRecord, payload: P.Payload) -> tuple[bytes | None, str]:
+        """Keep ``task``'s value (its result payload) as an object of its producer, for the tasks that take it:
+        its digest, or None and why not."""
+        from zpar import _refs, serialize  # cloudpickle stays out of a broker that never keeps a value
+
+        prod, limits = task.producer, self.limits
+        linked = ""
+        try:
+            # On the embedded hub a large value stays in its segment, under a second name (nothing copied).
+            frames, linked = serialize.kept(payload) if self.shared_values else (payload, "")
+            blob = _refs.pack_frames(frames)
+        except (OSError, ValueError) as exc:
+            return None, f"task {task.ptid}'s value could not be kept: {exc}"
+        digest = hashlib.blake2b(b"zpar-value:%s:%d" % (self.epoch.encode(), task.gid), digest_size=16).digest()
+        if linked:
+            self._value_files[digest] = linked
+        if not prod.objects.add(P.Function(digest, blob), limits.objects, limits.object_bytes):
+            self._unlink_values((digest,))
+            self.counters["values_over_quota"] += 1
+            return None, (f"task {task.ptid}'s value ({len(blob)} bytes) does not fit the broker's room for this "
+                          f"producer's objects ({limits.objects} objects, {limits.object_bytes} bytes: "
+                          "--max-objects, --max-object-bytes)")
+        self.counters["values_kept"] += 1
+        return digest, ""
+
+    def _unlink_values(self, digests: Iterable[bytes]) -> None:
+        """Remove the segments of kept values no longer kept (the embedded hub's second names)."""
+        from zpar import _shm
+
+        for digest in digests:
+            path = self._value_files.pop(digest, None)
+            if path:
+                _shm.discard(path)
+
+    def _route(self, results: dict[bytes, list[P.ResultEntry]], out: list[Outgoing]) -> None:
+        """Results the broker made (not an agent's) to their producers: now, or at the next flush."""
+        for pid, entries in results.items():
+            if self._coalesce:
+                self._routed.setdefault(pid, []).extend(entries)
+            else:
+                out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(batch))) for batch in P.batches(entries)]
 
     # ------------------------------------------------------------------ dispatch
 
@@ -620,4 +845,4 @@ class BrokerCore:
         if self._coalesce:
             self._dispatch_due = True
         else:
-            dispatch(self._active, self._agents, out)
+            dispatch(self._active, self._agents, out, self._placement)

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frontend", required=True)
     parser.add_argument("--workers", type=int, required=True, help="(zpar.Client says how many: they start first)")
     parser.add_argument("--max-tasks-per-worker", type=int, default=0)
+    parser.add_argument("--resources", default="", help="what its node offers: gpu=1,memory=1024")
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         broker = BrokerConfig(frontend=args.frontend, backend="", collector="", heartbeat=args.heartbeat,
                               parent_pid=args.parent_pid, log_level=args.log_level, dashboard=args.dashboard)
         agent = AgentConfig(broker="(in-process)", workers=workers, heartbeat=args.heartbeat,
-                            max_tasks_per_worker=args.max_tasks_per_worker,
+                            max_tasks_per_worker=args.max_tasks_per_worker, resources=args.resources,
                             parent_pid=args.parent_pid, log_level=args.log_level)
         node = EmbeddedNode(broker, agent, started)
     except BaseException:

@@ -56,6 +56,7 @@ class EmbeddedNode:
         self.poller = zmq.Poller()
         self.waker = Waker()
         self.broker = BrokerServer(broker_config, self.ctx, poller=self.poller, waker=self.waker, defer_dashboard=True)
+        self.broker.core.shared_values = True  # its workers' results may be in this host's shared memory
         uplink = _LocalUplink(self.broker, b"")
         self.agent = AgentServer(agent_config, uplink=uplink, ctx=self.ctx, poller=self.poller, waker=self.waker,
                                  prestarted=prestarted)

@@ -16,6 +16,10 @@ from .limits import Functions
 from .objects import NodeObjects, Objects
 from .objects import status as objects_status
 from .outgoing import Dest, Outgoing
+from .queues import TaskQueue
+
+#: What a task asks for (``Sched.resources``: sorted ``(name, amount)`` pairs); its tasks queue together.
+Shape = tuple[tuple[str, float], ...]
 
 
 class TaskState(enum.Enum):
@@ -24,13 +28,15 @@ class TaskState(enum.Enum):
     #: Left the broker (cancelled, or finished elsewhere) while queued: a tombstone its producer's
     #: queue skips when it comes to it (cancelling is O(1), not a search of the queue).
     GONE = "gone"
+    #: Waits for tasks whose values it takes as arguments (``Sched.deps``): queued once they all have one.
+    WAITING = "waiting"
 
 
 class TaskRecord:
     """A task as its producer sent it (``entry``, payload attached, forwarded as it is) and where it is."""
 
-    __slots__ = ("agent", "assembly", "attempts", "dispatched", "entry", "feed", "gid", "holders", "nbytes",
-                 "producer", "state", "streamed", "submitted")
+    __slots__ = ("agent", "assembly", "attempts", "dependents", "dispatched", "entry", "feed", "gid", "held",
+                 "holders", "nbytes", "producer", "state", "streamed", "submitted", "values", "waiting")
 
     def __init__(self, gid: int, producer: ProducerRecord, entry: P.TaskEntry, submitted: float = 0.0) -> None:
         self.gid = gid
@@ -47,6 +53,13 @@ class TaskRecord:
         self.attempts = 0  # runs lost so far
         self.streamed = False  # it exchanged stream items (zpar.streaming): never run it again
         self.feed: Feed | None = None  # what its producer sent it before an agent had it
+        # Futures as arguments (Sched.deps): the tasks waiting for this one's value, each with the index of
+        # the value among theirs; and for a waiting task, its values come so far (digests of objects), the
+        # ones of those it holds, and how many it still waits for.
+        self.dependents: list[tuple[TaskRecord, int]] | None = None
+        self.values: list[bytes] | None = None
+        self.held: list[bytes] | None = None
+        self.waiting = 0
 
     @property
     def ptid(self) -> int:
@@ -78,8 +91,9 @@ class Feed:
 
 
 class ProducerRecord:
-    __slots__ = ("active", "ended", "failed", "funcs", "gone", "host", "id", "last_seen", "name", "names", "objects",
-                 "progress", "queue", "queued", "queued_bytes", "submitted", "tasks")
+    __slots__ = ("active", "ended", "failed", "funcs", "host", "id", "last_seen", "name", "names", "objects",
+                 "progress", "queue", "queued", "queued_bytes", "shaped", "submitted", "tasks",
+                 "values")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
@@ -91,11 +105,14 @@ class ProducerRecord:
         #: The same per function (digest -> [submitted, ended, failed]): the dashboard's progress of its maps.
         self.progress: dict[bytes, list[int]] = {}
         self.objects = Objects()  # digest -> scattered object's blob frame, verified (objects.py)
-        # Its queued tasks, in order, and GONE tombstones among them (skipped at dispatch).
-        self.queue: collections.deque[TaskRecord] = collections.deque()
-        self.queued = self.queued_bytes = 0  # live tasks in ``queue``, and their payload bytes
-        self.gone = 0  # tombstones in ``queue``
+        # Its queued tasks that ask for no resources, by priority then arrival, and GONE tombstones among
+        # them (skipped at dispatch); those that ask for resources, a queue per set of resources asked.
+        self.queue = TaskQueue(TaskState.GONE)
+        self.shaped: dict[Shape, TaskQueue] = {}
+        self.queued = self.queued_bytes = 0  # live tasks in all its queues, and their payload bytes
         self.tasks: dict[int, TaskRecord] = {}  # producer task id -> task, queued or assigned
+        #: Its ended tasks whose values are still kept for tasks that take them (Sched.deps): id -> object digest.
+        self.values: dict[int, bytes] = {}
         self.last_seen = now
         self.active = False  # in the broker's round-robin of producers with queued tasks
 
@@ -103,40 +120,37 @@ class ProducerRecord:
         return self.name or self.id.hex()
 
     def enqueue(self, task: TaskRecord, front: bool = False) -> None:
+        """Queue ``task`` by its priority, after those of its level (``front``: before them: it was queued
+        before and was given back or lost)."""
         task.state = TaskState.QUEUED
-        if front:
-            self.queue.appendleft(task)
+        sched = task.entry.sched
+        if sched is None:
+            self.queue.put(task, 0, front)
+        elif not sched.resources:
+            self.queue.put(task, sched.priority, front)
         else:
-            self.queue.append(task)
+            queue = self.shaped.get(sched.resources)
+            if queue is None:
+                queue = self.shaped[sched.resources] = TaskQueue(TaskState.GONE)
+            queue.put(task, sched.priority, front)
         self.queued += 1
         self.queued_bytes += task.nbytes
 
-    def take(self) -> TaskRecord | None:
-        """The next live task of the queue (tombstones before it dropped), or None."""
-        queue = self.queue
-        while queue:
-            task = queue.popleft()
-            if task.state is TaskState.GONE:
-                self.gone -= 1
-                continue
-            self.queued -= 1
-            self.queued_bytes -= task.nbytes
-            return task
-        return None
-
     def unqueue(self, task: TaskRecord) -> None:
-        """``task`` leaves the queue where it is (a tombstone), in O(1); the queue is compacted when
-        tombstones outnumber live tasks, so it never holds more than twice what is queued."""
+        """``task`` leaves its queue where it is (a tombstone), in O(1) (see TaskQueue.tombstone)."""
         task.state = TaskState.GONE
         self.queued -= 1
         self.queued_bytes -= task.nbytes + (task.feed.nbytes if task.feed is not None else 0)
-        self.gone += 1
-        if not self.queued:
-            self.queue.clear()
-            self.gone = 0
-        elif self.gone > 1024 and self.gone > self.queued:
-            self.queue = collections.deque(t for t in self.queue if t.state is not TaskState.GONE)
-            self.gone = 0
+        sched = task.entry.sched
+        if sched is not None and sched.resources:
+            self.shaped[sched.resources].tombstone()
+        else:
+            self.queue.tombstone()
+
+    def clear_queues(self) -> None:
+        self.queue.clear()
+        self.shaped.clear()
+        self.queued = self.queued_bytes = 0
 
 
 E = TypeVar("E", P.TaskEntry, P.ResultEntry, P.ItemEntry)
@@ -159,8 +173,8 @@ def renumbered(entry: E, new_id: int) -> E:
 class AgentRecord:
     """An agent and the tasks it holds (``assigned``: change it through ``hold``/``release``, which count bytes)."""
 
-    __slots__ = ("assigned", "busy", "credits", "held_bytes", "host", "id", "last_seen", "name", "objects", "pid",
-                 "shipped", "stats", "workers")
+    __slots__ = ("assigned", "busy", "credits", "free", "held_bytes", "host", "id", "last_seen", "name", "objects",
+                 "offered", "pid", "shipped", "stats", "workers")
 
     def __init__(self, aid: bytes, hello: P.Hello, now: float) -> None:
         self.id = aid
@@ -176,21 +190,46 @@ class AgentRecord:
         self.held_bytes = 0  # the payload bytes of the tasks in ``assigned``
         self.stats: P.NodeStats | None = None  # its machine's and workers' load, from its last heartbeat
         self.last_seen = now
+        self.offered: dict[str, float] = {}  # the resources it offers (--resources) ...
+        self.free: dict[str, float] = {}  # ... and those no task it holds has reserved
+        self.offer(hello.resources)
+
+    def offer(self, resources: Iterable[tuple[str, float]]) -> None:
+        """What it offers (HELLO): what its tasks hold stays reserved."""
+        self.offered = dict(resources)
+        self.free = dict(self.offered)
+        for task in self.assigned.values():
+            self._reserve(task, -1)
 
     def hold(self, task: TaskRecord) -> None:
+        """``task`` is this agent's now (prefetched or running): its resources are reserved until ``release``."""
         self.assigned[task.gid] = task
         self.held_bytes += task.nbytes
+        sched = task.entry.sched
+        if sched is not None and sched.resources:
+            self._reserve(task, -1)
 
     def release(self, gid: int) -> TaskRecord | None:
-        """The task no longer held here (None if it was not)."""
+        """The task no longer held here (None if it was not); its resources are free again."""
         task = self.assigned.pop(gid, None)
         if task is not None:
             self.held_bytes -= task.nbytes
+            sched = task.entry.sched
+            if sched is not None and sched.resources:
+                self._reserve(task, 1)
         return task
 
     def release_all(self) -> None:
         self.assigned.clear()
         self.held_bytes = 0
+        self.free = dict(self.offered)
+
+    def _reserve(self, task: TaskRecord, sign: int) -> None:
+        sched = task.entry.sched
+        if sched is not None:
+            free = self.free
+            for name, amount in sched.resources:
+                free[name] = free.get(name, 0) + sign * amount
 
 
 #: Functions whose progress a producer's line keeps: past it, those with nothing left to run go first.
@@ -248,6 +287,7 @@ def status_of(agent: AgentRecord, now: float) -> dict[str, Any]:
         "objects": len(agent.objects.sizes),  # scattered objects cached there now, and their bytes
         "object_bytes": agent.objects.nbytes,
         "objects_sent": agent.objects.sent,  # ... and sent there in all
+        **({"resources": dict(agent.offered), "resources_free": dict(agent.free)} if agent.offered else {}),
         **_load(agent.stats),
     }
 

@@ -12,6 +12,7 @@ from zpar import protocol as P
 from . import objects
 from .outgoing import Dest, Outgoing
 from .records import AgentRecord, ProducerRecord, TaskRecord, TaskState, renumbered
+from .resources import Placement
 from .streams import StreamRouting
 
 #: A TASKS message stops taking tasks past this many payload frames (MAX_FRAMES, less room
@@ -74,19 +75,24 @@ def _prefetch(ready: list[AgentRecord], quotas: list[int], left: int) -> None:
 
 
 def dispatch(active: collections.deque[ProducerRecord], agents: Mapping[bytes, AgentRecord],
-             out: list[Outgoing]) -> None:
+             out: list[Outgoing], placement: Placement | None = None) -> None:
     """Hand the queued tasks of the ``active`` producers to agents with credits (see ``quotas``), as TASKS in ``out``.
 
     Each task moves to its agent's ``assigned`` table; a producer leaves
-    ``active`` once nothing of its is queued.
+    ``active`` once nothing of its is queued. Tasks that ask for resources
+    go first, where those are free (``placement``, resources.py); the others
+    take what credits are left.
     """
+    if placement is not None and placement.waiting:
+        for agent, batch in placement.place(agents):
+            send(agent, batch, out)
     while active:
         ready = [a for a in agents.values() if a.credits > 0]
         if not ready:
             return
         if len(ready) > 1:
             ready.sort(key=lambda a: len(a.assigned) / (a.workers or 1))  # least loaded first
-        queued = sum(p.queued for p in active)
+        queued = sum(p.queue.live for p in active)
         if not queued:  # their last queued tasks were cancelled, or finished late elsewhere
             for prod in active:
                 prod.active = False
@@ -113,21 +119,32 @@ def _send_batch(active: collections.deque[ProducerRecord], agent: AgentRecord, l
             if len(batch) >= limit or nbytes >= P.BATCH_MAX_BYTES:
                 break
             prod = active.popleft()
+            queue = prod.queue  # its tasks that ask for no resources, highest priority first
             share = max(1, (limit - len(batch)) // (in_round - served))
-            while share and prod.queued and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
-                task = prod.take()
+            taken = taken_bytes = 0
+            while share and queue.live and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
+                task = queue.take()
                 if task is None:
                     break
                 batch.append(task)
                 nbytes += task.nbytes
+                taken_bytes += task.nbytes
                 nframes += len(task.entry.payload)
                 share -= 1
-            if prod.queued:
+                taken += 1
+            prod.queued -= taken
+            prod.queued_bytes -= taken_bytes
+            if queue.live:
                 active.append(prod)
             else:
                 prod.active = False
-    if not batch:
-        return
+    if batch:
+        send(agent, batch, out)
+
+
+def send(agent: AgentRecord, batch: list[TaskRecord], out: list[Outgoing]) -> None:
+    """TASKS of ``batch`` (taken from their queues) to ``agent``, which holds them now; with the function blobs
+    (and scattered objects) it lacks, and what came for them while they were queued (parts, feed)."""
     entries: list[P.TaskEntry] = []
     fed: list[TaskRecord] = []
     parted: list[TaskRecord] = []

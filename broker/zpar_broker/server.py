@@ -35,6 +35,8 @@ from .outgoing import Dest, Outgoing
 from .sessions import KeySessions
 
 if TYPE_CHECKING:
+    from zpar import _discovery
+
     from .web import Dashboard, Questions
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class BrokerServer:
         self.sockets: dict[str, zmq.Socket[bytes]] = {}
         self.loop_lag = 0.0  # how late the last heartbeat timer ran (seconds): /metrics
         self._questions: Questions | None = None  # the dashboard's thread asking the loop (web.py)
+        self._announcer: _discovery.Announcer | None = None  # on the LAN, over mDNS (start())
         self.dashboard: Dashboard | None = None
         self.endpoints: dict[str, str] = {}
         self._own_waker = waker is None
@@ -168,6 +171,7 @@ class BrokerServer:
                 self.close()
                 raise
         self.core.history_open = not (self.creds is not None and self.creds.allow)  # the same rule for tasks
+        self.core.scale_open = self.core.history_open or config.allow_client_scale  # and for Client.scale
 
     def start_dashboard(self, host: str, port: int, fallback: bool = False) -> None:
         """Serve the dashboard and its API on ``host:port`` (``fallback``: any free port if that one is taken)."""
@@ -209,6 +213,7 @@ class BrokerServer:
                  ", ".join(f"{name} {ep}" for name, ep in self.endpoints.items()))
         if self.dashboard is not None:
             log.info("dashboard: %s", self.dashboard.link)
+        self._announcer = _announcer(self.config, self.endpoints, self.creds, self.core.epoch)
 
     def handle(self, events: dict[Any, int]) -> None:
         for reader in self._readers:
@@ -256,6 +261,8 @@ class BrokerServer:
         self._send(self.core.farewells())
 
     def close(self) -> None:
+        if self._announcer is not None:
+            self._announcer.close()  # a goodbye on the LAN, so peers forget us now
         if self.dashboard is not None:
             self.dashboard.close()
         if self._questions is not None:
@@ -524,6 +531,27 @@ def _describe_security(config: BrokerConfig, creds: security.BrokerCredentials |
     if config.insecure:
         return "INSECURE: no authentication (--insecure)"
     return "ipc only: guarded by the socket files' mode (0600 in a 0700 directory)"
+
+
+def _announcer(config: BrokerConfig, endpoints: dict[str, str], creds: security.BrokerCredentials | None,
+               epoch: str) -> _discovery.Announcer | None:
+    """Start announcing the broker on the LAN if its config asks (see BrokerConfig.announce); else None."""
+    if (config.announce == "off" or (config.announce == "auto" and creds is None)  # --insecure: on asking only
+            or not any(ep.startswith("tcp://") for ep in endpoints.values())):  # the embedded cluster: ipc
+        return None
+    from zpar import _discovery  # zeroconf itself only in the announcer's thread
+
+    mode = "none" if creds is None else "keys" if config.key_file else "secret" if config.secured else "user"
+    keys = {name: pair.public for name, pair in creds.keys.items()} if creds is not None else {}
+    made = _discovery.broker_announcement(endpoints, config.cluster or _discovery.default_cluster_name(), epoch,
+                                          mode, keys)
+    if made is None:
+        if config.announce == "on":
+            log.warning("not announced on the LAN: this broker listens on loopback (or IPv6) only")
+        return None
+    announcer = _discovery.Announcer(*made)
+    announcer.start()
+    return announcer
 
 
 class RateLimitedLog:

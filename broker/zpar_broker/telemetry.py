@@ -14,7 +14,8 @@ _BOUNDS_US = tuple(int(b * 1e6) for b in DURATION_BUCKETS)
 
 #: How a task ended, as the outcome label of zpar_tasks_finished_total, by the status of its RESULT.
 OUTCOMES = {P.Status.OK: "ok", P.Status.STREAMED: "ok", P.Status.RAISED: "raised", P.Status.LOST: "lost",
-            P.Status.TIMEOUT: "timeout", P.Status.MEMORY: "memory", P.Status.CANCELLED: "cancelled"}
+            P.Status.TIMEOUT: "timeout", P.Status.MEMORY: "memory", P.Status.CANCELLED: "cancelled",
+            P.Status.DEP_FAILED: "dependency_failed"}
 
 
 class Durations:

@@ -68,6 +68,7 @@ class Settings:
     grace: float = 30.0  # seconds the first SIGTERM gives held tasks
     parent_pid: int = 0  # stop when this process is no longer our parent (0: do not watch)
     broker: str = ""  # where the broker is, for people
+    resources: tuple[tuple[str, float], ...] = ()  # what it offers tasks that ask for resources (--resources)
 
 
 class AgentCore:
@@ -76,7 +77,7 @@ class AgentCore:
     def __init__(self, settings: Settings, now: float) -> None:
         self.settings = settings
         self.slots = Slots(settings.node, max_tasks_per_worker=settings.max_tasks_per_worker)
-        hello = P.Hello(P.Role.AGENT, settings.node, settings.host, settings.pid)
+        hello = P.Hello(P.Role.AGENT, settings.node, settings.host, settings.pid, resources=settings.resources)
         self.session = BrokerSession(settings.identity, hello, now, heartbeat=settings.heartbeat,
                                      liveness=settings.liveness)
         self.backoff = Backoff()

@@ -282,7 +282,7 @@ def _settings(config: AgentConfig, name: str, identity: bytes) -> Settings:
                     workers=config.worker_count(), heartbeat=config.heartbeat, liveness=config.liveness,
                     max_tasks_per_worker=config.max_tasks_per_worker,
                     max_memory_per_worker=config.max_memory_per_worker, grace=config.grace,
-                    parent_pid=config.parent_pid, broker=config.broker)
+                    parent_pid=config.parent_pid, broker=config.broker, resources=config.resources)
 
 
 def _rss(pid: int) -> int:

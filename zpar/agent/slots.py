@@ -35,6 +35,7 @@ from zpar import protocol as P
 from zpar.errors import ProtocolError
 
 from .actions import ToWorker
+from .order import appends, first_in_line, line_up
 from .prefetch import RETURN_AFTER, Prefetch
 from .records import QueuedTask, WorkerSlot, WorkerState
 from .streams import StreamPassing
@@ -156,7 +157,7 @@ class Slots:
                     self.results.append(P.ResultEntry(task.id, P.Status.LOST, cause=P.Cause(
                         self.node, slot.pid, detail="given back by its worker after it was sent objects")))
                 else:
-                    self.queue.appendleft(task)
+                    first_in_line(self.queue, task)
         if not slot.batch:  # it had not started any of them
             self._batch_over(slot)
         return self.assign(now)
@@ -211,7 +212,7 @@ class Slots:
         if slot.doomed:  # we killed it: timeout or cancel; the rest of its batch is innocent
             for task in reversed(batch):
                 if task.id not in slot.doomed and not task.streamed:
-                    self.queue.appendleft(task)
+                    first_in_line(self.queue, task)
             for task in batch:
                 if task.id in slot.doomed:
                     status, why = slot.doomed[task.id]
@@ -231,7 +232,7 @@ class Slots:
                     self._lost(task, cause)
                 else:
                     task.alone = True
-                    self.queue.appendleft(task)
+                    first_in_line(self.queue, task)
         return batch
 
     def _lost(self, task: QueuedTask, cause: P.Cause) -> None:
@@ -269,13 +270,18 @@ class Slots:
         if bad or any(entry.digest not in funcs or (entry.refs and not all(d in funcs for d in entry.refs))
                       for entry in entries):
             entries = self._refuse_unknown(entries, bad)
+        queue = self.queue
+        # The common case, every task at priority 0 behind tasks of 0 or more, appends as it comes.
+        in_order = appends(queue, entries)
         if any(entry.parts for entry in entries):
             # The rest of their payloads follows (P.Part), each sent on to the worker as it comes: alone, so
             # that worker waits for nothing else, and it joins them.
-            self.queue.extend(QueuedTask(entry, alone=True, assembly=P.Assembly(entry)) if entry.parts
-                              else QueuedTask(entry) for entry in entries)
+            line_up(queue, [QueuedTask(entry, alone=True, assembly=P.Assembly(entry)) if entry.parts
+                            else QueuedTask(entry) for entry in entries], in_order)
+        elif in_order:
+            queue.extend(QueuedTask(entry) for entry in entries)
         else:
-            self.queue.extend(QueuedTask(entry) for entry in entries)
+            line_up(queue, [QueuedTask(entry) for entry in entries], in_order)
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign(now)
 

@@ -201,7 +201,8 @@ class Worker:
     def _run_one(self, task: P.TaskEntry) -> tuple[P.Status, list[Any]]:
         try:
             fn = self.funcs[task.digest]
-            with _refs.resolving(self.objects) if task.refs else _NO_REFS:
+            values = task.sched.values if task.sched is not None else 0  # the last refs: other tasks' values
+            with _refs.resolving(self.objects, task.refs[-values:] if values else ()) if task.refs else _NO_REFS:
                 payload = serialize.loads(task.payload, what="task arguments", shared=self.objects.shared)
             args, kwargs = payload
             if task.flags & P.FLAG_CHANNEL:

@@ -4,7 +4,8 @@ Flags map onto the frozen configs in config.py (defaults < ``--config`` file
 < ``ZPAR_*`` variables < flags), then the daemon's ``run(config)`` takes over.
 
 Exit codes: 0 done; 1 a runtime failure (an address in use, no broker
-answering, credentials refused); 2 a usage or configuration error.
+answering, credentials refused); 2 a usage or configuration error; 3 ``zpar
+status --node NAME``: the broker answered, and that agent is not connected.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def broker(
     allow_agent_keys: Optional[str] = typer.Option(None, "--allow-agent-keys", help="Directory of the agents' "
                                                    "public NAME.key files to admit (with --key-file) "
                                                    "[env ZPAR_ALLOW_AGENT_KEYS]."),
+    allow_client_scale: Optional[bool] = typer.Option(
+        None, "--allow-client-scale", help="With key files, let producers resize nodes (Client.scale, "
+                                           "pp's set_ncpus), as the dashboard's token may; with a shared secret "
+                                           "they always may [env ZPAR_ALLOW_CLIENT_SCALE]."),
     max_queued_tasks: Optional[int] = typer.Option(
         None, help="Tasks one producer may have queued (not yet given to an agent); past it its client holds "
                    "further tasks and sends them as results come back "
@@ -122,6 +127,13 @@ def broker(
         None, help="HOST:PORT where the broker serves /api/status and /metrics (Prometheus) to holders of its "
                    "token (the link is in its log and in `zpar status`), or off "
                    f"[default: {cfg.DEFAULT_DASHBOARD}, another free port if taken; env ZPAR_DASHBOARD]."),
+    announce: Optional[bool] = typer.Option(
+        None, "--announce/--no-announce", help="Announce the broker on the LAN over mDNS (DNS-SD "
+        "_zpar._tcp), for `zpar-agent --discover` and Client(discover=True); only when it listens on an "
+        "address other than loopback [default: yes, unless --insecure; env ZPAR_ANNOUNCE=auto|on|off]."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="The cluster's name in that announcement [default: this host's name; "
+                                "env ZPAR_CLUSTER]."),
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
     log_format: Optional[str] = _LOG_FORMAT,
@@ -133,12 +145,15 @@ def broker(
                                         parent_pid=parent_pid, secret=secret, secret_file=secret_file,
                                         agent_secret_file=agent_secret_file, key_file=key_file,
                                         allow_keys=allow_keys, allow_agent_keys=allow_agent_keys,
+                                        allow_client_scale=allow_client_scale,
                                         max_queued_tasks=max_queued_tasks,
                                         max_queued_bytes=max_queued_bytes, max_functions=max_functions,
                                         max_function_bytes=max_function_bytes, max_objects=max_objects,
                                         max_object_bytes=max_object_bytes,
                                         max_producers_per_key=max_producers_per_key, dashboard=dashboard,
-                                        log_format=log_format), config_file)
+                                        log_format=log_format, cluster=cluster,
+                                        announce=None if announce is None else "on" if announce else "off"),
+                 config_file)
     _setup_logging(conf.log_level, conf.log_format)
     _warn_argv_secret(secret)
     if conf.insecure and not conf.secured:
@@ -180,6 +195,19 @@ def agent(
                                  "secret is used [env ZPAR_INSECURE]."),
     heartbeat: Optional[float] = _HEARTBEAT,
     liveness: Optional[int] = _LIVENESS,
+    discover: Optional[bool] = typer.Option(
+        None, "--discover", help="Find the broker on the LAN (mDNS) instead of --broker: the one whose "
+                                 "announced key is the one our credentials expect; CurveZMQ then "
+                                 "authenticates it as ever [env ZPAR_DISCOVER]."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="With --discover: the broker of this cluster (needed when several answer) "
+                                "[env ZPAR_CLUSTER]."),
+    discover_timeout: Optional[float] = typer.Option(
+        None, "--discover-timeout", help="Seconds --discover looks [default: 10; env ZPAR_DISCOVER_TIMEOUT]."),
+    resources: Optional[str] = typer.Option(
+        None, "--resources", help="What this node offers tasks that ask for resources "
+                                  "(client.options(resources={'gpu': 1})), as NAME=AMOUNT pairs: gpu=2,memory=64GiB "
+                                  "(sizes in KiB, MiB, GiB or KB, MB, GB) [default: none; env ZPAR_RESOURCES]."),
     config_file: Optional[str] = _CONFIG,
     log_level: Optional[str] = _LOG_LEVEL,
     log_format: Optional[str] = _LOG_FORMAT,
@@ -191,10 +219,13 @@ def agent(
                                        max_tasks_per_worker=max_tasks_per_worker,
                                        max_memory_per_worker=max_memory_per_worker, grace=grace, secret=secret,
                                        secret_file=secret_file, key_file=key_file, broker_key=broker_key,
-                                       insecure=insecure, log_format=log_format),
+                                       insecure=insecure, log_format=log_format, discover=discover,
+                                       cluster=cluster, discover_timeout=discover_timeout, resources=resources),
                  config_file)
     _setup_logging(conf.log_level, conf.log_format)
     _warn_argv_secret(secret)
+    if conf.discover:
+        conf = _discovered(conf)
     if conf.insecure and not conf.secured:
         logging.getLogger("zpar.agent").warning(
             "--insecure: plaintext to %s; whoever reaches it can read the tasks or pose as the broker", conf.broker)
@@ -204,6 +235,29 @@ def agent(
         raise typer.Exit(run(conf))
     except ConfigError as exc:
         raise _fail(exc, 2) from None
+
+
+def _discovered(conf: cfg.AgentConfig) -> cfg.AgentConfig:
+    """``conf`` with the broker found on the LAN; exit saying why if none is (1), or several are (2)."""
+    import dataclasses
+
+    from .. import _discovery, security
+
+    if conf.broker != cfg.DEFAULT_BACKEND:
+        raise _fail(ConfigError(f"give the broker's address ({conf.broker}) or --discover, not both"), 2)
+    try:
+        creds = security.client_credentials("agent", secret=conf.secret, secret_file=conf.secret_file,
+                                            key_file=conf.key_file, broker_key=conf.broker_key,
+                                            insecure=conf.insecure)
+        found = _discovery.find("agent", creds, conf.cluster, conf.discover_timeout)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    except ZparError as exc:
+        raise _fail(exc, 1) from None
+    broker = found.address("agent", _discovery.local_networks())
+    logging.getLogger("zpar.agent").info("joining %s: %s (the CurveZMQ handshake still proves it holds the "
+                                         "key it announced)", found.describe(), broker)
+    return dataclasses.replace(conf, broker=broker)
 
 
 # The options of the commands that ask a running broker (status, tasks).
@@ -241,9 +295,20 @@ def status(
     insecure: bool = _ASK_INSECURE,
     watch: float = typer.Option(0.0, "--watch", help="Redraw the table in place every this many seconds, "
                                 "until Ctrl-C (0: print it once)."),
+    node: Optional[str] = typer.Option(None, "--node", help="Exit 3 unless the broker lists this agent (its "
+                                       "--name) as connected: a health probe for an agent (exit 1 means no "
+                                       "broker answered)."),
 ) -> None:
     """Show the cluster: nodes, workers busy and idle, queued, running and done tasks."""
     creds, info = _ask(broker, timeout, secret, secret_file, key_file, broker_key, insecure)
+    nodes = info.get("nodes")
+    if node is not None and not any(isinstance(n, dict) and n.get("name") == node
+                                    for n in (nodes if isinstance(nodes, list) else [])):
+        from .._text import printable
+
+        typer.echo(f"error: the broker at {broker} answered, and no agent named {printable(node)} is connected "
+                   "to it; is that agent running with that --name?", err=True)
+        raise typer.Exit(3)
     if as_json:
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
         return

@@ -49,15 +49,22 @@ def view(info: dict[str, Any], address: str) -> Group:
     # Text, not a str: nothing in it is read as markup, and values are escaped already.
     lines.append(Text.assemble(("broker", "bold"), f" {printable(address)}  epoch {epoch}  up {get('uptime_s')} s  "
                                f"producers {get('producers')}"))
-    table = Table("node", "host", "pid", "workers", "busy", "idle", "tasks held")
     nodes = info.get("nodes", [])
-    for node in nodes if isinstance(nodes, list) else []:
-        if isinstance(node, dict):
-            table.add_row(*(_cell(node.get(key, "?"))
-                            for key in ("name", "host", "pid", "workers", "busy", "idle", "running")))
+    nodes = [node for node in nodes if isinstance(node, dict)] if isinstance(nodes, list) else []
+    offering = any(node.get("resources") for node in nodes)  # a column only when some node offers resources
+    table = Table("node", "host", "pid", "workers", "busy", "idle", "tasks held", *(["resources (free)"] * offering))
+    for node in nodes:
+        cells = [_cell(node.get(key, "?")) for key in ("name", "host", "pid", "workers", "busy", "idle", "running")]
+        if offering:
+            cells.append(Text(_resources(node.get("resources"), node.get("resources_free"))))
+        table.add_row(*cells)
     lines.append(table)
     lines.append(Text(f"workers {get('workers')} (busy {get('busy')})  queued {get('queued')}  "
                       f"running {get('running')}  done {get('done')}  failed {get('failed')}"))
+    unplaceable = info.get("unplaceable", [])
+    for item in unplaceable if isinstance(unplaceable, list) else []:
+        if isinstance(item, dict):
+            lines.append(Text(_unplaceable(item), style="bold yellow"))
     counters = info.get("counters", {})
     counters = counters if isinstance(counters, dict) else {}
     errors = counters.get("protocol_errors", 0)
@@ -76,6 +83,35 @@ def view(info: dict[str, Any], address: str) -> Group:
     if isinstance(dashboard, str) and dashboard:
         lines.append(Text(f"dashboard: {printable(dashboard, 200)}"))
     return Group(*lines)
+
+
+def _pairs(resources: Any) -> str:
+    if not isinstance(resources, dict) or not resources:
+        return "none"
+    return ", ".join(f"{printable(name, 64)}={_amount(amount)}" for name, amount in resources.items())
+
+
+def _amount(amount: Any) -> str:
+    return f"{amount:g}" if isinstance(amount, int | float) and not isinstance(amount, bool) else printable(amount, 32)
+
+
+def _resources(offered: Any, free: Any) -> str:
+    """``gpu=2 (1), memory=64 (64)``: what a node offers, and what no task holds."""
+    if not isinstance(offered, dict) or not offered:
+        return ""
+    free = free if isinstance(free, dict) else {}
+    return ", ".join(f"{printable(name, 64)}={_amount(amount)} ({_amount(free.get(name, '?'))})"
+                     for name, amount in offered.items())
+
+
+def _unplaceable(item: dict[str, Any]) -> str:
+    """The warning for tasks that ask for what no connected node offers."""
+    offered = item.get("offered")
+    nodes = "; ".join(f"{printable(node, 64)}: {_pairs(res)}" for node, res in offered.items()) \
+        if isinstance(offered, dict) and offered else "none"
+    return (f"warning: {_shown(item.get('tasks', '?'))} tasks ask for {_pairs(item.get('resources'))}, which no "
+            f"connected node offers (nodes offer: {printable(nodes, 400)}); they wait for an agent started with "
+            "--resources")
 
 
 def render_tasks(tasks: list[Any], console: Console | None = None) -> None:

@@ -14,6 +14,8 @@ PREFETCH = 2
 REFRESH_INTERVAL = 1.0
 #: The port of a ppservers entry given as a bare host name: zpar-broker's default frontend.
 DEFAULT_PORT = 5555
+#: A node's address when its broker is to be found on the LAN (ppservers entry "*": zpar._discovery).
+DISCOVER = "*"
 
 
 class NodeState(enum.Enum):
@@ -47,15 +49,17 @@ def least_loaded(nodes: Sequence[Node]) -> Node | None:
 def broker_address(entry: str) -> tuple[str, str]:
     """``(node name, address)`` for a ppservers entry: "host", "host:port" or a ZeroMQ address.
 
-    Raises ConfigError for pp's "*" autodiscovery, which zpar does not have.
+    "*" is pp's autodiscovery: the broker announced on the LAN whose key matches
+    the secret (address ``DISCOVER``). pp's "*:port" (its broadcast port) is a ConfigError.
     """
     if not isinstance(entry, str):
         raise TypeError(f"ppservers entries must be strings, not {entry!r}")
+    if entry == "*":
+        return DISCOVER, DISCOVER
     if "*" in entry:
         raise ConfigError(
-            f"ppservers entry {entry!r}: pp's autodiscovery ('*') is not supported by zpar.pp; name the "
-            "zpar broker instead, e.g. ppservers=('tcp://host:5555',) (agents join the broker, so its "
-            "one address reaches the whole cluster)")
+            f"ppservers entry {entry!r}: zpar.pp's autodiscovery is '*' alone (the broker announced on the LAN, "
+            "no port to give); or name the zpar broker, e.g. ppservers=('tcp://host:5555',)")
     if "://" in entry:
         return entry.split("://", 1)[1], entry
     host, _, port = entry.partition(":")

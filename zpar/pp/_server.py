@@ -22,7 +22,7 @@ from ..config import usable_cores
 from ..errors import BrokerUnavailable, ConfigError
 from ._call import CallCache, pack
 from ._job import DestroyedServerError, Job, Statistics
-from ._nodes import REFRESH_INTERVAL, Node, NodeState, broker_address, least_loaded
+from ._nodes import DISCOVER, REFRESH_INTERVAL, Node, NodeState, broker_address, least_loaded
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ class Server:
 
     ``ncpus``: local workers ("autodetect": one per usable core; 0: remote
     nodes only). ``ppservers``: a tuple of zpar brokers, each
-    "host", "host:port" or "tcp://host:port" (a bare host means port 5555).
+    "host", "host:port" or "tcp://host:port" (a bare host means port 5555),
+    or "*": the broker announced on the LAN whose key matches ``secret``.
     ``secret`` goes to their clients. ``strict``: ``job()`` raises the job's
     exception instead of printing it and returning None. ``connect_timeout``:
     seconds to wait for each broker at start; one that does not answer is
@@ -265,8 +266,9 @@ class Server:
         if node.address is None:  # only remote nodes connect
             raise RuntimeError(f"pp node {node.name} has no broker address to connect to")
         try:
-            client = Client(node.address, secret=self._secret, connect_timeout=self._connect_timeout,
-                            broker_timeout=self._broker_timeout)
+            found = node.address == DISCOVER  # "*": the broker announced on the LAN (zpar._discovery)
+            client = Client(None if found else node.address, secret=self._secret, discover=found,
+                            connect_timeout=self._connect_timeout, broker_timeout=self._broker_timeout)
         except BrokerUnavailable as exc:
             if not node.warned:
                 log.warning("%s; its jobs go to other nodes meanwhile, and it is tried again every %g s",
@@ -294,7 +296,7 @@ class Server:
         if closing:  # destroy() came meanwhile
             client.close()
             return
-        log.info("connected to the zpar broker at %s (%d workers)", node.address, workers)
+        log.info("connected to the zpar broker at %s (%d workers)", client.address, workers)
 
     def _monitor_loop(self, nodes: list[Node]) -> None:
         """Connect the brokers that did not answer yet; follow the worker counts of the others."""
@@ -321,11 +323,25 @@ class Server:
         return self._stats["local"].ncpus
 
     def set_ncpus(self, ncpus: int | str = "autodetect") -> None:
-        """Resize the local pool ("autodetect": one worker per usable core; 0: remote nodes only).
+        """Resize the local pool, as pp does ("autodetect": one worker per usable core; 0: remote nodes only);
+        on a Server with ppservers, a number of 1 or more also resizes the cluster, live.
 
-        A new embedded cluster of that size takes every job not yet handed out;
-        the old one finishes the jobs it holds, then stops.
+        Local: a new embedded cluster of that size takes every job not yet
+        handed out; the old one finishes the jobs it holds, then stops.
+
+        Cluster: every node of every connected broker keeps ``ncpus`` workers
+        from now on, as if its agent had been started with ``zpar-agent
+        --workers ncpus`` (pp's ``ppserver.py -w ncpus``): more start at once
+        and take queued jobs, and those past it stop once their job is done,
+        so no job is lost. Returns once each broker shows its nodes at that
+        size (one that does not answer, or not within ``connect_timeout``, is
+        logged and left as it is). "autodetect" and 0 leave the nodes as they are (each
+        agent's default is its own machine's cores, and a node keeps at least
+        one worker); so do brokers not connected yet and nodes that join
+        later. Raises AuthenticationError if a broker lets no client resize
+        its nodes (key files, unless started with ``--allow-client-scale``).
         """
+        per_node = ncpus if isinstance(ncpus, int) and not isinstance(ncpus, bool) and ncpus > 0 else 0
         if ncpus == "autodetect":
             ncpus = usable_cores()
         if not isinstance(ncpus, int) or isinstance(ncpus, bool):
@@ -333,6 +349,11 @@ class Server:
         if ncpus < 0:
             raise ConfigError(f"ncpus must be an integer >= 0, not {ncpus}")
         with self._resize_lock:
+            if per_node:
+                with self._cond:
+                    brokers = [n for n in self._nodes if n.address is not None and n.client is not None]
+                for node in brokers:
+                    self._resize_broker(node, per_node)
             if self._closing or ncpus == self.get_ncpus():  # (a local node exists iff ncpus > 0)
                 return
             recycle: dict[str, Any] = {"max_tasks_per_worker": 1} if self._restart else {}  # a worker per job
@@ -353,6 +374,38 @@ class Server:
                     self._cond.notify_all()
             if closing_new is not None and closing_new.client is not None:
                 closing_new.client.close()
+
+    def _resize_broker(self, node: Node, workers: int) -> None:
+        """Every node of the broker behind ``node`` to ``workers`` workers (Client.scale), and wait until its
+        status shows them all so; a broker that does not answer in time is logged and keeps its size."""
+        client = node.client
+        if client is None:
+            return
+        deadline = time.monotonic() + self._connect_timeout
+        try:
+            # As the monitor asks: a broker away (its jobs wait for it) costs this call a second, not more.
+            names = [n["name"] for n in client.status(REFRESH_INTERVAL)["nodes"]]
+            for name in list(names):
+                try:
+                    client.scale(name, workers, wait=False, timeout=max(0.1, deadline - time.monotonic()))
+                except ConfigError:  # it left meanwhile
+                    names.remove(name)
+            while True:
+                info = client.status(max(0.1, deadline - time.monotonic()))
+                sizes = {n["name"]: n["workers"] for n in info["nodes"]}
+                if all(sizes.get(name, workers) == workers for name in names):  # (one that left is done)
+                    break
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"its nodes have {sizes} workers after {self._connect_timeout:g} s")
+                time.sleep(0.02)  # polling the broker's status; nothing to wake us sooner
+        except (BrokerUnavailable, TimeoutError, RuntimeError) as exc:  # RuntimeError: its client stopped
+            log.warning("could not resize the nodes of the zpar broker at %s to %d workers: %s", client.address,
+                        workers, exc)
+            return
+        with self._cond:
+            node.capacity = self._stats[node.name].ncpus = info["workers"]
+            self._cond.notify_all()
+        log.info("the %d nodes of the zpar broker at %s keep %d workers each", len(names), client.address, workers)
 
     def get_active_nodes(self) -> dict[str, int]:
         """``{node: workers}``: "local" always, and every remote broker that has workers."""

@@ -21,7 +21,8 @@ msgpack header frame, then payload frames the broker forwards untouched::
        |                       | <------------- GIVE_BACK | <---- GIVE_BACK |
        | RELEASE ----------->  | RELEASE ---------------> | RELEASE ------> |
        | PART (big args) --->  | PART ------------------> | (joined) -----> |
-       |                       | CONTROL (dashboard) ---> |                 |
+       |                       | CONTROL (dashboard,      |                 |
+       |                       |  Client.scale) --------> |                 |
 
 Header: ``{"v": VERSION, "k": Kind, ...fields}``. SUBMIT and TASKS carry the
 function blobs named in ``f`` first, then each task's frames in order (its
@@ -42,8 +43,8 @@ from ._messages import (
     BATCH_MAX_TASKS,
     FLAG_CHANNEL,
     INLINE_MAX,
-    MAX_ENTRIES,
     MAX_DEPS,
+    MAX_ENTRIES,
     MAX_ERROR_TEXT,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
@@ -109,8 +110,8 @@ __all__ = [
     "BATCH_MAX_TASKS",
     "FLAG_CHANNEL",
     "INLINE_MAX",
-    "MAX_ENTRIES",
     "MAX_DEPS",
+    "MAX_ENTRIES",
     "MAX_ERROR_TEXT",
     "MAX_FRAMES",
     "MAX_HEADER_BYTES",
@@ -169,6 +170,7 @@ __all__ = [
     "Welcome",
     "WorkerStats",
     "batches",
+    "check_resource",
     "chunks",
     "decode",
     "decode_routed",

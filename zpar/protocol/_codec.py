@@ -17,8 +17,8 @@ from ._messages import (
     BATCH_MAX_BYTES,
     BATCH_MAX_TASKS,
     INLINE_MAX,
-    MAX_ENTRIES,
     MAX_DEPS,
+    MAX_ENTRIES,
     MAX_ERROR_TEXT,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
@@ -363,7 +363,9 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
             if row[-1] == []:
                 row.pop()
         if type(row) is list and len(row) == 8:
-            refs = _digests(row.pop(), MAX_REFS, "a task's object references")
+            refs = _digests(row.pop(), MAX_REFS + MAX_DEPS, "a task's object references")
+        if sched is not None and sched.values > len(refs):
+            raise ProtocolError("a task names more dependency values than object references")
         if type(row) is not list or len(row) != 7:
             raise ProtocolError("a task entry must be [id, digest, nframes, flags, data, retries, timeout_ms],"
                                 " then its objects' digests if it refers to any, then its parts and their bytes"
@@ -380,14 +382,15 @@ def _tasks(h: dict[str, Any], fr: _Frames) -> tuple[tuple[TaskEntry, ...], tuple
 
 
 def _sched_row(s: Sched) -> tuple[Any, ...]:
-    return (s.priority, dict(s.resources), s.resource_timeout_ms, s.deps)
+    return (s.priority, dict(s.resources), s.resource_timeout_ms, s.deps, s.values)
 
 
 def _sched(value: Any) -> Sched:
     """A task's ``Sched`` from its wire row, checked: every peer may be hostile."""
-    if type(value) is not list or len(value) != 4:
-        raise ProtocolError("a task's scheduling must be [priority, {resource: amount}, resource_timeout_ms, deps]")
-    priority, resources, timeout_ms, deps = value
+    if type(value) is not list or len(value) != 5:
+        raise ProtocolError("a task's scheduling must be [priority, {resource: amount}, resource_timeout_ms, deps, "
+                            "values]")
+    priority, resources, timeout_ms, deps, values = value
     if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise ProtocolError(f"a task's priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}")
     if type(resources) is not dict or len(resources) > MAX_RESOURCES:
@@ -398,7 +401,9 @@ def _sched(value: Any) -> Sched:
         raise ProtocolError("a task's resource timeout must be a non-negative integer of milliseconds")
     if type(deps) is not list or len(deps) > MAX_DEPS or any(type(d) is not int or d < 0 for d in deps):
         raise ProtocolError(f"a task's dependencies must be a list of at most {MAX_DEPS} task ids")
-    return Sched(priority, tuple(sorted(resources.items())), timeout_ms, tuple(deps))
+    if type(values) is not int or not 0 <= values <= MAX_DEPS:
+        raise ProtocolError(f"a task's dependency values must be a count from 0 to {MAX_DEPS}")
+    return Sched(priority, tuple(sorted(resources.items())), timeout_ms, tuple(deps), values)
 
 
 def _offered(value: Any) -> tuple[tuple[str, float], ...]:

@@ -80,6 +80,7 @@ class Status(enum.IntEnum):
     CANCELLED = 4  # cause: stopped on request; not retried
     MEMORY = 5  # cause: its worker went past the memory limit; not retried
     STREAMED = 6  # payload: the pickled ``(items sent, return value)`` of a task that sent items
+    DEP_FAILED = 7  # cause: a task whose value it takes as an argument ended without one; it never ran
 
 
 #: Statuses whose entry carries a value; the others carry a Cause instead.
@@ -98,6 +99,8 @@ class ErrorCode(enum.IntEnum):
     QUOTA_EXCEEDED = 7  # these tasks can never fit one of this producer's quotas (detail says which)
     TOO_MANY_PEERS = 8  # this key has as many producers connected as the broker allows: HELLO refused
     QUEUE_FULL = 9  # this producer's queue is at a quota for now: send these tasks again as results come back
+    DEPENDENCY_GONE = 10  # these tasks wait for tasks the broker no longer holds (ended): send them with the values
+    RESOURCE_UNAVAILABLE = 11  # no node offers the resources these tasks ask for, past their resource_timeout
 
 
 class ByeReason(enum.IntEnum):
@@ -186,7 +189,7 @@ class Shipped:
 MAX_RESOURCES = 32
 #: The longest resource name ("gpu", "memory", "licence-matlab").
 MAX_RESOURCE_NAME = 64
-#: Most tasks one task may wait for (``Sched.deps``).
+#: Most tasks one task may wait for (``Sched.deps``); their values ride as ``refs`` beyond MAX_REFS.
 MAX_DEPS = 1024
 #: Priorities a task may have (``Sched.priority``): higher runs first, within its producer.
 MIN_PRIORITY, MAX_PRIORITY = -(1 << 31), (1 << 31) - 1
@@ -194,7 +197,7 @@ MIN_PRIORITY, MAX_PRIORITY = -(1 << 31), (1 << 31) - 1
 
 class Sched(NamedTuple):
     """How a task is scheduled, when it asks for more than the default (arrival order, any worker, no waits).
-    Wire: ``[priority, {resource: amount}, resource_timeout_ms, deps]``.
+    Wire: ``[priority, {resource: amount}, resource_timeout_ms, deps, values]``.
 
     ``priority``: higher first among its producer's queued tasks (default 0);
     producers stay served in turn whatever their priorities. ``resources``:
@@ -202,14 +205,18 @@ class Sched(NamedTuple):
     names sorted; an agent offers them with ``--resources``). ``resource_timeout_ms``:
     it fails if no node could take it for this long (0: it waits). ``deps``: the
     producer's ids of the tasks whose values it takes as arguments: it is
-    queued once they all ended well, and their values ride as ``refs``
-    (producer to broker only; the broker does not forward them).
+    queued once they all ended well (producer to broker). ``values``: the last
+    ``values`` digests of the entry's ``refs`` are those tasks' values, in
+    ``deps`` order, as objects (``zpar._refs``): the broker appends them when
+    it queues the task (and forwards it with ``deps`` empty); a producer sends
+    them itself for tasks that ended before the broker saw this one.
     """
 
     priority: int = 0
     resources: tuple[tuple[str, float], ...] = ()
     resource_timeout_ms: int = 0
     deps: tuple[int, ...] = ()
+    values: int = 0
 
 
 class TaskEntry(NamedTuple):
@@ -420,7 +427,12 @@ class GiveBack:
 
 @dataclass(frozen=True, slots=True)
 class StatusMsg:
-    """A request (info empty) or the broker's answer (info filled)."""
+    """A request (info empty) or the broker's answer (info filled).
+
+    A request may ask more (BrokerCore._asked): ``{"tasks": {"limit": n, "failed": bool}}`` the task
+    history, ``{"dashboard": "start"}`` the embedded cluster's dashboard, ``{"scale": {"node": NAME,
+    "workers": N}}`` a node resized (zpar.Client.scale; the answer's ``scale`` says how it went).
+    """
 
     kind: ClassVar[Kind] = Kind.STATUS
     info: dict[str, Any] = field(default_factory=dict)

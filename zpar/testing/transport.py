@@ -75,19 +75,21 @@ class StubBroker:
     # ------------------------------------------------------------------ the producer's side
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, opts: TaskOptions | None = None, flags: int = 0,
-               hold: bool = False, **kwargs: Any) -> Future:
+               hold: bool = False, deps: tuple[Future, ...] = (), **kwargs: Any) -> Future:
         """``fn(*args, **kwargs)`` pickled and handed over as Client.submit does; its future.
 
         With ``hold`` it waits in the queue until the next ``turn`` (a task the
-        I/O thread has not taken yet).
+        I/O thread has not taken yet). ``deps``: futures whose values it takes
+        (as pending Futures in Client.submit's arguments; ``args`` hold none).
         """
         opts = opts or TaskOptions()
         digest, blob = self._functions.get(fn)
         frames = serialize.dumps((args, kwargs), "arguments")
         tid = next(self._ids)
         fut = Future(tid, lambda f, force: self._cancels.append((f.task_id, force)), self._feeds.append)
-        self._submits.append(PendingTask(P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms),
-                                         blob, opts, fut))
+        sched = (opts.sched or P.Sched())._replace(deps=tuple(d.task_id for d in deps)) if deps else opts.sched
+        self._submits.append(PendingTask(P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms,
+                                                     sched=sched), blob, opts, fut, deps=deps))
         if not hold:
             self.turn()
         return fut

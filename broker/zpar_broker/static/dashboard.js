@@ -243,9 +243,34 @@ function security(status, metrics) {
   }
 }
 
+// Tasks that ask for resources no connected node offers (zpar_broker.resources): a warning line each, above the
+// cards, while they wait.
+function unplaceable(status) {
+  let list = $("unplaceable");
+  if (!list) {
+    list = document.createElement("ul");
+    list.id = "unplaceable";
+    list.setAttribute("role", "alert");
+    list.style.cssText = "list-style:none;padding:0;margin:0 0 1em;color:#c92a2a;font-weight:600";
+    $("cards").before(list);
+  }
+  list.replaceChildren();
+  for (const item of status.unplaceable || []) {
+    const asked = Object.entries(item.resources).map(([name, n]) => `${name}=${n}`).join(", ");
+    const offered = Object.entries(item.offered || {}).map(
+      ([node, res]) => `${node}: ${Object.entries(res).map(([name, n]) => `${name}=${n}`).join(", ")}`);
+    const li = document.createElement("li");
+    li.textContent = `warning: ${item.tasks} task(s) ask for ${asked}, which no connected node offers ` +
+      `(nodes offer: ${offered.join("; ") || "none"}); they wait for an agent started with --resources`;
+    list.append(li);
+  }
+  list.hidden = !list.children.length;
+}
+
 function show(snapshot) {
   const { status, metrics, tasks, time } = snapshot;
   header(status);
+  unplaceable(status);
   cards(status, metrics, time);
   nodes(status);
   producers(status);
