@@ -38,6 +38,8 @@ def test_a_task_waits_for_its_dependency_and_gets_its_value_as_an_object():
     submit(b, entry(1), entry(2, deps=(1,)))
     (first,) = tasks_in(b.ready(b"a", 2))  # only the dependency is queued
     assert first.payload == (b"args",)
+    status = b.core.status(b.now)
+    assert (status["queued"], status["running"], status["waiting"]) == (0, 1, 1)
     out = b.core.results(b.now, P.Result((P.ResultEntry(first.id, P.Status.OK, (b"\x80value",), 5),), b"a"))
     assert [(r[1], r[2]) for r in delivered(out)] == [(1, b"\x80value")]  # its own result still goes home
     (second,) = tasks_in(out)  # queued now, and sent at once: the node has a credit left
@@ -101,10 +103,12 @@ def test_a_chain_of_ten_thousand_fails_in_a_loop_not_a_recursion():
     out += b.advance(0)
     assert not b.core._producers[b"p"].tasks or b.core._tasks  # the first is queued again (a lost run retries)
     # Fail it for good: cancel it; the 9,999 waiting behind it end unrun.
+    assert b.core.status(b.now)["waiting"] == n - 1
     out = b.producer(b"p", P.Cancel((1,), True))
     statuses = [r.status for o in out if isinstance(o.msg, P.Result) for r in o.msg.results]
     assert statuses.count(P.Status.DEP_FAILED) == n - 1
     assert not b.core._producers[b"p"].tasks and not b.core._tasks
+    assert b.core.status(b.now)["waiting"] == 0
 
 
 def test_cancelling_a_waiting_task_leaves_its_dependency_alone():
@@ -112,6 +116,7 @@ def test_cancelling_a_waiting_task_leaves_its_dependency_alone():
     b.join(b"a")
     submit(b, entry(1), entry(2, deps=(1,)))
     b.producer(b"p", P.Cancel((2,), False))
+    assert b.core.status(b.now)["waiting"] == 0
     (first,) = tasks_in(b.ready(b"a", 1))
     out = b.core.results(b.now, P.Result((P.ResultEntry(first.id, P.Status.OK, (b"v",), 5),), b"a"))
     assert [r[1] for r in delivered(out)] == [1]

@@ -106,6 +106,7 @@ class BrokerCore:
         self.shared_values = False
         self._late: list[Outgoing] = []  # to send after the next flush's results (DEPENDENCY_GONE)
         self._value_files: dict[bytes, str] = {}  # digest -> a kept value's segment (the embedded hub's)
+        self._waiting = 0  # tasks WAITING for others' values
 
     # ------------------------------------------------------------------ events
 
@@ -335,7 +336,8 @@ class BrokerCore:
 
     def status(self, now: float) -> dict[str, Any]:
         info = report(now, self.epoch, self.started, self.security, self._agents.values(),
-                      self._producers.values(), len(self._tasks), self.counters)
+                      self._producers.values(), len(self._tasks) - self._waiting, self.counters)
+        info["waiting"] = self._waiting  # for other tasks' values (futures as arguments): neither queued nor running
         if self._placement.waiting:  # tasks asking for resources no connected node offers
             info["unplaceable"] = self._placement.status(now, self._agents.values())
         if self.dashboard:
@@ -429,7 +431,7 @@ class BrokerCore:
             "submitted": counters["submitted"],
             "finished": {outcome: counters[counter] for outcome, counter in sorted(_FINISHED.items())},
             "queued": queued,
-            "running": len(self._tasks) - queued,
+            "running": len(self._tasks) - queued - self._waiting,
             "nodes": len(self._agents),
             "workers": {"busy": busy, "idle": workers - busy},
             "producers": len(self._producers),
@@ -533,6 +535,7 @@ class BrokerCore:
                 prod.unqueue(task)  # a tombstone where it lies: O(1)
             elif task.state is TaskState.WAITING:
                 task.state = TaskState.GONE  # in the lists of the tasks it waited for: skipped there
+                self._waiting -= 1
             elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL or task.incomplete) \
                     and task.agent is not None:
                 # A stream left running would wait at its window for ever, and a task short of parts
@@ -663,6 +666,8 @@ class BrokerCore:
         stop: dict[bytes, list[int]] = {}
         for task in prod.tasks.values():
             self._tasks.pop(task.gid, None)
+            if task.state is TaskState.WAITING:
+                self._waiting -= 1
             if task.agent is not None:
                 task.agent.release(task.gid)
                 stop.setdefault(task.agent.id, []).append(task.gid)
@@ -735,6 +740,7 @@ class BrokerCore:
                 task.waiting += 1
         if task.waiting:
             task.state = TaskState.WAITING
+            self._waiting += 1
             self.counters["waiting_for_values"] += 1
         else:
             self._ready(task)
@@ -750,6 +756,8 @@ class BrokerCore:
 
     def _ready(self, task: TaskRecord) -> None:
         """Every value ``task`` waited for is in: its entry names them (``Sched.values``), and it is queued."""
+        if task.state is TaskState.WAITING:
+            self._waiting -= 1
         entry, values = task.entry, task.values or []
         sched = entry.sched or P.Sched()
         task.entry = entry._replace(refs=entry.refs + tuple(values), sched=sched._replace(deps=(), values=len(values)))
@@ -783,6 +791,7 @@ class BrokerCore:
                         self._ready(task)
                     continue
                 del self._tasks[task.gid]
+                self._waiting -= 1
                 self._unlink(task)
                 self._finished(task, "dependency_failed", when, why=why)
                 cause = P.Cause("the broker", detail=why)

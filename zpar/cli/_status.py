@@ -59,7 +59,8 @@ def view(info: dict[str, Any], address: str) -> Group:
             cells.append(Text(_resources(node.get("resources"), node.get("resources_free"))))
         table.add_row(*cells)
     lines.append(table)
-    lines.append(Text(f"workers {get('workers')} (busy {get('busy')})  queued {get('queued')}  "
+    waiting = f"  waiting {info['waiting']}" if info.get("waiting") else ""  # for other tasks' values
+    lines.append(Text(f"workers {get('workers')} (busy {get('busy')})  queued {get('queued')}{waiting}  "
                       f"running {get('running')}  done {get('done')}  failed {get('failed')}"))
     unplaceable = info.get("unplaceable", [])
     for item in unplaceable if isinstance(unplaceable, list) else []:
