@@ -151,3 +151,25 @@ def test_a_dependent_whose_node_dies_runs_again_elsewhere_with_the_value(new_clu
         cluster.kill_agent(victim)
         open(gate, "w").close()
         assert np.array_equal(holder.result(timeout=60), ramp(1_000))
+
+
+def test_a_chain_in_flight_survives_a_broker_restart(new_cluster, tmp_path):
+    cluster = new_cluster(agents=1, workers=2)
+    gate = str(tmp_path / "gate")
+    with cluster.client() as client:
+        done = client.submit(tasks.square, 3)
+        assert done.result(timeout=30) == 9
+        head = client.submit(tasks.block_until, gate, 60.0, 0)  # the rest wait behind it at the broker
+        x = head
+        for _ in range(500):
+            x = client.submit(operator.add, x, 1)
+        also = client.submit(tasks.add, done, x)  # a dependency that ended before the restart, and one after
+        wait_for(lambda: cluster.status()["waiting"] == 501, 30, what="the chain waiting at the broker")
+        old = cluster.status()["epoch"]
+        cluster.broker.kill()
+        cluster.broker.wait()
+        cluster.start_broker()
+        wait_for(lambda: cluster.status()["epoch"] != old, 20, what="the new broker answering")
+        open(gate, "w").close()
+        assert x.result(timeout=60) == 500
+        assert also.result(timeout=30) == 509
