@@ -42,6 +42,7 @@ import dataclasses
 import gc
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -615,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             print(f"stopped {len(left)} processes still running at the end: {sorted(set(left.values()))}",
                   file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)  # its gates and the daemons' log
 
     elapsed = perf() - started
     meta = {"zpar_git": git, "workers": args.workers, "quick": args.quick, "python": platform.python_version(),
