@@ -34,6 +34,10 @@ atexit.register(shutil.rmtree, _CONFIG_HOME, ignore_errors=True)
 
 cloudpickle.register_pickle_by_value(tasks)
 
+# Brokers the tests start on 0.0.0.0 would announce themselves on this host's LAN (mDNS): only the discovery
+# tests, in network namespaces of their own, ask for it.
+os.environ["ZPAR_ANNOUNCE"] = "off"
+
 settings.register_profile("zpar", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("zpar")
 

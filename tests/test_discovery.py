@@ -279,7 +279,7 @@ def procs(lan, tmp_path):
 
 
 def _env(secret: str = SECRET) -> dict[str, str]:
-    return {**os.environ, "ZPAR_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "ZPAR_SECRET": secret, "PYTHONUNBUFFERED": "1", "ZPAR_ANNOUNCE": "auto"}
 
 
 def _python(lan, where: str, code: str, secret: str = SECRET, timeout: float = 60) -> dict:
