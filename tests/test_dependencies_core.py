@@ -3,15 +3,21 @@ other tasks' values waits for them, gets them as objects, or fails when one fail
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import invariant, rule
 
 from zpar import _refs, errors
 from zpar import protocol as P
 from zpar.testing.transport import StubBroker
+from zpar_broker.records import TaskState
 
 from .test_broker_core import BLOB, Broker, D, delivered
+from .test_broker_core_properties import BrokerMachine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -213,3 +219,89 @@ def test_a_cancelled_dependency_fails_the_dependent_with_cancelled_error_as_caus
     with pytest.raises(errors.DependencyError) as info:
         task.result(timeout=5)
     assert isinstance(info.value.__cause__, concurrent.futures.CancelledError)
+
+
+# ------------------------------------------------------------------ the broker as a state machine, with deps
+
+class DependenciesMachine(BrokerMachine):
+    """The broker machine's random submits, credits, results, silences and goodbyes, where tasks also take
+    earlier tasks' values and results may be errors: every task still ends once, in one place meanwhile, and
+    no kept value outlives the tasks that take it."""
+
+    def handle(self, out) -> None:
+        plain = [o for o in out if not isinstance(o.msg, P.Result)]
+        super().handle(plain)
+        for o in out:
+            if isinstance(o.msg, P.Result):
+                for r in o.msg.results:
+                    key = (o.peer, r.id)
+                    self.delivered[key] += 1
+                    assert self.delivered[key] == 1, f"result {key} delivered twice"
+                    if r.status is P.Status.OK:
+                        assert r.payload == (b"echo " + b"%s:%d" % key,), "result routed to the wrong task"
+                    self.outstanding.discard(key)
+
+    @rule(p=st.sampled_from([b"p1", b"p2"]), data=st.data())
+    def submit_with_deps(self, p, data):
+        tid = self.next_id[p] + 1
+        self.next_id[p] += 1
+        earlier = list(range(1, tid))
+        deps = tuple(data.draw(st.lists(st.sampled_from(earlier), max_size=3))) if earlier else ()
+        entry = P.TaskEntry(tid, D2, (b"%s:%d" % (p, tid),), 0, P.MAX_RETRIES,
+                            sched=P.Sched(deps=deps) if deps else None)
+        if p not in self.core._producers:
+            self.core.producer_message(self.now, p, P.Hello(P.Role.PRODUCER))
+        out = self.core.producer_message(self.now, p, P.Submit((entry,), (P.Function(D2, b"blob"),)))
+        refused = any(isinstance(o.msg, P.Error) and tid in o.msg.ids for o in out)
+        self.handle(out)
+        if not refused:
+            self.outstanding.add((p, tid))
+
+    @rule(a=st.sampled_from([b"a1", b"a2", b"a3"]), data=st.data())
+    def failures(self, a, data):
+        """Results that are errors: their dependents end unrun."""
+        choices = self.live_holdings(a)
+        if not choices:
+            return
+        gids = data.draw(st.lists(st.sampled_from(choices), min_size=1, max_size=2, unique=True))
+        entries = tuple(P.ResultEntry(g, P.Status.RAISED, (b"exc",), 1) for g in gids)
+        self.handle(self.core.results(self.now, P.Result(entries, a)))
+
+    @invariant()
+    def every_task_is_in_exactly_one_place(self):
+        core = self.core
+        places = collections.Counter()
+        for prod in core._producers.values():
+            for queue in (prod.queue, *prod.shaped.values()):
+                places.update(t.gid for t in queue if t.state is not TaskState.GONE)
+        for agent in core._agents.values():
+            places.update(t.gid for t in agent.assigned.values() if t.agent is agent)
+        for t in core._tasks.values():
+            if t.state is TaskState.WAITING:
+                assert t.waiting > 0 and t.agent is None and t.gid not in places
+                places[t.gid] += 1
+        assert set(places) == set(core._tasks), "the table and the queues/assignments/waiting disagree"
+        assert all(n == 1 for n in places.values()), "a task is in two places"
+
+    @invariant()
+    def status_adds_up(self):
+        s = self.core.status(self.now)
+        assert s["queued"] >= 0 and s["running"] >= 0 and s["waiting"] >= 0
+        assert s["queued"] + s["running"] + s["waiting"] == len(self.core._tasks)
+        assert s["waiting"] == sum(t.state is TaskState.WAITING for t in self.core._tasks.values())
+
+    @invariant()
+    def no_kept_value_outlives_the_tasks_that_take_it(self):
+        for prod in self.core._producers.values():
+            taken = set()
+            for t in prod.tasks.values():
+                taken.update(t.entry.refs)
+                taken.update(t.held or ())
+            assert set(prod.objects._blobs) <= taken, "a value no task takes is still kept"
+
+
+D2 = P.digest(b"blob")
+# Derandomized: the same search every run, so CI is deterministic.
+DependenciesMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=60, deadline=None,
+                                                 derandomize=True, database=None)
+TestDependenciesStateMachine = DependenciesMachine.TestCase
