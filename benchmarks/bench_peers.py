@@ -21,6 +21,7 @@ import functools
 import gc
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             print(f"stopped {len(left)} processes still running at the end: {sorted(set(left.values()))}",
                   file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)  # the daemons' log
 
     elapsed = perf() - started
     meta = {"zpar_git": git, "workers": args.workers, "quick": args.quick, "python": platform.python_version(),
