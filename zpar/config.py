@@ -139,6 +139,17 @@ _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "kb": 1000
           "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
+def resource_amount(amount: float) -> str:
+    """An amount as ``--resources`` would take it: ``2``, ``0.5``, ``64GiB`` (a whole number of GiB, MiB...)."""
+    if float(amount).is_integer():
+        n = int(amount)
+        for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20)):
+            if n >= 1 << shift and n % (1 << shift) == 0:
+                return f"{n >> shift}{unit}"
+        return str(n)
+    return f"{amount:g}"
+
+
 def parse_resources(value: str | Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, float], ...]:
     """An agent's ``--resources`` as sorted ``(name, amount)`` pairs: ``gpu=2,memory=64GiB`` (sizes in KiB, MiB,
     GiB, TiB or KB, MB, GB, TB), or a mapping (a TOML table: ``{gpu = 2, memory = "64GiB"}``). ConfigError

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 
 from zpar._text import printable
+from zpar.config import resource_amount
 
 from .records import AgentRecord, ProducerRecord, Shape, TaskRecord, TaskState
 
@@ -38,7 +39,7 @@ def fits(free: Mapping[str, float], shape: Shape) -> bool:
 
 def words(resources: Iterable[tuple[str, float]]) -> str:
     """``gpu=1, memory=68719476736`` (names made safe for a terminal); ``none`` for none."""
-    return ", ".join(f"{printable(name, 64)}={amount:g}" for name, amount in resources) or "none"
+    return ", ".join(f"{printable(name, 64)}={resource_amount(amount)}" for name, amount in resources) or "none"
 
 
 class Placement:

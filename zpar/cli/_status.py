@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._text import printable
+from ..config import resource_amount
 
 #: The widest a peer-supplied value shows in the table.
 CELL_LIMIT = 80
@@ -93,7 +94,9 @@ def _pairs(resources: Any) -> str:
 
 
 def _amount(amount: Any) -> str:
-    return f"{amount:g}" if isinstance(amount, int | float) and not isinstance(amount, bool) else printable(amount, 32)
+    if isinstance(amount, int | float) and not isinstance(amount, bool):
+        return resource_amount(amount)
+    return printable(amount, 32)
 
 
 def _resources(offered: Any, free: Any) -> str:
