@@ -107,3 +107,15 @@ def test_the_page_shows_each_producers_progress_in_all_and_per_function(new_clus
         assert "tasks.square: 30/30" in row.inner_text() and "tasks.add: 10/10" in row.inner_text()
         assert row.get_attribute("data-producer").startswith("client-")
     assert page.errors == []
+
+
+def test_the_page_warns_of_tasks_no_node_can_take(new_cluster, page):
+    cluster = new_cluster(agents=1, workers=1)
+    with cluster.client() as client:
+        fut = client.options(resources={"gpu": 2}).submit(abs, -1)
+        page.goto(cluster.status()["dashboard"])
+        warning = page.wait_for_selector("#unplaceable li", timeout=20_000)
+        assert "1 task(s) ask for gpu=2, which no connected node offers" in warning.inner_text()
+        fut.cancel()
+        page.wait_for_selector("#unplaceable", state="hidden", timeout=20_000)
+    assert page.errors == []

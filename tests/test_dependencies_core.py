@@ -107,7 +107,7 @@ def test_a_chain_of_ten_thousand_fails_in_a_loop_not_a_recursion():
     (first,) = tasks_in(b.ready(b"a", 1))
     out = b.core.results(b.now, P.Result((P.ResultEntry(first.id, P.Status.LOST, cause=P.Cause("a", 1)),), b"a"))
     out += b.advance(0)
-    assert not b.core._producers[b"p"].tasks or b.core._tasks  # the first is queued again (a lost run retries)
+    assert b.core._tasks[first.id].state is TaskState.QUEUED  # the first is queued again (a lost run retries)
     # Fail it for good: cancel it; the 9,999 waiting behind it end unrun.
     assert b.core.status(b.now)["waiting"] == n - 1
     out = b.producer(b"p", P.Cancel((1,), True))
@@ -296,7 +296,7 @@ class DependenciesMachine(BrokerMachine):
             taken = set()
             for t in prod.tasks.values():
                 taken.update(t.entry.refs)
-                taken.update(t.held or ())
+                taken.update(t.values or ())
             assert set(prod.objects._blobs) <= taken, "a value no task takes is still kept"
 
 

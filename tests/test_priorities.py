@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
+import tasks
+from test_broker_core import BLOB, D
+from test_broker_core import Broker as CoreBroker
 
 import zpar
 from zpar import protocol as P
 from zpar.agent.slots import Slots
-from zpar_broker.core import BrokerCore
+from zpar.testing import wait_for
 from zpar_broker.queues import TaskQueue
 from zpar_broker.records import TaskState
-
-BLOB = b"the function"
-D = P.digest(BLOB)
 
 
 def entry(i: int, priority: int = 0, peer: bytes = b"p") -> P.TaskEntry:
@@ -31,22 +31,11 @@ def entry(i: int, priority: int = 0, peer: bytes = b"p") -> P.TaskEntry:
     return P.TaskEntry(i, D, (b"%s:%d" % (peer, i),), 0, 3, 0, (), sched=sched)
 
 
-class Broker:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.core = BrokerCore(self.now)
+class Broker(CoreBroker):
+    """test_broker_core's broker, submitting tasks at a priority."""
 
     def submit(self, peer: bytes, ids, priority: int = 0):
-        if peer not in self.core._producers:
-            self.core.producer_message(self.now, peer, P.Hello(P.Role.PRODUCER))
-        entries = tuple(entry(i, priority, peer) for i in ids)
-        return self.core.producer_message(self.now, peer, P.Submit(entries, (P.Function(D, BLOB),)))
-
-    def join(self, peer: bytes, workers: int = 1):
-        return self.core.agent_message(self.now, peer, P.Hello(P.Role.AGENT, peer.decode(), "host", 1, workers))
-
-    def ready(self, peer: bytes, n: int):
-        return self.core.agent_message(self.now, peer, P.Ready(n))
+        return self.producer(peer, P.Submit(tuple(entry(i, priority, peer) for i in ids), (P.Function(D, BLOB),)))
 
 
 def sent(out) -> list[bytes]:
@@ -222,54 +211,31 @@ def test_a_batch_of_mixed_priorities_from_the_broker_is_ordered_on_arrival(slots
 # ---------------------------------------------------------------- a real cluster: the bar
 
 
-def _wait_for(path: str, timeout: float = 60.0) -> int:
-    """Block until ``path`` exists (the test's release), then return when this task started."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.005)
-    return time.monotonic_ns()
-
-
-def _started(path: str) -> int:
-    Path(path).touch()
-    return time.monotonic_ns()
-
-
-def _block(started: str, release: str) -> int:
-    _started(started)
-    return _wait_for(release)
+def _block(started: str, gate: str) -> None:
+    """Say it started, then hold the one worker until the test opens ``gate`` (the fixture opens it at teardown)."""
+    tasks.touch(started)
+    tasks.block_until(gate, 60)
 
 
 def _stamp(i: int) -> int:
     return time.monotonic_ns()
 
 
-def _queued(client: zpar.Client, n: int, timeout: float = 30.0) -> None:
+def _queued(client: zpar.Client, n: int) -> None:
     """Until the broker holds ``n`` tasks queued (the node's prefetch given back: its one worker is held)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = client.status()
-        if info["queued"] >= n:
-            return
-        assert time.monotonic() < deadline, f"the broker never queued {n} tasks: {info['queued']}"
-        time.sleep(0.02)
+    wait_for(lambda: client.status()["queued"] >= n, 30, 0.02, f"{n} tasks queued at the broker")
 
 
 @pytest.mark.timeout(120)
-def test_ten_high_priority_tasks_start_before_a_hundred_queued_before_them(tmp_path):
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+def test_ten_high_priority_tasks_start_before_a_hundred_queued_before_them(tmp_path, gate):
+    started = str(tmp_path / "started")
     with zpar.Client(workers=1) as client:
-        blocker = client.submit(_block, started, release)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(started):
-            assert time.monotonic() < deadline, "the blocking task never started"
-            time.sleep(0.01)
+        blocker = client.submit(_block, started, gate)
+        wait_for(lambda: os.path.exists(started), 30, what="the blocking task started")
         low = [client.submit(_stamp, i) for i in range(100)]
         high = [client.options(priority=10).submit(_stamp, i) for i in range(10)]
         _queued(client, 110)
-        Path(release).touch()
+        Path(gate).touch()
         blocker.result(timeout=60)
         low_starts = [f.result(timeout=60) for f in low]
         high_starts = [f.result(timeout=60) for f in high]
@@ -298,20 +264,17 @@ def test_a_second_producer_is_served_while_the_first_has_many_high_priority_task
 
 
 @pytest.mark.timeout(60)
-def test_executor_and_pool_pass_priorities_through_options(tmp_path):
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+def test_executor_and_pool_pass_priorities_through_options(tmp_path, gate):
+    started = str(tmp_path / "started")
     with zpar.Executor(max_workers=1) as ex:
-        blocker = ex.submit(_block, started, release)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(started):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        blocker = ex.submit(_block, started, gate)
+        wait_for(lambda: os.path.exists(started), 30, what="the blocking task started")
         low = [ex.submit(_stamp, i) for i in range(20)]
         urgent = ex.options(priority=5)
         high = [urgent.submit(_stamp, i) for i in range(3)]
         mapped = urgent.map(_stamp, range(3))
         _queued(ex.client, 26)  # all but the blocker: none prefetched on the node
-        Path(release).touch()
+        Path(gate).touch()
         blocker.result(timeout=60)
         high_starts = [f.result(timeout=60) for f in high] + list(mapped)
         assert max(high_starts) < min(f.result(timeout=60) for f in low)

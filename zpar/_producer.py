@@ -454,12 +454,9 @@ class ProducerCore:
             return
         ready: list[PendingTask] = []
         for tid in list(self._behind):
-            task = self.pending.get(tid)
-            if task is None:  # cancelled, or failed
-                del self._behind[tid]
-                continue
             del self._behind[tid]
-            if self._sendable(task):
+            task = self.pending.get(tid)  # None: cancelled, or failed
+            if task is not None and self._sendable(task):  # (or behind again, after an earlier one)
                 ready.append(task)
         if ready:
             out += self._submit(ready)

@@ -106,7 +106,6 @@ class BrokerCore:
         self.shared_values = False
         self._late: list[Outgoing] = []  # to send after the next flush's results (DEPENDENCY_GONE)
         self._value_files: dict[bytes, str] = {}  # digest -> a kept value's segment (the embedded hub's)
-        self._waiting = 0  # tasks WAITING for others' values
 
     # ------------------------------------------------------------------ events
 
@@ -336,8 +335,7 @@ class BrokerCore:
 
     def status(self, now: float) -> dict[str, Any]:
         info = report(now, self.epoch, self.started, self.security, self._agents.values(),
-                      self._producers.values(), len(self._tasks) - self._waiting, self.counters)
-        info["waiting"] = self._waiting  # for other tasks' values (futures as arguments): neither queued nor running
+                      self._producers.values(), len(self._tasks), self.counters)
         if self._placement.waiting:  # tasks asking for resources no connected node offers
             info["unplaceable"] = self._placement.status(now, self._agents.values())
         if self.dashboard:
@@ -365,13 +363,11 @@ class BrokerCore:
         prod = next((p for p in self._producers.values() if p.label() == producer), None)
         if prod is None:
             return [], 0
-        ids = [task] if task is not None else list(prod.tasks)
-        ids = [i for i in ids if i in prod.tasks]
+        ids = list(prod.tasks) if task is None else [task] if task in prod.tasks else []
         out: list[Outgoing] = []
         cause = P.Cause("the broker", detail="cancelled from the broker's dashboard")
         self._cancel(prod, ids, True, out, cause.detail)
-        out += [Outgoing(Dest.FRONTEND, prod.id, P.Result(tuple(P.ResultEntry(i, P.Status.CANCELLED, cause=cause)
-                                                                for i in chunk))) for chunk in P.chunks(ids)]
+        self._route({prod.id: [P.ResultEntry(i, P.Status.CANCELLED, cause=cause) for i in ids]}, out)
         if ids:
             log.info("dashboard: cancelled %d tasks of producer %s", len(ids), printable(producer),
                      extra={"producer": producer})
@@ -431,7 +427,7 @@ class BrokerCore:
             "submitted": counters["submitted"],
             "finished": {outcome: counters[counter] for outcome, counter in sorted(_FINISHED.items())},
             "queued": queued,
-            "running": len(self._tasks) - queued - self._waiting,
+            "running": len(self._tasks) - queued - sum(p.waiting for p in self._producers.values()),
             "nodes": len(self._agents),
             "workers": {"busy": busy, "idle": workers - busy},
             "producers": len(self._producers),
@@ -535,7 +531,7 @@ class BrokerCore:
                 prod.unqueue(task)  # a tombstone where it lies: O(1)
             elif task.state is TaskState.WAITING:
                 task.state = TaskState.GONE  # in the lists of the tasks it waited for: skipped there
-                self._waiting -= 1
+                prod.waiting -= 1
             elif (force or task.streamed or task.entry.flags & P.FLAG_CHANNEL or task.incomplete) \
                     and task.agent is not None:
                 # A stream left running would wait at its window for ever, and a task short of parts
@@ -655,8 +651,8 @@ class BrokerCore:
             task.producer.funcs.release(task.entry.digest)
             if task.entry.refs:
                 objects.unhold(task.producer, task.entry.refs)
-            if task.held:  # values of tasks it waited for, not yet in its refs
-                objects.unhold(task.producer, task.held)
+            if task.values:  # values of tasks it waited for, not yet in its refs
+                objects.unhold(task.producer, [digest for digest in task.values if digest])
         if task.agent is not None:
             task.agent.release(task.gid)
             task.agent = None
@@ -666,8 +662,6 @@ class BrokerCore:
         stop: dict[bytes, list[int]] = {}
         for task in prod.tasks.values():
             self._tasks.pop(task.gid, None)
-            if task.state is TaskState.WAITING:
-                self._waiting -= 1
             if task.agent is not None:
                 task.agent.release(task.gid)
                 stop.setdefault(task.agent.id, []).append(task.gid)
@@ -690,6 +684,7 @@ class BrokerCore:
         del self._agents[agent.id]
         cause = P.Cause(agent.name, agent.pid, detail="the node went silent" if why == "silent" else "the node left")
         failed: dict[bytes, list[P.ResultEntry]] = {}
+        when = time.time()
         # Oldest first at the front: they were taken first.
         for task in sorted(agent.assigned.values(), key=lambda t: t.gid, reverse=True):
             task.agent = None
@@ -698,14 +693,13 @@ class BrokerCore:
                 continue
             del self._tasks[task.gid]
             self._unlink(task)
-            self._finished(task, "lost", time.time(), agent.name, why=_why(cause))
+            self._finished(task, "lost", when, agent.name, why=_why(cause))
             failed.setdefault(task.producer.id, []).append(
                 P.ResultEntry(task.ptid, P.Status.LOST, cause=self._gave_up(task, cause)))
             if task.dependents:
                 self._settle(task, None, failed)
         agent.release_all()
-        for pid, entries in failed.items():
-            out += [Outgoing(Dest.FRONTEND, pid, P.Result(tuple(batch))) for batch in P.batches(entries)]
+        self._route(failed, out)
         self.counters[f"agents_{why}"] += 1
 
     def _sweep_objects(self) -> list[Outgoing]:
@@ -728,7 +722,7 @@ class BrokerCore:
         """``task`` takes the values of ``deps`` (its producer's tasks, each held here or its value kept):
         queued now if every value is in, else WAITING until they are (``_settle``)."""
         prod = task.producer
-        task.values, task.held = [b""] * len(deps), []
+        task.values = [b""] * len(deps)
         for i, ptid in enumerate(deps):
             dep = prod.tasks.get(ptid)
             if dep is None:
@@ -740,7 +734,7 @@ class BrokerCore:
                 task.waiting += 1
         if task.waiting:
             task.state = TaskState.WAITING
-            self._waiting += 1
+            prod.waiting += 1
             self.counters["waiting_for_values"] += 1
         else:
             self._ready(task)
@@ -748,20 +742,18 @@ class BrokerCore:
     @staticmethod
     def _take_value(task: TaskRecord, index: int, digest: bytes) -> None:
         """One value ``task`` waited for is in: noted at its place among its values, and held for it."""
-        if task.values is None or task.held is None:
-            return  # not waiting (a peer named a task twice): nothing to take
-        task.values[index] = digest
-        objects.hold(task.producer, (digest,))
-        task.held.append(digest)
+        if task.values is not None:  # always, for a task waiting
+            task.values[index] = digest
+            objects.hold(task.producer, (digest,))
 
     def _ready(self, task: TaskRecord) -> None:
         """Every value ``task`` waited for is in: its entry names them (``Sched.values``), and it is queued."""
         if task.state is TaskState.WAITING:
-            self._waiting -= 1
+            task.producer.waiting -= 1
         entry, values = task.entry, task.values or []
         sched = entry.sched or P.Sched()
         task.entry = entry._replace(refs=entry.refs + tuple(values), sched=sched._replace(deps=(), values=len(values)))
-        task.values = task.held = None  # held through its refs from now on
+        task.values = None  # held through its refs from now on
         task.producer.enqueue(task)
         self._activate(task.producer)
 
@@ -791,7 +783,7 @@ class BrokerCore:
                         self._ready(task)
                     continue
                 del self._tasks[task.gid]
-                self._waiting -= 1
+                prod.waiting -= 1
                 self._unlink(task)
                 self._finished(task, "dependency_failed", when, why=why)
                 cause = P.Cause("the broker", detail=why)

@@ -35,7 +35,7 @@ class TaskState(enum.Enum):
 class TaskRecord:
     """A task as its producer sent it (``entry``, payload attached, forwarded as it is) and where it is."""
 
-    __slots__ = ("agent", "assembly", "attempts", "dependents", "dispatched", "entry", "feed", "gid", "held",
+    __slots__ = ("agent", "assembly", "attempts", "dependents", "dispatched", "entry", "feed", "gid",
                  "holders", "nbytes", "producer", "state", "streamed", "submitted", "values", "waiting")
 
     def __init__(self, gid: int, producer: ProducerRecord, entry: P.TaskEntry, submitted: float = 0.0) -> None:
@@ -54,11 +54,10 @@ class TaskRecord:
         self.streamed = False  # it exchanged stream items (zpar.streaming): never run it again
         self.feed: Feed | None = None  # what its producer sent it before an agent had it
         # Futures as arguments (Sched.deps): the tasks waiting for this one's value, each with the index of
-        # the value among theirs; and for a waiting task, its values come so far (digests of objects), the
-        # ones of those it holds, and how many it still waits for.
+        # the value among theirs; and for a waiting task, its values come so far (digests of objects it holds
+        # for itself; b"" for one not come yet), and how many it still waits for.
         self.dependents: list[tuple[TaskRecord, int]] | None = None
         self.values: list[bytes] | None = None
-        self.held: list[bytes] | None = None
         self.waiting = 0
 
     @property
@@ -93,7 +92,7 @@ class Feed:
 class ProducerRecord:
     __slots__ = ("active", "ended", "failed", "funcs", "host", "id", "last_seen", "name", "names", "objects",
                  "progress", "queue", "queued", "queued_bytes", "shaped", "submitted", "tasks",
-                 "values")
+                 "values", "waiting")
 
     def __init__(self, pid: bytes, now: float) -> None:
         self.id = pid
@@ -110,7 +109,8 @@ class ProducerRecord:
         self.queue = TaskQueue(TaskState.GONE)
         self.shaped: dict[Shape, TaskQueue] = {}
         self.queued = self.queued_bytes = 0  # live tasks in all its queues, and their payload bytes
-        self.tasks: dict[int, TaskRecord] = {}  # producer task id -> task, queued or assigned
+        self.tasks: dict[int, TaskRecord] = {}  # producer task id -> task, queued, assigned or waiting
+        self.waiting = 0  # those WAITING for other tasks' values: neither queued nor running
         #: Its ended tasks whose values are still kept for tasks that take them (Sched.deps): id -> object digest.
         self.values: dict[int, bytes] = {}
         self.last_seen = now
@@ -135,6 +135,15 @@ class ProducerRecord:
             queue.put(task, sched.priority, front)
         self.queued += 1
         self.queued_bytes += task.nbytes
+
+    def take(self, queue: TaskQueue) -> TaskRecord | None:
+        """The next live task of ``queue`` (one of this producer's), out of it and out of the counts; None if
+        only tombstones were left."""
+        task = queue.take()
+        if task is not None:
+            self.queued -= 1
+            self.queued_bytes -= task.nbytes
+        return task
 
     def unqueue(self, task: TaskRecord) -> None:
         """``task`` leaves its queue where it is (a tombstone), in O(1) (see TaskQueue.tombstone)."""
@@ -265,7 +274,8 @@ def count_ended(prod: ProducerRecord, digest: bytes, ok: bool) -> None:
 def producer_status(prod: ProducerRecord, now: float) -> dict[str, Any]:
     """One producer's line in the broker's status: its tasks, in all and per function (the dashboard's progress
     of its maps)."""
-    return {"name": prod.label(), "host": prod.host, "queued": prod.queued, "running": len(prod.tasks) - prod.queued,
+    return {"name": prod.label(), "host": prod.host, "queued": prod.queued, "waiting": prod.waiting,
+            "running": len(prod.tasks) - prod.queued - prod.waiting,
             "submitted": prod.submitted, "ended": prod.ended, "failed": prod.failed,
             "functions": [{"function": prod.names.get(d, d.hex()[:12]), "submitted": sub, "ended": end,
                            "failed": bad} for d, (sub, end, bad) in prod.progress.items()],
@@ -305,6 +315,7 @@ def report(now: float, epoch: str, started: float, security: str, agents: Iterab
     """The broker's status (``zpar status``, STATUS): nodes, workers busy and idle, queued, running, done."""
     producers = list(producers)
     queued = sum(p.queued for p in producers)
+    waiting = sum(p.waiting for p in producers)  # for other tasks' values: neither queued nor running
     nodes = [status_of(a, now) for a in agents]
     return {
         "epoch": epoch,
@@ -316,7 +327,8 @@ def report(now: float, epoch: str, started: float, security: str, agents: Iterab
         "busy": sum(n["busy"] for n in nodes),
         "producers": len(producers),
         "queued": queued,
-        "running": tasks - queued,
+        "waiting": waiting,
+        "running": tasks - queued - waiting,
         "done": counters["done"],
         "failed": counters["failed"],
         "objects": objects_status(producers),  # scattered objects held for producers

@@ -115,15 +115,9 @@ class Placement:
 
     @staticmethod
     def _take(prod: ProducerRecord, shape: Shape) -> TaskRecord | None:
-        queue = prod.shaped.get(shape)
-        if queue is None:
-            return None
-        task = queue.take()
-        if task is None:
+        task = prod.take(prod.shaped[shape])
+        if task is None:  # only tombstones were left (cancels)
             del prod.shaped[shape]
-            return None
-        prod.queued -= 1
-        prod.queued_bytes -= task.nbytes
         return task
 
     # ------------------------------------------------------------------ what no agent offers

@@ -85,7 +85,11 @@ def dispatch(active: collections.deque[ProducerRecord], agents: Mapping[bytes, A
     """
     if placement is not None and placement.waiting:
         for agent, batch in placement.place(agents):
-            send(agent, batch, out)
+            # As many as the agent has credits for: in messages that each fit (entries, bytes, frames).
+            start = 0
+            for run in P.batches([task.entry for task in batch], reserved_frames=min(len(batch), P.BATCH_MAX_TASKS)):
+                send(agent, batch[start:start + len(run)], out)
+                start += len(run)
     while active:
         ready = [a for a in agents.values() if a.credits > 0]
         if not ready:
@@ -121,19 +125,14 @@ def _send_batch(active: collections.deque[ProducerRecord], agent: AgentRecord, l
             prod = active.popleft()
             queue = prod.queue  # its tasks that ask for no resources, highest priority first
             share = max(1, (limit - len(batch)) // (in_round - served))
-            taken = taken_bytes = 0
             while share and queue.live and nbytes < P.BATCH_MAX_BYTES and nframes < _FRAMES_PER_BATCH:
-                task = queue.take()
+                task = prod.take(queue)
                 if task is None:
                     break
                 batch.append(task)
                 nbytes += task.nbytes
-                taken_bytes += task.nbytes
                 nframes += len(task.entry.payload)
                 share -= 1
-                taken += 1
-            prod.queued -= taken
-            prod.queued_bytes -= taken_bytes
             if queue.live:
                 active.append(prod)
             else:

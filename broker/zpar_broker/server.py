@@ -164,14 +164,14 @@ class BrokerServer:
         #: ``defer_dashboard`` (the embedded cluster): no TCP port until its client asks for the dashboard
         #: (``zpar.Client.dashboard_link``: a STATUS asking ``{"dashboard": "start"}``).
         self._dashboard_later = where if defer_dashboard else None
+        self.core.history_open = not (self.creds is not None and self.creds.allow)  # with key files: not for all
+        self.core.scale_open = self.core.history_open or config.allow_client_scale  # the same rule for Client.scale
         if where is not None and not defer_dashboard:
             try:
                 self.start_dashboard(*where, fallback=config.dashboard == DEFAULT_DASHBOARD)
             except OSError:
                 self.close()
                 raise
-        self.core.history_open = not (self.creds is not None and self.creds.allow)  # the same rule for tasks
-        self.core.scale_open = self.core.history_open or config.allow_client_scale  # and for Client.scale
 
     def start_dashboard(self, host: str, port: int, fallback: bool = False) -> None:
         """Serve the dashboard and its API on ``host:port`` (``fallback``: any free port if that one is taken)."""
@@ -183,8 +183,7 @@ class BrokerServer:
         # In zpar status: with a shared secret every producer is fully trusted (deploy/README), so the
         # link with its token; with key files producers are not, so the address only (the token is in
         # this log, for whoever runs the broker).
-        self.core.dashboard = self.dashboard.url if self.creds is not None and self.creds.allow \
-            else self.dashboard.link
+        self.core.dashboard = self.dashboard.link if self.core.history_open else self.dashboard.url
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
@@ -421,7 +420,7 @@ class BrokerServer:
 
     def _start_deferred_dashboard(self) -> None:
         where, self._dashboard_later = self._dashboard_later, None
-        if where is None:
+        if where is None:  # the caller checks; for the type
             return
         try:
             self.start_dashboard(*where, fallback=True)
