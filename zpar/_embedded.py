@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from . import _shm
 from ._ipc import private_dir, sweep
-from .config import usable_cores
+from .config import resource_amount, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class EmbeddedCluster:
         if max_tasks_per_worker:
             args += ["--max-tasks-per-worker", str(max_tasks_per_worker)]
         if resources:  # what its node offers tasks that ask for resources (zpar.config.parse_resources)
-            args += ["--resources", ",".join(f"{name}={amount!r}" for name, amount in resources)]
+            args += ["--resources", ",".join(f"{name}={resource_amount(amount)}" for name, amount in resources)]
         self.procs: list[subprocess.Popen[bytes]] = []
         # Large buffers go through shared memory here (zpar._shm).
         self.shm_dir = _shm.make_dir()

@@ -16,7 +16,6 @@ from typing import Any
 
 #: The ``extra`` fields a JSON line carries when a log call gives them.
 CONTEXT = ("task", "node", "producer", "pid")
-FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 

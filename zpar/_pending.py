@@ -107,26 +107,29 @@ class PendingTable:
 
     def cancelled(self, tid: int) -> bool:
         """The user cancelled task ``tid``'s future: True if it was here (and has now left)."""
-        task = self._tasks.pop(tid, None)
+        task = self._tasks.get(tid)
         if task is None:
             return False  # done already, or not handed over yet (``add`` drops it)
-        self.release()
+        self._leave(task)
         task.future._notify_cancelled()
         return True
 
     def resolve(self, task: PendingTask, value: Any) -> None:
         """``task`` leaves with ``value``."""
-        del self._tasks[task.id]
-        self.release()
-        task.entry = _ENDED  # its arguments go before its future is done (a shared-memory file with them)
+        self._leave(task)
         settle(task.future, value, None)
 
     def fail(self, task: PendingTask, exc: BaseException) -> None:
         """``task`` leaves with ``exc``."""
+        self._leave(task)
+        settle(task.future, None, exc)
+
+    def _leave(self, task: PendingTask) -> None:
+        """``task`` leaves the table, its window slot given back, and its arguments let go before its future is
+        done (a shared-memory file with them), whichever way it ends."""
         del self._tasks[task.id]
         self.release()
         task.entry = _ENDED
-        settle(task.future, None, exc)
 
     def fail_all(self, exc: BaseException) -> None:
         for task in self:

@@ -38,6 +38,7 @@ from .options import TaskOptions
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 10_000
+_NAMES = 4096  # function names a client remembers (for the broker's task history)
 
 
 class _Unset:
@@ -296,6 +297,8 @@ class Client(Submitter):
         entry = P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms, refs, sched=sched)
         name = self._names.get(digest)
         if name is None:
+            if len(self._names) >= _NAMES:  # a new closure each call is a new digest: kept bounded
+                self._names.clear()
             name = self._names[digest] = function_name(fn)
         task = PendingTask(entry, blob, opts, fut, objects, name, tuple(deps))
         self._submits.append(task)
@@ -307,7 +310,7 @@ class Client(Submitter):
     def _dependencies(self, deps: list[Future], sched: P.Sched | None) -> P.Sched:
         """The scheduling of a task whose arguments hold the pending Futures ``deps``: it waits for their tasks."""
         for dep in deps:
-            if not isinstance(dep, Future) or dep._on_cancel is not self._on_cancel:
+            if dep._on_cancel is not self._on_cancel:
                 raise ValueError(f"the task's arguments hold a pending Future of another client ({dep!r}): pass "
                                  "Futures of the client that submits the task, or wait for the value first")
             if dep._stream is not None:
@@ -316,7 +319,7 @@ class Client(Submitter):
         if len(deps) > P.MAX_DEPS:
             raise ValueError(f"the task's arguments hold {len(deps)} pending Futures; at most {P.MAX_DEPS} fit: "
                              "gather them in steps (a tree of tasks), or wait for some first")
-        return (sched or P.Sched())._replace(deps=tuple(dep.task_id for dep in deps))
+        return P.waiting_for(sched, tuple(dep.task_id for dep in deps))
 
     def scatter(self, obj: Any, /) -> _refs.Ref:
         """Put ``obj`` on the cluster once; returns a ``Ref`` to pass to any number of tasks instead of it.
@@ -380,15 +383,29 @@ class Client(Submitter):
 
         Raises TimeoutError naming what is missing if they do not come in time.
         """
+        info = self._until(lambda info: info["workers"] >= n, timeout, lambda info: (
+            f"the cluster at {self.address} has {info['workers']} workers, not {n}, after {timeout:g} s; are its "
+            "agents running (zpar-agent --broker ...)?"))
+        workers: int = info["workers"]
+        return workers
+
+    def _until(self, done: Callable[[dict[str, Any]], object], timeout: float,
+               late: Callable[[dict[str, Any]], str], info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The broker's status once ``done(status)`` holds (``info``: one already in hand, looked at first),
+        polled soon, then less often (nothing wakes us sooner); TimeoutError with ``late(status)`` past
+        ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        pause = 0.002
         while True:
-            workers: int = self.status(max(0.1, deadline - time.monotonic()))["workers"]
-            if workers >= n:
-                return workers
+            if info is None:
+                info = self.status(max(0.1, deadline - time.monotonic()))
+            if done(info):
+                return info
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"the cluster at {self.address} has {workers} workers, not {n}, after "
-                                   f"{timeout:g} s; are its agents running (zpar-agent --broker ...)?")
-            time.sleep(0.02)  # polling the broker's status; nothing to wake us sooner
+                raise TimeoutError(late(info))
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+            info = None
 
     def scale(self, node: str, workers: int, *, wait: bool = True, timeout: float = 30.0) -> int:
         """Make the node named ``node`` keep ``workers`` workers from now on, live; returns its count.
@@ -423,17 +440,12 @@ class Client(Submitter):
                                 "client? (zpar-broker and zpar should be the same version)")
         if not answer.get("ok"):
             raise _scale_refused(answer, node, info, self.address)
-        pause = 0.002  # the agent answers within a round trip or two: look soon, then less often
-        while True:
-            count = _workers_of(info, node)
-            if not wait or count == workers:
-                return count
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"node {node!r} has {count} workers, not {workers}, {timeout:g} s after it was "
-                                   "asked to resize (is its agent stuck, or gone?)")
-            time.sleep(pause)  # polling the broker's status; nothing to wake us sooner
-            pause = min(2 * pause, 0.05)
-            info = self._status(max(0.1, deadline - time.monotonic()))
+        if wait:
+            info = self._until(lambda info: _workers_of(info, node) == workers, deadline - time.monotonic(),
+                               lambda info: (f"node {node!r} has {_workers_of(info, node)} workers, not {workers}, "
+                                             f"{timeout:g} s after it was asked to resize (is its agent stuck, or "
+                                             "gone?)"), info)
+        return _workers_of(info, node)
 
     @property
     def closed(self) -> bool:

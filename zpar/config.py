@@ -150,10 +150,11 @@ def resource_amount(amount: float) -> str:
     return f"{amount:g}"
 
 
-def parse_resources(value: str | Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, float], ...]:
-    """An agent's ``--resources`` as sorted ``(name, amount)`` pairs: ``gpu=2,memory=64GiB`` (sizes in KiB, MiB,
-    GiB, TiB or KB, MB, GB, TB), or a mapping (a TOML table: ``{gpu = 2, memory = "64GiB"}``). ConfigError
-    saying what is wrong otherwise."""
+def parse_resources(value: str | Mapping[str, Any] | Iterable[tuple[str, Any]],
+                    whose: str = "an agent") -> tuple[tuple[str, float], ...]:
+    """An agent's ``--resources`` (or, ``whose`` "a task", what a task asks) as sorted ``(name, amount)`` pairs:
+    ``gpu=2,memory=64GiB`` (sizes in KiB, MiB, GiB, TiB or KB, MB, GB, TB), or a mapping (a TOML table:
+    ``{gpu = 2, memory = "64GiB"}``). ConfigError saying what is wrong otherwise."""
     from .errors import ProtocolError
     from .protocol import MAX_RESOURCES, check_resource
 
@@ -173,14 +174,14 @@ def parse_resources(value: str | Mapping[str, Any] | Iterable[tuple[str, Any]]) 
     for name, raw in pairs:
         amount = _amount(name, raw)
         try:
-            check_resource(name, amount, "an agent's")
+            check_resource(name, amount, f"{whose}'s")
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from None
         if name in out:
             raise ConfigError(f"resource {name!r} is given twice")
         out[name] = amount
     if len(out) > MAX_RESOURCES:
-        raise ConfigError(f"an agent may offer at most {MAX_RESOURCES} resources, not {len(out)}")
+        raise ConfigError(f"{whose} may name at most {MAX_RESOURCES} resources, not {len(out)}")
     return tuple(sorted(out.items()))
 
 
@@ -246,8 +247,12 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, not {value!r}")
 
 
+#: The daemons' log formats (zpar._logs): a line of text, or one JSON object a line.
+LOG_FORMATS = ("text", "json")
+
+
 def _check_log_format(value: str) -> None:
-    if value not in ("text", "json"):
+    if value not in LOG_FORMATS:
         raise ConfigError(f"log-format must be text or json, not {value!r}")
 
 

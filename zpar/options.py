@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as P
-from .errors import ConfigError, ProtocolError
+from .config import parse_resources
+from .errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +70,4 @@ def _resources(value: Any) -> tuple[tuple[str, float], ...]:
     """``resources`` checked, as the wire's sorted pairs (amounts of 0 dropped: they ask for nothing)."""
     if not isinstance(value, Mapping):
         raise ConfigError(f"resources must be a mapping of names to amounts, like {{'gpu': 1}}, not {value!r}")
-    if len(value) > P.MAX_RESOURCES:
-        raise ConfigError(f"a task may ask for at most {P.MAX_RESOURCES} resources")
-    pairs = []
-    for name, amount in value.items():
-        if isinstance(amount, bool) or not isinstance(amount, int | float) or not math.isfinite(amount):
-            raise ConfigError(f"resource {name!r} must be a finite number, not {amount!r}")
-        try:
-            P.check_resource(name, amount, "a task's")
-        except ProtocolError as exc:
-            raise ConfigError(str(exc)) from None
-        if amount:
-            pairs.append((name, amount))
-    return tuple(sorted(pairs))
+    return tuple(pair for pair in parse_resources(value, "a task") if pair[1])

@@ -185,11 +185,19 @@ def _placed(frames: list[Any], space: _shm.Space) -> list[Any] | None:
         else:
             rows += (_IN_FRAME, 0)
             rest.append(buf)
-    name = path.encode()
-    layout = struct.pack(f"<BH{len(name)}sI{len(rows)}Q", _HANDOFF if space.handoff else 0, len(name), name,
-                         len(rows) // 2, *rows)
-    out = [_SHARED + layout + frames[0], *rest]
+    out = [_SHARED + _pack_layout(_HANDOFF if space.handoff else 0, path, rows) + frames[0], *rest]
     return out if space.handoff else space.own(out, path)
+
+
+def _pack_layout(flags: int, path: str, rows: Sequence[int]) -> bytes:
+    """A shared value's layout, after the marker (``_layout`` reads it back)."""
+    name = path.encode()
+    return struct.pack(f"<BH{len(name)}sI{len(rows)}Q", flags, len(name), name, len(rows) // 2, *rows)
+
+
+def _shared_head(head: Any) -> bool:
+    """True if ``head`` (a value's first frame) is a shared value's: its buffers in a segment (zpar._shm)."""
+    return memoryview(head).nbytes > 0 and head[0] == 0 and bytes(memoryview(head)[:len(_SHARED)]) == _SHARED
 
 
 def _layout(head: memoryview) -> tuple[int, str, tuple[int, ...], int]:
@@ -227,23 +235,21 @@ def kept(frames: Sequence[Any]) -> tuple[list[Any], str]:
     to that segment (``_shm.link``: no copy; the caller removes it when done, the path returned), with no
     handoff (those who map it leave it in place); any other as it is, and "" for the path."""
     views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
-    if not views or memoryview(views[0]).nbytes == 0 or views[0][0] != 0 \
-            or bytes(memoryview(views[0])[:len(_SHARED)]) != _SHARED:
-        return list(views), ""
+    if not views or not _shared_head(views[0]):
+        return views, ""
     _flags, path, rows, start = _layout(memoryview(views[0])[len(_SHARED):])
     second = _shm.link(path)
     if second is None:
         raise OSError(f"could not link the shared-memory segment {path}")
-    name = second.encode()
-    layout = struct.pack(f"<BH{len(name)}sI{len(rows)}Q", 0, len(name), name, len(rows) // 2, *rows)
-    return [_SHARED + layout + bytes(memoryview(views[0])[len(_SHARED) + start:]), *views[1:]], second
+    return [_SHARED + _pack_layout(0, second, rows) + bytes(memoryview(views[0])[len(_SHARED) + start:]),
+            *views[1:]], second
 
 
 def discard(frames: Sequence[Any]) -> None:
     """Remove the segment of a value nobody will load (a result dropped unread), if it has one to remove."""
     try:
         head = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
-        if head[0] == 0 and bytes(memoryview(head)[:len(_SHARED)]) == _SHARED:
+        if _shared_head(head):
             flags, path, _rows, _start = _layout(memoryview(head)[len(_SHARED):])
             if flags & _HANDOFF:
                 _shm.discard(path)

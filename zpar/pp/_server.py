@@ -390,14 +390,13 @@ class Server:
                     client.scale(name, workers, wait=False, timeout=max(0.1, deadline - time.monotonic()))
                 except ConfigError:  # it left meanwhile
                     names.remove(name)
-            while True:
-                info = client.status(max(0.1, deadline - time.monotonic()))
-                sizes = {n["name"]: n["workers"] for n in info["nodes"]}
-                if all(sizes.get(name, workers) == workers for name in names):  # (one that left is done)
-                    break
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"its nodes have {sizes} workers after {self._connect_timeout:g} s")
-                time.sleep(0.02)  # polling the broker's status; nothing to wake us sooner
+
+            def sizes(info: dict[str, Any]) -> dict[str, int]:
+                return {n["name"]: n["workers"] for n in info["nodes"]}
+
+            info = client._until(lambda info: all(sizes(info).get(name, workers) == workers for name in names),
+                          deadline - time.monotonic(),  # (a node that left is done)
+                          lambda info: f"its nodes have {sizes(info)} workers after {self._connect_timeout:g} s")
         except (BrokerUnavailable, TimeoutError, RuntimeError) as exc:  # RuntimeError: its client stopped
             log.warning("could not resize the nodes of the zpar broker at %s to %d workers: %s", client.address,
                         workers, exc)

@@ -102,6 +102,7 @@ from ._messages import (
     Welcome,
     WorkerStats,
     digest,
+    waiting_for,
 )
 from ._parts import Assembly, split
 
@@ -180,4 +181,5 @@ __all__ = [
     "payload_bytes",
     "runs",
     "split",
+    "waiting_for",
 ]

@@ -393,25 +393,22 @@ def _sched(value: Any) -> Sched:
     priority, resources, timeout_ms, deps, values = value
     if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise ProtocolError(f"a task's priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}")
-    if type(resources) is not dict or len(resources) > MAX_RESOURCES:
-        raise ProtocolError(f"a task's resources must be a map of at most {MAX_RESOURCES} names to amounts")
-    for name, amount in resources.items():
-        check_resource(name, amount, "a task's")
+    asked = _resources(resources, "a task's")
     if type(timeout_ms) is not int or timeout_ms < 0:
         raise ProtocolError("a task's resource timeout must be a non-negative integer of milliseconds")
     if type(deps) is not list or len(deps) > MAX_DEPS or any(type(d) is not int or d < 0 for d in deps):
         raise ProtocolError(f"a task's dependencies must be a list of at most {MAX_DEPS} task ids")
     if type(values) is not int or not 0 <= values <= MAX_DEPS:
         raise ProtocolError(f"a task's dependency values must be a count from 0 to {MAX_DEPS}")
-    return Sched(priority, tuple(sorted(resources.items())), timeout_ms, tuple(deps), values)
+    return Sched(priority, asked, timeout_ms, tuple(deps), values)
 
 
-def _offered(value: Any) -> tuple[tuple[str, float], ...]:
-    """An agent's resources (HELLO), checked, names sorted."""
+def _resources(value: Any, whose: str) -> tuple[tuple[str, float], ...]:
+    """A task's or an agent's resources (``{name: amount}``), checked, as pairs with their names sorted."""
     if type(value) is not dict or len(value) > MAX_RESOURCES:
-        raise ProtocolError(f"an agent's resources must be a map of at most {MAX_RESOURCES} names to amounts")
+        raise ProtocolError(f"{whose} resources must be a map of at most {MAX_RESOURCES} names to amounts")
     for name, amount in value.items():
-        check_resource(name, amount, "an agent's")
+        check_resource(name, amount, whose)
     return tuple(sorted(value.items()))
 
 
@@ -595,7 +592,7 @@ def decode(frames: Sequence[Frame], start: int = 0) -> Message:
             raise ProtocolError(f"unknown role {h.get('role')!r}") from None
         msg = Hello(role, _get(h, "name", str, ""), _get(h, "host", str, ""),
                     _nonneg_int(_get(h, "pid", int, 0), "pid"), _nonneg_int(_get(h, "workers", int, 0), "workers"),
-                    _offered(h["res"]) if "res" in h else ())
+                    _resources(h["res"], "an agent's") if "res" in h else ())
     elif k is Kind.WELCOME:
         msg = Welcome(_get(h, "epoch", str), float(_get(h, "heartbeat", (int, float))),
                       _nonneg_int(_get(h, "liveness", int), "liveness"), _get(h, "collector", str, ""),

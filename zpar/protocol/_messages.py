@@ -219,6 +219,11 @@ class Sched(NamedTuple):
     values: int = 0
 
 
+def waiting_for(sched: Sched | None, deps: tuple[int, ...]) -> Sched:
+    """``sched`` (None: the default) for a task that takes the values of the producer's tasks ``deps``."""
+    return (sched or Sched())._replace(deps=deps)
+
+
 class TaskEntry(NamedTuple):
     """One task in SUBMIT or TASKS. Wire: ``[id, digest, nframes, flags, data, retries, timeout_ms]``,
     then ``refs`` when it has any, then ``parts, part_bytes`` (``refs`` an empty list) when it has parts,

@@ -87,7 +87,7 @@ class StubBroker:
         frames = serialize.dumps((args, kwargs), "arguments")
         tid = next(self._ids)
         fut = Future(tid, lambda f, force: self._cancels.append((f.task_id, force)), self._feeds.append)
-        sched = (opts.sched or P.Sched())._replace(deps=tuple(d.task_id for d in deps)) if deps else opts.sched
+        sched = P.waiting_for(opts.sched, tuple(d.task_id for d in deps)) if deps else opts.sched
         self._submits.append(PendingTask(P.TaskEntry(tid, digest, frames, flags, opts.retries, opts.timeout_ms,
                                                      sched=sched), blob, opts, fut, deps=deps))
         if not hold:
