@@ -42,6 +42,15 @@ class Waker:
         except OSError:  # full (a wake-up is pending anyway) or closed
             pass
 
+    def drain(self) -> None:
+        """Take the wake-ups sent so far (for a waker that signals more than once: its poll returns again
+        only once something is sent after this)."""
+        try:
+            while self._r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
     def close(self) -> None:
         self._r.close()
         self._w.close()

@@ -25,12 +25,14 @@ import queue
 import secrets
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 from zpar import protocol as P
 from zpar import security
+from zpar._loop import Waker
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +70,16 @@ class Questions:
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Any, queue.SimpleQueue[Any]]] = queue.SimpleQueue()
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
+        self._waker = Waker()
 
     def fileno(self) -> int:
-        return self._r.fileno()
+        return self._waker.fileno()
 
     def ask(self, what: Any, timeout: float = ANSWER_TIMEOUT) -> Any:
         """The loop's answer to ``what``; raises queue.Empty after ``timeout`` s, or what answering raised."""
         reply: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._queue.put((what, reply))
-        try:
-            self._w.send(b"\0")
-        except OSError:  # full: a wake-up is pending anyway
-            pass
+        self._waker.wake()
         answer = reply.get(timeout=timeout)
         if isinstance(answer, BaseException):
             raise answer
@@ -90,11 +87,7 @@ class Questions:
 
     def answer(self, respond: Callable[[Any], Any]) -> None:
         """The loop's part: answer every question waiting."""
-        try:
-            while self._r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._waker.drain()
         while True:
             try:
                 what, reply = self._queue.get_nowait()
@@ -107,8 +100,7 @@ class Questions:
                 reply.put(exc)
 
     def close(self) -> None:
-        self._r.close()
-        self._w.close()
+        self._waker.close()
 
 
 class Dashboard:
@@ -181,6 +173,23 @@ class _Server(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.watchers = 0  # open event streams
         self.stopping = threading.Event()  # the broker stops: event streams end
+        self._latest = (float("-inf"), b"")  # (when, the event): the snapshot every page is sent
+        self._latest_lock = threading.Lock()
+
+    def snapshot_event(self) -> bytes:
+        """The latest snapshot as an event: asked of the broker's loop at most once in EVENT_EVERY / 2 s, however
+        many pages are open (each would otherwise make the loop build its own, every second)."""
+        with self._latest_lock:
+            taken, event = self._latest
+            if time.monotonic() - taken < EVENT_EVERY / 2:
+                return event
+            try:
+                snapshot = self.questions.ask(("snapshot", {}))
+            except queue.Empty:
+                return b'data: {"error": "the broker did not answer in time"}\n\n'
+            event = b"data: " + json.dumps(snapshot, default=str).encode() + b"\n\n"
+            self._latest = (time.monotonic(), event)
+            return event
 
 
 #: The dashboard's files (zpar_broker/static/), by path: written here, no third-party code, nothing from a CDN.
@@ -230,7 +239,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
             self._send(200, *render(ask(("metrics", {}))))
         elif url.path == "/api/events":
-            self._events(ask)
+            self._events()
         elif url.path == "/api":
             self._json({"endpoints": _ENDPOINTS})
         else:
@@ -240,7 +249,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """The dashboard's controls. The token only in the Authorization header, never a query: another site's
         form cannot set a header, so it cannot act with a token it happened to learn from a link."""
         url = urllib.parse.urlsplit(self.path)
-        if not self._authorized("", header_only=True):
+        if not self._authorized(""):
             self._unauthorized("controls need the token in an Authorization: Bearer header")
             return
         try:
@@ -267,7 +276,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.exception("dashboard request %s failed", path)
             self._error(500, "internal error (see the broker's log)")
 
-    def _events(self, ask: Callable[[Any], Any]) -> None:
+    def _events(self) -> None:
         """Server-sent events: a snapshot (status, metrics, the latest tasks) every EVENT_EVERY s, until the
         page goes away or the broker stops. At most MAX_WATCHERS at once (each holds a thread)."""
         server = self.server
@@ -282,11 +291,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             while not server.stopping.is_set():
-                try:
-                    snapshot = ask(("snapshot", {}))
-                except queue.Empty:
-                    snapshot = {"error": "the broker did not answer in time"}
-                self.wfile.write(b"data: " + json.dumps(snapshot, default=str).encode() + b"\n\n")
+                self.wfile.write(server.snapshot_event())
                 self.wfile.flush()
                 server.stopping.wait(EVENT_EVERY)
         except OSError:  # the page went away (BrokenPipeError, ConnectionResetError)
@@ -304,9 +309,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _unauthorized(self, text: str) -> None:
         self._error(401, text, {"WWW-Authenticate": 'Bearer realm="zpar"'})
 
-    def _authorized(self, query_token: str, header_only: bool = False) -> bool:
+    def _authorized(self, query_token: str) -> bool:
+        """The token is right: from an Authorization Bearer header, else ``query_token`` ("": the header only)."""
         header = self.headers.get("Authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else ("" if header_only else query_token)
+        given = header[7:].strip() if header.lower().startswith("bearer ") else query_token
         return bool(given) and hmac.compare_digest(given.encode(), self.server.token.encode())
 
     def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:

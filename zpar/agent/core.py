@@ -293,10 +293,11 @@ class AgentCore:
         live = self.slots.live()
         log.info("the broker asked for %d workers (%d now)", msg.workers, live)
         self.target = msg.workers
-        out: list[Action] = [self._spawn() for _ in range(msg.workers - live)]
         if msg.workers < live:
             self.slots.shrink(live - msg.workers)
             out = self._recycle([])  # BYE to the idle ones now
+        else:
+            out = [self._spawn() for _ in range(msg.workers - live)]
         out.append(self._hello())  # the broker learns the new count (and we ask for credits afresh)
         return out
 

@@ -37,13 +37,10 @@ def appends(queue: collections.deque[QueuedTask], entries: Sequence[P.TaskEntry]
     return not any(map(_SCHED, entries)) and (not queue or priority(queue[-1]) >= 0)
 
 
-def line_up(queue: collections.deque[QueuedTask], tasks: list[QueuedTask], in_order: bool) -> None:
-    """Queue tasks from the broker behind those of their priority or higher. ``in_order``: ``appends`` said so.
-    Else appended if none is ranked above the one before it, or the queue is merged again (a stable sort of
-    a small queue: the node's prefetch)."""
-    if in_order:
-        queue.extend(tasks)
-        return
+def line_up(queue: collections.deque[QueuedTask], tasks: list[QueuedTask]) -> None:
+    """Queue tasks from the broker behind those of their priority or higher (where ``appends`` said no):
+    appended if none is ranked above the one before it, or the queue is merged again (a stable sort of a
+    small queue: the node's prefetch)."""
     ranks = [priority(task) for task in tasks]
     if (not queue or ranks[0] <= priority(queue[-1])) and all(a >= b for a, b in itertools.pairwise(ranks)):
         queue.extend(tasks)

@@ -271,17 +271,15 @@ class Slots:
                       for entry in entries):
             entries = self._refuse_unknown(entries, bad)
         queue = self.queue
-        # The common case, every task at priority 0 behind tasks of 0 or more, appends as it comes.
-        in_order = appends(queue, entries)
-        if any(entry.parts for entry in entries):
-            # The rest of their payloads follows (P.Part), each sent on to the worker as it comes: alone, so
-            # that worker waits for nothing else, and it joins them.
-            line_up(queue, [QueuedTask(entry, alone=True, assembly=P.Assembly(entry)) if entry.parts
-                            else QueuedTask(entry) for entry in entries], in_order)
-        elif in_order:
-            queue.extend(QueuedTask(entry) for entry in entries)
+        # The rest of a parted payload follows (P.Part), each sent on to the worker as it comes: alone, so that
+        # worker waits for nothing else, and it joins them.
+        tasks: Iterable[QueuedTask] = (
+            [QueuedTask(entry, alone=True, assembly=P.Assembly(entry)) if entry.parts else QueuedTask(entry)
+             for entry in entries] if any(entry.parts for entry in entries) else map(QueuedTask, entries))
+        if appends(queue, entries):  # the common case: every task at priority 0, behind tasks of 0 or more
+            queue.extend(tasks)
         else:
-            line_up(queue, [QueuedTask(entry) for entry in entries], in_order)
+            line_up(queue, list(tasks))
         self.requested = max(0, self.requested - len(msg.tasks))
         return self.assign(now)
 

@@ -57,7 +57,7 @@ def view(info: dict[str, Any], address: str) -> Group:
     for node in nodes:
         cells = [_cell(node.get(key, "?")) for key in ("name", "host", "pid", "workers", "busy", "idle", "running")]
         if offering:
-            cells.append(Text(_resources(node.get("resources"), node.get("resources_free"))))
+            cells.append(Text(_pairs(node.get("resources"), node.get("resources_free") or {})))
         table.add_row(*cells)
     lines.append(table)
     waiting = f"  waiting {info['waiting']}" if info.get("waiting") else ""  # for other tasks' values
@@ -87,10 +87,16 @@ def view(info: dict[str, Any], address: str) -> Group:
     return Group(*lines)
 
 
-def _pairs(resources: Any) -> str:
-    if not isinstance(resources, dict) or not resources:
-        return "none"
-    return ", ".join(f"{printable(name, 64)}={_amount(amount)}" for name, amount in resources.items())
+def _pairs(resources: Any, free: Any = None) -> str:
+    """``gpu=2, memory=64GiB``, as --resources takes them ("" for none); with ``free`` (a node's), what no task
+    holds after each: ``gpu=2 (1)``."""
+    if not isinstance(resources, dict):
+        return ""
+    if free is not None and not isinstance(free, dict):
+        free = {}
+    return ", ".join(f"{printable(name, 64)}={_amount(amount)}"
+                     + (f" ({_amount(free.get(name, '?'))})" if free is not None else "")
+                     for name, amount in resources.items())
 
 
 def _amount(amount: Any) -> str:
@@ -99,21 +105,13 @@ def _amount(amount: Any) -> str:
     return printable(amount, 32)
 
 
-def _resources(offered: Any, free: Any) -> str:
-    """``gpu=2 (1), memory=64 (64)``: what a node offers, and what no task holds."""
-    if not isinstance(offered, dict) or not offered:
-        return ""
-    free = free if isinstance(free, dict) else {}
-    return ", ".join(f"{printable(name, 64)}={_amount(amount)} ({_amount(free.get(name, '?'))})"
-                     for name, amount in offered.items())
-
-
 def _unplaceable(item: dict[str, Any]) -> str:
     """The warning for tasks that ask for what no connected node offers."""
     offered = item.get("offered")
-    nodes = "; ".join(f"{printable(node, 64)}: {_pairs(res)}" for node, res in offered.items()) \
+    nodes = "; ".join(f"{printable(node, 64)}: {_pairs(res) or 'none'}" for node, res in offered.items()) \
         if isinstance(offered, dict) and offered else "none"
-    return (f"warning: {_shown(item.get('tasks', '?'))} tasks ask for {_pairs(item.get('resources'))}, which no "
+    asked = _pairs(item.get("resources")) or "none"
+    return (f"warning: {_shown(item.get('tasks', '?'))} tasks ask for {asked}, which no "
             f"connected node offers (nodes offer: {printable(nodes, 400)}); they wait for an agent started with "
             "--resources")
 

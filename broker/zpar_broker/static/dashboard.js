@@ -174,7 +174,7 @@ function throughput(now) {
 }
 
 function stream(tasks, now) {
-  for (const t of tasks) seen.set(`${t.producer}/${t.task}/${t.time}`, t);
+  for (const t of tasks) seen.set(taskKey(t), t);
   for (const [key, t] of seen) if (t.time < now - STREAM_S) seen.delete(key);
   const rows = [...new Set([...seen.values()].map(t => `${t.node} pid ${t.worker}`))].sort();
   const canvas = $("stream"), g = canvas.getContext("2d"), w = canvas.width;
@@ -203,10 +203,10 @@ function stream(tasks, now) {
 }
 
 function failed(tasks) {
-  for (const t of tasks) if (t.outcome !== "ok") failures.set(`${t.producer}/${t.task}/${t.time}`, t);
+  for (const t of tasks) if (t.outcome !== "ok") failures.set(taskKey(t), t);
   const latest = [...failures.values()].sort((a, b) => b.time - a.time).slice(0, MAX_FAILURES);
   failures.clear();
-  for (const t of latest) failures.set(`${t.producer}/${t.task}/${t.time}`, t);
+  for (const t of latest) failures.set(taskKey(t), t);
   const list = $("failures");
   list.replaceChildren();
   if (!latest.length) {
@@ -243,17 +243,13 @@ function security(status, metrics) {
   }
 }
 
+// One ended task of the history, whatever list it is in.
+const taskKey = (t) => `${t.producer}/${t.task}/${t.time}`;
+
 // Tasks that ask for resources no connected node offers (zpar_broker.resources): a warning line each, above the
 // cards, while they wait.
 function unplaceable(status) {
-  let list = $("unplaceable");
-  if (!list) {
-    list = document.createElement("ul");
-    list.id = "unplaceable";
-    list.setAttribute("role", "alert");
-    list.style.cssText = "list-style:none;padding:0;margin:0 0 1em;color:#c92a2a;font-weight:600";
-    $("cards").before(list);
-  }
+  const list = $("unplaceable");
   list.replaceChildren();
   for (const item of status.unplaceable || []) {
     const asked = Object.entries(item.resources).map(([name, n]) => `${name}=${n}`).join(", ");
