@@ -107,9 +107,7 @@ def one_run(arg_bytes: int, tasks: int, args: argparse.Namespace, workdir: str, 
         del futures
         wait_until("the broker dropping the closed producer's tasks",
                    lambda: (s := broker.status())["queued"] == 0 and s["producers"] == 0, 60, 0.05)
-        end = now() + 1.0  # sampling, not synchronising: RSS 1 s after, once its loop has been quiet a while
-        while now() < end:
-            time.sleep(0.1)
+        time.sleep(1.0)  # sampling, not synchronising: RSS 1 s after, once its loop has been quiet a while
         out["broker_rss_after_close_mib"] = round(broker.rss() / MiB, 1)
     except Exception as exc:  # noqa: BLE001 - reported; the next case runs
         out["broken"] = f"{type(exc).__name__}: {exc}"

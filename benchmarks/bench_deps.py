@@ -171,7 +171,7 @@ class ThreadSampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.005):
             count = threading.active_count() - 1
-            if count > max([*self.counts[-1:], self.most]):
+            if count > self.most:
                 self.most, self.names = count, sorted(t.name for t in threading.enumerate() if t is not self)
             self.counts.append(count)
 
@@ -311,6 +311,15 @@ def runners(systems: list[System]) -> list[tuple[str, System, str]]:
     return out
 
 
+def attempt(errors: dict[str, str], label: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; None, with the error noted under ``label`` for the table, if it raised."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        errors[label] = f"{type(exc).__name__}: {exc}"[:200]
+        return None
+
+
 def part_values(systems: list[System], sizes: Sizes, moved: Moved, timeout: float, log: Callable[[str], None]
                 ) -> dict[str, Any]:
     me = psutil.Process()
@@ -322,21 +331,17 @@ def part_values(systems: list[System], sizes: Sizes, moved: Moved, timeout: floa
         errors: dict[str, str] = {}
         for label, system, mode in runs:  # warm-up: each worker's first large value maps fresh memory
             for _ in range(2):
-                try:
-                    pair(system, mode, nbytes, timeout)
-                except Exception as exc:  # noqa: BLE001 - reported in the table
-                    errors[label] = f"{type(exc).__name__}: {exc}"[:200]
+                attempt(errors, label, pair, system, mode, nbytes, timeout)
         for rep in range(sizes.reps):
             for label, system, mode in rotated(runs, rep):
                 if label in errors:
                     continue
                 gc.collect()
                 m0, c0, t0 = moved.snapshot(), me.cpu_times(), perf()
-                try:
-                    maker, checksum, consumer, length = pair(system, mode, nbytes, timeout)
-                except Exception as exc:  # noqa: BLE001 - reported in the table
-                    errors[label] = f"{type(exc).__name__}: {exc}"[:200]
+                done = attempt(errors, label, pair, system, mode, nbytes, timeout)
+                if done is None:
                     continue
+                maker, checksum, consumer, length = done
                 took, c1, m1 = perf() - t0, me.cpu_times(), moved.snapshot()
                 if checksum != maker * length:
                     errors[label] = f"wrong checksum {checksum} != {maker} * {length}"
@@ -365,10 +370,7 @@ def part_chain(systems: list[System], sizes: Sizes, timeout: float, log: Callabl
     errors: dict[str, str] = {}
     names: dict[str, list[str]] = {}  # each run's threads at their most, in its last repetition
     for label, system, mode in runs:  # warm-up: functions shipped, workers' caches filled
-        try:
-            chain(system, mode, 50, timeout)
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            errors[label] = f"{type(exc).__name__}: {exc}"[:200]
+        attempt(errors, label, chain, system, mode, 50, timeout)
     for rep in range(sizes.chain_reps):
         for label, system, mode in rotated(runs, rep):
             if label in errors:
@@ -377,10 +379,8 @@ def part_chain(systems: list[System], sizes: Sizes, timeout: float, log: Callabl
             before = threading.active_count()
             with ThreadSampler() as threads:
                 t0 = perf()
-                try:
-                    got = chain(system, mode, n, timeout)
-                except Exception as exc:  # noqa: BLE001 - reported in the table
-                    errors[label] = f"{type(exc).__name__}: {exc}"[:200]
+                got = attempt(errors, label, chain, system, mode, n, timeout)
+                if got is None:
                     continue
                 took = perf() - t0
             if got != n:

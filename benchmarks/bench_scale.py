@@ -955,11 +955,14 @@ def run_n(n: int, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
             p.expect("ready", deadline)
         if args.watchers:  # rounds alternate: without the dashboard open, then with it (issue 13's bar)
             rounds, watched = [], []
+            snapshots = 0
             for _ in range(args.repeats):
                 rounds.append(throughput_round(broker, hosts, producers, args.tasks, args))
-                with Watchers(broker.status()["dashboard"], args.watchers):
+                with Watchers(broker.status()["dashboard"], args.watchers) as watchers:
                     watched.append(throughput_round(broker, hosts, producers, args.tasks, args))
+                snapshots += watchers.snapshots
             out["dashboard_cost"] = dashboard_cost(rounds, watched, args.watchers)
+            out["dashboard_cost"]["snapshots"] = snapshots  # what the pages got: none, and the cost means nothing
         else:
             rounds = [throughput_round(broker, hosts, producers, args.tasks, args) for _ in range(args.repeats)]
         ranked = sorted(rounds, key=lambda r: r["tasks_per_s"] or 0)
@@ -1043,9 +1046,9 @@ def checks(r: dict[str, Any]) -> list[tuple[str, bool, str]]:
         out.append((f"N={n}: idle broker CPU < {IDLE_BAR_PCT:g} % of a core", r["idle_cpu_pct"] < IDLE_BAR_PCT,
                     f"{r['idle_cpu_pct']} %"))
     cost = r.get("dashboard_cost")
-    if cost:  # issue 13: the dashboard open costs the broker < 5 % of its throughput
+    if cost:  # issue 13: the dashboard open costs the broker < 5 % of its throughput, its pages fed
         out.append((f"N={n}: {cost['watchers']} dashboard(s) open cost < 5 % of throughput (medians, alternating)",
-                    cost["throughput_ratio"] >= 0.95,
+                    cost["throughput_ratio"] >= 0.95 and cost["snapshots"] > 0,
                     (f"{cost['tasks_per_s'][0]:,.0f} -> {cost['tasks_per_s'][1]:,.0f} tasks/s "
                      f"({cost['throughput_ratio']:.3f}x); broker {cost['broker_cpu_us_per_task'][0]:.2f} -> "
                      f"{cost['broker_cpu_us_per_task'][1]:.2f} us a task ({cost['broker_us_ratio']:.3f}x)")))

@@ -61,11 +61,11 @@ def test_the_value_is_kept_only_while_a_task_takes_it():
     b.join(b"a")
     submit(b, entry(1), entry(2, deps=(1,)))
     (first,) = tasks_in(b.ready(b"a", 1))
-    b.core.results(b.now, P.Result((P.ResultEntry(first.id, P.Status.OK, (b"v",), 5),), b"a"))
+    b.finish(b"a", [first.id])
     (second,) = tasks_in(b.ready(b"a", 1))
     prod = b.core._producers[b"p"]
     assert len(prod.objects) == 1
-    b.core.results(b.now, P.Result((P.ResultEntry(second.id, P.Status.OK, (b"w",), 5),), b"a"))
+    b.finish(b"a", [second.id])
     assert len(prod.objects) == 0, "dropped once the last task taking it ended"
     # A task naming it now is told to send the value itself.
     out = submit(b, entry(3, deps=(1,)))
@@ -77,7 +77,7 @@ def test_a_later_task_takes_a_value_still_kept():
     b.join(b"a")
     submit(b, entry(1), entry(2, deps=(1,)))
     (first,) = tasks_in(b.ready(b"a", 1))
-    b.core.results(b.now, P.Result((P.ResultEntry(first.id, P.Status.OK, (b"v",), 5),), b"a"))
+    b.finish(b"a", [first.id])
     out = submit(b, entry(3, deps=(1,)))
     assert not [o for o in out if isinstance(o.msg, P.Error)]
     out = b.ready(b"a", 2)
@@ -105,7 +105,7 @@ def test_a_chain_of_ten_thousand_fails_in_a_loop_not_a_recursion():
     n = 10_000
     submit(b, entry(1), *(entry(i, deps=(i - 1,)) for i in range(2, n + 1)))
     (first,) = tasks_in(b.ready(b"a", 1))
-    out = b.core.results(b.now, P.Result((P.ResultEntry(first.id, P.Status.LOST, cause=P.Cause("a", 1)),), b"a"))
+    out = b.finish(b"a", [first.id], P.Status.LOST)
     out += b.advance(0)
     assert b.core._tasks[first.id].state is TaskState.QUEUED  # the first is queued again (a lost run retries)
     # Fail it for good: cancel it; the 9,999 waiting behind it end unrun.
@@ -124,7 +124,7 @@ def test_cancelling_a_waiting_task_leaves_its_dependency_alone():
     b.producer(b"p", P.Cancel((2,), False))
     assert b.core.status(b.now)["waiting"] == 0
     (first,) = tasks_in(b.ready(b"a", 1))
-    out = b.core.results(b.now, P.Result((P.ResultEntry(first.id, P.Status.OK, (b"v",), 5),), b"a"))
+    out = b.finish(b"a", [first.id])
     assert [r[1] for r in delivered(out)] == [1]
     assert not tasks_in(b.ready(b"a", 1)) and len(b.core._producers[b"p"].objects) == 0
 
